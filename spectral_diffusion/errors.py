@@ -1,0 +1,28 @@
+"""Errors a user can cause. Each message says what is wrong and what to do about it.
+
+Everything the package raises on bad input derives from ``SpectralDiffusionError`` so the CLI and the
+app can show one line instead of a traceback.
+"""
+
+
+class SpectralDiffusionError(Exception):
+    """Base class of every user-facing error of the package."""
+
+
+class AdapterFormatError(SpectralDiffusionError, ValueError):
+    """An adapter file is not a valid spectral adapter (wrong format, corrupt, inconsistent)."""
+
+
+class BaseModelMismatchError(SpectralDiffusionError, ValueError):
+    """An adapter was trained on another base model than the one it is being loaded into."""
+
+
+class SlotConflictError(SpectralDiffusionError, ValueError):
+    """Two concepts would share a slot, or a slot is outside the model's capacity."""
+
+
+class ConceptNotFoundError(SpectralDiffusionError, KeyError):
+    """A concept name is unknown (to a layer, a pipeline or the library)."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""

@@ -1,0 +1,89 @@
+import time
+
+import pytest
+import torch
+
+from spectral_diffusion.svd import SvdCache, compute_spectrum, fix_signs, top_k_svd, weights_fingerprint
+
+
+def _subspace_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest principal-angle sine between the column spaces of orthonormal a and b."""
+    return float(torch.linalg.matrix_norm(a @ a.T - b @ b.T, ord=2))
+
+
+@pytest.mark.parametrize("shape", [(48, 48), (64, 32), (24, 80)])
+def test_top_k_matches_full_svd(shape):
+    torch.manual_seed(0)
+    weight = torch.randn(*shape)
+    k = 12
+    trip = top_k_svd(weight, k)
+    U, S, Vh = torch.linalg.svd(weight.double(), full_matrices=False)
+    torch.testing.assert_close(trip.s.double(), S[:k], rtol=1e-4, atol=0)
+    assert _subspace_distance(trip.U[:, :k].double(), U[:, :k]) < 1e-3
+    assert _subspace_distance(trip.V[:, :k].double(), Vh[:k].T) < 1e-3
+    # each triplet is a true singular triplet: W v = s u
+    torch.testing.assert_close(weight @ trip.V, trip.U * trip.s, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(trip.U.T @ trip.U, torch.eye(k), atol=1e-4, rtol=0)
+
+
+def test_half_precision_weight_is_decomposed_in_float32():
+    torch.manual_seed(0)
+    weight = torch.randn(32, 32).to(torch.bfloat16)
+    trip = top_k_svd(weight, 8)
+    assert trip.U.dtype == trip.s.dtype == trip.V.dtype == torch.float32
+    S = torch.linalg.svdvals(weight.float())
+    torch.testing.assert_close(trip.s, S[:8], rtol=1e-4, atol=0)
+
+
+def test_sign_convention_is_deterministic():
+    torch.manual_seed(0)
+    weight = torch.randn(20, 30)
+    trip = top_k_svd(weight, 5)
+    idx = trip.U.abs().argmax(dim=0)
+    assert (trip.U.gather(0, idx[None]) > 0).all()
+    flipped_U, flipped_V = fix_signs(-trip.U, -trip.V)
+    torch.testing.assert_close(flipped_U, trip.U)
+    torch.testing.assert_close(flipped_V, trip.V)
+
+
+def test_fingerprint_changes_with_weights_and_ignores_dtype():
+    torch.manual_seed(0)
+    weights = {"a": torch.randn(16, 16), "b": torch.randn(8, 16)}
+    base = weights_fingerprint(weights.items())
+    assert base == weights_fingerprint(reversed(list(weights.items())))
+    assert base == weights_fingerprint((k, v.to(torch.bfloat16)) for k, v in weights.items())
+    changed = dict(weights, a=weights["a"] + 0.1)
+    assert weights_fingerprint(changed.items()) != base
+
+
+def test_cache_hit_skips_recomputation(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    weights = {f"layer{i}": torch.randn(40, 40) for i in range(3)}
+    cache = SvdCache(tmp_path)
+    first = compute_spectrum(weights, 8, "fp", cache)
+    calls = []
+    import spectral_diffusion.svd as svd
+
+    monkeypatch.setattr(svd, "top_k_svd_many", lambda *a, **k: calls.append(1))
+    second = compute_spectrum(weights, 8, "fp", cache)
+    smaller = compute_spectrum(weights, 4, "fp", cache)
+    assert calls == []
+    for name in weights:
+        torch.testing.assert_close(second[name].U, first[name].U)
+        assert smaller[name].k == 4
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_top_k_is_faster_than_full_svd():
+    """Ratio in one run, same machine: top-k eigh path vs torch.linalg.svd on mid-size weights."""
+    torch.manual_seed(0)
+    weights = [torch.randn(640, 640) for _ in range(4)]
+    start = time.perf_counter()
+    for w in weights:
+        torch.linalg.svd(w, full_matrices=False)
+    full = time.perf_counter() - start
+    start = time.perf_counter()
+    for w in weights:
+        top_k_svd(w, 64)
+    ours = time.perf_counter() - start
+    assert ours < full
