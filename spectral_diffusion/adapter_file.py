@@ -1,0 +1,314 @@
+"""Adapter file format v1 (DESIGN.md section 4): one concept as safetensors plus JSON-ish metadata.
+
+Reading validates the whole file before anything touches a model: the safetensors header is parsed by
+hand first (no unpickling ever, no allocation driven by a declared size beyond the file's own size),
+then metadata, key set, shapes and finiteness. Installing into a model then checks base-model
+compatibility from the stored triplets; any failure leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .atomic import atomic_path
+from .errors import AdapterFormatError
+from .layers import VARIANTS
+from .patcher import TEXT_COMPONENTS, ConceptInfo, SpectralAdapters
+from .tokens import TOKEN_PATTERN
+
+FORMAT = "spectral-adapter"
+FORMAT_VERSION = "1"
+COMPONENTS = ("unet",) + TEXT_COMPONENTS
+TRIPLET_KEYS = ("U", "s", "V")
+TRAINABLE_KEYS = {"additive": ("A", "B", "c"), "rotational": ("G_U", "G_V", "c")}
+REQUIRED_METADATA = (
+    "format", "format_version", "name", "variant", "rank", "slot", "tokens", "class_word",
+    "base_model", "base_fingerprint", "targets", "train_config", "created_at", "package_version",
+)
+MAX_HEADER_BYTES = 64 * 1024 * 1024
+MAX_FILE_BYTES = 8 * 1024**3
+FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+
+
+@dataclass
+class AdapterData:
+    """One concept, as read from or written to an adapter file."""
+
+    info: ConceptInfo
+    layers: dict[str, dict[str, torch.Tensor]]
+    token_vectors: dict[str, torch.Tensor]
+    base_model: str = ""
+    base_fingerprint: str = ""
+    targets: dict = field(default_factory=dict)
+    train_config: dict = field(default_factory=dict)
+    created_at: str = ""
+    package_version: str = __version__
+    extra_metadata: dict[str, str] = field(default_factory=dict)
+
+    def metadata(self) -> dict[str, str]:
+        meta = dict(self.extra_metadata)
+        meta.update(
+            format=FORMAT,
+            format_version=FORMAT_VERSION,
+            name=self.info.name,
+            variant=self.info.variant,
+            rank=str(self.info.rank),
+            slot=str(self.info.slot),
+            tokens=json.dumps(self.info.tokens),
+            class_word=self.info.class_word,
+            base_model=self.base_model,
+            base_fingerprint=self.base_fingerprint,
+            targets=json.dumps(self.targets),
+            train_config=json.dumps(self.train_config),
+            created_at=self.created_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            package_version=self.package_version,
+        )
+        return meta
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for key, tensors in self.layers.items():
+            for part, tensor in tensors.items():
+                out[f"{key}.{part}"] = tensor.detach().float().contiguous()
+        for component, vectors in self.token_vectors.items():
+            out[f"{component}.token_embeddings"] = vectors.detach().float().contiguous()
+        return out
+
+
+def adapter_from_model(
+    adapters: SpectralAdapters,
+    name: str,
+    base_model: str,
+    train_config: dict | None = None,
+    extra_metadata: dict[str, str] | None = None,
+) -> AdapterData:
+    """Snapshot a loaded concept into an ``AdapterData`` ready to save."""
+    return AdapterData(
+        info=adapters.concept(name),
+        layers=adapters.concept_layer_tensors(name),
+        token_vectors=adapters.concept_token_vectors(name),
+        base_model=base_model,
+        base_fingerprint=adapters.fingerprint,
+        targets=adapters.targets.to_json(),
+        train_config=dict(train_config or {}),
+        extra_metadata=dict(extra_metadata or {}),
+    )
+
+
+def save_adapter(data: AdapterData, path: str | os.PathLike) -> Path:
+    """Write atomically: a crash leaves the previous file (or none), never half of one."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(data.tensors(), str(tmp), metadata=data.metadata())
+    return path
+
+
+# ----- reading ------------------------------------------------------------------------------------
+
+
+def _fail(path: Path, problem: str) -> AdapterFormatError:
+    return AdapterFormatError(f"{path.name}: {problem}")
+
+
+def _read_header(path: Path) -> dict:
+    """Parse and bound-check the safetensors header without trusting any declared size."""
+    try:
+        size = path.stat().st_size
+    except OSError as error:
+        raise _fail(path, f"cannot read the file ({error.strerror})") from None
+    if not path.is_file():
+        raise _fail(path, "is not a regular file")
+    if size > MAX_FILE_BYTES:
+        raise _fail(path, f"is {size} bytes, larger than any adapter ({MAX_FILE_BYTES} bytes at most)")
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise _fail(path, "is not a safetensors file (too short); adapters are .safetensors files")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len == 0 or header_len > min(MAX_HEADER_BYTES, size - 8):
+            raise _fail(path, "is not a safetensors file (bad header); pickled .pt/.ckpt/.bin files are refused")
+        raw = handle.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise _fail(path, "is not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise _fail(path, "is not a safetensors file (header is not a JSON object)")
+    data_len = size - 8 - header_len
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(entry, dict):
+            raise _fail(path, f"tensor {key!r} has a malformed header entry")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in FLOAT_DTYPES:
+            raise _fail(path, f"tensor {key!r} has dtype {dtype!r}; adapters hold float tensors only")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and 0 <= d < 2**31 for d in shape)):
+            raise _fail(path, f"tensor {key!r} has a malformed shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise _fail(path, f"tensor {key!r} has malformed data offsets")
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        start, stop = offsets
+        if not (0 <= start <= stop <= data_len) or stop - start != numel * FLOAT_DTYPES[dtype]:
+            raise _fail(path, f"tensor {key!r} does not fit in the file: it is truncated or corrupt")
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _fail(path, "has malformed metadata (values must be strings)")
+    return header
+
+
+def _json_field(path: Path, meta: dict, key: str, kind: type):
+    try:
+        value = json.loads(meta[key])
+    except json.JSONDecodeError:
+        raise _fail(path, f"metadata {key!r} is not valid JSON") from None
+    if not isinstance(value, kind):
+        raise _fail(path, f"metadata {key!r} should be a JSON {kind.__name__}")
+    return value
+
+
+def _int_field(path: Path, meta: dict, key: str, minimum: int) -> int:
+    try:
+        value = int(meta[key])
+    except ValueError:
+        raise _fail(path, f"metadata {key!r} should be an integer, got {meta[key]!r}") from None
+    if value < minimum or value > 1_000_000:
+        raise _fail(path, f"metadata {key!r} is out of range: {value}")
+    return value
+
+
+def _parse_metadata(path: Path, meta: dict) -> tuple[ConceptInfo, dict]:
+    if meta.get("format") != FORMAT:
+        raise _fail(path, f"is not a spectral adapter (format {meta.get('format')!r}, expected {FORMAT!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise _fail(
+            path,
+            f"has format_version {meta.get('format_version')!r}; this version of spectral-diffusion reads "
+            f"version {FORMAT_VERSION} only: upgrade the package to load it",
+        )
+    missing = [key for key in REQUIRED_METADATA if key not in meta]
+    if missing:
+        raise _fail(path, f"is missing metadata {missing}")
+    tokens = _json_field(path, meta, "tokens", list)
+    if not all(isinstance(t, str) and TOKEN_PATTERN.match(t) for t in tokens):
+        raise _fail(path, f"metadata 'tokens' holds invalid trigger tokens: {tokens!r}")
+    if meta["variant"] not in VARIANTS:
+        raise _fail(path, f"metadata 'variant' is {meta['variant']!r}; expected one of {VARIANTS}")
+    try:
+        info = ConceptInfo(
+            name=meta["name"],
+            slot=_int_field(path, meta, "slot", 0),
+            rank=_int_field(path, meta, "rank", 1),
+            variant=meta["variant"],
+            tokens=tokens,
+            class_word=meta["class_word"],
+        )
+    except ValueError as error:
+        raise _fail(path, str(error)) from None
+    fields = {
+        "targets": _json_field(path, meta, "targets", dict),
+        "train_config": _json_field(path, meta, "train_config", dict),
+    }
+    return info, fields
+
+
+def _group_tensors(path: Path, info: ConceptInfo, tensors: dict[str, torch.Tensor]):
+    allowed = set(TRIPLET_KEYS) | set(TRAINABLE_KEYS[info.variant])
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    token_vectors: dict[str, torch.Tensor] = {}
+    for full_key, tensor in tensors.items():
+        key, _, part = full_key.rpartition(".")
+        component = full_key.split(".", 1)[0]
+        if component not in COMPONENTS:
+            raise _fail(path, f"tensor {full_key!r} belongs to no known component {COMPONENTS}")
+        if part == "token_embeddings" and key == component:
+            token_vectors[component] = tensor
+        elif part in allowed:
+            layers.setdefault(key, {})[part] = tensor
+        else:
+            raise _fail(path, f"unexpected tensor {full_key!r} for the {info.variant} variant")
+    return layers, token_vectors
+
+
+def _check_shapes(path: Path, info: ConceptInfo, layers, token_vectors) -> None:
+    r = info.rank
+    needed = TRIPLET_KEYS + TRAINABLE_KEYS[info.variant]
+    if not layers:
+        raise _fail(path, "holds no adapted layers")
+    for key, parts in layers.items():
+        absent = [p for p in needed if p not in parts]
+        if absent:
+            raise _fail(path, f"layer {key} is missing tensors {absent}")
+        m, n = parts["U"].shape[0], parts["V"].shape[0]
+        expected = {"U": (m, r), "s": (r,), "V": (n, r), "A": (m, r), "B": (n, r), "c": (r,), "G_U": (r, r), "G_V": (r, r)}
+        for part, tensor in parts.items():
+            if tuple(tensor.shape) != expected[part]:
+                raise _fail(
+                    path, f"tensor {key}.{part} has shape {tuple(tensor.shape)}, expected {expected[part]} at rank {r}"
+                )
+    for component, vectors in token_vectors.items():
+        if vectors.ndim != 2 or vectors.shape[0] != len(info.tokens):
+            raise _fail(
+                path, f"{component}.token_embeddings has shape {tuple(vectors.shape)} for {len(info.tokens)} tokens"
+            )
+    if info.tokens and not token_vectors:
+        raise _fail(path, "declares trigger tokens but holds no token embeddings")
+    for name, tensor in [(f"{k}.{p}", t) for k, ps in layers.items() for p, t in ps.items()] + list(
+        token_vectors.items()
+    ):
+        if not torch.isfinite(tensor).all():
+            raise _fail(path, f"tensor {name} holds NaN or infinite values")
+
+
+def read_adapter(path: str | os.PathLike) -> AdapterData:
+    """Read and fully validate an adapter file. Raises ``AdapterFormatError`` naming the problem."""
+    path = Path(path)
+    header = _read_header(path)
+    meta = header.get("__metadata__") or {}
+    info, fields = _parse_metadata(path, meta)
+    try:
+        tensors = load_file(str(path))
+    except Exception as error:  # safetensors' own checks (overlaps, alignment) after ours
+        raise _fail(path, f"is corrupt ({error})") from None
+    layers, token_vectors = _group_tensors(path, info, tensors)
+    _check_shapes(path, info, layers, token_vectors)
+    known = set(REQUIRED_METADATA)
+    return AdapterData(
+        info=info,
+        layers={k: {p: t.float() for p, t in v.items()} for k, v in layers.items()},
+        token_vectors={k: v.float() for k, v in token_vectors.items()},
+        base_model=meta["base_model"],
+        base_fingerprint=meta["base_fingerprint"],
+        targets=fields["targets"],
+        train_config=fields["train_config"],
+        created_at=meta["created_at"],
+        package_version=meta["package_version"],
+        extra_metadata={k: v for k, v in meta.items() if k not in known},
+    )
+
+
+def install_adapter(
+    adapters: SpectralAdapters, data: AdapterData, name: str | None = None, model_name: str = "this base model"
+) -> ConceptInfo:
+    """Load an adapter's concept into a patched model, optionally under another name."""
+    info = data.info if name is None else ConceptInfo(**{**data.info.__dict__, "name": name})
+    adapters.load_concept(info, data.layers, data.token_vectors, model_name)
+    return info
+
+
+def load_adapter(
+    adapters: SpectralAdapters, path: str | os.PathLike, name: str | None = None, model_name: str = "this base model"
+) -> ConceptInfo:
+    """``read_adapter`` then ``install_adapter``; on any error the model is unchanged."""
+    return install_adapter(adapters, read_adapter(path), name, model_name)

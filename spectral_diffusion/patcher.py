@@ -1,0 +1,431 @@
+"""Patch a diffusers UNet and CLIP text encoders with spectral layers and manage concepts in them.
+
+``SpectralAdapters`` is the one object that knows every patched layer of a pipeline: it computes (and
+caches) their top singular triplets, installs concepts into slots, switches them on and off, merges
+them, and gives back the original modules on ``unpatch``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import BaseModelMismatchError, ConceptNotFoundError, SlotConflictError
+from .layers import VARIANTS, SpectralLayer
+from .svd import SvdCache, Triplets, compute_spectrum, weights_fingerprint
+from .tokens import ConceptTokenEmbedding, TokenError, add_tokens, validate_token
+
+logger = logging.getLogger(__name__)
+
+UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+UNET_FEED_FORWARD = ("ff.net.0.proj", "ff.net.2")
+UNET_PROJECTIONS = ("proj_in", "proj_out")
+TEXT_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
+TEXT_FEED_FORWARD = ("fc1", "fc2")
+
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
+TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+COMPATIBILITY_TOLERANCE = 1e-2
+SPECTRUM_MIN_K = 64
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """Which layers get adapters: module-path suffixes for the UNet and for every text encoder."""
+
+    unet: tuple[str, ...] = UNET_ATTENTION
+    text_encoder: tuple[str, ...] = TEXT_ATTENTION
+
+    def __post_init__(self):
+        known_unet = set(UNET_ATTENTION + UNET_FEED_FORWARD + UNET_PROJECTIONS)
+        known_text = set(TEXT_ATTENTION + TEXT_FEED_FORWARD)
+        bad = sorted(set(self.unet) - known_unet) + sorted(set(self.text_encoder) - known_text)
+        if bad:
+            raise ValueError(
+                f"unknown adapter targets {bad}; UNet targets: {sorted(known_unet)}, "
+                f"text encoder targets: {sorted(known_text)}"
+            )
+        if not self.unet and not self.text_encoder:
+            raise ValueError("at least one adapter target is needed")
+
+    @classmethod
+    def preset(cls, name: str) -> TargetConfig:
+        """``attention`` (default), ``attention+ff``, or ``all`` (attention, feed-forward, proj_in/out)."""
+        if name == "attention":
+            return cls()
+        if name == "attention+ff":
+            return cls(UNET_ATTENTION + UNET_FEED_FORWARD, TEXT_ATTENTION + TEXT_FEED_FORWARD)
+        if name == "all":
+            return cls(UNET_ATTENTION + UNET_FEED_FORWARD + UNET_PROJECTIONS, TEXT_ATTENTION + TEXT_FEED_FORWARD)
+        raise ValueError(f"unknown target preset {name!r}; use attention, attention+ff or all")
+
+    def to_json(self) -> dict:
+        return {"unet": list(self.unet), "text_encoder": list(self.text_encoder)}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> TargetConfig:
+        return cls(tuple(data.get("unet", ())), tuple(data.get("text_encoder", ())))
+
+
+@dataclass
+class ConceptInfo:
+    """What identifies a loaded concept: its slot and rank, variant and trigger tokens."""
+
+    name: str
+    slot: int
+    rank: int
+    variant: str
+    tokens: list[str] = field(default_factory=list)
+    class_word: str = ""
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown variant {self.variant!r}; use one of {VARIANTS}")
+        if self.rank < 1:
+            raise ValueError(f"rank must be at least 1, got {self.rank}")
+        if self.slot < 0:
+            raise ValueError(f"slot must be 0 or more, got {self.slot}")
+        for token in self.tokens:
+            validate_token(token)
+
+    @property
+    def columns(self) -> range:
+        return range(self.slot * self.rank, (self.slot + 1) * self.rank)
+
+
+def _adaptable(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1
+
+
+def find_targets(model: nn.Module, suffixes: tuple[str, ...]) -> list[str]:
+    """Module paths of the Linear / 1x1 Conv2d layers whose path ends with one of ``suffixes``."""
+    paths = []
+    for path, module in model.named_modules():
+        if isinstance(module, SpectralLayer):
+            continue
+        if any(path == s or path.endswith("." + s) for s in suffixes) and _adaptable(module):
+            paths.append(path)
+    return paths
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, module)
+
+
+class SpectralAdapters:
+    """All spectral layers and trigger-token embeddings of one pipeline, and the concepts in them."""
+
+    def __init__(
+        self,
+        components: Mapping[str, nn.Module],
+        tokenizers: Mapping[str, object] | None = None,
+        targets: TargetConfig | None = None,
+        svd_cache: SvdCache | None = None,
+    ):
+        self.components = {name: module for name, module in components.items() if module is not None}
+        self.tokenizers = {name: tok for name, tok in (tokenizers or {}).items() if tok is not None}
+        self.targets = targets or TargetConfig()
+        self.svd_cache = svd_cache or SvdCache(None)
+        self.layers: dict[str, SpectralLayer] = {}
+        self.embeddings: dict[str, ConceptTokenEmbedding] = {}
+        self.concepts: dict[str, ConceptInfo] = {}
+        self._spectrum: dict[str, Triplets] = {}
+        self._patch()
+        self.fingerprint = weights_fingerprint((key, layer.weight_matrix) for key, layer in self.layers.items())
+
+    @classmethod
+    def from_pipeline(cls, pipe, targets: TargetConfig | None = None, svd_cache: SvdCache | None = None):
+        components = {"unet": pipe.unet}
+        tokenizers = {}
+        for name in TEXT_COMPONENTS:
+            if getattr(pipe, name, None) is not None:
+                components[name] = getattr(pipe, name)
+                tokenizers[TOKENIZER_OF[name]] = getattr(pipe, TOKENIZER_OF[name])
+        return cls(components, tokenizers, targets, svd_cache)
+
+    # ----- patching -------------------------------------------------------------------------------
+
+    def _patch(self) -> None:
+        for component, model in self.components.items():
+            suffixes = self.targets.unet if component == "unet" else self.targets.text_encoder
+            for path in find_targets(model, suffixes):
+                layer = SpectralLayer(model.get_submodule(path))
+                _set_submodule(model, path, layer)
+                self.layers[f"{component}.{path}"] = layer
+            if component in TEXT_COMPONENTS:
+                wrapper = ConceptTokenEmbedding(model.get_input_embeddings())
+                model.set_input_embeddings(wrapper)
+                self.embeddings[component] = wrapper
+            model.requires_grad_(False)
+        counts = {c: sum(k.startswith(c + ".") for k in self.layers) for c in self.components}
+        logger.info("patched %d layers: %s", len(self.layers), counts)
+        if not self.layers:
+            raise ValueError(f"no layer matched the adapter targets {self.targets.to_json()}")
+
+    def report(self) -> dict[str, list[str]]:
+        """Patched module paths per component."""
+        out: dict[str, list[str]] = {name: [] for name in self.components}
+        for key in self.layers:
+            component, _, path = key.partition(".")
+            out[component].append(path)
+        return out
+
+    def unpatch(self) -> None:
+        """Unmerge everything and put the original modules back."""
+        self.unmerge()
+        for key, layer in self.layers.items():
+            component, _, path = key.partition(".")
+            _set_submodule(self.components[component], path, layer.base_layer)
+        for component, wrapper in self.embeddings.items():
+            self.components[component].set_input_embeddings(wrapper.base_layer)
+        self.layers.clear()
+        self.embeddings.clear()
+        self.concepts.clear()
+
+    # ----- spectrum -------------------------------------------------------------------------------
+
+    def capacity(self, rank: int) -> int:
+        """Number of slots of this rank every patched layer can hold."""
+        smallest = min(min(layer.out_features, layer.in_features) for layer in self.layers.values())
+        return smallest // rank
+
+    def spectrum(self, k: int, progress=None) -> dict[str, Triplets]:
+        """Top-``k`` triplets of every patched base weight (computed once, cached on disk)."""
+        have = min((t.k for t in self._spectrum.values()), default=0)
+        smallest = min(min(layer.out_features, layer.in_features) for layer in self.layers.values())
+        if not self._spectrum or have < min(k, smallest):
+            with self._unmerged():
+                weights = {key: layer.weight_matrix for key, layer in self.layers.items()}
+                want = max(k, min(SPECTRUM_MIN_K, smallest))
+                self._spectrum = compute_spectrum(weights, want, self.fingerprint, self.svd_cache, progress)
+        return self._spectrum
+
+    @contextmanager
+    def _unmerged(self) -> Iterator[None]:
+        merged = {key: list(layer.merged) for key, layer in self.layers.items() if layer.merged}
+        for key, names in merged.items():
+            self.layers[key].unmerge(names)
+        try:
+            yield
+        finally:
+            for key, names in merged.items():
+                self.layers[key].merge(names)
+
+    # ----- concepts -------------------------------------------------------------------------------
+
+    def concept(self, name: str) -> ConceptInfo:
+        if name not in self.concepts:
+            raise ConceptNotFoundError(f"concept {name!r} is not loaded; loaded: {sorted(self.concepts)}")
+        return self.concepts[name]
+
+    def _check_slot(self, info: ConceptInfo) -> None:
+        if info.name in self.concepts:
+            raise SlotConflictError(f"a concept named {info.name!r} is already loaded")
+        capacity = self.capacity(info.rank)
+        if info.slot >= capacity:
+            raise SlotConflictError(
+                f"slot {info.slot} does not exist at rank {info.rank}: this model has {capacity} slots "
+                f"(0-{capacity - 1}); use a free slot or a smaller rank"
+            )
+        for other in self.concepts.values():
+            if set(info.columns) & set(other.columns):
+                raise SlotConflictError(
+                    f"concept {info.name!r} (slot {info.slot}, rank {info.rank}) overlaps concept "
+                    f"{other.name!r} (slot {other.slot}, rank {other.rank}); they cannot be active together"
+                )
+        for token in info.tokens:
+            for other in self.concepts.values():
+                if token in other.tokens:
+                    raise TokenError(f"trigger token {token} is already used by concept {other.name!r}")
+
+    def new_concept(self, info: ConceptInfo, progress=None) -> None:
+        """Install a fresh, zero-initialised concept (its output equals the base model's)."""
+        self._check_slot(info)
+        spectrum = self.spectrum((info.slot + 1) * info.rank, progress)
+        start, stop = info.columns.start, info.columns.stop
+        layer_triplets = {key: spectrum[key].block(start, stop) for key in self.layers}
+        token_vectors = {}
+        for component, wrapper in self.embeddings.items():
+            tokenizer = self.tokenizers[TOKENIZER_OF[component]]
+            token_vectors[component] = wrapper.init_vectors(tokenizer, info.class_word, len(info.tokens))
+        self._install(info, layer_triplets, {}, token_vectors)
+
+    def load_concept(
+        self,
+        info: ConceptInfo,
+        layer_tensors: Mapping[str, Mapping[str, torch.Tensor]],
+        token_vectors: Mapping[str, torch.Tensor],
+        model_name: str = "this base model",
+    ) -> None:
+        """Install a concept from stored tensors, after checking everything; on error nothing changes.
+
+        ``layer_tensors[key]`` holds the slot's base triplets ``U, s, V`` and the trainable tensors of
+        the variant; ``token_vectors[component]`` the trigger tokens' embeddings.
+        """
+        self._check_slot(info)
+        missing = sorted(set(self.layers) - set(layer_tensors))
+        extra = sorted(set(layer_tensors) - set(self.layers))
+        if missing or extra:
+            raise BaseModelMismatchError(
+                f"the adapter's layers do not match {model_name} with these targets: "
+                f"{len(missing)} missing (e.g. {missing[:2]}), {len(extra)} unknown (e.g. {extra[:2]})"
+            )
+        triplets = {}
+        for key, tensors in layer_tensors.items():
+            trip = Triplets(tensors["U"].float(), tensors["s"].float(), tensors["V"].float())
+            self._check_compatible(key, trip, info.rank, model_name)
+            triplets[key] = trip
+        missing_tokens = sorted(set(self.embeddings) - set(token_vectors)) if info.tokens else []
+        if missing_tokens:
+            raise BaseModelMismatchError(f"the adapter has no token embeddings for {missing_tokens}")
+        self._install(info, triplets, layer_tensors, token_vectors)
+
+    def _check_compatible(self, key: str, trip: Triplets, rank: int, model_name: str) -> None:
+        layer = self.layers[key]
+        m, n = layer.out_features, layer.in_features
+        if trip.U.shape != (m, rank) or trip.V.shape != (n, rank) or trip.s.shape != (rank,):
+            raise BaseModelMismatchError(
+                f"layer {key} of {model_name} is {m} x {n} but the adapter's slot there is "
+                f"U{tuple(trip.U.shape)} V{tuple(trip.V.shape)} at rank {rank}: it was made for another model"
+            )
+        with torch.no_grad():
+            weight = layer.weight_matrix.float()
+            projected = trip.U.T @ weight @ trip.V
+            for name, strength in layer.merged.items():  # measure against the unmerged base weight
+                left, right = layer.concept(name).lora_factors()
+                projected -= strength * (trip.U.T @ left) @ (right.T @ trip.V)
+            error = torch.linalg.norm(projected - torch.diag(trip.s)) / torch.linalg.norm(trip.s).clamp_min(1e-12)
+        if not torch.isfinite(error) or error > COMPATIBILITY_TOLERANCE:
+            raise BaseModelMismatchError(
+                f"the adapter was trained on another base model: at layer {key} its singular vectors do not "
+                f"match {model_name} (relative error {float(error):.3g} > {COMPATIBILITY_TOLERANCE}); load it "
+                "into the model it was trained on"
+            )
+
+    def _install(self, info, triplets, layer_tensors, token_vectors) -> None:
+        token_ids = {}
+        for component in self.embeddings:
+            if info.tokens:
+                vectors = token_vectors[component]
+                if vectors.shape[0] != len(info.tokens):
+                    raise BaseModelMismatchError(
+                        f"{component} has {vectors.shape[0]} token embeddings for {len(info.tokens)} tokens"
+                    )
+                width = self.embeddings[component].embedding_dim
+                if vectors.shape[1] != width:
+                    raise BaseModelMismatchError(
+                        f"{component} token embeddings are {vectors.shape[1]}-dimensional but the model's "
+                        f"are {width}: the adapter was made for another model"
+                    )
+        for component in self.embeddings:
+            tokenizer = self.tokenizers[TOKENIZER_OF[component]]
+            token_ids[component] = add_tokens(tokenizer, info.tokens) if info.tokens else []
+        for key, layer in self.layers.items():
+            adapter = layer.add_concept(info.name, triplets[key], info.variant, info.slot)
+            adapter.requires_grad_(False)  # frozen until trainable_parameters() asks for it
+            if key in layer_tensors:
+                with torch.no_grad():
+                    for pname in adapter.trainable_names():
+                        getattr(adapter, pname).copy_(layer_tensors[key][pname].float())
+        for component, wrapper in self.embeddings.items():
+            if info.tokens:
+                wrapper.add_concept(info.name, token_ids[component], token_vectors[component])
+                wrapper.vectors[info.name].requires_grad_(False)
+        self.concepts[info.name] = info
+
+    def remove_concept(self, name: str) -> None:
+        self.concept(name)
+        for layer in self.layers.values():
+            layer.remove_concept(name)
+        for wrapper in self.embeddings.values():
+            if name in wrapper.vectors:
+                wrapper.remove_concept(name)
+        del self.concepts[name]
+
+    def set_strength(self, name: str, strength: float) -> None:
+        self.concept(name)
+        for layer in self.layers.values():
+            layer.set_strength(name, strength)
+
+    def set_enabled(self, name: str, enabled: bool) -> None:
+        """Switch a concept's slot on or off (its token still embeds; its weights stop applying)."""
+        self.concept(name)
+        for layer in self.layers.values():
+            if name in layer.merged:
+                layer.unmerge([name])
+            layer.concept(name).enabled = enabled
+
+    def strength(self, name: str) -> float:
+        self.concept(name)
+        return next(iter(self.layers.values())).concept(name).strength
+
+    def merge(self, names: list[str] | None = None) -> None:
+        """Bake concepts (default: all loaded) into the base weights for base-model speed."""
+        for name in names or []:
+            self.concept(name)
+        for layer in self.layers.values():
+            layer.merge(names)
+
+    def unmerge(self, names: list[str] | None = None) -> None:
+        for layer in self.layers.values():
+            layer.unmerge(names)
+
+    @property
+    def merged(self) -> bool:
+        return any(layer.merged for layer in self.layers.values())
+
+    # ----- tensors --------------------------------------------------------------------------------
+
+    def concept_layer_tensors(self, name: str) -> dict[str, dict[str, torch.Tensor]]:
+        """Per layer: the slot's base triplets and the concept's trainable tensors (detached copies)."""
+        self.concept(name)
+        out = {}
+        for key, layer in self.layers.items():
+            adapter = layer.concept(name)
+            tensors = {"U": adapter.U, "s": adapter.s, "V": adapter.V}
+            tensors.update({p: getattr(adapter, p) for p in adapter.trainable_names()})
+            out[key] = {k: v.detach().float().cpu().contiguous().clone() for k, v in tensors.items()}
+        return out
+
+    def concept_token_vectors(self, name: str) -> dict[str, torch.Tensor]:
+        self.concept(name)
+        return {
+            component: wrapper.vectors[name].detach().float().cpu().clone()
+            for component, wrapper in self.embeddings.items()
+            if name in wrapper.vectors
+        }
+
+    def delta_weights(self, name: str) -> dict[str, torch.Tensor]:
+        """Explicit m x n updates of a concept per layer (strength not applied)."""
+        self.concept(name)
+        return {key: layer.get_delta_weight(name) for key, layer in self.layers.items()}
+
+    def lora_factors(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Exact ``dW = L R^T`` factors of a concept per layer (strength not applied)."""
+        self.concept(name)
+        return {key: layer.concept(name).lora_factors() for key, layer in self.layers.items()}
+
+    def trainable_parameters(self, name: str) -> dict[str, list[nn.Parameter]]:
+        """The concept's parameters grouped for separate learning rates; all set to require grad."""
+        self.concept(name)
+        groups: dict[str, list[nn.Parameter]] = {"unet": [], "text_encoder": [], "embeddings": []}
+        for key, layer in self.layers.items():
+            group = "unet" if key.startswith("unet.") else "text_encoder"
+            adapter = layer.concept(name)
+            groups[group].extend(getattr(adapter, p) for p in adapter.trainable_names())
+        for wrapper in self.embeddings.values():
+            if name in wrapper.vectors:
+                groups["embeddings"].append(wrapper.vectors[name])
+        for params in groups.values():
+            for param in params:
+                param.requires_grad_(True)
+        return groups

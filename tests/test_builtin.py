@@ -1,0 +1,241 @@
+"""Tests of the offline built-in models and of ``--model`` resolution (no network)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spectral_diffusion import builtin
+from spectral_diffusion.builtin import ModelNotFoundError
+from spectral_diffusion.errors import SpectralDiffusionError
+
+
+@pytest.fixture(scope="module")
+def shared_home(tmp_path_factory) -> Path:
+    """One models home for the module, so each built-in model is built once."""
+    return tmp_path_factory.mktemp("sd-home")
+
+
+@pytest.fixture
+def home(shared_home, monkeypatch) -> Path:
+    monkeypatch.setenv("SPECTRAL_DIFFUSION_HOME", str(shared_home))
+    return shared_home
+
+
+@pytest.fixture
+def fresh_home(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("SPECTRAL_DIFFUSION_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def test_vocab_is_small_and_clip_shaped():
+    vocab, merges = builtin.clip_vocab_and_merges()
+    assert 1000 <= len(vocab) <= 2000
+    assert sorted(vocab.values()) == list(range(len(vocab)))
+    assert vocab["<|endoftext|>"] == len(vocab) - 1
+    assert vocab["<|startoftext|>"] == len(vocab) - 2
+    assert "a</w>" in vocab and "a" in vocab
+    assert all(a + b in vocab for a, b in merges)
+    assert builtin.clip_vocab_and_merges() == (vocab, merges)  # deterministic
+
+
+def test_every_listed_word_is_one_token():
+    tok = builtin.build_tokenizer()
+    split = {w: tok.tokenize(w) for w in builtin.tokenizer_words()}
+    assert {w: t for w, t in split.items() if t != [w + "</w>"]} == {}
+    assert len(builtin.tokenizer_words()) >= 300
+
+
+def test_tokenizer_round_trip_and_unknown_words():
+    tok = builtin.build_tokenizer()
+    assert tok.model_max_length == 77
+    assert tok.pad_token == "<|endoftext|>"
+    text = "a photo of a zqxj dog in the style of vermeer, 3 stars!"
+    ids = tok(text).input_ids
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert tok.unk_token_id not in ids[1:-1]  # unknown words fall back to bytes
+    assert tok.decode(ids, skip_special_tokens=True) == text.replace(",", " ,").replace(
+        "!", " !"
+    )
+    padded = tok(text, padding="max_length", max_length=77).input_ids
+    assert len(padded) == 77 and padded[-1] == tok.pad_token_id
+
+
+def test_add_tokens_makes_one_token():
+    tok = builtin.build_tokenizer()
+    size = len(tok)
+    assert len(tok.tokenize("<my-dog>")) > 1
+    assert tok.add_tokens(["<my-dog>"]) == 1
+    assert len(tok) == size + 1
+    assert tok.tokenize("a <my-dog> on a sofa") == [
+        "a</w>",
+        "<my-dog>",
+        "on</w>",
+        "a</w>",
+        "sofa</w>",
+    ]
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(folder.rglob("*.safetensors")):
+        for key, value in load_file(file).items():
+            tensors[f"{file.relative_to(folder)}:{key}"] = value
+    return tensors
+
+
+@pytest.mark.parametrize("build", [builtin.build_tiny, builtin.build_tiny_sdxl])
+def test_building_twice_gives_identical_weights(tmp_path, build):
+    first = _weights(build(tmp_path / "a"))
+    second = _weights(build(tmp_path / "b"))
+    assert first.keys() == second.keys() and len(first) > 50
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert (tmp_path / "a" / "tokenizer" / "vocab.json").read_bytes() == (
+        tmp_path / "b" / "tokenizer" / "vocab.json"
+    ).read_bytes()
+
+
+def test_build_leaves_only_the_model_and_a_lock(tmp_path):
+    path = builtin.build_tiny(tmp_path / "m")
+    assert builtin.is_complete_build(path, "builtin:tiny")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".m.lock", "m"]
+    assert builtin.build_tiny(path) == path  # complete: not rebuilt
+
+
+def test_concurrent_builders_do_not_corrupt(tmp_path):
+    target = tmp_path / "m"
+    results, errors = [], []
+
+    def worker():
+        try:
+            results.append(builtin.build_tiny(target))
+        except Exception as err:  # noqa: BLE001 - reported by the assertion below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and results == [target.absolute()] * 3
+    assert builtin.is_complete_build(target, "builtin:tiny")
+
+
+def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "precious.txt").write_text("keep me")
+    with pytest.raises(FileExistsError):
+        builtin.build_tiny(tmp_path / "m")
+    assert (tmp_path / "m" / "precious.txt").read_text() == "keep me"
+
+
+def test_outdated_build_is_rebuilt(fresh_home):
+    path = builtin.ensure_builtin("builtin:tiny")
+    assert path == fresh_home / "models" / "tiny"
+    marker = path / builtin.MARKER_FILE
+    marker.write_text(json.dumps({"name": "builtin:tiny", "build_version": 0}))
+    assert not builtin.is_complete_build(path)
+    assert builtin.ensure_builtin("builtin:tiny") == path
+    assert builtin.is_complete_build(path, "builtin:tiny")
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+def test_models_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPECTRAL_DIFFUSION_HOME", str(tmp_path))
+    assert builtin.models_home() == tmp_path
+    monkeypatch.delenv("SPECTRAL_DIFFUSION_HOME")
+    assert builtin.models_home() == Path.home() / ".cache" / "spectral_diffusion"
+
+
+def test_registry_lists_the_builtin_models():
+    assert {"builtin:tiny", "builtin:tiny-sdxl"} <= set(builtin.BUILTIN_MODELS)
+    assert all(builtin.BUILTIN_MODELS.values())
+
+
+def test_resolve_builtin_and_local_folder(home):
+    path = builtin.resolve_model("builtin:tiny")
+    assert path == str(home / "models" / "tiny")
+    assert (Path(path) / "model_index.json").is_file()
+    assert builtin.resolve_model(path) == path
+
+
+def test_resolve_passes_hub_ids_through(home):
+    assert (
+        builtin.resolve_model("runwayml/stable-diffusion-v1-5")
+        == "runwayml/stable-diffusion-v1-5"
+    )
+    assert not (home / "models" / "stable-diffusion-v1-5").exists()
+
+
+@pytest.mark.parametrize("name", ["missing", "a/b/c", "./x"])
+def test_resolve_missing_folder_raises(tmp_path, name):
+    model = str(tmp_path / name) if name == "missing" else name
+    with pytest.raises(ModelNotFoundError, match="no such folder"):
+        builtin.resolve_model(model)
+
+
+def test_resolve_folder_without_model_index_raises(tmp_path):
+    (tmp_path / "unet").mkdir()
+    with pytest.raises(ModelNotFoundError, match=r"model_index\.json"):
+        builtin.resolve_model(str(tmp_path))
+
+
+def test_unknown_builtin_raises(home):
+    with pytest.raises(ModelNotFoundError, match="builtin:tiny"):
+        builtin.resolve_model("builtin:nope")
+
+
+def test_broken_folder_load_raises_model_not_found(tmp_path):
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(ModelNotFoundError, match="could not load"):
+        builtin.load_pipeline(str(tmp_path))
+
+
+def test_model_not_found_is_a_user_error():
+    assert issubclass(ModelNotFoundError, SpectralDiffusionError)
+    assert issubclass(ModelNotFoundError, ValueError)
+
+
+# --------------------------------------------------------------------------- generation
+
+
+@pytest.mark.parametrize(
+    ("name", "cls", "sdxl"),
+    [
+        ("builtin:tiny", "StableDiffusionPipeline", False),
+        ("builtin:tiny-sdxl", "StableDiffusionXLPipeline", True),
+    ],
+)
+def test_load_and_generate(home, name, cls, sdxl):
+    pipe = builtin.load_pipeline(name)
+    assert type(pipe).__name__ == cls and builtin.is_sdxl(pipe) is sdxl
+    assert pipe.vae_scale_factor == builtin.VAE_SCALE_FACTOR
+    assert pipe.unet.dtype == torch.float32
+    assert getattr(pipe, "safety_checker", None) is None
+    assert pipe.text_encoder.get_input_embeddings().num_embeddings == len(
+        pipe.tokenizer
+    )
+    assert (
+        pipe.tokenizer("a photo of a dog").input_ids
+        == builtin.build_tokenizer()("a photo of a dog").input_ids
+    )
+    out = pipe(
+        "a photo of a red dog on a sofa",
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pil",
+    )
+    assert len(out.images) == 1 and out.images[0].size == (64, 64)
