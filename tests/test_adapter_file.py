@@ -62,7 +62,7 @@ def test_save_load_gives_identical_outputs(saved, models_home):
     for name in ("dog", "cat"):
         load_adapter(fresh_adapters, paths[name])
     got = _outputs(fresh_adapters)
-    for a, b in zip(expected, got):
+    for a, b in zip(expected, got, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert fresh_adapters.concept("cat").slot == 3
 
@@ -179,7 +179,7 @@ def test_load_under_another_name_and_slot_conflict(saved, target):
 def test_save_is_atomic(saved, tmp_path, monkeypatch):
     adapters, paths = saved
     original = paths["dog"].read_bytes()
-    import spectral_diffusion.adapter_file as adapter_file
+    from spectral_diffusion import adapter_file
 
     def crash(*args, **kwargs):
         raise OSError("disk full")

@@ -160,7 +160,7 @@ def test_spectrum_is_cached_per_base_model(tiny_pipe, tmp_path, monkeypatch):
     first = SpectralAdapters.from_pipeline(tiny_pipe, svd_cache=cache)
     spectrum = first.spectrum(8)
     first.unpatch()
-    import spectral_diffusion.svd as svd
+    from spectral_diffusion import svd
 
     monkeypatch.setattr(svd, "top_k_svd_many", lambda *a, **k: pytest.fail("recomputed"))
     second = SpectralAdapters.from_pipeline(tiny_pipe, svd_cache=cache)

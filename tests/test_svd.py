@@ -62,7 +62,7 @@ def test_cache_hit_skips_recomputation(tmp_path, monkeypatch):
     cache = SvdCache(tmp_path)
     first = compute_spectrum(weights, 8, "fp", cache)
     calls = []
-    import spectral_diffusion.svd as svd
+    from spectral_diffusion import svd
 
     monkeypatch.setattr(svd, "top_k_svd_many", lambda *a, **k: calls.append(1))
     second = compute_spectrum(weights, 8, "fp", cache)
