@@ -1,0 +1,145 @@
+"""Command line: ``python -m spectral_diffusion <command>`` (DESIGN.md section 6).
+
+Every user mistake ends as one ``error: ...`` line on stderr and exit status 2; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+DEFAULT_MODEL = "builtin:tiny"
+DEFAULT_LIBRARY = "concepts"
+EXIT_USER_ERROR = 2
+
+logger = logging.getLogger("spectral_diffusion.cli")
+
+
+def parse_concepts(text: str) -> dict[str, float]:
+    """``"dog,cat:0.8"`` -> ``{"dog": 1.0, "cat": 0.8}``."""
+    concepts: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, strength = item.partition(":")
+        try:
+            concepts[name.strip()] = float(strength) if strength else 1.0
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"strength of {name!r} is not a number: {strength!r}") from None
+    if not concepts:
+        raise argparse.ArgumentTypeError("name at least one concept, e.g. --concepts dog,cat:0.8")
+    return concepts
+
+
+def _slot(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--slot takes 'auto' or a slot number, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("--slot must be 0 or more")
+    return value
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="builtin:NAME, a hub id or a diffusers folder")
+    parser.add_argument("--library", default=DEFAULT_LIBRARY, help="concept library folder")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m spectral_diffusion", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train one concept into the library")
+    train.add_argument("--images", required=True, help="folder of 3-50 images of the concept")
+    train.add_argument("--name", required=True)
+    train.add_argument("--class-word", default="", help="what the concept is, e.g. dog")
+    train.add_argument("--token", default=None, help="trigger token (default <NAME>)")
+    train.add_argument("--rank", type=int, default=None, help="slot width r (default 8; 4 on built-in models)")
+    train.add_argument("--slot", type=_slot, default=None, help="auto (lowest free) or a slot number")
+    train.add_argument("--variant", choices=["additive", "rotational"], default="additive")
+    train.add_argument("--steps", type=int, default=None)
+    train.add_argument("--resolution", type=int, default=None)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    train.add_argument("--checkpoint-every", type=int, default=0, help="save a resumable checkpoint every N steps")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this name")
+
+    listing = sub.add_parser("list", help="list the library")
+    listing.add_argument("--json", action="store_true")
+
+    gen = sub.add_parser("generate", help="generate images with concepts fused")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--concepts", type=parse_concepts, default={}, help="a,b:0.8 (strength 1.0 if omitted)")
+    gen.add_argument("--negative", default="")
+    gen.add_argument("--steps", type=int, default=25)
+    gen.add_argument("--guidance", type=float, default=7.5)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--width", type=int, default=None)
+    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--num-images", type=int, default=1)
+    gen.add_argument("--scheduler", default="default", help="default, ddim, dpm++, euler, euler-a")
+    gen.add_argument("--baked", action="store_true", help="merge the concepts into the weights first")
+    gen.add_argument("--out", required=True, help="FILE.png (several images: FILE-0.png, FILE-1.png, ...)")
+
+    fuse = sub.add_parser("fuse", help="write several concepts as one file")
+    fuse.add_argument("--concepts", type=parse_concepts, required=True)
+    fuse.add_argument("--out", required=True)
+    fuse.add_argument("--format", choices=["spectral", "lora", "kohya"], default="spectral")
+
+    export = sub.add_parser("export", help="write one concept as a file")
+    export.add_argument("name")
+    export.add_argument("--format", choices=["spectral", "lora", "kohya"], default="spectral")
+    export.add_argument("--out", required=True)
+
+    imp = sub.add_parser("import", help="add an adapter file to the library")
+    imp.add_argument("file")
+    imp.add_argument("--name", default=None)
+
+    delete = sub.add_parser("delete", help="remove a concept and free its slot")
+    delete.add_argument("name")
+
+    models = sub.add_parser("models", help="the built-in models and where they are saved")
+    models.add_argument("--json", action="store_true")
+
+    for child in sub.choices.values():
+        _common(child)
+    return parser
+
+
+def _quiet_third_party() -> None:
+    """Hide diffusers/transformers chatter (loading bars, optional-dependency notes) unless -v."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import diffusers
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import SpectralDiffusionError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not args.verbose:
+        _quiet_third_party()
+    from . import commands
+
+    try:
+        getattr(commands, f"cmd_{args.command}")(args)
+    except SpectralDiffusionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as error:
+        print(f"error: {error.strerror}: {error.filename}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,184 @@
+"""The CLI's commands: thin glue from parsed arguments to the library, training and the studio."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+from .atomic import atomic_path
+
+logger = logging.getLogger(__name__)
+BUILTIN_RANK = 4  # the built-in models are 32 wide: rank 4 gives 8 slots
+
+
+def emit(data) -> None:
+    """Write a command's result to stdout (JSON for dicts/lists, text otherwise)."""
+    if isinstance(data, (dict, list)):
+        print(json.dumps(data, indent=2))
+    else:
+        print(data)
+
+
+def out_paths(out: str, count: int) -> list[Path]:
+    """One image: ``FILE``; several: ``FILE-0.png``, ``FILE-1.png``, ..."""
+    path = Path(out)
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(count)]
+
+
+def _library(args):
+    from .library import Library
+
+    return Library(args.library)
+
+
+def _studio(args):
+    from .studio import Studio
+
+    return Studio(args.model, device=args.device)
+
+
+def _tqdm_progress(total_label: str):
+    from tqdm.auto import tqdm
+
+    bar = None
+
+    def update(progress) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=progress.total_steps, desc=total_label, unit="step")
+        bar.n = progress.step
+        bar.set_postfix(loss=f"{progress.loss:.4f}", refresh=False)
+        bar.refresh()
+        if progress.step >= progress.total_steps:
+            bar.close()
+
+    return update
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .builtin import load_pipeline
+    from .data import find_images
+    from .patcher import SpectralAdapters
+    from .training import TrainConfig, train_concept
+
+    library = _library(args)
+    library.validate_name(args.name)
+    images = find_images(args.images)
+    rank = args.rank or (BUILTIN_RANK if args.model.startswith("builtin:") else 8)
+    pipe = load_pipeline(args.model, device=args.device)
+    probe = SpectralAdapters.from_pipeline(pipe)
+    fingerprint, capacity = probe.fingerprint, probe.capacity(rank)
+    probe.unpatch()
+    with library.reserve(args.name, fingerprint, rank, capacity, args.slot) as slot:
+        config = TrainConfig(
+            name=args.name,
+            tokens=[args.token] if args.token else [f"<{args.name}>"],
+            class_word=args.class_word,
+            rank=rank,
+            slot=slot,
+            variant=args.variant,
+            steps=args.steps,
+            resolution=args.resolution,
+            seed=args.seed,
+            mixed_precision=args.mixed_precision,
+            checkpoint_every=args.checkpoint_every,
+            checkpoint_dir=str(Path(args.library) / ".checkpoints" / args.name) if args.checkpoint_every or args.resume else None,
+            resume=args.resume,
+        )
+        result = train_concept(pipe, images, config, progress=_tqdm_progress(f"training {args.name}"),
+                               base_model_name=args.model)
+        record = library.add(result.adapter, images, result.preview)
+    emit(f"trained {record.name} into slot {record.slot}: {record.adapter_path}")
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    records = _library(args).list()
+    if args.json:
+        emit([record.to_json() for record in records])
+        return
+    if not records:
+        emit(f"no concepts in {args.library}")
+        return
+    rows = [("NAME", "TOKEN", "SLOT", "VARIANT", "RANK", "BASE MODEL")]
+    rows += [(r.name, " ".join(r.tokens), str(r.slot), r.variant, str(r.rank), r.base_model) for r in records]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    emit("\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows))
+
+
+def _load_concepts(studio, library, names) -> None:
+    for name in names:
+        studio.load_concept(name, library.adapter(name))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .studio import GenerationRequest
+
+    library, studio = _library(args), _studio(args)
+    _load_concepts(studio, library, args.concepts)
+    request = GenerationRequest(
+        prompt=args.prompt,
+        negative_prompt=args.negative,
+        concepts=args.concepts,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        width=args.width,
+        height=args.height,
+        num_images=args.num_images,
+        scheduler=args.scheduler,
+        mode="baked" if args.baked else "live",
+    )
+    started = time.perf_counter()
+    images = studio.generate(request)
+    paths = out_paths(args.out, len(images))
+    for image, path in zip(images, paths, strict=True):
+        with atomic_path(path) as tmp:
+            image.save(tmp, format="PNG")
+    logger.info("generated %d image(s) in %.1f s", len(images), time.perf_counter() - started)
+    emit("\n".join(str(path) for path in paths))
+
+
+def cmd_fuse(args: argparse.Namespace) -> None:
+    library, studio = _library(args), _studio(args)
+    _load_concepts(studio, library, args.concepts)
+    written = studio.export_fused(args.concepts, args.out, format=args.format)
+    emit("\n".join(str(path) for path in written))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    library = _library(args)
+    if args.format == "spectral":
+        emit(str(library.export_file(args.name, args.out)))
+        return
+    studio = _studio(args)
+    _load_concepts(studio, library, [args.name])
+    written = studio.export_fused({args.name: 1.0}, args.out, format=args.format)
+    emit("\n".join(str(path) for path in written))
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    record = _library(args).import_file(args.file, name=args.name)
+    emit(f"imported {record.name} (slot {record.slot}, token {' '.join(record.tokens)})")
+
+
+def cmd_delete(args: argparse.Namespace) -> None:
+    _library(args).delete(args.name)
+    emit(f"deleted {args.name}")
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from .builtin import BUILTIN_MODELS, ensure_builtin
+
+    rows = [{"name": name, "description": text, "path": str(ensure_builtin(name))} for name, text in BUILTIN_MODELS.items()]
+    if args.json:
+        emit(rows)
+    else:
+        emit("\n".join(f"{row['name']}\t{row['path']}\n    {row['description']}" for row in rows))
+
+
+__all__ = ["cmd_train", "cmd_list", "cmd_generate", "cmd_fuse", "cmd_export", "cmd_import", "cmd_delete", "cmd_models"]
