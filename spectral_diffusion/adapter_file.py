@@ -115,8 +115,10 @@ def save_adapter(data: AdapterData, path: str | os.PathLike) -> Path:
 # ----- reading ------------------------------------------------------------------------------------
 
 
-def _fail(path: Path, problem: str) -> AdapterFormatError:
-    return AdapterFormatError(f"{path.name}: {problem}")
+def _fail(path: Path | str, problem: str) -> AdapterFormatError:
+    # a str labels a concept inside a container file (e.g. "fused.safetensors [dog]")
+    label = path.name if isinstance(path, Path) else path
+    return AdapterFormatError(f"{label}: {problem}")
 
 
 def _read_header(path: Path) -> dict:
@@ -283,6 +285,39 @@ def read_adapter(path: str | os.PathLike) -> AdapterData:
         raise _fail(path, f"is corrupt ({error})") from None
     layers, token_vectors = _group_tensors(path, info, tensors)
     _check_shapes(path, info, layers, token_vectors)
+    known = set(REQUIRED_METADATA)
+    return AdapterData(
+        info=info,
+        layers={k: {p: t.float() for p, t in v.items()} for k, v in layers.items()},
+        token_vectors={k: v.float() for k, v in token_vectors.items()},
+        base_model=meta["base_model"],
+        base_fingerprint=meta["base_fingerprint"],
+        targets=fields["targets"],
+        train_config=fields["train_config"],
+        created_at=meta["created_at"],
+        package_version=meta["package_version"],
+        extra_metadata={k: v for k, v in meta.items() if k not in known},
+    )
+
+
+# ----- public validation helpers, for containers that hold several concepts (studio bundles) ------
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict:
+    """The bound-checked safetensors header of ``path`` (parsed by hand, nothing loaded yet)."""
+    return _read_header(Path(path))
+
+
+def check_adapter_metadata(meta: dict[str, str], source: str) -> ConceptInfo:
+    """Validate one concept's v1 metadata; errors start with ``source`` (the file and concept)."""
+    return _parse_metadata(source, meta)[0]
+
+
+def adapter_data_from_tensors(meta: dict[str, str], tensors: dict[str, torch.Tensor], source: str) -> AdapterData:
+    """Validate one concept's v1 metadata and tensors, read from some container, as ``read_adapter`` does."""
+    info, fields = _parse_metadata(source, meta)
+    layers, token_vectors = _group_tensors(source, info, tensors)
+    _check_shapes(source, info, layers, token_vectors)
     known = set(REQUIRED_METADATA)
     return AdapterData(
         info=info,

@@ -52,8 +52,10 @@ def fused_factors(
 
 def _kohya_name(component: str, path: str, sdxl: bool) -> str:
     prefix = (KOHYA_PREFIX_SDXL if sdxl else KOHYA_PREFIX)[component]
-    if component != "unet":
-        path = "text_model." + path  # transformers 5 dropped this level; kohya keys still spell it
+    if component != "unet" and not path.startswith("text_model."):
+        # transformers 5 dropped this level from CLIPTextModel (not from CLIPTextModelWithProjection,
+        # SDXL's second encoder); kohya keys always spell it exactly once
+        path = "text_model." + path
     return f"{prefix}_{path.replace('.', '_')}"
 
 

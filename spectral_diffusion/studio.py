@@ -1,0 +1,751 @@
+"""Fusion and generation over one loaded base pipeline.
+
+A ``Studio`` loads its base model once (lazily) and keeps every concept it was given installed in
+one ``SpectralAdapters``. Switching the fused set only flips concepts on and off and changes their
+strengths; nothing is reloaded. Two concepts in the same slot cannot be installed side by side, so
+when a requested concept needs a slot held by an inactive one, the inactive one is taken out (it
+stays registered and comes back when asked for).
+
+A fused set exports as one spectral bundle (all concepts, lossless, re-loadable here) or as an exact
+LoRA + textual-inversion pair that plain diffusers, AUTOMATIC1111 and ComfyUI load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from itertools import combinations
+from pathlib import Path
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+)
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .adapter_file import FORMAT as ADAPTER_FORMAT
+from .adapter_file import (
+    AdapterData,
+    adapter_data_from_tensors,
+    check_adapter_metadata,
+    install_adapter,
+    read_adapter,
+    read_safetensors_header,
+)
+from .atomic import atomic_path
+from .builtin import load_pipeline
+from .errors import (
+    AdapterFormatError,
+    BaseModelMismatchError,
+    ConceptNotFoundError,
+    SlotConflictError,
+    SpectralDiffusionError,
+)
+from .lora_export import export_lora
+from .patcher import ConceptInfo, SpectralAdapters, TargetConfig
+from .svd import SvdCache
+from .tokens import TokenError
+
+logger = logging.getLogger(__name__)
+
+# name -> (scheduler class, forced config overrides); "default" keeps the model's own scheduler.
+SCHEDULERS: dict[str, tuple[type | None, dict]] = {
+    "default": (None, {}),
+    "ddim": (DDIMScheduler, {}),
+    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler-a": (EulerAncestralDiscreteScheduler, {}),
+}
+MODES = ("live", "baked")
+EXPORT_FORMATS = ("spectral", "lora", "kohya")
+MAX_STRENGTH = 2.0
+MAX_STEPS = 200
+MAX_IMAGES = 16
+MAX_SIDE = 4096
+SIZE_MULTIPLE = 8  # diffusers' Stable Diffusion pipelines refuse other sizes
+MAX_GUIDANCE = 50.0
+MAX_PROMPT_CHARS = 10_000
+MAX_SEED = 2**63 - 1
+
+BUNDLE_FORMAT = "spectral-bundle"
+BUNDLE_VERSION = "1"
+MAX_BUNDLE_CONCEPTS = 256
+PROMPT_TOKEN = re.compile(r"<[a-z0-9][a-z0-9_-]{0,62}>")
+
+
+class FusionError(SpectralDiffusionError, ValueError):
+    """A set of concepts cannot be fused (same slot, shared token, different adapter targets)."""
+
+
+class RequestError(SpectralDiffusionError, ValueError):
+    """A generation request is malformed, or its prompt uses a concept that is not selected."""
+
+
+# ----- requests -----------------------------------------------------------------------------------
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def normalize_strengths(concepts: Mapping[str, float] | Iterable[str] | None) -> dict[str, float]:
+    """Validated ``{name: strength}``; a bare iterable of names means strength 1.0 each."""
+    if concepts is None:
+        return {}
+    if isinstance(concepts, str):
+        raise RequestError("concepts must be a mapping of name to strength or a list of names, not one string")
+    items = concepts.items() if isinstance(concepts, Mapping) else ((name, 1.0) for name in concepts)
+    out: dict[str, float] = {}
+    for name, strength in items:
+        if not isinstance(name, str) or not name:
+            raise RequestError(f"concept names must be non-empty text, got {name!r}")
+        if not _is_real(strength) or abs(strength) > MAX_STRENGTH:
+            raise RequestError(
+                f"strength of concept {name!r} must be a number from {-MAX_STRENGTH} to {MAX_STRENGTH}, "
+                f"got {strength!r}"
+            )
+        out[name] = float(strength)
+    return out
+
+
+def _check_range(label: str, value, low, high, integer: bool = True) -> None:
+    ok = _is_int(value) if integer else _is_real(value)
+    if not ok or not low <= value <= high:
+        kind = "a whole number" if integer else "a number"
+        raise RequestError(f"{label} must be {kind} from {low} to {high}, got {value!r}")
+
+
+def _check_side(label: str, value) -> None:
+    if value is None:
+        return
+    _check_range(label, value, SIZE_MULTIPLE, MAX_SIDE)
+    if value % SIZE_MULTIPLE:
+        raise RequestError(f"{label} must be a multiple of {SIZE_MULTIPLE} pixels, got {value}")
+
+
+@dataclass
+class GenerationRequest:
+    """One generation: prompt, fused concepts with strengths, sampler settings. Validated on creation.
+
+    ``seed=None`` draws a random seed (stored in each PIL image's ``info["seed"]``); ``width`` /
+    ``height`` ``None`` mean the model's native size. ``mode`` ``baked`` merges the concepts into the
+    weights (base-model speed), ``live`` applies them in factored form; both give the same image.
+    """
+
+    prompt: str
+    negative_prompt: str = ""
+    concepts: dict[str, float] = field(default_factory=dict)
+    steps: int = 30
+    guidance: float = 7.5
+    seed: int | None = None
+    width: int | None = None
+    height: int | None = None
+    num_images: int = 1
+    scheduler: str = "default"
+    mode: str = "live"
+
+    def __post_init__(self):
+        for label, text in (("prompt", self.prompt), ("negative_prompt", self.negative_prompt)):
+            if not isinstance(text, str) or len(text) > MAX_PROMPT_CHARS:
+                raise RequestError(f"{label} must be text of at most {MAX_PROMPT_CHARS} characters")
+        self.concepts = normalize_strengths(self.concepts)
+        _check_range("steps", self.steps, 1, MAX_STEPS)
+        _check_range("guidance", self.guidance, 0.0, MAX_GUIDANCE, integer=False)
+        if self.seed is not None:
+            _check_range("seed", self.seed, 0, MAX_SEED)
+        _check_side("width", self.width)
+        _check_side("height", self.height)
+        _check_range("num_images", self.num_images, 1, MAX_IMAGES)
+        if self.scheduler not in SCHEDULERS:
+            raise RequestError(f"unknown scheduler {self.scheduler!r}; use one of {sorted(SCHEDULERS)}")
+        if self.mode not in MODES:
+            raise RequestError(f"unknown mode {self.mode!r}; use one of {MODES}")
+
+
+def make_scheduler(name: str, base_scheduler):
+    """A scheduler of kind ``name`` built from the model's own scheduler config (no download)."""
+    if name not in SCHEDULERS:
+        raise RequestError(f"unknown scheduler {name!r}; use one of {sorted(SCHEDULERS)}")
+    cls, overrides = SCHEDULERS[name]
+    if cls is None:
+        return base_scheduler
+    kwargs = dict(overrides)
+    if cls is DDIMScheduler and "clip_sample" not in base_scheduler.config:
+        # DDIM defaults to clipping x0 to [-1, 1], which is wrong for latents (SDXL's Euler config is silent)
+        kwargs["clip_sample"] = False
+    return cls.from_config(base_scheduler.config, **kwargs)
+
+
+# ----- spectral bundle ----------------------------------------------------------------------------
+
+
+def _renamed(data: AdapterData, name: str) -> AdapterData:
+    if data.info.name == name:
+        return data
+    return dataclasses.replace(data, info=dataclasses.replace(data.info, name=name))
+
+
+def _check_bundle_name(name: str) -> None:
+    # the name prefixes tensor keys as "<name>/...", so it must not contain the separator
+    if not isinstance(name, str) or not name or "/" in name or len(name) > 128:
+        raise AdapterFormatError(f"concept name {name!r} cannot go into a bundle (empty, too long or has '/')")
+
+
+def write_bundle(
+    concepts: Mapping[str, AdapterData], path: str | os.PathLike, strengths: Mapping[str, float] | None = None
+) -> Path:
+    """Write several concepts into ONE safetensors file, atomically.
+
+    Tensor keys are the concepts' v1 keys prefixed by their name (``dog/unet.<path>.A``); metadata:
+    ``format`` = ``spectral-bundle``, ``format_version`` = ``1``, ``concepts`` = JSON
+    ``{name: that concept's v1 metadata}``, ``strengths`` = JSON ``{name: strength}``.
+    """
+    if not concepts:
+        raise ValueError("a bundle needs at least one concept")
+    strengths = {name: float((strengths or {}).get(name, 1.0)) for name in concepts}
+    tensors: dict[str, torch.Tensor] = {}
+    metas = {}
+    for name, data in concepts.items():
+        _check_bundle_name(name)
+        data = _renamed(data, name)
+        metas[name] = data.metadata()
+        tensors.update({f"{name}/{key}": tensor for key, tensor in data.tensors().items()})
+    metadata = {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_VERSION,
+        "concepts": json.dumps(metas),
+        "strengths": json.dumps(strengths),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "package_version": __version__,
+    }
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return path
+
+
+def _bundle_fail(path: Path, problem: str) -> AdapterFormatError:
+    return AdapterFormatError(f"{path.name}: {problem}")
+
+
+def _bundle_json(path: Path, meta: dict, key: str, default=None):
+    if key not in meta and default is not None:
+        return default
+    try:
+        value = json.loads(meta[key])
+    except (KeyError, json.JSONDecodeError):
+        raise _bundle_fail(path, f"bundle metadata {key!r} is missing or not valid JSON") from None
+    if not isinstance(value, dict):
+        raise _bundle_fail(path, f"bundle metadata {key!r} should be a JSON object")
+    return value
+
+
+def _bundle_infos(path: Path, concepts: dict) -> dict[str, ConceptInfo]:
+    """Check every concept's v1 metadata before any tensor is read."""
+    if not concepts or len(concepts) > MAX_BUNDLE_CONCEPTS:
+        raise _bundle_fail(path, f"holds {len(concepts)} concepts; a bundle holds 1 to {MAX_BUNDLE_CONCEPTS}")
+    infos = {}
+    for name, meta in concepts.items():
+        try:
+            _check_bundle_name(name)
+        except AdapterFormatError as error:
+            raise _bundle_fail(path, str(error)) from None
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise _bundle_fail(path, f"metadata of concept {name!r} must map keys to strings")
+        if meta.get("name") != name:
+            raise _bundle_fail(path, f"concept {name!r} is named {meta.get('name')!r} in its own metadata")
+        infos[name] = check_adapter_metadata(meta, f"{path.name} [{name}]")
+    for a, b in combinations(infos.values(), 2):
+        if set(a.columns) & set(b.columns):
+            raise _bundle_fail(path, f"concepts {a.name!r} and {b.name!r} overlap in slot columns")
+    return infos
+
+
+def _bundle_strengths(path: Path, meta: dict, names: Iterable[str]) -> dict[str, float]:
+    raw = _bundle_json(path, meta, "strengths", default={})
+    try:
+        strengths = normalize_strengths({name: raw.get(name, 1.0) for name in names})
+    except RequestError as error:
+        raise _bundle_fail(path, str(error)) from None
+    return strengths
+
+
+def _split_tensors(path: Path, tensors: dict[str, torch.Tensor], names: Iterable[str]) -> dict[str, dict]:
+    groups: dict[str, dict[str, torch.Tensor]] = {name: {} for name in names}
+    for key, tensor in tensors.items():
+        name, sep, rest = key.partition("/")
+        if not sep or name not in groups:
+            raise _bundle_fail(path, f"tensor {key!r} belongs to no concept of the bundle")
+        groups[name][rest] = tensor
+    return groups
+
+
+def _read_bundle_header(path: Path) -> tuple[dict | None, dict[str, float]]:
+    """Check the header and every concept's metadata, reading no tensor: (concepts' v1 metadata,
+    strengths); concepts is None for a single-concept v1 adapter file (a bundle of one)."""
+    meta = read_safetensors_header(path).get("__metadata__") or {}
+    if meta.get("format") == ADAPTER_FORMAT:
+        return None, {check_adapter_metadata(meta, path.name).name: 1.0}
+    if meta.get("format") != BUNDLE_FORMAT:
+        raise _bundle_fail(
+            path, f"is not a spectral bundle (format {meta.get('format')!r}, expected {BUNDLE_FORMAT!r})"
+        )
+    if meta.get("format_version") != BUNDLE_VERSION:
+        raise _bundle_fail(
+            path,
+            f"has bundle format_version {meta.get('format_version')!r}; this version reads version "
+            f"{BUNDLE_VERSION} only: upgrade the package to load it",
+        )
+    concepts = _bundle_json(path, meta, "concepts")
+    _bundle_infos(path, concepts)
+    return concepts, _bundle_strengths(path, meta, concepts)
+
+
+def _read_bundle(path: str | os.PathLike) -> tuple[list[AdapterData], dict[str, float]]:
+    path = Path(path)
+    concepts, strengths = _read_bundle_header(path)
+    if concepts is None:
+        return [read_adapter(path)], strengths
+    try:
+        tensors = load_file(str(path))
+    except Exception as error:  # safetensors' own checks after ours
+        raise _bundle_fail(path, f"is corrupt ({error})") from None
+    groups = _split_tensors(path, tensors, concepts)
+    datas = [adapter_data_from_tensors(concepts[name], groups[name], f"{path.name} [{name}]") for name in concepts]
+    return datas, strengths
+
+
+def read_bundle(path: str | os.PathLike) -> list[AdapterData]:
+    """Read and fully validate a bundle (or a single v1 adapter file); ``AdapterFormatError`` otherwise."""
+    return _read_bundle(path)[0]
+
+
+def bundle_strengths(path: str | os.PathLike) -> dict[str, float]:
+    """The fusion strengths stored in a bundle (1.0 for a single adapter file); reads no tensor."""
+    return _read_bundle_header(Path(path))[1]
+
+
+# ----- studio -------------------------------------------------------------------------------------
+
+
+def _targets_key(targets) -> tuple[frozenset, frozenset]:
+    data = targets.to_json() if isinstance(targets, TargetConfig) else dict(targets)
+    return frozenset(data.get("unet", ())), frozenset(data.get("text_encoder", ()))
+
+
+def _clash(a: ConceptInfo, b: ConceptInfo) -> str | None:
+    """Why two concepts cannot be installed together, or None."""
+    if set(a.columns) & set(b.columns):
+        where = f"slot {a.slot}" if (a.slot, a.rank) == (b.slot, b.rank) else "overlapping slot columns"
+        return f"both use {where} (rank {a.rank} slot {a.slot}, rank {b.rank} slot {b.slot})"
+    shared = sorted(set(a.tokens) & set(b.tokens))
+    if shared:
+        return f"share the trigger token {shared[0]}"
+    return None
+
+
+class Studio:
+    """Fuse concepts and generate with them over one base pipeline, loaded once on first use.
+
+    Thread-safe: one lock serialises activation, generation and export (the pipeline is not
+    re-entrant). ``library`` is optional: any object with ``.adapter(name) -> AdapterData``; concepts
+    it knows are loaded the first time a request names them.
+    """
+
+    def __init__(
+        self,
+        model: str = "builtin:tiny",
+        torch_dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+        svd_cache_dir: str | os.PathLike | None = None,
+        library=None,
+        targets: TargetConfig | None = None,
+    ):
+        self._model = str(model)
+        self.torch_dtype = torch_dtype
+        self.device = device
+        self.svd_cache = SvdCache(svd_cache_dir)
+        self.library = library
+        self._targets = targets
+        self.load_count = 0
+        self._pipe = None
+        self._adapters: SpectralAdapters | None = None
+        self._default_scheduler = None
+        self._store: dict[str, AdapterData] = {}
+        self._active: dict[str, float] = {}
+        self._mode = "live"
+        self._applied: tuple | None = None  # (sorted active items, mode) the weights reflect now
+        self._pristine: dict[str, torch.Tensor] | None = None
+        self._lock = threading.RLock()
+
+    # ----- model --------------------------------------------------------------------------------
+
+    @property
+    def model_name(self) -> str:
+        return self._model
+
+    @property
+    def pipe(self):
+        """The base pipeline, loaded on first access and never again."""
+        with self._lock:
+            if self._pipe is None:
+                pipe = load_pipeline(self._model, torch_dtype=self.torch_dtype, device=self.device)
+                pipe.set_progress_bar_config(disable=True)  # progress goes through the callback
+                self._default_scheduler = pipe.scheduler
+                self._pipe = pipe
+                self.load_count += 1
+                logger.info("studio loaded %s (%s)", self._model, type(pipe).__name__)
+            return self._pipe
+
+    @property
+    def adapters(self) -> SpectralAdapters:
+        """The pipeline's spectral layers, patched once; every loaded concept lives here."""
+        with self._lock:
+            if self._adapters is None:
+                self._adapters = SpectralAdapters.from_pipeline(self.pipe, self._targets, self.svd_cache)
+            return self._adapters
+
+    @property
+    def concepts(self) -> dict[str, ConceptInfo]:
+        """Registered concepts (installed or waiting for their slot), by studio name."""
+        return {name: self._info(name) for name in self._store}
+
+    @property
+    def active(self) -> dict[str, float]:
+        return dict(self._active)
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    def _info(self, name: str) -> ConceptInfo:
+        return _renamed(self._store[name], name).info
+
+    # ----- registering concepts -----------------------------------------------------------------
+
+    def load_concept(self, name: str, data: AdapterData | None = None) -> None:
+        """Register a concept under ``name``, checked against the base model now, inactive.
+
+        Loading a name that is in use replaces that concept (the new one starts inactive). Raises
+        ``BaseModelMismatchError`` naming the concept if it was made for another base model; then
+        nothing changes.
+        """
+        with self._lock:
+            if data is None:
+                data = self._from_library(name)
+            if not isinstance(data, AdapterData):
+                raise TypeError(f"load_concept needs AdapterData, got {type(data).__name__}")
+            self._check_targets(name, data)
+            previous, strength = self._store.get(name), self._active.get(name)
+            self._drop(name)
+            self._store[name] = data
+            try:
+                # installing now checks it against the base model at once, even if an active concept
+                # holds its slot: that one steps aside and _sync below puts it back
+                self._install(name, keep=set())
+            except Exception:
+                del self._store[name]
+                if previous is not None:  # the replaced concept comes back as it was
+                    self._store[name] = previous
+                    if strength is not None:
+                        self._active[name] = strength
+                raise
+            finally:
+                self._sync()
+            logger.info("loaded concept %r (slot %d, %s)", name, data.info.slot, data.info.variant)
+
+    def unload_concept(self, name: str) -> None:
+        """Forget a concept: take it out of the model and of the active set."""
+        with self._lock:
+            if name not in self._store:
+                raise ConceptNotFoundError(f"concept {name!r} is not loaded; loaded: {sorted(self._store)}")
+            self._drop(name)
+            del self._store[name]
+            self._sync()
+
+    def load_bundle(self, path: str | os.PathLike) -> dict[str, float]:
+        """Load every concept of a bundle (all or none); returns its stored strengths for ``activate``."""
+        datas, strengths = _read_bundle(path)
+        with self._lock:
+            previous = {data.info.name: self._store.get(data.info.name) for data in datas}
+            try:
+                for data in datas:
+                    self.load_concept(data.info.name, data)
+            except Exception:
+                for name, old in previous.items():
+                    if name in self._store:
+                        self.unload_concept(name)
+                    if old is not None:
+                        self.load_concept(name, old)
+                raise
+        return strengths
+
+    def _from_library(self, name: str) -> AdapterData:
+        if self.library is None:
+            raise ConceptNotFoundError(f"concept {name!r} is not loaded; loaded: {sorted(self._store)}")
+        return self.library.adapter(name)
+
+    def _ensure_registered(self, name: str) -> None:
+        if name not in self._store:
+            self.load_concept(name, self._from_library(name))
+
+    def _check_targets(self, name: str, data: AdapterData) -> None:
+        if not data.targets:
+            return  # nothing to compare; installing checks the layer set
+        if self._adapters is None and self._targets is None:
+            self._targets = TargetConfig.from_json(data.targets)  # the first concept sets the layers
+        have = self.adapters.targets
+        if _targets_key(data.targets) != _targets_key(have):
+            raise FusionError(
+                f"concept {name!r} adapts the layers {data.targets} but this studio adapts {have.to_json()}; "
+                "concepts trained with different adapter targets cannot be fused"
+            )
+
+    def _drop(self, name: str) -> None:
+        """Take ``name`` out of the model (if installed) and out of the active set."""
+        if name in self._active:
+            self._unbake()
+            del self._active[name]
+            self._applied = None
+        if self._adapters is not None and name in self._adapters.concepts:
+            self._unbake()
+            self._adapters.remove_concept(name)
+            self._applied = None
+
+    # ----- installing ---------------------------------------------------------------------------
+
+    def _install(self, name: str, keep: set[str]) -> None:
+        """Install a registered concept, first taking out installed ones that clash with it (none in
+        ``keep``: those were checked to be fusable)."""
+        info = self._info(name)
+        adapters = self.adapters
+        for other in list(adapters.concepts):
+            if other not in keep and other != name and _clash(info, adapters.concepts[other]):
+                self._unbake()
+                adapters.remove_concept(other)
+                self._applied = None
+                logger.info("took concept %r out of the model to free the slot of %r", other, name)
+        data = self._store[name]
+        try:
+            install_adapter(adapters, data, name=name, model_name=self._model)
+        except (BaseModelMismatchError, SlotConflictError, TokenError) as error:
+            raise type(error)(self._mismatch(name, data, error)) from error
+        adapters.set_enabled(name, False)  # installed concepts start on; only _apply switches them on
+
+    def _mismatch(self, name: str, data: AdapterData, error: Exception) -> str:
+        origin = data.base_model or "an unknown model"
+        note = ""
+        if data.base_fingerprint and data.base_fingerprint != self.adapters.fingerprint:
+            note = f" (base fingerprint {data.base_fingerprint}, this model's is {self.adapters.fingerprint})"
+        return f"concept {name!r}, made for {origin}{note}, cannot be loaded into {self._model}: {error}"
+
+    def _check_fusable(self, names: Iterable[str]) -> None:
+        for a, b in combinations(sorted(names), 2):
+            why = _clash(self._info(a), self._info(b))
+            if why:
+                raise FusionError(
+                    f"concepts {a!r} and {b!r} cannot be fused: they {why}. Select one of them, or "
+                    "retrain one into a free slot"
+                )
+
+    # ----- activation ---------------------------------------------------------------------------
+
+    def activate(self, concepts: Mapping[str, float] | Iterable[str], mode: str = "live") -> None:
+        """Switch the requested concepts on at their strengths and every other one off.
+
+        Strength 0 is the same as leaving a concept out. ``baked`` merges the set into the weights,
+        ``live`` applies it in factored form. On error the previous set stays in effect.
+        """
+        if mode not in MODES:
+            raise RequestError(f"unknown mode {mode!r}; use one of {MODES}")
+        wanted = {name: s for name, s in normalize_strengths(concepts).items() if s != 0.0}
+        with self._lock:
+            for name in wanted:
+                self._ensure_registered(name)
+            self._check_fusable(wanted)
+            previous = (dict(self._active), self._mode)
+            try:
+                self._apply(wanted, mode)
+            except Exception:
+                self._applied = None
+                self._restore(*previous)
+                raise
+
+    def _restore(self, active: dict[str, float], mode: str) -> None:
+        try:
+            self._apply(active, mode)
+        except Exception:  # keep the first error; the next activate re-applies everything
+            logger.exception("could not restore the previous concept set %s", sorted(active))
+
+    def _apply(self, wanted: dict[str, float], mode: str) -> None:
+        key = (tuple(sorted(wanted.items())), mode)
+        if key == self._applied:
+            return
+        adapters = self.adapters
+        self._unbake()
+        for name in wanted:
+            if name not in adapters.concepts:
+                self._install(name, keep=set(wanted))
+        for name in adapters.concepts:
+            adapters.set_enabled(name, name in wanted)
+            if name in wanted:
+                adapters.set_strength(name, wanted[name])
+        if mode == "baked" and wanted:
+            self._bake(list(wanted))
+        self._active, self._mode, self._applied = dict(wanted), mode, key
+        logger.debug("active concepts %s (%s)", wanted, mode)
+
+    def _sync(self) -> None:
+        """Make the weights reflect the active set again after an install or removal disturbed them."""
+        if self._applied is None:
+            self._restore(dict(self._active), self._mode)
+
+    @torch.no_grad()
+    def _bake(self, names: list[str]) -> None:
+        adapters = self.adapters
+        if self._pristine is None:  # taken while unmerged: the exact base weights
+            self._pristine = {
+                key: layer.base_layer.weight.detach().to("cpu", copy=True) for key, layer in adapters.layers.items()
+            }
+        adapters.merge(names)
+
+    @torch.no_grad()
+    def _unbake(self) -> None:
+        """Unmerge, then copy the saved base weights back: repeated bake/unbake cycles would otherwise
+        drift the base by rounding (badly in float16)."""
+        adapters = self._adapters
+        if adapters is None or not adapters.merged:
+            return
+        adapters.unmerge()
+        for key, layer in adapters.layers.items():
+            layer.base_layer.weight.copy_(self._pristine[key])
+        self._applied = None
+
+    # ----- generation ---------------------------------------------------------------------------
+
+    def _check_prompt(self, request: GenerationRequest) -> None:
+        """Every trigger token in the prompts must belong to a selected concept."""
+        selected = {token for name in self._active for token in self._info(name).tokens}
+        owners = {token: name for name in self._store for token in self._info(name).tokens}
+        for text in (request.prompt, request.negative_prompt):
+            for token in PROMPT_TOKEN.findall(text.lower()):
+                if token in selected:
+                    continue
+                owner = owners.get(token)
+                if owner is not None:
+                    raise RequestError(
+                        f"prompt uses {token} but concept {owner!r} is not selected; select it with a "
+                        f"non-zero strength or remove {token} from the prompt"
+                    )
+                raise RequestError(
+                    f"prompt uses {token} but no loaded concept has that trigger token; "
+                    f"loaded concepts: {sorted(self._store) or 'none'}"
+                )
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        progress: Callable[[int, int], None] | None = None,
+        output_type: str = "pil",
+    ) -> list:
+        """Generate ``request.num_images`` images with the requested concepts fused.
+
+        Returns PIL images (``output_type="pil"``) or float arrays H x W x 3 in [0, 1] (``"np"``).
+        ``progress(step, total)`` is called after every denoising step; raising from it cancels.
+        """
+        if not isinstance(request, GenerationRequest):
+            raise TypeError(f"generate needs a GenerationRequest, got {type(request).__name__}")
+        if output_type not in ("pil", "np"):
+            raise RequestError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+        with self._lock:
+            pipe = self.pipe
+            self.activate(request.concepts, request.mode)
+            self._check_prompt(request)
+            seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
+            pipe.scheduler = make_scheduler(request.scheduler, self._default_scheduler)
+            try:
+                images = self._run(pipe, request, seed, progress, output_type)
+            finally:
+                pipe.scheduler = self._default_scheduler
+        logger.info("generated %d image(s), seed %d, concepts %s", len(images), seed, request.concepts)
+        return images
+
+    def _run(self, pipe, request: GenerationRequest, seed: int, progress, output_type: str) -> list:
+        kwargs = {}
+        if progress is not None:
+
+            def on_step(pipeline, step, timestep, callback_kwargs):
+                progress(step + 1, pipeline.num_timesteps)
+                return {}
+
+            kwargs["callback_on_step_end"] = on_step
+        result = pipe(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt or None,  # None keeps SDXL's zeroed negative
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance,
+            width=request.width,
+            height=request.height,
+            num_images_per_prompt=request.num_images,
+            # a CPU generator gives the same noise on every device for a seed
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type=output_type,
+            **kwargs,
+        )
+        images = list(result.images)
+        if output_type == "pil":
+            for image in images:
+                image.info["seed"] = str(seed)
+        return images
+
+    # ----- export -------------------------------------------------------------------------------
+
+    def export_fused(
+        self,
+        names_with_strengths: Mapping[str, float] | Iterable[str],
+        out_path: str | os.PathLike,
+        format: str = "spectral",
+    ) -> list[Path]:
+        """Write a fused set: ``spectral`` (one bundle file), ``lora`` (peft keys) or ``kohya``
+        (A1111 / ComfyUI keys), the latter two with one textual-inversion file per concept.
+
+        Returns the paths written, the main file first. The active set is left as it was.
+        """
+        if format not in EXPORT_FORMATS:
+            raise ValueError(f"unknown export format {format!r}; use one of {EXPORT_FORMATS}")
+        strengths = {name: s for name, s in normalize_strengths(names_with_strengths).items() if s != 0.0}
+        if not strengths:
+            raise FusionError("name at least one concept with a non-zero strength to export")
+        with self._lock:
+            for name in strengths:
+                self._ensure_registered(name)
+            self._check_fusable(strengths)
+            if format == "spectral":
+                return [write_bundle({name: self._store[name] for name in strengths}, out_path, strengths)]
+            return self._export_lora(strengths, out_path, "peft" if format == "lora" else "kohya")
+
+    def _export_lora(self, strengths: dict[str, float], out_path, style: str) -> list[Path]:
+        missing = [name for name in strengths if name not in self.adapters.concepts]
+        try:
+            for name in missing:
+                self._install(name, keep=set(strengths))
+            return export_lora(self.adapters, list(strengths), out_path, strengths=strengths, style=style)
+        finally:
+            self._sync()  # installing may have taken active concepts out: put the active set back
