@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -60,38 +61,57 @@ def _tqdm_progress(total_label: str):
     return update
 
 
+def _distributed_rank() -> tuple[int, int]:
+    """(rank, world size) when started by ``accelerate launch`` / ``torchrun``, else (0, 1)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _train_config(args, rank: int, slot: int):
+    from .training import TrainConfig
+
+    checkpoints = args.checkpoint_every or args.resume
+    return TrainConfig(
+        name=args.name,
+        tokens=[args.token] if args.token else [],
+        class_word=args.class_word,
+        rank=rank,
+        slot=slot,
+        variant=args.variant,
+        steps=args.steps,
+        resolution=args.resolution,
+        seed=args.seed,
+        mixed_precision=args.mixed_precision,
+        checkpoint_every=args.checkpoint_every,
+        checkpoint_dir=str(Path(args.library) / ".checkpoints" / args.name) if checkpoints else None,
+        resume=args.resume,
+    )
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from .builtin import load_pipeline
     from .data import find_images
+    from .errors import SpectralDiffusionError
     from .patcher import SpectralAdapters
-    from .training import TrainConfig, train_concept
+    from .training import train_concept
 
     library = _library(args)
     library.validate_name(args.name)
     images = find_images(args.images)
     rank = args.rank or (BUILTIN_RANK if args.model.startswith("builtin:") else 8)
+    process, world = _distributed_rank()
+    if world > 1 and args.slot is None:
+        raise SpectralDiffusionError("multi-process training needs an explicit --slot K (all processes must agree)")
     pipe = load_pipeline(args.model, device=args.device)
+    if process != 0:  # data-parallel helpers train alongside; only the main process writes the library
+        train_concept(pipe, images, _train_config(args, rank, args.slot), base_model_name=args.model)
+        return
     probe = SpectralAdapters.from_pipeline(pipe)
     fingerprint, capacity = probe.fingerprint, probe.capacity(rank)
     probe.unpatch()
-    with library.reserve(args.name, fingerprint, rank, capacity, args.slot) as slot:
-        config = TrainConfig(
-            name=args.name,
-            tokens=[args.token] if args.token else [f"<{args.name}>"],
-            class_word=args.class_word,
-            rank=rank,
-            slot=slot,
-            variant=args.variant,
-            steps=args.steps,
-            resolution=args.resolution,
-            seed=args.seed,
-            mixed_precision=args.mixed_precision,
-            checkpoint_every=args.checkpoint_every,
-            checkpoint_dir=str(Path(args.library) / ".checkpoints" / args.name) if args.checkpoint_every or args.resume else None,
-            resume=args.resume,
-        )
-        result = train_concept(pipe, images, config, progress=_tqdm_progress(f"training {args.name}"),
-                               base_model_name=args.model)
+    tokens = [args.token] if args.token else [f"<{args.name}>"]
+    with library.reserve(args.name, fingerprint, rank, capacity, args.slot, tokens=tokens) as slot:
+        result = train_concept(pipe, images, _train_config(args, rank, slot),
+                               progress=_tqdm_progress(f"training {args.name}"), base_model_name=args.model)
         record = library.add(result.adapter, images, result.preview)
     emit(f"trained {record.name} into slot {record.slot}: {record.adapter_path}")
 
