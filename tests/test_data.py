@@ -1,0 +1,199 @@
+"""Training images: safe opening, refusal messages, captions and augmentation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader
+
+from spectral_diffusion import data
+from spectral_diffusion.data import (
+    ConceptDataset,
+    ImageDataError,
+    caption_templates,
+    collate,
+    find_images,
+    mix_seed,
+    open_image,
+    read_caption,
+)
+from spectral_diffusion.errors import SpectralDiffusionError
+
+
+def _picture(width=80, height=64, seed=0) -> Image.Image:
+    image = Image.new("RGB", (width, height), (30 * seed % 255, 90, 160))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((0, 0, width // 4, height - 1), fill=(250, 0, 0))  # a left-side marker, to see flips
+    draw.ellipse((width // 3, 8, width // 3 + 24, 32), fill=(255, 220, 0))
+    return image
+
+
+@pytest.fixture
+def folder(tmp_path):
+    for i in range(3):
+        _picture(seed=i).save(tmp_path / f"img{i}.png")
+    return tmp_path
+
+
+def test_find_images_lists_image_files_only(folder):
+    (folder / "img0.txt").write_text("a caption")
+    (folder / ".hidden.png").write_bytes(b"")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "deep.png").write_bytes(b"")
+    assert [p.name for p in find_images(folder)] == ["img0.png", "img1.png", "img2.png"]
+    assert find_images([folder / "img1.png"]) == [folder / "img1.png"]
+    assert find_images(str(folder / "img2.png")) == [folder / "img2.png"]
+
+
+def test_find_images_refusals_say_what_is_wrong(tmp_path, folder):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ImageDataError, match="no images found in .*empty"):
+        find_images(empty)
+    with pytest.raises(ImageDataError, match="does not exist"):
+        find_images(tmp_path / "missing")
+    with pytest.raises(ImageDataError, match="nope.png does not exist"):
+        find_images([tmp_path / "nope.png"])
+    with pytest.raises(ImageDataError, match="3 images found .* more than the 2"):
+        find_images(folder, max_images=2)
+    with pytest.raises(ImageDataError, match="no images found in the given list"):
+        find_images([])
+    assert issubclass(ImageDataError, SpectralDiffusionError) and issubclass(ImageDataError, ValueError)
+
+
+def test_open_image_applies_exif_orientation(tmp_path):
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    _picture(80, 40).save(path, exif=exif)
+    image = open_image(path, min_size=16)
+    assert image.size == (40, 80) and image.mode == "RGB"
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_open_image_flattens_alpha_on_white(tmp_path, mode):
+    path = tmp_path / f"alpha-{mode}.png"
+    rgba = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
+    ImageDraw.Draw(rgba).rectangle((0, 0, 19, 39), fill=(0, 0, 0, 255))
+    if mode == "P":
+        image = rgba.convert("P", palette=Image.Palette.ADAPTIVE)
+        image.info["transparency"] = image.getpixel((30, 10))
+        image.save(path, transparency=image.getpixel((30, 10)))
+    else:
+        rgba.convert(mode).save(path)
+    out = open_image(path)
+    assert out.mode == "RGB"
+    assert out.getpixel((30, 10)) == (255, 255, 255)  # transparent -> white, not black
+    assert out.getpixel((5, 10)) == (0, 0, 0)
+
+
+def test_open_image_converts_grayscale(tmp_path):
+    path = tmp_path / "gray.png"
+    Image.new("L", (32, 32), 77).save(path)
+    assert open_image(path).getpixel((1, 1)) == (77, 77, 77)
+
+
+def test_open_image_refuses_unreadable_and_truncated_files(tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_bytes(b"this is not an image")
+    with pytest.raises(ImageDataError, match="cannot read image notes.png"):
+        open_image(bad)
+    whole = tmp_path / "whole.png"
+    Image.effect_noise((64, 64), 50).save(whole)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(whole.read_bytes()[:300])
+    with pytest.raises(ImageDataError, match="cannot read image cut.png"):
+        open_image(cut)
+
+
+def test_open_image_refuses_small_images(tmp_path):
+    path = tmp_path / "small.png"
+    _picture(30, 20).save(path)
+    with pytest.raises(ImageDataError, match=r"small.png is too small \(30x20\).*at least 32 pixels"):
+        open_image(path, min_size=32)
+
+
+def test_open_image_refuses_huge_pixel_counts(tmp_path, monkeypatch):
+    path = tmp_path / "big.png"
+    _picture(40, 40).save(path)
+    monkeypatch.setattr(data, "MAX_PIXELS", 1000)
+    with pytest.raises(ImageDataError, match="big.png is 40x40, more than"):
+        open_image(path)
+    monkeypatch.setattr(data, "MAX_PIXELS", 10**9)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL's own bomb guard fires first
+    with pytest.raises(ImageDataError, match="decompression bomb"):
+        open_image(path)
+
+
+def test_caption_templates_put_the_token_before_the_class_word():
+    captions = caption_templates("<my-dog>", "dog")
+    assert "a photo of <my-dog> dog" in captions
+    assert all("<my-dog> dog" in c for c in captions)
+    assert "a photo of <my-dog>" in caption_templates("<my-dog>", "")
+    assert all("  " not in c for c in caption_templates("<my-dog>", ""))
+
+
+def test_sidecar_captions(tmp_path):
+    image = tmp_path / "a.png"
+    _picture().save(image)
+    assert read_caption(image, "<tok>", "dog") is None
+    (tmp_path / "a.txt").write_text("{token} on a  beach\n")
+    assert read_caption(image, "<tok>", "dog") == "<tok> on a beach"
+    (tmp_path / "a.txt").write_text("my <tok> sleeping")
+    assert read_caption(image, "<tok>", "dog") == "my <tok> sleeping"
+    (tmp_path / "a.txt").write_text("sleeping on a sofa")
+    assert read_caption(image, "<tok>", "dog") == "<tok> dog, sleeping on a sofa"
+    (tmp_path / "a.txt").write_bytes(b"\xff\xfe\xfa")
+    with pytest.raises(ImageDataError, match="cannot read caption file a.txt"):
+        read_caption(image, "<tok>", "dog")
+
+
+def test_dataset_examples(folder):
+    (folder / "img1.txt").write_text("{token} in the snow")
+    dataset = ConceptDataset(folder, "<tok>", "dog", resolution=32, seed=1)
+    assert len(dataset) == 3
+    item = dataset[4]
+    assert item["pixel_values"].shape == (3, 32, 32) and item["pixel_values"].dtype == torch.float32
+    assert float(item["pixel_values"].min()) >= -1.0 and float(item["pixel_values"].max()) <= 1.0
+    assert item["caption"] == "<tok> in the snow"  # index 4 is image 1, which has a sidecar
+    assert item["original_size"] == (64, 80)  # (height, width) as opened
+    assert dataset[0]["caption"] in caption_templates("<tok>", "dog")
+    torch.testing.assert_close(dataset[5]["pixel_values"], dataset[5]["pixel_values"])  # deterministic
+    center = dataset.example(0)
+    assert center["crop_top_left"] == (0, 4)  # 80x64 -> 40x32, centre crop of the width
+    assert center["caption"] == "a photo of <tok> dog"
+
+
+def test_flip_mirrors_the_same_crop(folder):
+    kwargs = {"resolution": 32, "seed": 0}
+    plain = ConceptDataset(folder, "<tok>", "dog", flip_p=0.0, **kwargs)
+    flipped = ConceptDataset(folder, "<tok>", "dog", flip_p=1.0, **kwargs)
+    a = plain.example(0, torch.Generator().manual_seed(5))
+    b = flipped.example(0, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(b["pixel_values"], a["pixel_values"].flip(-1))
+    assert a["caption"] == b["caption"]
+    top, left = a["crop_top_left"]
+    assert b["crop_top_left"] == (top, 40 - 32 - left)
+
+
+def test_dataset_refuses_small_images_and_accepts_pil_images(folder):
+    _picture(20, 20).save(folder / "tiny.png")
+    with pytest.raises(ImageDataError, match="tiny.png is too small"):
+        ConceptDataset(folder, "<tok>", resolution=64)  # minimum: half the resolution
+    dataset = ConceptDataset([_picture(), _picture(64, 64).convert("RGBA")], "", "dog", resolution=32,
+                             templates=["a photo of dog"])
+    assert dataset[1]["caption"] == "a photo of dog"
+    assert dataset[1]["pixel_values"].shape == (3, 32, 32)
+
+
+def test_dataset_works_with_a_dataloader(folder):
+    dataset = ConceptDataset(folder, "<tok>", "dog", resolution=32)
+    batch = next(iter(DataLoader(dataset, batch_size=2, collate_fn=collate)))
+    assert batch["pixel_values"].shape == (2, 3, 32, 32) and len(batch["caption"]) == 2
+
+
+def test_mix_seed_separates_its_inputs():
+    seeds = {mix_seed(s, step, rank) for s in range(3) for step in range(50) for rank in range(2)}
+    assert len(seeds) == 300
+    assert mix_seed(1, 2) == mix_seed(1, 2) and 0 <= mix_seed(1, 2) < 2**63

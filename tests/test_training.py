@@ -1,0 +1,369 @@
+"""Concept training on the built-in tiny models: learning, isolation, resume, cancellation, DDP, SDXL.
+
+The runs are tiny (32 px, batch 2, rank 4) so the whole file stays within a few CPU minutes; one
+reference run of ``STEPS`` steps is shared by the tests that inspect its outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+from torch import nn
+
+from spectral_diffusion.adapter_file import load_adapter, read_adapter, save_adapter
+from spectral_diffusion.builtin import load_pipeline
+from spectral_diffusion.data import ImageDataError
+from spectral_diffusion.layers import SpectralLayer
+from spectral_diffusion.patcher import SpectralAdapters
+from spectral_diffusion.svd import top_k_svd
+from spectral_diffusion.training import (
+    CheckpointError,
+    TrainConfig,
+    TrainingCancelled,
+    TrainProgress,
+    default_steps,
+    train_concept,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS = 20
+CUT = 8  # the interrupted run stops after this step
+
+
+def make_images(folder: Path, count: int = 4) -> Path:
+    """A fixed, seeded image set: coloured discs on plain backgrounds, not all square."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        image = Image.new("RGB", (80 if i % 2 else 64, 64), (40 * i, 110, 200 - 30 * i))
+        ImageDraw.Draw(image).ellipse((10 + 4 * i, 12, 46 + 4 * i, 48), fill=(250, 200, 0))
+        image.save(folder / f"img{i}.png")
+    return folder
+
+
+def config(**changes) -> TrainConfig:
+    settings = {
+        "name": "dot", "class_word": "dog", "rank": 4, "slot": 1, "steps": STEPS, "resolution": 32,
+        "lr_unet": 1e-3, "lr_text": 1e-4, "lr_embedding": 1e-2, "preview_steps": 2, "seed": 3,
+    }
+    settings.update(changes)
+    return TrainConfig(**settings)
+
+
+def snapshot(pipe) -> dict[str, dict[str, torch.Tensor]]:
+    names = ("unet", "vae", "text_encoder", "text_encoder_2")
+    return {
+        name: {key: value.detach().clone() for key, value in getattr(pipe, name).state_dict().items()}
+        for name in names
+        if getattr(pipe, name, None) is not None
+    }
+
+
+def assert_pipeline_untouched(pipe, before, tokenizer_sizes) -> None:
+    after = snapshot(pipe)
+    assert after.keys() == before.keys()
+    for name, tensors in before.items():
+        assert after[name].keys() == tensors.keys(), name
+        changed = [key for key, value in tensors.items() if not torch.equal(value, after[name][key])]
+        assert not changed, f"{name} weights changed: {changed[:3]}"
+        module = getattr(pipe, name)
+        assert not any(isinstance(m, SpectralLayer) for m in module.modules()), f"{name} still patched"
+        assert "forward" not in vars(module), f"{name} keeps a wrapped forward"
+        assert not module.training
+        assert all(p.dtype == torch.float32 for p in module.parameters())
+    for name in ("text_encoder", "text_encoder_2"):
+        if getattr(pipe, name, None) is not None:
+            assert type(getattr(pipe, name).get_input_embeddings()) is nn.Embedding
+    assert {name: len(getattr(pipe, name)) for name in tokenizer_sizes} == tokenizer_sizes
+
+
+def tokenizer_sizes(pipe) -> dict[str, int]:
+    return {name: len(getattr(pipe, name)) for name in ("tokenizer", "tokenizer_2") if getattr(pipe, name, None)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are too small to gain from intra-op threads, and on a busy 2-core machine OpenMP's
+    spinning threads made every step ~4x slower (measured); the DDP test runs one thread per rank."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return make_images(tmp_path_factory.mktemp("concept-images"))
+
+
+@pytest.fixture(scope="module")
+def reference(models_home, images):
+    """One uninterrupted seeded run, shared by the tests that inspect its outcome."""
+    pipe = load_pipeline("builtin:tiny")
+    before, sizes = snapshot(pipe), tokenizer_sizes(pipe)
+    events: list[TrainProgress] = []
+    result = train_concept(pipe, images, config(), progress=events.append)
+    return SimpleNamespace(pipe=pipe, before=before, sizes=sizes, result=result, events=events)
+
+
+def test_training_lowers_the_loss_on_a_fixed_evaluation_batch(reference):
+    result = reference.result
+    assert sorted(result.eval_losses) == [0, STEPS]
+    start, end = result.eval_losses[0], result.eval_losses[STEPS]
+    assert end < 0.995 * start, f"evaluation loss {start:.5f} -> {end:.5f}"
+    assert len(result.losses) == STEPS and all(torch.isfinite(torch.tensor(result.losses)))
+    assert result.preview.size == (32, 32)
+
+
+def test_progress_reports_every_step(reference):
+    events = reference.events
+    assert [e.step for e in events] == list(range(1, STEPS + 1))
+    assert all(e.total_steps == STEPS and e.eta_seconds >= 0 for e in events)
+    assert events[-1].eta_seconds == 0 and events[-1].preview is not None
+    assert all(e.preview is None for e in events[:-1])  # preview_every=0: the final preview only
+
+
+def test_only_the_slot_and_token_rows_change(reference):
+    """The base weights are bit-identical; the update lives in slot 1's spectral parameters and tokens."""
+    assert_pipeline_untouched(reference.pipe, reference.before, reference.sizes)
+    adapter = reference.result.adapter
+    assert adapter.info.slot == 1 and adapter.info.tokens == ["<dot>"]
+    unet = reference.before["unet"]
+    for key in list(adapter.layers)[:6]:
+        component, _, path = key.partition(".")
+        if component != "unet":
+            continue
+        expected = top_k_svd(unet[f"{path}.weight"].reshape(unet[f"{path}.weight"].shape[0], -1), 8)
+        tensors = adapter.layers[key]
+        torch.testing.assert_close(tensors["s"], expected.s[4:8], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(tensors["U"].abs(), expected.U[:, 4:8].abs(), rtol=1e-4, atol=1e-5)
+    moved = [key for key, tensors in adapter.layers.items() if tensors["A"].abs().max() > 0]
+    assert len(moved) > 0.9 * len(adapter.layers)
+    table = reference.before["text_encoder"]["embeddings.token_embedding.weight"]
+    dog = reference.pipe.tokenizer("dog", add_special_tokens=False).input_ids
+    start = table[dog].mean(dim=0)
+    token = adapter.token_vectors["text_encoder"]
+    assert token.shape == (1, table.shape[1]) and not torch.allclose(token[0], start)
+
+
+def test_result_is_a_valid_adapter_file(reference, tmp_path):
+    path = save_adapter(reference.result.adapter, tmp_path / "dot.safetensors")
+    data = read_adapter(path)
+    assert data.train_config["steps"] == STEPS and data.train_config["resolution"] == 32
+    assert data.train_config["lr_embedding"] == 1e-2 and "checkpoint_dir" not in data.train_config
+    assert data.base_model == "builtin:tiny" or data.base_model.endswith("tiny")
+    pipe = reference.pipe
+    adapters = SpectralAdapters.from_pipeline(pipe)
+    try:
+        load_adapter(adapters, path)
+        ids = pipe.tokenizer(["a photo of <dot> dog"], padding="max_length", return_tensors="pt").input_ids
+        with torch.no_grad():
+            assert torch.isfinite(pipe.text_encoder(ids)[0]).all()
+    finally:
+        adapters.unpatch()
+
+
+def test_resume_continues_to_the_same_adapter(reference, images, tmp_path, monkeypatch):
+    """Stop after CUT steps (checkpointed), resume, and land on the uninterrupted run's adapter."""
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    checkpoints = tmp_path / "checkpoints"
+    pipe = load_pipeline("builtin:tiny")
+    before, sizes = snapshot(pipe), tokenizer_sizes(pipe)
+    events: list[TrainProgress] = []
+    first = config(checkpoint_every=5, checkpoint_dir=str(checkpoints))
+    with pytest.raises(TrainingCancelled, match=f"cancelled at step {CUT}/{STEPS}"):
+        train_concept(pipe, images, first, progress=events.append, should_stop=lambda: len(events) >= CUT)
+    assert sorted(p.name for p in checkpoints.iterdir()) == [f"checkpoint-{CUT:07d}.safetensors", "state.json"]
+    assert not any(workdir.iterdir())
+    assert_pipeline_untouched(pipe, before, sizes)
+
+    resumed = train_concept(pipe, images, config(checkpoint_every=5, checkpoint_dir=str(checkpoints), resume=True))
+    assert resumed.resumed_from == CUT
+    expected = reference.result.adapter.tensors()
+    got = resumed.adapter.tensors()
+    assert got.keys() == expected.keys()
+    worst = max(float((got[k] - expected[k]).abs().max()) for k in expected)
+    assert worst < 1e-6, f"resumed adapter differs from the uninterrupted one by {worst}"
+    assert resumed.losses == pytest.approx(reference.result.losses, abs=1e-6)
+    assert resumed.eval_losses[0] == pytest.approx(reference.result.eval_losses[0])
+
+    with pytest.raises(CheckpointError, match="steps=20 \\(now 30\\)"):
+        train_concept(pipe, images, config(steps=30, checkpoint_dir=str(checkpoints), resume=True))
+    state = json.loads((checkpoints / "state.json").read_text())
+    (checkpoints / "state.json").write_text(json.dumps({**state, "tensors": "../elsewhere.safetensors"}))
+    with pytest.raises(CheckpointError, match="invalid tensor file"):
+        train_concept(pipe, images, config(checkpoint_dir=str(checkpoints), resume=True))
+    assert_pipeline_untouched(pipe, before, sizes)
+
+
+def test_cancel_before_the_first_step_leaves_no_trace(tiny_pipe, images, tmp_path, monkeypatch):
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    before, sizes = snapshot(tiny_pipe), tokenizer_sizes(tiny_pipe)
+    checkpoints = tmp_path / "checkpoints"
+    run = config(checkpoint_every=2, checkpoint_dir=str(checkpoints))
+    with pytest.raises(TrainingCancelled, match="cancelled at step 0/"):
+        train_concept(tiny_pipe, images, run, should_stop=lambda: True)
+    assert not any(workdir.iterdir())
+    assert not checkpoints.exists() or not any(checkpoints.iterdir())
+    assert_pipeline_untouched(tiny_pipe, before, sizes)
+
+
+def test_a_crash_in_a_callback_restores_the_pipeline(tiny_pipe, images):
+    before, sizes = snapshot(tiny_pipe), tokenizer_sizes(tiny_pipe)
+
+    def explode(progress):
+        raise RuntimeError("callback failed")
+
+    with pytest.raises(RuntimeError, match="callback failed"):
+        train_concept(tiny_pipe, images, config(steps=3, gradient_checkpointing=True), progress=explode)
+    assert_pipeline_untouched(tiny_pipe, before, sizes)
+    assert not tiny_pipe.unet.is_gradient_checkpointing
+
+
+def test_an_fp16_vae_runs_in_fp32_and_is_given_back(tiny_pipe, images):
+    tiny_pipe.vae.to(torch.float16)  # SDXL's VAE overflows in fp16; its config asks for an upcast
+    before = {k: v.clone() for k, v in tiny_pipe.vae.state_dict().items()}
+    result = train_concept(tiny_pipe, images, config(steps=1))
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert tiny_pipe.vae.dtype == torch.float16
+    assert all(torch.equal(v, tiny_pipe.vae.state_dict()[k]) for k, v in before.items())
+
+
+def test_bf16_mixed_precision_keeps_trainable_parameters_in_fp32(models_home, images, monkeypatch):
+    seen = {}
+    original = SpectralAdapters.trainable_parameters
+
+    def spy(self, name):
+        groups = original(self, name)
+        seen["trainable"] = {p.dtype for group in groups.values() for p in group}
+        seen["base"] = {layer.base_layer.weight.dtype for layer in self.layers.values()}
+        return groups
+
+    monkeypatch.setattr(SpectralAdapters, "trainable_parameters", spy)
+    result = train_concept("builtin:tiny", images, config(steps=3, mixed_precision="bf16"))
+    assert seen == {"trainable": {torch.float32}, "base": {torch.bfloat16}}
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert result.adapter.train_config["mixed_precision"] == "bf16"
+    assert all(torch.isfinite(t).all() for t in result.adapter.tensors().values())
+
+
+def test_prior_preservation_min_snr_v_prediction_and_accumulation(tiny_pipe, images, tmp_path):
+    from diffusers import DDIMScheduler
+
+    tiny_pipe.scheduler = DDIMScheduler.from_config(tiny_pipe.scheduler.config, prediction_type="v_prediction")
+    class_dir = tmp_path / "class-images"
+    run = config(
+        steps=2, prior_preservation=True, num_class_images=2, class_inference_steps=2,
+        class_images_dir=str(class_dir), min_snr_gamma=5.0, gradient_accumulation=2, batch_size=1,
+    )
+    result = train_concept(tiny_pipe, images, run)
+    assert sorted(p.name for p in class_dir.iterdir()) == ["class-0000.png", "class-0001.png"]
+    assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert result.adapter.train_config["min_snr_gamma"] == 5.0
+
+
+def test_unsupported_prediction_type_is_refused(tiny_pipe, images):
+    from diffusers import DDIMScheduler
+
+    tiny_pipe.scheduler = DDIMScheduler.from_config(tiny_pipe.scheduler.config, prediction_type="sample")
+    with pytest.raises(ValueError, match="'sample'"):
+        train_concept(tiny_pipe, images, config(steps=1))
+
+
+def test_sdxl_training_with_two_tokens_and_previews(tiny_sdxl_pipe, images):
+    before, sizes = snapshot(tiny_sdxl_pipe), tokenizer_sizes(tiny_sdxl_pipe)
+    events: list[TrainProgress] = []
+    run = config(steps=3, tokens=["<dot>", "<dot-2>"], preview_every=2)
+    result = train_concept(tiny_sdxl_pipe, images, run, progress=events.append)
+    assert [e.preview is not None for e in events] == [False, True, True]
+    adapter = result.adapter
+    assert set(adapter.token_vectors) == {"text_encoder", "text_encoder_2"}
+    assert [tuple(v.shape) for v in adapter.token_vectors.values()] == [(2, 32), (2, 32)]
+    assert {key.split(".")[0] for key in adapter.layers} == {"unet", "text_encoder", "text_encoder_2"}
+    assert all(torch.isfinite(t).all() for t in adapter.tensors().values())
+    assert any(t["A"].abs().max() > 0 for k, t in adapter.layers.items() if k.startswith("text_encoder_2."))
+    assert result.preview.size == (32, 32)
+    assert_pipeline_untouched(tiny_sdxl_pipe, before, sizes)
+
+
+def test_bad_images_are_refused_with_their_message(models_home, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ImageDataError, match="no images found"):
+        train_concept("builtin:tiny", empty, config())
+    broken = make_images(tmp_path / "broken", 2)
+    (broken / "zz.png").write_bytes(b"garbage")
+    with pytest.raises(ImageDataError, match="cannot read image zz.png"):
+        train_concept("builtin:tiny", broken, config())
+    small = make_images(tmp_path / "small", 2)
+    Image.new("RGB", (12, 12)).save(small / "zz.png")
+    with pytest.raises(ImageDataError, match=r"zz.png is too small \(12x12\)"):
+        train_concept("builtin:tiny", small, config())
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"rank": 0}, "rank"),
+        ({"steps": 0}, "steps"),
+        ({"resolution": 30}, "multiple of 8"),
+        ({"variant": "diagonal"}, "variant"),
+        ({"mixed_precision": "fp8"}, "mixed_precision"),
+        ({"targets": "everything"}, "target preset"),
+        ({"lr_unet": -1.0}, "lr_unet"),
+        ({"prior_preservation": True, "class_word": ""}, "class word"),
+        ({"resume": True}, "checkpoint_dir"),
+        ({"tokens": ["no brackets"]}, "trigger token"),
+        ({"min_snr_gamma": 0}, "min_snr_gamma"),
+        ({"flip_p": 2.0}, "flip_p"),
+    ],
+)
+def test_config_validation(changes, message):
+    with pytest.raises(ValueError, match=message):
+        config(**changes)
+
+
+def test_config_defaults_and_json():
+    run = TrainConfig(name="my-dog")
+    assert run.tokens == ["<my-dog>"] and run.rank == 8 and run.batch_size == 2
+    assert (run.lr_unet, run.lr_text, run.lr_embedding) == (1e-4, 1e-5, 1e-3)
+    data = run.to_json()
+    assert json.loads(json.dumps(data)) == data
+    assert TrainConfig.from_json({**data, "unknown": 1}) == run
+    assert default_steps(64) == 150 and default_steps(512) == 1000 and default_steps(1024) == 1000
+
+
+def test_two_process_data_parallel_run_gives_identical_adapters(models_home, images, tmp_path):
+    load_pipeline("builtin:tiny")  # built once, before two processes race for it
+    env = {
+        **os.environ,
+        "SPECTRAL_DIFFUSION_HOME": str(models_home),
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(REPO / "tests" / "dist_train_worker.py"), str(images), str(tmp_path), "3",
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    infos = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [i["world_size"] for i in infos] == [2, 2] and infos[0]["backend"] == "gloo"
+    assert infos[0]["losses"] != infos[1]["losses"]  # each rank trained on its own share of the batch
+    first, second = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert any(first[k].abs().max() > 0 for k in first if k.endswith(".A"))
