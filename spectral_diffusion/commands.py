@@ -127,7 +127,19 @@ def cmd_list(args: argparse.Namespace) -> None:
     rows = [("NAME", "TOKEN", "SLOT", "VARIANT", "RANK", "BASE MODEL")]
     rows += [(r.name, " ".join(r.tokens), str(r.slot), r.variant, str(r.rank), r.base_model) for r in records]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    emit("\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows))
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    emit("\n".join(lines + [""] + _capacity_lines(_library(args), records)))
+
+
+def _capacity_lines(library, records) -> list[str]:
+    """One line per base model: how many slots are taken of how many (at the smallest rank in use)."""
+    lines = []
+    for fingerprint, base_model in sorted(library.base_models().items()):
+        rank = min(r.rank for r in records if r.base_fingerprint == fingerprint)
+        report = library.slot_report(fingerprint, rank)
+        total = "?" if report.capacity is None else str(report.capacity)
+        lines.append(f"{base_model} (base {fingerprint}): {len(report.taken)} of {total} slots taken at rank {rank}")
+    return lines
 
 
 def _load_concepts(studio, library, names) -> None:
