@@ -1,0 +1,396 @@
+"""The web app's service: one object over the library, training and the studio, no UI code.
+
+The app (``app.py``) only turns widgets into calls of this class and its errors into ``gr.Error``.
+One training runs at a time (a second request is told to wait); generations are serialised by the
+studio's lock and queued by the web server. Nothing is loaded before the first request needs it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from .errors import SpectralDiffusionError
+from .library import ConceptRecord, Library, validate_name
+from .slotmap import draw_slot_map
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_RANK = 4  # the built-in models are 32 wide: rank 4 gives 8 slots
+DEFAULT_RANK = 8
+EXPORT_FORMATS = ("spectral", "lora", "kohya")
+
+
+class BusyError(SpectralDiffusionError):
+    """Another training is running; only one runs at a time."""
+
+
+@dataclass
+class TrainingStatus:
+    """What the Train tab shows while a run goes on."""
+
+    name: str = ""
+    state: str = "idle"  # idle, preparing, running, done, cancelled, failed
+    step: int = 0
+    total_steps: int = 0
+    loss: float | None = None
+    eta_seconds: float | None = None
+    previews: list[Image.Image] = field(default_factory=list)
+    message: str = ""
+    started: float = 0.0
+
+
+def default_rank(model: str) -> int:
+    return BUILTIN_RANK if model.startswith("builtin:") else DEFAULT_RANK
+
+
+def _safe_filename(text: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_.-]+", "-", text).strip("-") or "output"
+
+
+def parse_concepts(spec: str | Mapping[str, float] | Sequence[str] | None) -> dict[str, float]:
+    """``{name: strength}`` from ``"a,b:0.8"``, a JSON object / list, a mapping or a list of names.
+
+    A name without a strength gets 1.0; blanks are ignored. Strengths are range-checked later, by the
+    generation request. Raises ``SpectralDiffusionError`` for text that is neither form.
+    """
+    if spec is None:
+        return {}
+    if isinstance(spec, Mapping):
+        items = list(spec.items())
+    elif isinstance(spec, str):
+        text = spec.strip()
+        if text[:1] in ("{", "["):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise SpectralDiffusionError(f"concepts look like JSON but are not valid JSON ({error})") from None
+            return parse_concepts(value if isinstance(value, (dict, list)) else str(value))
+        items = []
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            name, _, strength = part.partition(":")
+            items.append((name.strip(), strength.strip() or 1.0))
+    else:
+        items = [(name, 1.0) for name in spec]
+    out: dict[str, float] = {}
+    for name, strength in items:
+        if not isinstance(name, str) or not name.strip():
+            raise SpectralDiffusionError(f"a concept name must be non-empty text, got {name!r}")
+        try:
+            value = float(strength)
+        except (TypeError, ValueError):
+            raise SpectralDiffusionError(
+                f"strength of concept {name!r} must be a number, got {strength!r} (write name:0.8)"
+            ) from None
+        if not math.isfinite(value):
+            raise SpectralDiffusionError(f"strength of concept {name!r} must be finite, got {strength!r}")
+        out[name.strip()] = value
+    return out
+
+
+def format_concepts(concepts: Mapping[str, float]) -> str:
+    """The inverse of ``parse_concepts``: ``"a,b:0.8"``."""
+    return ",".join(name if strength == 1.0 else f"{name}:{strength:g}" for name, strength in concepts.items())
+
+
+class Service:
+    """Everything the app can do, as plain Python calls."""
+
+    def __init__(
+        self,
+        model: str = "builtin:tiny",
+        library: str | os.PathLike = "concepts",
+        device: str = "cpu",
+        output_dir: str | os.PathLike | None = None,
+        svd_cache_dir: str | os.PathLike | None = None,
+        train_defaults: Mapping | None = None,
+    ):
+        """Cheap: nothing is loaded until a call needs the model.
+
+        ``train_defaults`` are extra ``TrainConfig`` fields for every training (e.g.
+        ``{"preview_steps": 10, "resolution": 256}``).
+        """
+        from .studio import Studio
+
+        self.model = model
+        self.device = device
+        self.library = Library(library)
+        self.svd_cache_dir = svd_cache_dir
+        self.studio = Studio(model, device=device, svd_cache_dir=svd_cache_dir, library=self.library)
+        self.output_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="spectral-outputs-"))
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.train_defaults = dict(train_defaults or {})
+        self.status = TrainingStatus()
+        self._train_lock = threading.Lock()
+        self._cancel = threading.Event()
+        self._train_pipe = None
+        self._fingerprint: str | None = None
+        self._capacity: dict[int, int] = {}
+
+    # ----- model facts ------------------------------------------------------------------------------
+
+    @property
+    def fingerprint(self) -> str:
+        # cached: the studio's lock is held for a whole generation, and the base model never changes
+        if self._fingerprint is None:
+            self._fingerprint = self.studio.adapters.fingerprint
+        return self._fingerprint
+
+    def capacity(self, rank: int) -> int:
+        if rank not in self._capacity:
+            self._capacity[rank] = self.studio.adapters.capacity(rank)
+        return self._capacity[rank]
+
+    def next_slot(self, rank: int | None = None) -> int:
+        """The slot a new concept of this rank would take now (raises when the model is full)."""
+        rank = rank or default_rank(self.model)
+        return self.library.allocate_slot(self.fingerprint, rank, self.capacity(rank))
+
+    # ----- library ----------------------------------------------------------------------------------
+
+    def concepts(self, this_model_only: bool = True) -> list[ConceptRecord]:
+        return self.library.list(self.fingerprint if this_model_only else None)
+
+    def slot_map_image(self, rank: int | None = None) -> Image.Image:
+        rank = rank or default_rank(self.model)
+        slots = self.library.slot_map(self.fingerprint, rank)
+        title = f"{self.model}  (base {self.fingerprint}, rank {rank})"
+        return draw_slot_map(slots, self.capacity(rank), title)
+
+    def slot_maps(self) -> list[tuple[str, Image.Image]]:
+        """One (caption, picture) per base model with concepts in the library, this model first."""
+        rank = default_rank(self.model)
+        maps = [(f"{self.model} (this model)", self.slot_map_image(rank))]
+        for fingerprint, base_model in sorted(self.library.base_models().items()):
+            if fingerprint == self.fingerprint:
+                continue
+            unit = min(r.rank for r in self.library.list(fingerprint))
+            report = self.library.slot_report(fingerprint, unit)
+            capacity = report.capacity or (max(report.taken, default=0) + 1)
+            title = f"{base_model}  (base {fingerprint}, rank {unit})"
+            maps.append((base_model, draw_slot_map(report.taken, capacity, title)))
+        return maps
+
+    def delete_concept(self, name: str) -> None:
+        self.library.delete(name)
+        if name in self.studio.concepts:
+            self.studio.unload_concept(name)
+
+    def import_concept(self, path: str | os.PathLike, name: str | None = None) -> ConceptRecord:
+        record = self.library.import_file(path, name=name or None, base_fingerprint=self.fingerprint)
+        if record.name in self.studio.concepts:  # a re-import replaces the cached copy
+            self.studio.unload_concept(record.name)
+        return record
+
+    def export_concept(self, name: str, format: str = "spectral") -> list[Path]:
+        """Write one concept for download; LoRA formats come with textual-inversion files."""
+        self._check_format(format)
+        out = self._out_path(name, format)
+        if format == "spectral":
+            return [self.library.export_file(name, out)]
+        return self.studio.export_fused({name: 1.0}, out, format=format)
+
+    def export_fused(self, concepts: Mapping[str, float], format: str = "spectral") -> list[Path]:
+        self._check_format(format)
+        out = self._out_path("+".join(sorted(concepts)) or "fused", format)
+        return self.studio.export_fused(concepts, out, format=format)
+
+    def _check_format(self, format: str) -> None:
+        if format not in EXPORT_FORMATS:
+            raise SpectralDiffusionError(f"unknown format {format!r}; use one of {EXPORT_FORMATS}")
+
+    def _out_path(self, stem: str, format: str) -> Path:
+        folder = Path(tempfile.mkdtemp(prefix="export-", dir=self.output_dir))
+        suffix = "" if format == "spectral" else f".{format}"
+        return folder / f"{_safe_filename(stem)}{suffix}.safetensors"
+
+    # ----- generation -------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str,
+        concepts: Mapping[str, float] | None = None,
+        negative_prompt: str = "",
+        seed: int | None = 0,
+        steps: int = 25,
+        guidance: float = 7.5,
+        width: int | None = None,
+        height: int | None = None,
+        num_images: int = 1,
+        scheduler: str = "default",
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[Image.Image]:
+        from .studio import GenerationRequest
+
+        request = GenerationRequest(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            concepts=dict(concepts or {}),
+            steps=steps,
+            guidance=guidance,
+            seed=seed,
+            width=width,
+            height=height,
+            num_images=num_images,
+            scheduler=scheduler,
+        )
+        return self.studio.generate(request, progress=progress)
+
+    def save_images(self, images: Sequence[Image.Image], stem: str = "image") -> list[Path]:
+        folder = Path(tempfile.mkdtemp(prefix="generated-", dir=self.output_dir))
+        paths = []
+        for index, image in enumerate(images):
+            path = folder / f"{_safe_filename(stem)}-{index}.png"
+            image.save(path, format="PNG")
+            paths.append(path)
+        return paths
+
+    # ----- training ---------------------------------------------------------------------------------
+
+    @property
+    def training(self) -> bool:
+        return self._train_lock.locked()
+
+    def cancel_training(self) -> bool:
+        """Ask the running training to stop; it raises ``TrainingCancelled`` at its next step."""
+        if not self.training:
+            return False
+        self._cancel.set()
+        return True
+
+    def _training_pipeline(self):
+        """A pipeline of its own for training: the studio's is patched for generation."""
+        if self._train_pipe is None:
+            from .builtin import load_pipeline
+
+            self._train_pipe = load_pipeline(self.model, device=self.device)
+            self._train_pipe.set_progress_bar_config(disable=True)
+        return self._train_pipe
+
+    def train(
+        self,
+        name: str,
+        images: Sequence[str | os.PathLike],
+        class_word: str = "",
+        variant: str = "additive",
+        rank: int | None = None,
+        steps: int | None = None,
+        seed: int = 0,
+        slot: int | None = None,
+        token: str | None = None,
+        preview_every: int | None = None,
+        progress: Callable[[TrainingStatus], None] | None = None,
+    ) -> ConceptRecord:
+        """Train one concept into the library. Raises ``BusyError`` while another training runs."""
+        return self.start_training(name, images, class_word, variant, rank, steps, seed, slot, token,
+                                   preview_every, progress).result()
+
+    def start_training(
+        self,
+        name: str,
+        images: Sequence[str | os.PathLike],
+        class_word: str = "",
+        variant: str = "additive",
+        rank: int | None = None,
+        steps: int | None = None,
+        seed: int = 0,
+        slot: int | None = None,
+        token: str | None = None,
+        preview_every: int | None = None,
+        progress: Callable[[TrainingStatus], None] | None = None,
+    ) -> Future:
+        """Check the request, then train in a background thread; returns a future of the record.
+
+        Bad input (name, images: missing, unreadable, too large) and ``BusyError`` are raised here,
+        before anything is written. ``self.status`` follows the run; ``cancel_training`` stops it.
+        ``preview_every`` None: about four previews during the run (only the final one for short runs).
+        """
+        validate_name(name)
+        paths = self._check_images(images)  # refuse bad uploads before any model or library work
+        if not self._train_lock.acquire(blocking=False):
+            raise BusyError(f"a training ({self.status.name}) is already running; wait for it to finish or cancel it")
+        future: Future = Future()
+        future.set_running_or_notify_cancel()
+        self._cancel.clear()
+        self.status = TrainingStatus(name=name, state="preparing", started=time.time(), message="loading the model")
+        args = (name, paths, class_word, variant, rank, steps, seed, slot, token, preview_every, progress)
+
+        def run() -> None:
+            try:
+                future.set_result(self._train_locked(*args))
+            except BaseException as error:
+                self.status.state = "cancelled" if type(error).__name__ == "TrainingCancelled" else "failed"
+                self.status.message = str(error)
+                if not isinstance(error, SpectralDiffusionError | ValueError):
+                    logger.exception("training of %s failed", name)
+                future.set_exception(error)
+            finally:
+                self._train_lock.release()
+
+        try:
+            threading.Thread(target=run, name=f"train-{name}", daemon=True).start()
+        except BaseException:
+            self._train_lock.release()
+            raise
+        return future
+
+    @staticmethod
+    def _check_images(images: Sequence[str | os.PathLike]) -> list[Path]:
+        from .data import find_images, open_image
+
+        if isinstance(images, (str, os.PathLike)):
+            paths = find_images(images)
+        else:
+            paths = find_images([Path(p) for p in images])
+        for path in paths:
+            open_image(path).close()  # decodes: not an image, truncated, decompression bomb
+        return paths
+
+    def _train_locked(self, name, paths, class_word, variant, rank, steps, seed, slot, token, preview_every, progress):
+        from .training import TrainConfig, train_concept
+
+        rank = rank or default_rank(self.model)
+        tokens = [token] if token else [f"<{name}>"]
+        options = {"cpu": self.device == "cpu", **self.train_defaults, "name": name, "tokens": tokens,
+                   "class_word": class_word, "rank": rank, "variant": variant, "seed": seed}
+        if steps:
+            options["steps"] = steps
+        TrainConfig(**options)  # refuse bad settings before the slot is reserved
+        pipe = self._training_pipeline()
+        with self.library.reserve(name, self.fingerprint, rank, self.capacity(rank), slot, tokens=tokens) as taken:
+            config = TrainConfig(**options, slot=taken).resolved(pipe)
+            if preview_every is None:
+                preview_every = config.steps // 4 if config.steps >= 8 else 0
+            config.preview_every = preview_every
+            self.status.total_steps = config.steps
+            self.status.message = f"training into slot {taken}"
+
+            def on_progress(update) -> None:
+                status = self.status
+                status.state, status.step, status.total_steps = "running", update.step, update.total_steps
+                status.loss, status.eta_seconds = update.loss, update.eta_seconds
+                if update.preview is not None:
+                    status.previews.append(update.preview)
+                if progress is not None:
+                    progress(status)
+
+            result = train_concept(pipe, paths, config, progress=on_progress,
+                                   should_stop=self._cancel.is_set, svd_cache_dir=self.svd_cache_dir,
+                                   base_model_name=self.model)
+            record = self.library.add(result.adapter, paths, result.preview)
+        self.status.state, self.status.message = "done", f"trained {name} into slot {record.slot}"
+        if not self.status.previews or self.status.previews[-1] is not result.preview:
+            self.status.previews.append(result.preview)
+        return record

@@ -1,0 +1,135 @@
+"""The web page in a real headless Chromium: upload images, train, pick the concept, generate.
+
+Needs Debian's chromium (``apt-get install chromium``) and the ``playwright`` Python package; the
+browser Playwright would download is never used. Screenshots go to ``test-artifacts/``; the README's
+``docs/app-screenshot.png`` is written when missing or when ``UPDATE_SCREENSHOTS=1``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from .test_app import free_port, make_images
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+README_SCREENSHOT = ROOT / "docs" / "app-screenshot.png"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+TIMEOUT_MS = 240_000
+
+pytestmark = pytest.mark.timeout(420)
+
+
+def _skip_reason() -> str | None:
+    if not Path(CHROMIUM).is_file():
+        return f"no Chromium at {CHROMIUM}: apt-get install -y --no-install-recommends chromium (or set CHROMIUM)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the playwright package is not installed: pip install playwright (no `playwright install` needed)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def page(models_home, tmp_path_factory):
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    import app
+    from spectral_diffusion.service import Service
+
+    base = tmp_path_factory.mktemp("browser")
+    service = Service(model="builtin:tiny", library=base / "library", output_dir=base / "outputs",
+                      train_defaults={"preview_steps": 1})
+    demo = app.build_app(service)
+    app.launch(demo, host="127.0.0.1", port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            try:
+                page = browser.new_page(viewport={"width": 1360, "height": 1000})
+                page.set_default_timeout(TIMEOUT_MS)
+                page.goto(demo.local_url)
+                page.wait_for_selector("#train-button")
+                yield page, base
+            finally:
+                browser.close()
+    finally:
+        demo.close()
+
+
+def shot(page, name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def set_number(page, selector: str, value) -> None:
+    box = page.locator(f"{selector} input[type=number]").first
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def test_upload_train_pick_and_generate_in_the_browser(page):
+    from playwright.sync_api import expect
+
+    page, base = page
+    expect.set_options(timeout=60_000)  # the first request loads the model
+    started = time.monotonic()
+    # ----- Train tab
+    expect(page.locator("#train-slot")).to_contain_text("slot 0")
+    images = make_images(base / "images")
+    page.locator("#train-images input[type=file]").set_input_files([str(p) for p in images])
+    expect(page.locator("#train-images tr")).to_have_count(len(images))  # uploaded and listed
+    expect(page.locator("#train-images")).not_to_contain_text("Uploading")
+    page.locator("#train-name textarea, #train-name input").first.fill("my-dog")
+    page.locator("#train-class textarea, #train-class input").first.fill("dog")
+    set_number(page, "#train-steps", 4)
+    page.click("#train-button")
+    expect(page.locator("#train-status-text")).to_contain_text("Done", timeout=TIMEOUT_MS)
+    expect(page.locator("#train-status-text")).to_contain_text("slot 0")
+    expect(page.locator("#train-previews img").first).to_be_visible()
+    expect(page.locator("#train-slot")).to_contain_text("slot 1")  # the next concept's slot
+    shot(page, "browser-1-trained.png")
+
+    # ----- Library tab: slot map and concept card
+    page.get_by_role("tab", name="Library").click()
+    expect(page.locator("#library-table")).to_contain_text("<my-dog>")
+    expect(page.locator("#slot-maps img").first).to_be_visible()
+    expect(page.locator("#library-cards img").first).to_be_visible()
+    shot(page, "browser-2-library.png")
+
+    # ----- Generate tab: clicking the concept puts its token in the prompt and selects it
+    page.get_by_role("tab", name="Generate").click()
+    page.locator("#generate-cards img").first.click()
+    expect(page.locator("#generate-prompt textarea")).to_have_value("<my-dog>")
+    expect(page.locator("#generate-concepts textarea, #generate-concepts input").first).to_have_value("my-dog")
+    page.locator("#generate-prompt textarea").fill("a photo of <my-dog> on the beach")
+    set_number(page, "#gen-steps", 2)
+    set_number(page, "#seed", 7)
+    page.click("#generate-button")
+    expect(page.locator("#generate-info")).to_contain_text("seed 7", timeout=TIMEOUT_MS)
+    expect(page.locator("#generate-gallery img").first).to_be_visible()
+    path = shot(page, "browser-3-generated.png")
+    if not README_SCREENSHOT.exists() or os.environ.get("UPDATE_SCREENSHOTS") == "1":
+        README_SCREENSHOT.parent.mkdir(exist_ok=True)
+        shutil.copyfile(path, README_SCREENSHOT)
+    assert time.monotonic() - started < 400
