@@ -141,7 +141,7 @@ def _read_header(path: Path) -> dict:
         raw = handle.read(header_len)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
         raise _fail(path, "is not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
         raise _fail(path, "is not a safetensors file (header is not a JSON object)")
@@ -173,7 +173,7 @@ def _read_header(path: Path) -> dict:
 def _json_field(path: Path, meta: dict, key: str, kind: type):
     try:
         value = json.loads(meta[key])
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
         raise _fail(path, f"metadata {key!r} is not valid JSON") from None
     if not isinstance(value, kind):
         raise _fail(path, f"metadata {key!r} should be a JSON {kind.__name__}")

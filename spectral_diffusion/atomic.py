@@ -6,13 +6,38 @@ worst a ``.tmp-*`` file that readers ignore and cleaners may remove.
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import StorageError
+
 TMP_PREFIX = ".tmp-"
+# errno values meaning "the disk cannot take this write": full, over quota, file size limit
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_OS_ERROR_CODE = re.compile(r"os error (\d+)")  # how Rust I/O errors (safetensors) name their errno
+
+
+def storage_error(error: BaseException, target: str | os.PathLike) -> StorageError | None:
+    """A clear ``StorageError`` naming ``target`` for a write that failed because the disk is full; None
+    for other errors.
+
+    Python raises ``OSError`` with an errno; safetensors (Rust) raises its own error type whose message
+    ends with ``(os error 28)``.
+    """
+    code = error.errno if isinstance(error, OSError) else None
+    if code is None:
+        found = _OS_ERROR_CODE.search(str(error))
+        code = int(found.group(1)) if found else None
+    if code not in DISK_FULL_ERRNOS:
+        return None
+    return StorageError(
+        code, f"{os.strerror(code)}: cannot write {target}; free some disk space and try again (nothing was changed)"
+    )
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -42,6 +67,11 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
         _fsync_dir(target.parent)
+    except Exception as error:
+        clear = storage_error(error, target)
+        if clear is None:
+            raise
+        raise clear from error
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -26,3 +26,10 @@ class ConceptNotFoundError(SpectralDiffusionError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0]) if self.args else ""
+
+
+class StorageError(SpectralDiffusionError, OSError):
+    """The disk refused a write (full, over quota, file too large); nothing was changed."""
+
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28]" prefix
+        return self.strerror if self.strerror else super().__str__()

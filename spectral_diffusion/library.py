@@ -40,8 +40,9 @@ from filelock import FileLock, Timeout
 from PIL import Image, ImageOps
 
 from .adapter_file import FORMAT, FORMAT_VERSION, AdapterData, read_adapter, save_adapter
-from .atomic import atomic_path, atomic_write_text
+from .atomic import atomic_path, atomic_write_text, storage_error
 from .errors import ConceptNotFoundError, SlotConflictError, SpectralDiffusionError
+from .pixels import to_8bit
 from .tokens import TokenError
 
 logger = logging.getLogger(__name__)
@@ -612,12 +613,18 @@ class Library:
             data = dataclasses.replace(data, created_at=_now())
         with self._locked():
             self._check_can_add(data, overwrite, slot_hint)
-            work = self._make_workdir(TMP_PREFIX, name)
             try:
-                _write_concept(work, data, images, preview)
-                self._move_into_place(work, name)
-            finally:
-                shutil.rmtree(work, ignore_errors=True)  # gone already after a successful rename
+                work = self._make_workdir(TMP_PREFIX, name)
+                try:
+                    _write_concept(work, data, images, preview)
+                    self._move_into_place(work, name)
+                finally:
+                    shutil.rmtree(work, ignore_errors=True)  # gone already after a successful rename
+            except Exception as error:  # a full disk gets one clear message; the library is unchanged
+                clear = storage_error(error, self.root / name)
+                if clear is None:
+                    raise
+                raise clear from error
             record = ConceptRecord.from_folder(self.root / name)
         logger.info("added concept %s (slot %d, rank %d) to %s", name, record.slot, record.rank, self.root)
         return record
@@ -772,7 +779,7 @@ def _read_json(path: Path) -> dict:
         if not path.parent.exists():
             raise
         raise LibraryError(f"{path.name} is missing") from None
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:  # RecursionError: absurdly deep nesting
         raise LibraryError(f"{path.name} cannot be read ({error})") from None
     if not isinstance(data, dict):
         raise LibraryError(f"{path.name} is not a JSON object")
@@ -891,6 +898,7 @@ def _load_image(source) -> Image.Image:
                 image = ImageOps.exif_transpose(opened)  # phone photos store their rotation in EXIF
         except (OSError, ValueError, Image.DecompressionBombError) as error:
             raise LibraryError(f"image {path.name} cannot be read ({error})") from None
+    image = to_8bit(image)  # 16-bit and float images: convert() alone would clip them
     if image.mode in ("RGB", "RGBA", "L", "LA"):
         return image
     return image.convert("RGBA" if image.has_transparency_data else "RGB")

@@ -250,7 +250,7 @@ def _bundle_json(path: Path, meta: dict, key: str, default=None):
         return default
     try:
         value = json.loads(meta[key])
-    except (KeyError, json.JSONDecodeError):
+    except (KeyError, json.JSONDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
         raise _bundle_fail(path, f"bundle metadata {key!r} is missing or not valid JSON") from None
     if not isinstance(value, dict):
         raise _bundle_fail(path, f"bundle metadata {key!r} should be a JSON object")
