@@ -22,6 +22,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from .atomic import atomic_path, storage_error
 from .errors import SpectralDiffusionError
 from .library import ConceptRecord, Library, validate_name
 from .slotmap import draw_slot_map
@@ -77,6 +78,8 @@ def parse_concepts(spec: str | Mapping[str, float] | Sequence[str] | None) -> di
                 value = json.loads(text)
             except json.JSONDecodeError as error:
                 raise SpectralDiffusionError(f"concepts look like JSON but are not valid JSON ({error})") from None
+            except RecursionError:
+                raise SpectralDiffusionError("concepts JSON is nested too deeply; send {\"name\": strength}") from None
             return parse_concepts(value if isinstance(value, (dict, list)) else str(value))
         items = []
         for part in filter(None, (p.strip() for p in text.split(","))):
@@ -253,7 +256,11 @@ class Service:
         paths = []
         for index, image in enumerate(images):
             path = folder / f"{_safe_filename(stem)}-{index}.png"
-            image.save(path, format="PNG")
+            try:
+                with atomic_path(path) as tmp:
+                    image.save(tmp, format="PNG")
+            except OSError as error:
+                raise storage_error(error, path) or error from None
             paths.append(path)
         return paths
 
