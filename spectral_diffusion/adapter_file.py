@@ -278,26 +278,12 @@ def read_adapter(path: str | os.PathLike) -> AdapterData:
     path = Path(path)
     header = _read_header(path)
     meta = header.get("__metadata__") or {}
-    info, fields = _parse_metadata(path, meta)
+    _parse_metadata(path, meta)  # metadata errors before any tensor is loaded
     try:
         tensors = load_file(str(path))
     except Exception as error:  # safetensors' own checks (overlaps, alignment) after ours
         raise _fail(path, f"is corrupt ({error})") from None
-    layers, token_vectors = _group_tensors(path, info, tensors)
-    _check_shapes(path, info, layers, token_vectors)
-    known = set(REQUIRED_METADATA)
-    return AdapterData(
-        info=info,
-        layers={k: {p: t.float() for p, t in v.items()} for k, v in layers.items()},
-        token_vectors={k: v.float() for k, v in token_vectors.items()},
-        base_model=meta["base_model"],
-        base_fingerprint=meta["base_fingerprint"],
-        targets=fields["targets"],
-        train_config=fields["train_config"],
-        created_at=meta["created_at"],
-        package_version=meta["package_version"],
-        extra_metadata={k: v for k, v in meta.items() if k not in known},
-    )
+    return adapter_data_from_tensors(meta, tensors, path)
 
 
 # ----- public validation helpers, for containers that hold several concepts (studio bundles) ------

@@ -40,9 +40,10 @@ def storage_error(error: BaseException, target: str | os.PathLike) -> StorageErr
     )
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file or folder to disk before a rename publishes it (best effort on odd filesystems)."""
     try:
-        fd = os.open(folder, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
@@ -66,7 +67,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_path(target.parent)
     except Exception as error:
         clear = storage_error(error, target)
         if clear is None:

@@ -40,7 +40,7 @@ from filelock import FileLock, Timeout
 from PIL import Image, ImageOps
 
 from .adapter_file import FORMAT, FORMAT_VERSION, AdapterData, read_adapter, save_adapter
-from .atomic import atomic_path, atomic_write_text, storage_error
+from .atomic import atomic_path, atomic_write_text, fsync_path, storage_error
 from .errors import ConceptNotFoundError, SlotConflictError, SpectralDiffusionError
 from .pixels import to_8bit
 from .tokens import TokenError
@@ -432,7 +432,7 @@ class Library:
                 raise self._not_found(name)
             trash = self._make_workdir(TRASH_PREFIX, name)
             os.replace(folder, trash / name)  # the concept vanishes in one step
-            _fsync(self.root)
+            fsync_path(self.root)
             shutil.rmtree(trash, ignore_errors=True)
         logger.info("deleted concept %s from %s", name, self.root)
 
@@ -653,7 +653,7 @@ class Library:
         target = self.root / name
         if not (target.exists() or target.is_symlink()):
             os.replace(work, target)
-            _fsync(self.root)
+            fsync_path(self.root)
             return
         # A directory cannot be replaced by rename: move the old one aside, then swap in the new one.
         old = self._make_workdir(OLD_PREFIX, name)
@@ -663,7 +663,7 @@ class Library:
         except OSError:
             os.replace(old / name, target)
             raise
-        _fsync(self.root)
+        fsync_path(self.root)
         shutil.rmtree(old, ignore_errors=True)
 
     def _cleanup(self) -> list[str]:
@@ -786,18 +786,6 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file or folder to disk before a rename publishes it (best effort on odd filesystems)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _remove(path: Path) -> None:
@@ -846,8 +834,8 @@ def _write_concept(folder: Path, data: AdapterData, images, preview) -> None:
     meta = _concept_json(data, adapter, image_names, thumbnail_names, preview_name)
     path = folder / CONCEPT_FILE
     path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    _fsync(path)
-    _fsync(folder)
+    fsync_path(path)
+    fsync_path(folder)
 
 
 def _concept_json(data: AdapterData, adapter: Path, images: list[str], thumbnails: list[str], preview) -> dict:
@@ -906,7 +894,7 @@ def _load_image(source) -> Image.Image:
 
 def _save_png(image: Image.Image, path: Path) -> None:
     image.save(path, format="PNG")  # re-encoding drops EXIF (location, camera) from user photos
-    _fsync(path)
+    fsync_path(path)
 
 
 def _write_images(folder: Path, images) -> tuple[list[str], list[str]]:
