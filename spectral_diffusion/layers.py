@@ -1,10 +1,15 @@
 """Spectral adapter layers: a frozen base layer plus any number of concepts, one slot each.
 
 A concept in slot k owns the singular-vector columns ``J_k = [k r, (k+1) r)`` of the base weight.
-Both variants write their update as ``dW = out_proj @ Mix^T @ in_proj^T`` with thin factors, which
-gives the factored forward pass (``x -> x in_proj -> mix -> out_proj^T``, never an m x n matrix),
-the explicit delta (merge, tests) and the exact LoRA export (``L = out_proj Mix^T, R = in_proj``) from
-one definition. The maths is in DESIGN.md section 2.
+Both variants write their update as ``dW = L @ R^T`` with thin factors (``L = out_proj Mix^T``,
+``R = in_proj``; rank 2r additive, r rotational), built in closed form from the slot's parameters.
+That one definition gives the forward pass (``x -> x R -> (x R) L^T``, never an m x n matrix), the
+explicit delta (merge, tests) and the exact LoRA export. The maths is in DESIGN.md section 2.
+
+The forward pass touches token-sized tensors only in the two thin matrix products: everything else
+(building L and R, strengths) works on parameter-sized tensors, and for ``nn.Linear`` the second
+product is fused with the addition to the base output (``addmm``), so a concept costs about what a
+LoRA of the same rank costs (bench/, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -99,11 +104,18 @@ class SlotAdapter(nn.Module):
         return torch.cat([z_b * self.s + z_vb * c, z_vb * (self.s + c)], dim=-1)
 
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact ``dW = L @ R^T`` with L (m x p), R (n x p): rank 2r additive, rank r rotational."""
-        in_proj = self.in_proj()
-        eye = torch.eye(in_proj.shape[1], dtype=in_proj.dtype, device=in_proj.device)
-        mix_matrix = self.mix(eye)  # p x q, h' = h @ mix_matrix
-        return self.out_proj() @ mix_matrix.T, in_proj
+        """Exact ``dW = L @ R^T`` with L (m x p), R (n x p): rank 2r additive, rank r rotational.
+
+        Closed forms of ``L = out_proj @ mix(I)^T``, ``R = in_proj``. Additive, with ``R = [V, B]``:
+        ``L = [U diag(c) + A diag(s+c), (U + A) diag(s+c)]``; rotational: ``L = U M``, ``R = V``. Both are
+        exactly zero at zero parameters (the first block of L and the second of R vanish, resp. M = 0).
+        """
+        if self.variant == "rotational":
+            return self.U @ self.core(), self.V
+        c, A = self.c.float(), self.A.float()
+        scale = self.s + c
+        left = torch.cat([self.U * c + A * scale, (self.U + A) * scale], dim=1)
+        return left, torch.cat([self.V, self.B.float()], dim=1)
 
     def delta_weight(self) -> torch.Tensor:
         """The explicit m x n update (float32, strength not applied). For merge, export and tests."""
@@ -159,7 +171,10 @@ class SpectralLayer(nn.Module):
                 f"slot triplets of shape U{tuple(triplets.U.shape)}, V{tuple(triplets.V.shape)} "
                 f"do not fit a {m} x {n} weight"
             )
-        adapter = SlotAdapter(triplets, variant, slot).to(self.base_layer.weight.device)
+        adapter = SlotAdapter(triplets, variant, slot)
+        device = self.base_layer.weight.device
+        if adapter.U.device != device:  # Module.to walks every tensor; skip it when there is nothing to move
+            adapter = adapter.to(device)
         self.concepts[name] = adapter
         return adapter
 
@@ -184,27 +199,46 @@ class SpectralLayer(nn.Module):
         return self.concept(name).delta_weight().reshape(self.base_layer.weight.shape)
 
     @torch.no_grad()
+    def _add_deltas(self, items: list[tuple[SlotAdapter, float]], alpha: float) -> None:
+        """``W += alpha * sum_i strength_i dW_i`` as one product of the stacked factors.
+
+        For a contiguous float32 weight this is a single in-place ``addmm_``: no m x n temporary per
+        concept, one pass over W however many concepts are (un)merged.
+        """
+        lefts, rights = [], []
+        for adapter, strength in items:
+            left, right = adapter.lora_factors()
+            lefts.append(left * strength)
+            rights.append(right)
+        left, right = torch.cat(lefts, dim=1), torch.cat(rights, dim=1)
+        weight = self.base_layer.weight
+        if weight.dtype == torch.float32 and weight.is_contiguous():
+            weight.view(weight.shape[0], -1).addmm_(left, right.T, alpha=alpha)
+        else:
+            weight.add_((left @ right.T).reshape(weight.shape).to(weight.dtype), alpha=alpha)
+
+    @torch.no_grad()
     def merge(self, names: list[str] | None = None) -> None:
         """Add the active concepts' deltas (times strength) into the base weight."""
         names = [n for n in (names if names is not None else list(self.concepts)) if n not in self.merged]
-        weight = self.base_layer.weight
-        for name in names:
-            adapter = self.concept(name)
-            if not adapter.enabled:
-                continue
-            delta = adapter.strength * self.get_delta_weight(name)
-            weight.add_(delta.to(weight.dtype))
+        adapters = {name: self.concept(name) for name in names}
+        items = {name: adapter for name, adapter in adapters.items() if adapter.enabled}
+        if not items:
+            return
+        self._add_deltas([(adapter, adapter.strength) for adapter in items.values()], 1.0)
+        for name, adapter in items.items():
             self.merged[name] = adapter.strength
 
     @torch.no_grad()
     def unmerge(self, names: list[str] | None = None) -> None:
         """Subtract previously merged deltas again (the exact inverse of ``merge`` up to rounding)."""
         names = [n for n in (names if names is not None else list(self.merged)) if n in self.merged]
-        weight = self.base_layer.weight
+        if not names:
+            return
+        items = [(self.concept(name), self.merged[name]) for name in names]
+        self._add_deltas(items, -1.0)
         for name in names:
-            strength = self.merged.pop(name)
-            delta = strength * self.get_delta_weight(name)
-            weight.sub_(delta.to(weight.dtype))
+            del self.merged[name]
 
     def _live_adapters(self) -> list[SlotAdapter]:
         return [
@@ -213,18 +247,21 @@ class SpectralLayer(nn.Module):
             if adapter.enabled and adapter.strength != 0.0 and name not in self.merged
         ]
 
+    def _factors(self, adapters: list[SlotAdapter]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacked ``(L, R)`` of the given adapters with strengths folded into L: ``sum_i a_i dW_i = L R^T``."""
+        lefts, rights = [], []
+        for adapter in adapters:
+            left, right = adapter.lora_factors()
+            lefts.append(left if adapter.strength == 1.0 else left * adapter.strength)
+            rights.append(right)
+        if len(adapters) == 1:
+            return lefts[0], rights[0]
+        return torch.cat(lefts, dim=1), torch.cat(rights, dim=1)
+
     def _delta(self, x: torch.Tensor, adapters: list[SlotAdapter]) -> torch.Tensor:
         """``sum_i a_i x dW_i^T`` for x of shape (..., n), in float32."""
-        x32 = x.to(torch.float32)
-        in_proj = torch.cat([adapter.in_proj() for adapter in adapters], dim=1)
-        h = x32 @ in_proj
-        mixed, start = [], 0
-        for adapter in adapters:
-            width = adapter.in_width
-            mixed.append(adapter.strength * adapter.mix(h[..., start : start + width]))
-            start += width
-        out_proj = torch.cat([adapter.out_proj() for adapter in adapters], dim=1)
-        return torch.cat(mixed, dim=-1) @ out_proj.T
+        left, right = self._factors(adapters)
+        return (x.to(torch.float32) @ right) @ left.T
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -233,6 +270,11 @@ class SpectralLayer(nn.Module):
             return result
         if isinstance(self.base_layer, nn.Conv2d):
             delta = self._delta(x.movedim(1, -1), adapters).movedim(-1, 1)
-        else:
-            delta = self._delta(x, adapters)
-        return result + delta.to(result.dtype)
+            return result + delta.to(result.dtype)
+        left, right = self._factors(adapters)
+        h = x.to(torch.float32) @ right
+        if result.dtype != torch.float32:
+            return result + (h @ left.T).to(result.dtype)
+        # result + h L^T in one pass over the output (no separate token-sized delta tensor)
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), left.T)
+        return out.view(result.shape)

@@ -1,0 +1,78 @@
+"""The benchmark code runs: its smallest pieces, at toy sizes, with no timing assertions."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bench import bench_layers, report
+from bench.common import Sample, Timings, run_rounds
+from bench.reference import ReferenceSpectralLinear
+
+
+def test_per_layer_bench_at_one_small_shape():
+    rows = bench_layers.run(shapes=[("toy", 24, 40, 6)], rank=4, rounds=1, warmup=0, log=lambda *_: None)
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row.n_in, row.n_out, row.tokens) == (24, 40, 6)
+    assert set(row.timings.samples) == set(bench_layers.VARIANTS)
+    assert all(len(samples) == 1 for samples in row.timings.samples.values())
+    assert row.base_ms > 0
+    assert all(row.ratio(variant) > 0 for variant in bench_layers.VARIANTS)
+
+
+def test_every_layer_variant_starts_from_the_base_weights():
+    layers = bench_layers.build_variants(24, 40, rank=4)
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        base = layers["base"](x)
+        # the reference rebuilds W from its full SVD; with zero trainables it is the base layer
+        reference = ReferenceSpectralLinear.from_linear(layers["base"], 4)
+        torch.testing.assert_close(reference(x), base, atol=1e-5, rtol=1e-5)
+        for name in ("lora", "additive", "rotational", "reference"):
+            assert layers[name](x).shape == base.shape
+    trainable = {name: sum(p.numel() for p in layer.parameters() if p.requires_grad) for name, layer in layers.items()}
+    assert trainable["base"] == 0
+    assert trainable["lora"] == 4 * (24 + 40)
+    assert trainable["additive"] == 4 * (24 + 40) + 4
+    assert trainable["rotational"] == 2 * 4 * 4 + 4
+
+
+def test_rounds_are_interleaved_and_ratios_paired():
+    calls = []
+    timings = run_rounds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3, warmup=1)
+    assert len(calls) == 8 and calls.count("a") == 4
+    assert all(len(samples) == 3 for samples in timings.samples.values())
+    fixed = Timings({"x": [Sample(2.0, 2.0), Sample(4.0, 4.0)], "y": [Sample(1.0, 1.0), Sample(1.0, 1.0)]})
+    assert fixed.ratios("x", "y") == [2.0, 4.0]
+    assert fixed.ratio("x", "y") == 3.0
+    assert fixed.spread("x", "y") == (2.0, 4.0)
+
+
+def test_report_renders_whatever_was_measured(tmp_path):
+    rows = bench_layers.run(shapes=[("toy", 16, 16, 4)], rank=2, rounds=1, warmup=0, log=lambda *_: None)
+    results = {
+        "meta": {
+            "date": "2026-01-01T00:00:00+00:00", "command": "python bench/run.py", "quick": True, "total_s": 1.0,
+            "threads": 1, "threads_note": "test", "metric": "wall", "gpu_note": "none",
+            "background_before": "0.00 cores", "background_during": "0.00 cores",
+            "machine": {"cpu": "cpu", "cores": "1", "memory": "1 GiB", "python": "3", "torch": "t",
+                        "diffusers": "d", "transformers": "t", "peft": "p"},
+        },
+        "layers": rows,
+    }
+    text = report.markdown(results, None)
+    assert text.startswith("# Benchmarks")
+    assert "## 2. Per-layer forward + backward" in text and "| toy |" in text
+    assert report.goals(results) == []
+    assert "per-layer" in report.console(results)
+    assert report.plot(results, tmp_path / "plot.png").exists()
+
+
+def test_peft_lora_wrapper_leaves_the_model_plain():
+    from bench.common import peft_lora_modules
+
+    holder = bench_layers._Holder(nn.Linear(8, 8))
+    wrapped, params = peft_lora_modules(holder, ["to_q"], rank=2, suffixes=("to_q",))
+    assert isinstance(holder.to_q, nn.Linear)
+    assert wrapped["to_q"] is not holder.to_q and len(params) == 2
