@@ -129,10 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if not args.verbose:
         _quiet_third_party()
-    from . import commands
+    from . import cli_commands
 
     try:
-        getattr(commands, f"cmd_{args.command}")(args)
+        getattr(cli_commands, f"cmd_{args.command}")(args)
     except SpectralDiffusionError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR

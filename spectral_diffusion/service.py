@@ -286,23 +286,9 @@ class Service:
             self._train_pipe.set_progress_bar_config(disable=True)
         return self._train_pipe
 
-    def train(
-        self,
-        name: str,
-        images: Sequence[str | os.PathLike],
-        class_word: str = "",
-        variant: str = "additive",
-        rank: int | None = None,
-        steps: int | None = None,
-        seed: int = 0,
-        slot: int | None = None,
-        token: str | None = None,
-        preview_every: int | None = None,
-        progress: Callable[[TrainingStatus], None] | None = None,
-    ) -> ConceptRecord:
-        """Train one concept into the library. Raises ``BusyError`` while another training runs."""
-        return self.start_training(name, images, class_word, variant, rank, steps, seed, slot, token,
-                                   preview_every, progress).result()
+    def train(self, *args, **kwargs) -> ConceptRecord:
+        """``start_training`` and wait for it. Raises ``BusyError`` while another training runs."""
+        return self.start_training(*args, **kwargs).result()
 
     def start_training(
         self,
