@@ -1,6 +1,6 @@
 """Spectral Diffusion web app: train concepts, manage the library, generate with concepts fused.
 
-    python app.py [--model builtin:tiny] [--library concepts] [--host 127.0.0.1] [--port 7860]
+    python app.py [--model builtin:toy] [--library concepts] [--host 127.0.0.1] [--port 7860]
                   [--auth user:password] [--share] [--device cpu]
 
 The page is a thin layer over ``spectral_diffusion.service.Service``; nothing is loaded until a
@@ -45,7 +45,7 @@ from spectral_diffusion.service import (  # noqa: E402
     parse_concepts,
 )
 
-DEFAULT_MODEL = "builtin:tiny"
+DEFAULT_MODEL = "builtin:toy"
 DEFAULT_LIBRARY = "concepts"
 CONCEPT_ROWS = 8  # concept pickers on the Generate tab (4 shown, 4 more folded)
 SCHEDULERS = ["default", "ddim", "dpm++", "euler", "euler-a"]
@@ -574,7 +574,7 @@ def parse_auth(text: str) -> tuple[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Spectral Diffusion web app")
     parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="builtin:tiny, a Hugging Face model id or a local diffusers folder")
+                        help="builtin:toy (default), builtin:tiny, a Hugging Face model id or a local diffusers folder")
     parser.add_argument("--library", default=DEFAULT_LIBRARY, help="concept library folder (default: concepts)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=None, help="port (default: 7860, or the next free one)")

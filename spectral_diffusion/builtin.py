@@ -6,7 +6,12 @@ fixed seeds and saves them once through the ordinary ``save_pretrained`` /
 ``from_pretrained`` path.  Everything downstream (patching, training, export) then sees
 what it sees with a real model: the same classes, module paths, configs and loaders.
 
-Built-in models live in ``models_home()/models/<name>``, e.g. ``builtin:tiny`` in
+``builtin:toy``, the default, is different: a pipeline pretrained by ``python -m toy.pretrain``
+on procedural scenes (``spectral_diffusion.scenes``) and shipped inside the package as an ordinary
+diffusers folder (``spectral_diffusion/models/toy``, about 21 MB of fp32 safetensors).  It draws
+32 x 32 pictures of coloured shapes and learns a new concept on a CPU in minutes.
+
+The seed-built models live in ``models_home()/models/<name>``, e.g. ``builtin:tiny`` in
 ``~/.cache/spectral_diffusion/models/tiny``.
 
 Tiny model sizes (both pipelines): UNet block channels (32, 64), 2 layers per block,
@@ -46,17 +51,47 @@ BUILTIN_PREFIX = "builtin:"
 
 # Name -> one-line description, shown by ``models`` and in error messages.
 BUILTIN_MODELS: dict[str, str] = {
+    "builtin:toy": (
+        "small Stable Diffusion 1.x pipeline pretrained on procedural scenes (coloured shapes), "
+        "32x32 images; the default"
+    ),
     "builtin:tiny": (
         "tiny Stable Diffusion 1.x architecture, random weights, 64x64 images (tests)"
     ),
     "builtin:tiny-sdxl": (
         "tiny Stable Diffusion XL architecture, random weights, 64x64 images (tests)"
     ),
-    # "builtin:toy" registers here (and its builder in _BUILDERS below) once it exists.
 }
 
+# Slot width r for concepts on the built-in models (their layers are 32 to 128 wide), and elsewhere.
+BUILTIN_RANKS = {"builtin:toy": 8, "builtin:tiny": 4, "builtin:tiny-sdxl": 4}
+DEFAULT_RANK = 8
+
+
+def default_rank(model: str) -> int:
+    """The rank a new concept gets on ``model`` unless one is given."""
+    return BUILTIN_RANKS.get(str(model).strip(), DEFAULT_RANK)
+
+
+# TrainConfig settings that suit a built-in model better than the defaults tuned for real SD models.
+# builtin:toy was trained from scratch on 32 px scenes: a new shape needs larger steps than a
+# pretrained SD needs for a dog, and captions say "on the left", so images are never mirrored.
+BUILTIN_TRAINING: dict[str, dict] = {
+    "builtin:toy": {"steps": 300, "batch_size": 4, "lr_unet": 1e-3, "lr_text": 1e-4, "lr_embedding": 1e-2,
+                    "flip_p": 0.0},
+}
+
+
+def training_defaults(model: str) -> dict:
+    """``TrainConfig`` fields that ``model`` trains best with, unless the user sets them."""
+    return dict(BUILTIN_TRAINING.get(str(model).strip(), {}))
+
+
+# Built-in models shipped as ready diffusers folders inside the package (not built on first use).
+SHIPPED_MODELS: dict[str, Path] = {"builtin:toy": Path(__file__).resolve().parent / "models" / "toy"}
+
 # Bump when a builder's output changes, so stale cached folders are rebuilt.
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 MARKER_FILE = "spectral_diffusion_builtin.json"
 
 MAX_LENGTH = 77
@@ -106,7 +141,7 @@ floor window door space moon sun planet underwater jungle village castle sitting
 standing lying running jumping walking sleeping eating playing swimming flying holding
 wearing looking smiling one two three four five many several some group pair very new
 old young cute happy sad beautiful ugly vintage modern retro futuristic abstract simple
-minimalist
+minimalist dotted cross ring
 """
 
 
@@ -506,7 +541,7 @@ def build_tiny_sdxl(path: str | os.PathLike) -> Path:
     return _build_atomically(path, "builtin:tiny-sdxl", make)
 
 
-# Name -> builder(path) -> path.  "builtin:toy" registers its builder here.
+# Name -> builder(path) -> path, for the built-in models made from seeds on first use.
 _BUILDERS: dict[str, Callable[[str | os.PathLike], Path]] = {
     "builtin:tiny": build_tiny,
     "builtin:tiny-sdxl": build_tiny_sdxl,
@@ -528,6 +563,8 @@ def models_home() -> Path:
 
 def builtin_path(name: str) -> Path:
     """Where built-in model ``name`` lives (whether or not it is built yet)."""
+    if name in SHIPPED_MODELS:
+        return SHIPPED_MODELS[name]
     return models_home() / "models" / name.removeprefix(BUILTIN_PREFIX)
 
 
@@ -535,8 +572,20 @@ def _builtin_list() -> str:
     return ", ".join(BUILTIN_MODELS)
 
 
+def _shipped_folder(name: str) -> Path:
+    path = SHIPPED_MODELS[name]
+    if not (path / "model_index.json").is_file():
+        raise ModelNotFoundError(
+            f"the weights of {name} are missing from the package ({path}); reinstall spectral-diffusion "
+            "from a full checkout, or make them again with: python -m toy.pretrain"
+        )
+    return path
+
+
 def ensure_builtin(name: str) -> Path:
-    """The folder of built-in model ``name``, built first if missing or outdated."""
+    """The folder of built-in model ``name``: shipped with the package, or built first if missing or outdated."""
+    if name in SHIPPED_MODELS:
+        return _shipped_folder(name)
     if name not in _BUILDERS:
         raise ModelNotFoundError(
             f"unknown built-in model {name!r}; built-in models: {_builtin_list()}"

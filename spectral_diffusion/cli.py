@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-DEFAULT_MODEL = "builtin:tiny"
+DEFAULT_MODEL = "builtin:toy"
 DEFAULT_LIBRARY = "concepts"
 EXIT_USER_ERROR = 2
 

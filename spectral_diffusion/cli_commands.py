@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 from .atomic import atomic_path
+from .builtin import default_rank, training_defaults
 
 logger = logging.getLogger(__name__)
-BUILTIN_RANK = 4  # the built-in models are 32 wide: rank 4 gives 8 slots
 
 
 def emit(data) -> None:
@@ -70,15 +70,15 @@ def _train_config(args, rank: int, slot: int):
     from .training import TrainConfig
 
     checkpoints = args.checkpoint_every or args.resume
+    chosen = {"steps": args.steps, "resolution": args.resolution}
     return TrainConfig(
+        **{**training_defaults(args.model), **{k: v for k, v in chosen.items() if v is not None}},
         name=args.name,
         tokens=[args.token] if args.token else [],
         class_word=args.class_word,
         rank=rank,
         slot=slot,
         variant=args.variant,
-        steps=args.steps,
-        resolution=args.resolution,
         seed=args.seed,
         mixed_precision=args.mixed_precision,
         checkpoint_every=args.checkpoint_every,
@@ -97,7 +97,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     library = _library(args)
     library.validate_name(args.name)
     images = find_images(args.images)
-    rank = args.rank or (BUILTIN_RANK if args.model.startswith("builtin:") else 8)
+    rank = args.rank or default_rank(args.model)
     process, world = _distributed_rank()
     if world > 1 and args.slot is None:
         raise SpectralDiffusionError("multi-process training needs an explicit --slot K (all processes must agree)")

@@ -23,14 +23,13 @@ from pathlib import Path
 from PIL import Image
 
 from .atomic import atomic_path, storage_error
+from .builtin import default_rank, training_defaults
 from .errors import SpectralDiffusionError
 from .library import ConceptRecord, Library, validate_name
 from .slotmap import draw_slot_map
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_RANK = 4  # the built-in models are 32 wide: rank 4 gives 8 slots
-DEFAULT_RANK = 8
 EXPORT_FORMATS = ("spectral", "lora", "kohya")
 
 
@@ -51,10 +50,6 @@ class TrainingStatus:
     previews: list[Image.Image] = field(default_factory=list)
     message: str = ""
     started: float = 0.0
-
-
-def default_rank(model: str) -> int:
-    return BUILTIN_RANK if model.startswith("builtin:") else DEFAULT_RANK
 
 
 def _safe_filename(text: str) -> str:
@@ -113,7 +108,7 @@ class Service:
 
     def __init__(
         self,
-        model: str = "builtin:tiny",
+        model: str = "builtin:toy",
         library: str | os.PathLike = "concepts",
         device: str = "cpu",
         output_dir: str | os.PathLike | None = None,
@@ -134,7 +129,7 @@ class Service:
         self.studio = Studio(model, device=device, svd_cache_dir=svd_cache_dir, library=self.library)
         self.output_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="spectral-outputs-"))
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.train_defaults = dict(train_defaults or {})
+        self.train_defaults = {**training_defaults(model), **dict(train_defaults or {})}
         self.status = TrainingStatus()
         self._train_lock = threading.Lock()
         self._cancel = threading.Event()

@@ -371,7 +371,7 @@ class Studio:
 
     def __init__(
         self,
-        model: str = "builtin:tiny",
+        model: str = "builtin:toy",
         torch_dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         svd_cache_dir: str | os.PathLike | None = None,

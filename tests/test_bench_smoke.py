@@ -76,3 +76,33 @@ def test_peft_lora_wrapper_leaves_the_model_plain():
     wrapped, params = peft_lora_modules(holder, ["to_q"], rank=2, suffixes=("to_q",))
     assert isinstance(holder.to_q, nn.Linear)
     assert wrapped["to_q"] is not holder.to_q and len(params) == 2
+
+
+def test_lora_baseline_trains_its_layers_and_token_and_fuses_as_a_weighted_sum(tiny_pipe, tmp_path):
+    from bench.lora_concept import fused_pipeline, train_lora_concept
+    from spectral_diffusion import scenes
+    from spectral_diffusion.training import TrainConfig
+
+    before = {k: v.clone() for k, v in tiny_pipe.unet.state_dict().items()}
+    vocab = len(tiny_pipe.tokenizer)
+    scenes.write_concept_images("heart", tmp_path / "heart", count=2, size=64)
+    config = TrainConfig(name="heart", rank=2, steps=2, batch_size=1, lr_unet=1e-2, lr_text=1e-2, resolution=64)
+    heart = train_lora_concept(tiny_pipe, tmp_path / "heart", config)
+    scenes.write_concept_images("moon", tmp_path / "moon", count=2, size=64)
+    moon = train_lora_concept(tiny_pipe, tmp_path / "moon", TrainConfig(**{**config.__dict__, "name": "moon",
+                                                                           "tokens": ["<moon>"]}))
+    # The base pipeline is untouched; every targeted layer learned something.
+    assert len(tiny_pipe.tokenizer) == vocab
+    assert all(torch.equal(v, tiny_pipe.unet.state_dict()[k]) for k, v in before.items())
+    assert {p.rsplit(".", 1)[-1] for p in heart.deltas["unet"]} >= {"to_q", "to_k", "to_v", "0"}
+    assert all(d.abs().max() > 0 for d in heart.deltas["unet"].values())
+    assert len(heart.losses) == 2
+
+    fused = fused_pipeline(tiny_pipe, [heart, moon], 0.5)
+    path = next(iter(heart.deltas["unet"]))
+    expected = before[f"{path}.weight"] + 0.5 * (heart.deltas["unet"][path] + moon.deltas["unet"][path])
+    torch.testing.assert_close(fused.unet.get_submodule(path).weight, expected, atol=1e-6, rtol=1e-6)
+    ids = fused.tokenizer.convert_tokens_to_ids(["<heart>", "<moon>"])
+    table = fused.text_encoder.get_input_embeddings().weight
+    torch.testing.assert_close(table[ids[0]], heart.token_vector)
+    torch.testing.assert_close(table[ids[1]], moon.token_vector)

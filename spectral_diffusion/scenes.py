@@ -1,0 +1,309 @@
+"""Procedural scenes: small pictures of coloured shapes with captions that describe them.
+
+They are the pretraining data of ``builtin:toy``, the labels of the classifier that checks what it
+draws, and the source of new concepts (shapes it never saw) for training and fusion benchmarks.
+Everything is a pure function of a seed, so any image can be made again from its number.
+
+A scene has one to three objects on a plain background.  An object has a shape, a colour, a size, a
+texture (solid, striped, dotted) and a position.  Shapes in ``NOVEL_SHAPES`` never appear in
+pretraining; ``HELD_OUT`` (colour, shape, background) triples never appear either, so captions such
+as "a red star on a gray background" test composition rather than memory.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+PRETRAIN_SHAPES = ("circle", "square", "triangle", "star", "diamond")
+NOVEL_SHAPES = ("heart", "moon", "cross", "ring")
+SHAPES = PRETRAIN_SHAPES + NOVEL_SHAPES
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 40, 40),
+    "green": (40, 165, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 210, 40),
+    "orange": (245, 135, 25),
+    "purple": (135, 55, 185),
+}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+    "gray": (128, 128, 128),
+    "beige": (222, 205, 170),
+}
+TEXTURES = ("solid", "striped", "dotted")
+SIZES = {"small": 0.3, "large": 0.5}  # object width as a fraction of the image
+# Position word -> centre (x, y) as fractions of the image.
+POSITIONS: dict[str, tuple[float, float]] = {
+    "left": (0.2, 0.5),
+    "right": (0.8, 0.5),
+    "top": (0.5, 0.2),
+    "bottom": (0.5, 0.8),
+    "center": (0.5, 0.5),
+}
+POSITION_PHRASES = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "center": "in the center",
+}
+# Positions of multi-object scenes, chosen so that small objects never overlap.
+LAYOUTS = {2: (("left", "right"), ("top", "bottom")), 3: (("left", "center", "right"), ("top", "center", "bottom"))}
+
+IMAGE_SIZE = 32
+_SUPERSAMPLE = 4  # shapes are drawn at 4x and downsampled, for clean anti-aliased edges
+
+
+def held_out(colour: str, shape: str, background: str) -> bool:
+    """Whether a (colour, shape, background) triple is reserved for evaluation.
+
+    One background in four per (colour, shape) pair, spread so that every pair, every
+    colour-background pair and every shape-background pair still appears in training.
+    """
+    c, s, b = list(COLOURS).index(colour), SHAPES.index(shape), list(BACKGROUNDS).index(background)
+    return (c + 2 * s) % len(BACKGROUNDS) == b
+
+
+HELD_OUT = tuple(
+    (c, s, b) for s in PRETRAIN_SHAPES for c in COLOURS for b in BACKGROUNDS if held_out(c, s, b)
+)
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    shape: str
+    colour: str
+    size: str = "large"
+    texture: str = "solid"
+    position: str = "center"
+    jitter: tuple[float, float] = (0.0, 0.0)  # centre offset, fraction of the image
+
+    def __post_init__(self):
+        for value, allowed, what in (
+            (self.shape, SHAPES, "shape"), (self.colour, COLOURS, "colour"), (self.size, SIZES, "size"),
+            (self.texture, TEXTURES, "texture"), (self.position, POSITIONS, "position"),
+        ):
+            if value not in allowed:
+                raise ValueError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[SceneObject, ...]
+    background: str = "white"
+    caption: str = ""
+    extras: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        if self.background not in BACKGROUNDS:
+            raise ValueError(f"unknown background {self.background!r}; choose from {', '.join(BACKGROUNDS)}")
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+def _polygon(points, cx, cy, r):
+    return [(cx + x * r, cy + y * r) for x, y in points]
+
+
+def _star_points(n=5, inner=0.45):
+    return [
+        ((1.0 if k % 2 == 0 else inner) * math.sin(math.pi * k / n),
+         -(1.0 if k % 2 == 0 else inner) * math.cos(math.pi * k / n) + 0.08)
+        for k in range(2 * n)
+    ]
+
+
+def _heart_points(count=48):
+    pts = []
+    for k in range(count):
+        t = 2 * math.pi * k / count
+        x = 16 * math.sin(t) ** 3
+        y = 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
+        pts.append((x / 17.0, -y / 17.0 + 0.05))
+    return pts
+
+
+_UNIT_POLYGONS = {
+    "square": [(-0.82, -0.82), (0.82, -0.82), (0.82, 0.82), (-0.82, 0.82)],
+    "triangle": [(0.0, -0.95), (0.95, 0.8), (-0.95, 0.8)],
+    "diamond": [(0.0, -1.0), (0.72, 0.0), (0.0, 1.0), (-0.72, 0.0)],
+    "star": _star_points(),
+    "heart": _heart_points(),
+    "cross": [(-0.3, -0.95), (0.3, -0.95), (0.3, -0.3), (0.95, -0.3), (0.95, 0.3), (0.3, 0.3), (0.3, 0.95),
+              (-0.3, 0.95), (-0.3, 0.3), (-0.95, 0.3), (-0.95, -0.3), (-0.3, -0.3)],
+}
+
+
+def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float) -> Image.Image:
+    """An 8-bit mask (255 inside) of ``shape`` centred at (cx, cy) with radius ``r`` pixels."""
+    mask = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(mask)
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if shape == "circle":
+        draw.ellipse(box, fill=255)
+    elif shape == "ring":
+        draw.ellipse(box, fill=255)
+        inner = 0.55 * r
+        draw.ellipse((cx - inner, cy - inner, cx + inner, cy + inner), fill=0)
+    elif shape == "moon":
+        draw.ellipse(box, fill=255)
+        shift = 0.5 * r
+        draw.ellipse((cx - r + shift, cy - r - 0.15 * r, cx + r + shift, cy + r - 0.15 * r), fill=0)
+    elif shape in _UNIT_POLYGONS:
+        draw.polygon(_polygon(_UNIT_POLYGONS[shape], cx, cy, r), fill=255)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    return mask
+
+
+def _texture(texture: str, colour: tuple[int, int, int], size: int, period: int) -> Image.Image:
+    """The fill of an object: its colour, with darker stripes or dots."""
+    fill = Image.new("RGB", (size, size), colour)
+    if texture == "solid":
+        return fill
+    dark = tuple(int(v * 0.35) for v in colour)
+    draw = ImageDraw.Draw(fill)
+    if texture == "striped":
+        for offset in range(-size, size, period):
+            draw.polygon([(offset, 0), (offset + period // 2, 0), (offset + period // 2 + size, size),
+                          (offset + size, size)], fill=dark)
+    elif texture == "dotted":
+        dot = period * 0.28
+        for y in range(period // 2, size, period):
+            for x in range(period // 2, size, period):
+                draw.ellipse((x - dot, y - dot, x + dot, y + dot), fill=dark)
+    else:
+        raise ValueError(f"unknown texture {texture!r}")
+    return fill
+
+
+def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
+    """The picture of ``scene``, ``size`` x ``size`` pixels, RGB."""
+    big = size * _SUPERSAMPLE
+    canvas = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
+    for obj in scene.objects:
+        px, py = POSITIONS[obj.position]
+        r = SIZES[obj.size] * big / 2
+        # A large object at an edge position moves inwards rather than being cut off.
+        cx = min(max((px + obj.jitter[0]) * big, r), big - r)
+        cy = min(max((py + obj.jitter[1]) * big, r), big - r)
+        fill = _texture(obj.texture, COLOURS[obj.colour], big, period=max(4, big // 8))
+        canvas.paste(fill, (0, 0), _shape_mask(obj.shape, big, cx, cy, r))
+    return canvas.resize((size, size), Image.LANCZOS)
+
+
+# ---------------------------------------------------------------------------- captions
+
+
+def describe(obj: SceneObject, with_size: bool = True, with_position: bool = True, noun: str | None = None) -> str:
+    """"a small red striped star on the left"; ``noun`` replaces the shape word (a concept token)."""
+    words = []
+    if with_size:
+        words.append(obj.size)
+    words.append(obj.colour)
+    if obj.texture != "solid":
+        words.append(obj.texture)
+    words.append(noun or obj.shape)
+    if with_position:
+        words.append(POSITION_PHRASES[obj.position])
+    article = "an" if words[0][0] in "aeiou" else "a"
+    return " ".join([article, *words])
+
+
+def caption(scene: Scene, rng: random.Random | None = None, nouns: dict[str, str] | None = None) -> str:
+    """A caption of ``scene``; with ``rng``, size, position and background words are sometimes left out,
+    so that short prompts ("a red star") are in the training distribution too."""
+    keep = (lambda p: rng.random() < p) if rng else (lambda p: True)
+    nouns = nouns or {}
+    with_size, with_position = keep(0.6), keep(0.6)
+    text = " and ".join(
+        describe(o, with_size, with_position, nouns.get(o.shape)) for o in scene.objects
+    )
+    if keep(0.8):
+        text += f" on a {scene.background} background"
+    return text
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def _random_object(rng: random.Random, shapes, position: str, size: str, background: str,
+                   exclude_held_out: bool) -> SceneObject:
+    while True:
+        shape, colour = rng.choice(shapes), rng.choice(list(COLOURS))
+        if not (exclude_held_out and shape in PRETRAIN_SHAPES and held_out(colour, shape, background)):
+            break
+    texture = rng.choices(TEXTURES, weights=(0.7, 0.15, 0.15))[0]
+    jitter = (rng.uniform(-0.04, 0.04), rng.uniform(-0.04, 0.04))
+    return SceneObject(shape, colour, size, texture, position, jitter)
+
+
+def random_scene(seed: int, shapes=PRETRAIN_SHAPES, max_objects: int = 3, exclude_held_out: bool = True) -> Scene:
+    """Scene number ``seed``; by default of the pretraining distribution (no held-out triple, no novel shape)."""
+    rng = random.Random(seed)
+    background = rng.choice(list(BACKGROUNDS))
+    count = rng.choices((1, 2, 3)[:max_objects], weights=(0.55, 0.3, 0.15)[:max_objects])[0]
+    if count == 1:
+        positions, sizes = [rng.choice(list(POSITIONS))], [rng.choice(list(SIZES))]
+    else:
+        positions = list(rng.choice(LAYOUTS[count]))
+        sizes = ["small"] * count
+    objects = tuple(_random_object(rng, shapes, p, s, background, exclude_held_out)
+                    for p, s in zip(positions, sizes, strict=True))
+    scene = Scene(objects, background)
+    return Scene(objects, background, caption(scene, rng))
+
+
+def render_batch(seeds, size: int = IMAGE_SIZE, shapes=PRETRAIN_SHAPES) -> tuple[np.ndarray, list[str], list[Scene]]:
+    """Images (uint8, N x size x size x 3), captions and scenes of ``seeds``."""
+    scenes = [random_scene(int(s), shapes) for s in seeds]
+    images = np.stack([np.asarray(render(scene, size)) for scene in scenes])
+    return images, [scene.caption for scene in scenes], scenes
+
+
+def concept_scenes(shape: str, count: int = 5, seed: int = 0) -> list[Scene]:
+    """``count`` single-object scenes of ``shape`` in varied colours, sizes, positions and backgrounds:
+    the training photos of a new concept."""
+    rng = random.Random(f"{shape}-{seed}")
+    colours = rng.sample(list(COLOURS), k=min(count, len(COLOURS)))
+    scenes = []
+    for k in range(count):
+        background = list(BACKGROUNDS)[k % len(BACKGROUNDS)]
+        obj = SceneObject(shape, colours[k % len(colours)], "large", "solid", rng.choice(list(POSITIONS)),
+                          (rng.uniform(-0.03, 0.03), rng.uniform(-0.03, 0.03)))
+        scenes.append(Scene((obj,), background))
+    return scenes
+
+
+def concept_caption(scene: Scene) -> str:
+    """The sidecar caption of a concept photo: its context in words, ``{token}`` where the shape goes."""
+    obj = scene.objects[0]
+    return f"{describe(obj, with_size=False, noun='{token}')} on a {scene.background} background"
+
+
+def write_concept_images(shape: str, folder, count: int = 5, seed: int = 0, size: int = IMAGE_SIZE) -> list:
+    """Save ``count`` photos of ``shape`` as PNGs with caption sidecars (``.txt``) into ``folder``."""
+    import io
+    from pathlib import Path
+
+    from spectral_diffusion.atomic import atomic_write_bytes, atomic_write_text
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, scene in enumerate(concept_scenes(shape, count, seed)):
+        buffer = io.BytesIO()
+        render(scene, size).save(buffer, format="PNG")
+        path = folder / f"{shape}-{k}.png"
+        atomic_write_bytes(path, buffer.getvalue())
+        atomic_write_text(path.with_suffix(".txt"), concept_caption(scene) + "\n")
+        paths.append(path)
+    return paths

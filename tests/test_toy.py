@@ -1,0 +1,104 @@
+"""builtin:toy: shipped in the package, loads through plain diffusers, draws what it is told; the
+pretraining script resumes from its checkpoints; the classifier that judges it is itself accurate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from spectral_diffusion import builtin, scenes
+from spectral_diffusion.training import generate
+
+TOY = builtin.SHIPPED_MODELS["builtin:toy"]
+
+
+def test_toy_is_the_default_model_and_ships_small():
+    import app
+    from spectral_diffusion import cli
+
+    assert cli.DEFAULT_MODEL == app.DEFAULT_MODEL == "builtin:toy"
+    assert builtin.resolve_model("builtin:toy") == str(TOY)
+    size = sum(p.stat().st_size for p in TOY.rglob("*") if p.is_file())
+    assert size <= 30 * 2**20
+    assert not any(p.suffix in {".bin", ".pt", ".pkl", ".ckpt"} for p in TOY.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def toy_pipe():
+    from diffusers import StableDiffusionPipeline
+
+    # The ordinary diffusers path, as for a hub model: nothing of ours is involved in loading.
+    pipe = StableDiffusionPipeline.from_pretrained(TOY, local_files_only=True, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def reader():
+    from toy import classifier
+
+    return classifier.load()
+
+
+def test_toy_draws_the_colour_shape_and_background_it_is_told(toy_pipe, reader):
+    from toy import classifier
+
+    hits = 0
+    cases = [("red", "circle", "white"), ("blue", "square", "black"), ("yellow", "triangle", "gray")]
+    for colour, shape, background in cases:
+        images = generate(toy_pipe, f"a {colour} {shape} on a {background} background", 2, 32, 20, 5.0, seed=3)
+        assert images[0].size == (32, 32)
+        read = classifier.read(reader, images)
+        for i in range(2):
+            hits += (scenes.SHAPES[int(read["shape"][i].argmax())] == shape) + (
+                classifier.COLOUR_NAMES[int(read["colour"][i].argmax())] == colour) + (
+                classifier.BACKGROUND_NAMES[int(read["background"][i].argmax())] == background)
+    assert hits >= 15  # of 18 readings; a model that ignores its prompt gets about 5
+
+
+def test_classifier_reads_fresh_renders(reader):
+    from toy import classifier
+
+    accuracy = classifier.accuracy(reader, count=300, seed=31_000_000)
+    assert accuracy["background"] > 0.97
+    assert accuracy["shape_set"] > 0.85 and accuracy["colour_set"] > 0.85
+
+
+def test_pretraining_checkpoints_resume_and_export_a_loadable_pipeline(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from toy import pretrain
+
+    work, out = tmp_path / "work", tmp_path / "model"
+    args = ["--work", str(work), "--export", str(out), "--scenes", "48", "--vae-steps", "2", "--threads", "2"]
+    pretrain.main([*args, "--minutes", "0.01"])
+    first = json.loads((work / "diffusion" / "state.json").read_text())
+    assert first["step"] >= 1 and json.loads((work / "vae" / "state.json").read_text())["step"] == 2
+    pretrain.main([*args, "--minutes", "0.03"])  # resumes: the step count carries on
+    second = json.loads((work / "diffusion" / "state.json").read_text())
+    assert second["step"] > first["step"] and second["losses"][: first["step"]] == first["losses"]
+    info = json.loads((out / "training.json").read_text())
+    assert info["diffusion_steps"] == second["step"]
+    pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True, safety_checker=None)
+    assert pipe.vae.config.scaling_factor != 1.0  # set from the encoded scenes' spread
+    with torch.no_grad():
+        image = pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np").images
+    assert image.shape == (1, 32, 32, 3)
+
+
+def test_toy_trains_with_its_own_defaults_unless_the_user_overrides_them(tmp_path):
+    from spectral_diffusion.cli import build_parser
+    from spectral_diffusion.cli_commands import _train_config
+    from spectral_diffusion.service import Service
+
+    parser = build_parser()
+    toy = _train_config(parser.parse_args(["train", "--images", "x", "--name", "a"]), 8, 0)
+    assert (toy.lr_unet, toy.flip_p, toy.steps) == (1e-3, 0.0, builtin.BUILTIN_TRAINING["builtin:toy"]["steps"])
+    mine = _train_config(parser.parse_args(["train", "--images", "x", "--name", "a", "--steps", "7"]), 8, 0)
+    assert (mine.steps, mine.lr_unet) == (7, 1e-3)
+    other = _train_config(parser.parse_args(["train", "--model", "builtin:tiny", "--images", "x", "--name", "a"]), 4, 0)
+    assert other.lr_unet == 1e-4 and other.steps is None
+    service = Service(model="builtin:toy", library=tmp_path / "lib", train_defaults={"steps": 5})
+    assert service.train_defaults["steps"] == 5 and service.train_defaults["lr_unet"] == 1e-3

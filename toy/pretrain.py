@@ -1,0 +1,370 @@
+"""Pretrain ``builtin:toy``: a small Stable Diffusion 1.x pipeline trained from scratch on procedural scenes.
+
+    python -m toy.pretrain                      # about an hour on 2 CPU cores; resumes if interrupted
+    python -m toy.pretrain --minutes 5 --work /tmp/toy-smoke --export /tmp/toy-smoke/model
+
+Three phases, each resumable from its checkpoint in ``--work``:
+
+1. render the scenes (``spectral_diffusion.scenes``) and train the VAE (32 px images, 8 x 8 x 4 latents);
+2. encode every scene once with the frozen VAE;
+3. train the UNet and the CLIP text encoder together on the diffusion loss (epsilon prediction, SD's
+   noise schedule, min-SNR weighting, 10% empty captions for classifier-free guidance, an EMA of the
+   UNet), for ``--minutes`` of wall time.
+
+The result is saved with ``save_pretrained`` to ``--export`` (by default the package folder that
+``builtin:toy`` loads), in fp32 safetensors, so that it loads like any hub model. Checkpoints are
+safetensors plus JSON; nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from spectral_diffusion import scenes
+from spectral_diffusion.atomic import atomic_path, atomic_write_text
+from spectral_diffusion.builtin import MAX_LENGTH, build_tokenizer, write_clip_vocab
+
+logger = logging.getLogger("toy.pretrain")
+
+PACKAGE_MODEL = Path(__file__).resolve().parent.parent / "spectral_diffusion" / "models" / "toy"
+IMAGE_SIZE = scenes.IMAGE_SIZE
+LATENT_SIZE = IMAGE_SIZE // 4
+TEXT_HIDDEN = 64
+SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                 prediction_type="epsilon", steps_offset=1)
+
+
+# ------------------------------------------------------------------------------- models
+
+
+def make_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(1)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+        sample_size=IMAGE_SIZE, scaling_factor=1.0,
+    )
+    # Start with a near-deterministic posterior (std ~ 0.02): with a light KL term the encoder would
+    # otherwise spend its first thousand steps shrinking unit noise before the decoder can learn.
+    with torch.no_grad():
+        vae.quant_conv.bias[vae.config.latent_channels:] = -8.0
+    return vae
+
+
+def make_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=LATENT_SIZE, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(64, 128), layers_per_block=1, cross_attention_dim=TEXT_HIDDEN,
+        attention_head_dim=16, norm_num_groups=32,
+    )
+
+
+def make_text_encoder(tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(2)
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN,
+        num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=MAX_LENGTH, hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+
+
+# -------------------------------------------------------------------------------- data
+
+
+def render_dataset(work: Path, count: int) -> tuple[torch.Tensor, list[scenes.Scene]]:
+    """Scenes 0..count-1 as a uint8 tensor (N, 3, H, W), cached in ``work``."""
+    cache = work / f"scenes-{count}.safetensors"
+    picked = [scenes.random_scene(seed) for seed in range(count)]
+    if cache.exists():
+        return load_file(cache)["images"], picked
+    images = np.stack([np.asarray(scenes.render(s)) for s in tqdm(picked, desc="render scenes", mininterval=5)])
+    tensor = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    with atomic_path(cache) as tmp:
+        save_file({"images": tensor}, str(tmp))
+    return tensor, picked
+
+
+def to_unit(images_uint8: torch.Tensor) -> torch.Tensor:
+    return images_uint8.float() / 127.5 - 1.0
+
+
+# -------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
+    """Tensors and a JSON state, written atomically (the JSON last: it marks a complete checkpoint)."""
+    path.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path / "tensors.safetensors") as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    atomic_write_text(path / "state.json", json.dumps(state, indent=1))
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
+    if not (path / "state.json").exists():
+        return None
+    return load_file(path / "tensors.safetensors"), json.loads((path / "state.json").read_text())
+
+
+def prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in state.items()}
+
+
+def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    start = prefix + "."
+    return {k[len(start):]: v for k, v in tensors.items() if k.startswith(start)}
+
+
+def adam_tensors(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, p in enumerate(params):
+        st = optimizer.state.get(p)
+        if st:
+            out[f"adam.{i}.exp_avg"], out[f"adam.{i}.exp_avg_sq"] = st["exp_avg"], st["exp_avg_sq"]
+            out[f"adam.{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
+    return out
+
+
+def restore_adam(optimizer, params, tensors) -> None:
+    for i, p in enumerate(params):
+        if f"adam.{i}.step" in tensors:
+            optimizer.state[p] = {"exp_avg": tensors[f"adam.{i}.exp_avg"].clone(),
+                                  "exp_avg_sq": tensors[f"adam.{i}.exp_avg_sq"].clone(),
+                                  "step": tensors[f"adam.{i}.step"].reshape(()).clone()}
+
+
+# -------------------------------------------------------------------------------- phase 1
+
+
+def object_weight(x: torch.Tensor, factor: float = 5.0) -> torch.Tensor:
+    """1 on the background, 1 + ``factor`` on objects: the plain background is most of every picture and
+    would otherwise dominate the loss, leaving objects blurred and their colours averaged."""
+    corner = x[:, :, :1, :1]  # objects never cover the top-left corner pixel entirely
+    return 1.0 + factor * ((x - corner).abs().amax(dim=1, keepdim=True) > 0.1).float()
+
+
+def train_vae(work: Path, images: torch.Tensor, steps: int, batch: int = 16, lr: float = 2e-3):
+    """Reconstruction (L1 + MSE, object pixels weighted up) with a light KL term; returns the VAE in eval mode."""
+    vae = make_vae()
+    ckpt = work / "vae"
+    loaded = load_checkpoint(ckpt)
+    start = 0
+    params = list(vae.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if loaded:
+        vae.load_state_dict(unprefixed("vae", loaded[0]))
+        restore_adam(optimizer, params, loaded[0])
+        start = loaded[1]["step"]
+    gen = torch.Generator().manual_seed(100 + start)
+    bar = tqdm(range(start, steps), desc="VAE", initial=start, total=steps, mininterval=10)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        x = to_unit(images[torch.randint(len(images), (batch,), generator=gen)])
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(gen)).sample
+        error = (recon - x).abs() + (recon - x) ** 2
+        loss = (object_weight(x) * error).mean() + 1e-6 * posterior.kl().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % 500 == 0 or step + 1 == steps:
+            save_checkpoint(ckpt, {**prefixed("vae", vae.state_dict()), **adam_tensors(optimizer, params)},
+                            {"step": step + 1, "loss": loss.item()})
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_dataset(work: Path, vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior means and standard deviations of every scene, cached; also sets the scaling factor."""
+    cache = work / f"latents-{len(images)}.safetensors"
+    if cache.exists():
+        t = load_file(cache)
+        return t["mean"], t["std"]
+    means, stds = [], []
+    for chunk in tqdm(images.split(512), desc="encode", mininterval=10):
+        dist = vae.encode(to_unit(chunk)).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    mean, std = torch.cat(means).contiguous(), torch.cat(stds).contiguous()
+    with atomic_path(cache) as tmp:
+        save_file({"mean": mean, "std": std}, str(tmp))
+    return mean, std
+
+
+# -------------------------------------------------------------------------------- phase 3
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=MAX_LENGTH, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+class Ema:
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].lerp_(v, 1 - decay)
+            else:
+                self.shadow[k].copy_(v)
+
+
+def train_diffusion(work: Path, scene_list, latent_mean, latent_std, scaling: float, minutes: float,
+                    batch: int = 32, lr: float = 3e-4, warmup: int = 300):
+    from diffusers import DDPMScheduler
+
+    tokenizer = build_tokenizer()
+    unet, text_encoder = make_unet(), make_text_encoder(tokenizer)
+    unet.train()
+    text_encoder.train()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    ema = Ema(unet, 0.999)
+    ckpt = work / "diffusion"
+    step, elapsed, losses = 0, 0.0, []
+    loaded = load_checkpoint(ckpt)
+    if loaded:
+        tensors, state = loaded
+        unet.load_state_dict(unprefixed("unet", tensors))
+        text_encoder.load_state_dict(unprefixed("text", tensors))
+        ema.shadow = {k: v.clone() for k, v in unprefixed("ema", tensors).items()}
+        restore_adam(optimizer, params, tensors)
+        step, elapsed, losses = state["step"], state["elapsed"], state["losses"]
+        logger.info("resumed diffusion training at step %d (%.1f min done)", step, elapsed / 60)
+    noise_scheduler = DDPMScheduler(**SCHEDULER)
+    alphas = noise_scheduler.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    gen = torch.Generator().manual_seed(1000 + step)
+    rng = random.Random(step)
+    budget = minutes * 60
+    bar = tqdm(desc="diffusion", initial=step, mininterval=10, unit="step")
+    last_save, started = time.monotonic(), time.monotonic() - elapsed
+    while time.monotonic() - started < budget:
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / warmup)
+        idx = torch.randint(len(scene_list), (batch,), generator=gen)
+        latents = (latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=gen)) * scaling
+        captions = [scenes.caption(scene_list[i], rng) if rng.random() > 0.1 else "" for i in idx.tolist()]
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=gen)
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        hidden = text_encoder(tokenize(tokenizer, captions))[0]
+        pred = unet(noisy, t, hidden).sample
+        weight = torch.clamp(snr[t], max=5.0) / snr[t]  # min-SNR-5 for epsilon prediction
+        loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(unet, step)
+        step += 1
+        losses.append(round(loss.item(), 5))
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if time.monotonic() - last_save > 300:
+            _save_diffusion(ckpt, unet, text_encoder, ema, optimizer, params, step, time.monotonic() - started, losses)
+            last_save = time.monotonic()
+    if bar.n > bar.initial or not loaded:  # an export-only run (budget already spent) leaves the checkpoint alone
+        _save_diffusion(ckpt, unet, text_encoder, ema, optimizer, params, step, time.monotonic() - started, losses)
+    unet.load_state_dict(ema.shadow)
+    return unet.eval(), text_encoder.eval(), tokenizer, step, losses
+
+
+def _save_diffusion(ckpt, unet, text_encoder, ema, optimizer, params, step, elapsed, losses) -> None:
+    tensors = {**prefixed("unet", unet.state_dict()), **prefixed("text", text_encoder.state_dict()),
+               **prefixed("ema", ema.shadow), **adam_tensors(optimizer, params)}
+    save_checkpoint(ckpt, tensors, {"step": step, "elapsed": elapsed, "losses": losses})
+    logger.info("checkpoint at step %d", step)
+
+
+# -------------------------------------------------------------------------------- export
+
+
+def export(path: Path, unet, vae, text_encoder, tokenizer, info: dict) -> Path:
+    """Save the pipeline with ``save_pretrained`` into a temporary sibling, then swap it into place."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    scheduler = DDIMScheduler(**SCHEDULER, clip_sample=False, set_alpha_to_one=False, timestep_spacing="leading")
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   image_encoder=None, requires_safety_checker=False)
+    path = path.resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        write_clip_vocab(tmp / "tokenizer")
+        (tmp / "training.json").write_text(json.dumps(info, indent=1) + "\n")
+        tmp.chmod(0o755)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / path.name)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", type=Path, default=Path("toy-work"), help="checkpoints and caches (resumed)")
+    parser.add_argument("--export", type=Path, default=PACKAGE_MODEL, help="where the finished pipeline goes")
+    parser.add_argument("--scenes", type=int, default=40000, help="number of distinct training scenes")
+    parser.add_argument("--vae-steps", type=int, default=4000)
+    parser.add_argument("--minutes", type=float, default=50.0, help="wall time of the diffusion phase")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    images, scene_list = render_dataset(args.work, args.scenes)
+    vae = train_vae(args.work, images, args.vae_steps)
+    mean, std = encode_dataset(args.work, vae, images)
+    scaling = float(1.0 / mean.std())
+    vae.register_to_config(scaling_factor=scaling)
+    logger.info("latent scaling factor %.4f", scaling)
+    unet, text_encoder, tokenizer, steps, losses = train_diffusion(args.work, scene_list, mean, std, scaling,
+                                                                   args.minutes)
+    info = {"scenes": args.scenes, "vae_steps": args.vae_steps, "diffusion_steps": steps,
+            "diffusion_minutes": args.minutes, "final_loss_mean_last_200": float(np.mean(losses[-200:])), "losses": losses}
+    path = export(args.export, unet, vae, text_encoder, tokenizer, info)
+    logger.info("exported to %s: %d diffusion steps, final loss %.4f", path, steps, info["final_loss_mean_last_200"])
+
+
+if __name__ == "__main__":
+    main()
