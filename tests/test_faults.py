@@ -104,7 +104,7 @@ def test_kill_9_during_cli_training_leaks_nothing(tmp_path, models_home, trainin
     with open(log, "wb") as stderr:
         process = subprocess.Popen(
             [PYTHON, "-m", "spectral_diffusion", "train", "--images", str(image_dir), "--name", "ghost",
-             "--steps", "200", "--library", str(root)],
+             "--steps", "200", "--library", str(root), "--model", "builtin:tiny"],
             cwd=ROOT, env=child_env(SPECTRAL_DIFFUSION_HOME=str(models_home)), stdout=subprocess.DEVNULL,
             stderr=stderr,
         )
