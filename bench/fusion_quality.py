@@ -55,10 +55,14 @@ MODEL = "builtin:toy"
 CONCEPTS = scenes.NOVEL_SHAPES
 METHODS = {
     "spectral_sum": "(a) spectral slots, summed (ours)",
+    "spectral_half": "(a') spectral slots, summed at strength 0.5",
     "spectral_mean": "(b) spectral, mean of merged weights (reference)",
     "lora_sum": "(c) PEFT LoRA, summed",
+    "lora_half": "(c') PEFT LoRA, summed at weight 0.5",
     "lora_mean": "(d) PEFT LoRA, averaged",
 }
+# Method -> the factor on every concept's update: 1 (sum), 0.5, or 1 / n (the mean of merged weights).
+WEIGHTS = {"sum": 1.0, "half": 0.5, "mean": 1.0 / len(CONCEPTS)}
 
 
 @dataclass
@@ -175,10 +179,10 @@ def evaluate(pipe, spectral, lora, settings: Settings, pairs: list[Prompt], mode
                 images = draw(pipe, prompt, settings)
                 spectral_alone.add(classifier.read(model, images), prompt)
                 alone_images[shape].append((prompt, images))
-        for method in ("spectral_sum", "spectral_mean"):
+        for method in ("spectral_sum", "spectral_half", "spectral_mean"):
             for shape in CONCEPTS:
                 adapters.set_enabled(shape, True)
-                adapters.set_strength(shape, 1.0 if method == "spectral_sum" else 1.0 / len(CONCEPTS))
+                adapters.set_strength(shape, WEIGHTS[method.split("_")[1]])
             grids[method] = _score_fused(pipe, singles, pairs, settings, results[method], model)
     finally:
         adapters.unpatch()
@@ -187,8 +191,8 @@ def evaluate(pipe, spectral, lora, settings: Settings, pairs: list[Prompt], mode
         for prompt in singles[shape]:
             lora_alone.add(classifier.read(model, draw(alone, prompt, settings)), prompt)
     concepts = [lora[s] for s in CONCEPTS]
-    for method, weight in (("lora_sum", 1.0), ("lora_mean", 1.0 / len(CONCEPTS))):
-        grids[method] = _score_fused(fused_pipeline(pipe, concepts, weight), singles, pairs, settings,
+    for method in ("lora_sum", "lora_half", "lora_mean"):
+        grids[method] = _score_fused(fused_pipeline(pipe, concepts, WEIGHTS[method.split("_")[1]]), singles, pairs, settings,
                                      results[method], model)
     return results, grids, alone_images
 
