@@ -3,7 +3,7 @@
     python app.py [--model builtin:toy] [--library concepts] [--host 127.0.0.1] [--port 7860]
                   [--auth user:password] [--share] [--device cpu]
 
-The page is a thin layer over ``spectral_diffusion.service.Service``; nothing is loaded until a
+The page is a thin layer over ``spectral_diffusion.frontends.service.Service``; nothing is loaded until a
 request needs the model. Every action is also a named API endpoint for ``gradio_client``:
 
     train_concept(images, name, class_word, variant, rank, steps) -> (progress html, previews, record)
@@ -36,7 +36,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 
 from spectral_diffusion.errors import SpectralDiffusionError  # noqa: E402
-from spectral_diffusion.service import (  # noqa: E402
+from spectral_diffusion.frontends.service import (  # noqa: E402
     EXPORT_FORMATS,
     Service,
     TrainingStatus,

@@ -22,10 +22,10 @@ import torch
 from safetensors.torch import save_file
 
 from bench.common import UNET_TARGETS, randomize, set_modules
-from spectral_diffusion.adapter_file import adapter_from_model, install_adapter, read_adapter, save_adapter
-from spectral_diffusion.lora_export import lora_state_dict
-from spectral_diffusion.patcher import ConceptInfo, SpectralAdapters, TargetConfig
-from spectral_diffusion.svd import SvdCache
+from spectral_diffusion.core.model import ConceptInfo, SpectralAdapters, TargetConfig
+from spectral_diffusion.core.svd import SvdCache
+from spectral_diffusion.formats.adapter_file import adapter_from_model, install_adapter, read_adapter, save_adapter
+from spectral_diffusion.formats.lora import lora_state_dict
 
 BASE_MODEL = "bench:sd15-size-random"
 

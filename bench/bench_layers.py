@@ -14,8 +14,8 @@ from torch import nn
 
 from bench.common import Timings, peft_lora_modules, randomize, run_rounds
 from bench.reference import ReferenceSpectralLinear
-from spectral_diffusion.layers import SpectralLayer
-from spectral_diffusion.svd import top_k_svd
+from spectral_diffusion.core.layers import SpectralLayer
+from spectral_diffusion.core.svd import top_k_svd
 
 # (label, in features, out features, tokens)
 SD15_SHAPES = [

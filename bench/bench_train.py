@@ -30,8 +30,8 @@ from bench.common import (
     target_paths,
 )
 from bench.reference import ReferenceSpectralLinear
-from spectral_diffusion.patcher import ConceptInfo, SpectralAdapters, TargetConfig
-from spectral_diffusion.svd import SvdCache
+from spectral_diffusion.core.model import ConceptInfo, SpectralAdapters, TargetConfig
+from spectral_diffusion.core.svd import SvdCache
 
 SPECTRAL = ("additive", "rotational")
 

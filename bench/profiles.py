@@ -8,7 +8,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from spectral_diffusion.svd import top_k_svd
+from spectral_diffusion.core.svd import top_k_svd
 
 
 def profile_table(fn, before=None, rows: int = 14) -> str:

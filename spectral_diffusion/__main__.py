@@ -1,8 +1,8 @@
-"""``python -m spectral_diffusion``: see ``spectral_diffusion.cli``."""
+"""``python -m spectral_diffusion``: see ``spectral_diffusion.frontends.cli``."""
 
 import sys
 
-from .cli import main
+from spectral_diffusion.frontends.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import StorageError
+from spectral_diffusion.errors import StorageError
 
 TMP_PREFIX = ".tmp-"
 # errno values meaning "the disk cannot take this write": full, over quota, file size limit

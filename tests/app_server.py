@@ -30,7 +30,7 @@ def main() -> int:
 
     torch.set_num_threads(1)  # the test machine is shared; one request at a time is computed anyway
     import app
-    from spectral_diffusion.service import Service
+    from spectral_diffusion.frontends.service import Service
 
     service = Service(model="builtin:tiny", library=args.library, output_dir=args.outputs,
                       train_defaults={"preview_steps": 1, "resolution": 32})

@@ -26,7 +26,7 @@ def models_home(tmp_path_factory):
 
 @pytest.fixture
 def tiny_pipe(models_home):
-    from spectral_diffusion.builtin import load_pipeline
+    from spectral_diffusion.models.registry import load_pipeline
 
     pipe = load_pipeline("builtin:tiny")
     pipe.set_progress_bar_config(disable=True)
@@ -35,7 +35,7 @@ def tiny_pipe(models_home):
 
 @pytest.fixture
 def tiny_sdxl_pipe(models_home):
-    from spectral_diffusion.builtin import load_pipeline
+    from spectral_diffusion.models.registry import load_pipeline
 
     pipe = load_pipeline("builtin:tiny-sdxl")
     pipe.set_progress_bar_config(disable=True)

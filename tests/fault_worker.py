@@ -33,9 +33,9 @@ def main() -> int:
     marker = Path(marker)
     from PIL import Image
 
-    import spectral_diffusion.library as library_module
-    from spectral_diffusion.adapter_file import read_adapter
-    from spectral_diffusion.library import Library
+    import spectral_diffusion.library.store as library_module
+    from spectral_diffusion.formats.adapter_file import read_adapter
+    from spectral_diffusion.library.store import Library
 
     library = Library(root)
     data = read_adapter(adapter_file)

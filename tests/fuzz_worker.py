@@ -30,8 +30,8 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)
-    from spectral_diffusion.adapter_file import read_adapter
     from spectral_diffusion.errors import AdapterFormatError
+    from spectral_diffusion.formats.adapter_file import read_adapter
 
     files = sorted(p for p in folder.iterdir() if p.is_file())
     warm = folder / "valid.safetensors"

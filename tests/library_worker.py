@@ -12,7 +12,7 @@ import time
 
 
 def _renamed(path, name):
-    from spectral_diffusion.adapter_file import read_adapter
+    from spectral_diffusion.formats.adapter_file import read_adapter
 
     data = read_adapter(path)
     info = dataclasses.replace(data.info, name=name, tokens=[f"<{name}>"])
@@ -21,8 +21,8 @@ def _renamed(path, name):
 
 def reserve_and_add(root, name, files_by_slot, rank, capacity, barrier, results, hold_s=0.3):
     """Reserve a slot, 'train' (hold it a while), then add the concept trained for that slot."""
-    from spectral_diffusion.adapter_file import read_adapter
-    from spectral_diffusion.library import Library
+    from spectral_diffusion.formats.adapter_file import read_adapter
+    from spectral_diffusion.library.store import Library
 
     fingerprint = read_adapter(files_by_slot[0]).base_fingerprint
     library = Library(root)
@@ -38,7 +38,7 @@ def reserve_and_add(root, name, files_by_slot, rank, capacity, barrier, results,
 
 def killed_during_add(root, name, adapter_path, rank, capacity):
     """Reserve, start writing the concept, and die mid-write like a killed training (no cleanup)."""
-    import spectral_diffusion.library as library_module
+    import spectral_diffusion.library.store as library_module
 
     data = _renamed(adapter_path, name)
     library = library_module.Library(root)

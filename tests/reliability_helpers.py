@@ -35,8 +35,8 @@ def record_stats(section: str, **numbers) -> None:
 @functools.cache
 def _tiny_adapters():
     """One patched builtin:tiny per test process (needs the ``models_home`` fixture to have run)."""
-    from spectral_diffusion.builtin import load_pipeline
-    from spectral_diffusion.patcher import SpectralAdapters
+    from spectral_diffusion.core.model import SpectralAdapters
+    from spectral_diffusion.models.registry import load_pipeline
 
     pipe = load_pipeline("builtin:tiny")
     pipe.set_progress_bar_config(disable=True)
@@ -49,10 +49,10 @@ def tiny_pipeline():
 
 def make_adapter(name: str, slot: int, rank: int = RANK, variant: str = "additive", seed: int = 0):
     """AdapterData of a trained-looking concept of builtin:tiny in ``slot``."""
-    from spectral_diffusion.adapter_file import adapter_from_model
-    from spectral_diffusion.patcher import ConceptInfo
-
     from .conftest import randomize_concept
+
+    from spectral_diffusion.core.model import ConceptInfo
+    from spectral_diffusion.formats.adapter_file import adapter_from_model
 
     _, adapters = _tiny_adapters()
     adapters.new_concept(ConceptInfo(name, slot, rank, variant, [f"<{name}>"], "dog"))
@@ -147,7 +147,7 @@ def app_server(request) -> dict:
         return _SERVER
     import subprocess
 
-    from spectral_diffusion.library import Library
+    from spectral_diffusion.library.store import Library
 
     models_home = request.getfixturevalue("models_home")
     base = request.getfixturevalue("tmp_path_factory").mktemp("app-server")

@@ -5,13 +5,12 @@ import struct
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
-from spectral_diffusion.adapter_file import adapter_from_model, load_adapter, read_adapter, save_adapter
-from spectral_diffusion.builtin import load_pipeline
-from spectral_diffusion.errors import AdapterFormatError, BaseModelMismatchError
-from spectral_diffusion.patcher import ConceptInfo, SpectralAdapters
-
 from .conftest import randomize_concept
+
+from spectral_diffusion.core.model import ConceptInfo, SpectralAdapters
+from spectral_diffusion.errors import AdapterFormatError, BaseModelMismatchError
+from spectral_diffusion.formats.adapter_file import adapter_from_model, load_adapter, read_adapter, save_adapter
+from spectral_diffusion.models.registry import load_pipeline
 
 
 @pytest.fixture
@@ -179,7 +178,7 @@ def test_load_under_another_name_and_slot_conflict(saved, target):
 def test_save_is_atomic(saved, tmp_path, monkeypatch):
     adapters, paths = saved
     original = paths["dog"].read_bytes()
-    from spectral_diffusion import adapter_file
+    from spectral_diffusion.formats import adapter_file
 
     def crash(*args, **kwargs):
         raise OSError("disk full")

@@ -85,7 +85,7 @@ def make_client(url: str, downloads: Path, auth: tuple[str, str] | None = None) 
 
 @pytest.fixture(scope="module")
 def server(models_home, tmp_path_factory):
-    from spectral_diffusion.service import Service
+    from spectral_diffusion.frontends.service import Service
 
     base = tmp_path_factory.mktemp("app")
     service = Service(
@@ -130,11 +130,11 @@ def dog(server, client):
 @pytest.fixture(scope="module")
 def cat(server, client, dog):
     """A second concept of the same base model in slot 1, brought in with import_concept."""
-    from spectral_diffusion.adapter_file import adapter_from_model, save_adapter
-    from spectral_diffusion.builtin import load_pipeline
-    from spectral_diffusion.patcher import ConceptInfo, SpectralAdapters
-
     from .conftest import randomize_concept
+
+    from spectral_diffusion.core.model import ConceptInfo, SpectralAdapters
+    from spectral_diffusion.formats.adapter_file import adapter_from_model, save_adapter
+    from spectral_diffusion.models.registry import load_pipeline
 
     adapters = SpectralAdapters.from_pipeline(load_pipeline("builtin:tiny"))
     adapters.new_concept(ConceptInfo("whiskers", 1, 4, "rotational", ["<whiskers>"], "cat"))
@@ -191,8 +191,8 @@ def test_generate_errors_are_shown_as_messages(cat, client):
 
 
 def test_export_adapter_lora_and_fused_downloads(cat, client):
-    from spectral_diffusion.adapter_file import read_adapter
-    from spectral_diffusion.studio import read_bundle
+    from spectral_diffusion.formats.adapter_file import read_adapter
+    from spectral_diffusion.generation.fusion import read_bundle
 
     (spectral,) = client.predict("dog", "spectral", api_name="/export_concept")
     assert read_adapter(spectral).info.name == "dog"
@@ -270,7 +270,7 @@ def test_delete_needs_confirmation(cat, client, server):
 
 
 def test_auth_refuses_an_anonymous_client(models_home, tmp_path):
-    from spectral_diffusion.service import Service
+    from spectral_diffusion.frontends.service import Service
 
     started = time.monotonic()
     service = Service(model="builtin:tiny", library=tmp_path / "library")
@@ -325,7 +325,7 @@ def test_python_app_py_prints_its_url_and_serves_the_page(models_home, tmp_path)
 
 def test_parse_concepts():
     from spectral_diffusion.errors import SpectralDiffusionError
-    from spectral_diffusion.service import format_concepts, parse_concepts
+    from spectral_diffusion.frontends.service import format_concepts, parse_concepts
 
     assert parse_concepts("dog, cat:0.8,") == {"dog": 1.0, "cat": 0.8}
     assert parse_concepts('{"dog": 1, "cat": 0.5}') == {"dog": 1.0, "cat": 0.5}

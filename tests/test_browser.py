@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from .test_app import free_port, make_images
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +52,7 @@ def page(models_home, tmp_path_factory):
     from playwright.sync_api import sync_playwright
 
     import app
-    from spectral_diffusion.service import Service
+    from spectral_diffusion.frontends.service import Service
 
     base = tmp_path_factory.mktemp("browser")
     service = Service(model="builtin:tiny", library=base / "library", output_dir=base / "outputs",

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spectral_diffusion import builtin
-from spectral_diffusion.builtin import ModelNotFoundError
 from spectral_diffusion.errors import SpectralDiffusionError
+from spectral_diffusion.models import registry as builtin
+from spectral_diffusion.models.registry import ModelNotFoundError
 
 
 @pytest.fixture(scope="module")

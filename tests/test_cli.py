@@ -8,7 +8,7 @@ import sys
 import pytest
 from PIL import Image, ImageDraw
 
-from spectral_diffusion.cli import main, parse_concepts
+from spectral_diffusion.frontends.cli import main, parse_concepts
 
 
 def _images(folder, colour, count=4):

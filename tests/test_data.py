@@ -7,8 +7,9 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 
-from spectral_diffusion import data
-from spectral_diffusion.data import (
+from spectral_diffusion.errors import SpectralDiffusionError
+from spectral_diffusion.training import data
+from spectral_diffusion.training.data import (
     ConceptDataset,
     ImageDataError,
     caption_templates,
@@ -18,7 +19,6 @@ from spectral_diffusion.data import (
     open_image,
     read_caption,
 )
-from spectral_diffusion.errors import SpectralDiffusionError
 
 
 def _picture(width=80, height=64, seed=0) -> Image.Image:

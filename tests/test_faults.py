@@ -19,14 +19,6 @@ from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
-
-import spectral_diffusion.atomic as atomic_module
-import spectral_diffusion.library as library_module
-from spectral_diffusion import adapter_file, studio
-from spectral_diffusion.adapter_file import read_adapter, save_adapter
-from spectral_diffusion.errors import SpectralDiffusionError, StorageError
-from spectral_diffusion.library import Library, LibraryError
-
 from .reliability_helpers import (
     PYTHON,
     RANK,
@@ -39,6 +31,14 @@ from .reliability_helpers import (
     tiny_fingerprint_and_capacity,
     wait_for,
 )
+
+import spectral_diffusion.atomic as atomic_module
+import spectral_diffusion.library.store as library_module
+from spectral_diffusion.errors import SpectralDiffusionError, StorageError
+from spectral_diffusion.formats import adapter_file
+from spectral_diffusion.formats.adapter_file import read_adapter, save_adapter
+from spectral_diffusion.generation import fusion as studio
+from spectral_diffusion.library.store import Library, LibraryError
 
 FAULTS = {"kills": 0, "disk_full": 0, "failures": 0}
 
@@ -73,7 +73,7 @@ def assert_valid_after_restart(root: Path, expected: dict[str, int]) -> Library:
 @pytest.fixture(scope="module")
 def training_pipeline(models_home):
     """An unpatched builtin:tiny for in-process trainings (a patched one cannot be trained again)."""
-    from spectral_diffusion.builtin import load_pipeline
+    from spectral_diffusion.models.registry import load_pipeline
 
     pipe = load_pipeline("builtin:tiny")
     pipe.set_progress_bar_config(disable=True)
@@ -82,7 +82,7 @@ def training_pipeline(models_home):
 
 def train_into(library: Library, pipe, name: str, image_dir: Path, steps: int = 2):
     """What ``python -m spectral_diffusion train`` does (reserve, train, add), with a 1-step preview."""
-    from spectral_diffusion.training import TrainConfig, train_concept
+    from spectral_diffusion.training.trainer import TrainConfig, train_concept
 
     fingerprint, capacity = tiny_fingerprint_and_capacity()
     with library.reserve(name, fingerprint, RANK, capacity, tokens=[f"<{name}>"]) as slot:

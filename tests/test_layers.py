@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from spectral_diffusion.layers import SpectralLayer, cayley
-from spectral_diffusion.svd import top_k_svd
+from spectral_diffusion.core.layers import SpectralLayer, cayley
+from spectral_diffusion.core.svd import top_k_svd
 
 RANK = 4
 

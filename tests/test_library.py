@@ -15,17 +15,16 @@ from filelock import FileLock
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-
-import spectral_diffusion.library as library_module
-from spectral_diffusion.adapter_file import adapter_from_model, read_adapter, save_adapter
-from spectral_diffusion.builtin import load_pipeline
-from spectral_diffusion.errors import AdapterFormatError, ConceptNotFoundError, SlotConflictError
-from spectral_diffusion.library import NAME_PATTERN, ConceptRecord, Library, LibraryError, Reservation
-from spectral_diffusion.patcher import ConceptInfo, SpectralAdapters, TargetConfig
-from spectral_diffusion.tokens import TokenError
-
-from . import library_worker
 from .conftest import randomize_concept
+
+import spectral_diffusion.library.store as library_module
+from . import library_worker
+from spectral_diffusion.core.model import ConceptInfo, SpectralAdapters, TargetConfig
+from spectral_diffusion.core.tokens import TokenError
+from spectral_diffusion.errors import AdapterFormatError, ConceptNotFoundError, SlotConflictError
+from spectral_diffusion.formats.adapter_file import adapter_from_model, read_adapter, save_adapter
+from spectral_diffusion.library.store import NAME_PATTERN, ConceptRecord, Library, LibraryError, Reservation
+from spectral_diffusion.models.registry import load_pipeline
 
 RANK = 4
 
@@ -196,7 +195,7 @@ def test_broken_and_temporary_folders_are_skipped(maker, lib, caplog):
     (lib.root / "escape" / "concept.json").write_text(json.dumps({**meta, "name": "escape", "adapter": "../dog/x"}))
     (lib.root / ".tmp-cat-abc").mkdir()
     (lib.root / ".gitkeep").write_text("")
-    with caplog.at_level(logging.WARNING, logger="spectral_diffusion.library"):
+    with caplog.at_level(logging.WARNING, logger="spectral_diffusion.library.store"):
         assert [r.name for r in lib.list()] == ["dog"]
     assert "no-json" in caplog.text and "bad-json" in caplog.text and "Upper" in caplog.text
     assert "outside the concept folder" in caplog.text

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
-
-from spectral_diffusion.library import Library
-
 from .reliability_helpers import api_client, app_server, record_stats, rss_mb
+
+from spectral_diffusion.library.store import Library
 
 pytest.importorskip("gradio_client")
 from gradio_client import handle_file  # noqa: E402

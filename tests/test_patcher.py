@@ -1,12 +1,11 @@
 import pytest
 import torch
-
-from spectral_diffusion.errors import SlotConflictError
-from spectral_diffusion.patcher import ConceptInfo, SpectralAdapters, TargetConfig
-from spectral_diffusion.svd import SvdCache
-from spectral_diffusion.tokens import TokenError
-
 from .conftest import randomize_concept
+
+from spectral_diffusion.core.model import ConceptInfo, SpectralAdapters, TargetConfig
+from spectral_diffusion.core.svd import SvdCache
+from spectral_diffusion.core.tokens import TokenError
+from spectral_diffusion.errors import SlotConflictError
 
 
 def _unet_inputs(pipe, seed=0):
@@ -160,7 +159,7 @@ def test_spectrum_is_cached_per_base_model(tiny_pipe, tmp_path, monkeypatch):
     first = SpectralAdapters.from_pipeline(tiny_pipe, svd_cache=cache)
     spectrum = first.spectrum(8)
     first.unpatch()
-    from spectral_diffusion import svd
+    from spectral_diffusion.core import svd
 
     monkeypatch.setattr(svd, "top_k_svd_many", lambda *a, **k: pytest.fail("recomputed"))
     second = SpectralAdapters.from_pipeline(tiny_pipe, svd_cache=cache)
@@ -172,7 +171,7 @@ def test_spectrum_is_cached_per_base_model(tiny_pipe, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_pipeline(models_home, dtype):
-    from spectral_diffusion.builtin import load_pipeline
+    from spectral_diffusion.models.registry import load_pipeline
 
     pipe = load_pipeline("builtin:tiny", torch_dtype=dtype)
     adapters = SpectralAdapters.from_pipeline(pipe)

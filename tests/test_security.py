@@ -27,10 +27,17 @@ import httpx
 import psutil
 import pytest
 import torch
+from .reliability_helpers import (
+    AUTH,
+    ROOT,
+    api_client,
+    app_server,
+    make_adapter,
+    record_stats,
+    snapshot,
+)
 
-from spectral_diffusion.adapter_file import save_adapter
-
-from .reliability_helpers import AUTH, ROOT, api_client, app_server, make_adapter, record_stats, snapshot
+from spectral_diffusion.formats.adapter_file import save_adapter
 
 pytest.importorskip("gradio_client")
 from gradio_client import handle_file  # noqa: E402

@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from .conftest import randomize_concept
 
-from spectral_diffusion.adapter_file import adapter_from_model, save_adapter
-from spectral_diffusion.builtin import load_pipeline
+from spectral_diffusion.core.model import ConceptInfo, SpectralAdapters
 from spectral_diffusion.errors import AdapterFormatError, BaseModelMismatchError, ConceptNotFoundError
-from spectral_diffusion.patcher import ConceptInfo, SpectralAdapters
-from spectral_diffusion.studio import (
+from spectral_diffusion.formats.adapter_file import adapter_from_model, save_adapter
+from spectral_diffusion.generation.fusion import (
     SCHEDULERS,
     FusionError,
     GenerationRequest,
@@ -24,8 +24,7 @@ from spectral_diffusion.studio import (
     bundle_strengths,
     read_bundle,
 )
-
-from .conftest import randomize_concept
+from spectral_diffusion.models.registry import load_pipeline
 
 # name -> (slot, variant, token, seed); "fox" shares cat's slot on purpose
 SPECS = {

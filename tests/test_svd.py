@@ -3,7 +3,7 @@ import time
 import pytest
 import torch
 
-from spectral_diffusion.svd import SvdCache, compute_spectrum, fix_signs, top_k_svd, weights_fingerprint
+from spectral_diffusion.core.svd import SvdCache, compute_spectrum, fix_signs, top_k_svd, weights_fingerprint
 
 
 def _subspace_distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -62,7 +62,7 @@ def test_cache_hit_skips_recomputation(tmp_path, monkeypatch):
     cache = SvdCache(tmp_path)
     first = compute_spectrum(weights, 8, "fp", cache)
     calls = []
-    from spectral_diffusion import svd
+    from spectral_diffusion.core import svd
 
     monkeypatch.setattr(svd, "top_k_svd_many", lambda *a, **k: calls.append(1))
     second = compute_spectrum(weights, 8, "fp", cache)

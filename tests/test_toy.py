@@ -8,15 +8,16 @@ import json
 import pytest
 import torch
 
-from spectral_diffusion import builtin, scenes
-from spectral_diffusion.training import generate
+from spectral_diffusion.models import registry as builtin
+from spectral_diffusion.models import scenes
+from spectral_diffusion.training.trainer import generate
 
 TOY = builtin.SHIPPED_MODELS["builtin:toy"]
 
 
 def test_toy_is_the_default_model_and_ships_small():
     import app
-    from spectral_diffusion import cli
+    from spectral_diffusion.frontends import cli
 
     assert cli.DEFAULT_MODEL == app.DEFAULT_MODEL == "builtin:toy"
     assert builtin.resolve_model("builtin:toy") == str(TOY)
@@ -89,9 +90,9 @@ def test_pretraining_checkpoints_resume_and_export_a_loadable_pipeline(tmp_path)
 
 
 def test_toy_trains_with_its_own_defaults_unless_the_user_overrides_them(tmp_path):
-    from spectral_diffusion.cli import build_parser
-    from spectral_diffusion.cli_commands import _train_config
-    from spectral_diffusion.service import Service
+    from spectral_diffusion.frontends.cli import build_parser
+    from spectral_diffusion.frontends.cli_commands import _train_config
+    from spectral_diffusion.frontends.service import Service
 
     parser = build_parser()
     toy = _train_config(parser.parse_args(["train", "--images", "x", "--name", "a"]), 8, 0)

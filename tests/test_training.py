@@ -19,13 +19,13 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 from torch import nn
 
-from spectral_diffusion.adapter_file import load_adapter, read_adapter, save_adapter
-from spectral_diffusion.builtin import load_pipeline
-from spectral_diffusion.data import ImageDataError
-from spectral_diffusion.layers import SpectralLayer
-from spectral_diffusion.patcher import SpectralAdapters
-from spectral_diffusion.svd import top_k_svd
-from spectral_diffusion.training import (
+from spectral_diffusion.core.layers import SpectralLayer
+from spectral_diffusion.core.model import SpectralAdapters
+from spectral_diffusion.core.svd import top_k_svd
+from spectral_diffusion.formats.adapter_file import load_adapter, read_adapter, save_adapter
+from spectral_diffusion.models.registry import load_pipeline
+from spectral_diffusion.training.data import ImageDataError
+from spectral_diffusion.training.trainer import (
     CheckpointError,
     TrainConfig,
     TrainingCancelled,

@@ -21,13 +21,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
-
-from spectral_diffusion import data
-from spectral_diffusion.data import MAX_FILE_BYTES, MAX_IMAGES, MAX_TOTAL_BYTES, ImageDataError, find_images, open_image
-from spectral_diffusion.library import Library
-from spectral_diffusion.service import Service
-
 from .reliability_helpers import make_adapter, record_stats, snapshot
+
+from spectral_diffusion.frontends.service import Service
+from spectral_diffusion.library.store import Library
+from spectral_diffusion.training import data
+from spectral_diffusion.training.data import (
+    MAX_FILE_BYTES,
+    MAX_IMAGES,
+    MAX_TOTAL_BYTES,
+    ImageDataError,
+    find_images,
+    open_image,
+)
 
 REFUSAL_LIMIT_S = 5.0  # refusing must not decode a bomb or walk thousands of files slowly
 FIGURES = {"refused": 0, "converted": 0, "failures": 0}

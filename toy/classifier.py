@@ -25,8 +25,8 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from spectral_diffusion import scenes
 from spectral_diffusion.atomic import atomic_path
+from spectral_diffusion.models import scenes
 
 logger = logging.getLogger("toy.classifier")
 

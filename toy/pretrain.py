@@ -5,7 +5,7 @@
 
 Three phases, each resumable from its checkpoint in ``--work``:
 
-1. render the scenes (``spectral_diffusion.scenes``) and train the VAE (32 px images, 8 x 8 x 4 latents);
+1. render the scenes (``spectral_diffusion.models.scenes``) and train the VAE (32 px images, 8 x 8 x 4 latents);
 2. encode every scene once with the frozen VAE;
 3. train the UNet and the CLIP text encoder together on the diffusion loss (epsilon prediction, SD's
    noise schedule, min-SNR weighting, 10% empty captions for classifier-free guidance, an EMA of the
@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from spectral_diffusion import scenes
 from spectral_diffusion.atomic import atomic_path, atomic_write_text
-from spectral_diffusion.builtin import MAX_LENGTH, build_tokenizer, write_clip_vocab
+from spectral_diffusion.models import scenes
+from spectral_diffusion.models.registry import MAX_LENGTH, build_tokenizer, write_clip_vocab
 
 logger = logging.getLogger("toy.pretrain")
 

@@ -22,11 +22,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from .atomic import atomic_path, storage_error
-from .builtin import default_rank, training_defaults
-from .errors import SpectralDiffusionError
-from .library import ConceptRecord, Library, validate_name
-from .slotmap import draw_slot_map
+from spectral_diffusion.atomic import atomic_path, storage_error
+from spectral_diffusion.errors import SpectralDiffusionError
+from spectral_diffusion.library.slotmap import draw_slot_map
+from spectral_diffusion.library.store import ConceptRecord, Library, validate_name
+from spectral_diffusion.models.registry import default_rank, training_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class Service:
         ``train_defaults`` are extra ``TrainConfig`` fields for every training (e.g.
         ``{"preview_steps": 10, "resolution": 256}``).
         """
-        from .studio import Studio
+        from spectral_diffusion.generation.fusion import Studio
 
         self.model = model
         self.device = device
@@ -230,7 +230,7 @@ class Service:
         scheduler: str = "default",
         progress: Callable[[int, int], None] | None = None,
     ) -> list[Image.Image]:
-        from .studio import GenerationRequest
+        from spectral_diffusion.generation.fusion import GenerationRequest
 
         request = GenerationRequest(
             prompt=prompt,
@@ -275,7 +275,7 @@ class Service:
     def _training_pipeline(self):
         """A pipeline of its own for training: the studio's is patched for generation."""
         if self._train_pipe is None:
-            from .builtin import load_pipeline
+            from spectral_diffusion.models.registry import load_pipeline
 
             self._train_pipe = load_pipeline(self.model, device=self.device)
             self._train_pipe.set_progress_bar_config(disable=True)
@@ -336,7 +336,7 @@ class Service:
 
     @staticmethod
     def _check_images(images: Sequence[str | os.PathLike]) -> list[Path]:
-        from .data import find_images, open_image
+        from spectral_diffusion.training.data import find_images, open_image
 
         if isinstance(images, (str, os.PathLike)):
             paths = find_images(images)
@@ -347,7 +347,7 @@ class Service:
         return paths
 
     def _train_locked(self, name, paths, class_word, variant, rank, steps, seed, slot, token, preview_every, progress):
-        from .training import TrainConfig, train_concept
+        from spectral_diffusion.training.trainer import TrainConfig, train_concept
 
         rank = rank or default_rank(self.model)
         tokens = [token] if token else [f"<{name}>"]

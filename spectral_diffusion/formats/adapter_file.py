@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import __version__
-from .atomic import atomic_path
-from .errors import AdapterFormatError
-from .layers import VARIANTS
-from .patcher import TEXT_COMPONENTS, ConceptInfo, SpectralAdapters
-from .tokens import TOKEN_PATTERN
+from spectral_diffusion import __version__
+from spectral_diffusion.atomic import atomic_path
+from spectral_diffusion.core.layers import VARIANTS
+from spectral_diffusion.core.model import TEXT_COMPONENTS, ConceptInfo, SpectralAdapters
+from spectral_diffusion.core.tokens import TOKEN_PATTERN
+from spectral_diffusion.errors import AdapterFormatError
 
 FORMAT = "spectral-adapter"
 FORMAT_VERSION = "1"

@@ -21,8 +21,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from .errors import SpectralDiffusionError
-from .pixels import to_8bit
+from spectral_diffusion.errors import SpectralDiffusionError
+from spectral_diffusion.images import to_8bit
 
 logger = logging.getLogger(__name__)
 

@@ -10,92 +10,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .errors import BaseModelMismatchError, ConceptNotFoundError, SlotConflictError
-from .layers import VARIANTS, SpectralLayer
-from .svd import SvdCache, Triplets, compute_spectrum, weights_fingerprint
-from .tokens import ConceptTokenEmbedding, TokenError, add_tokens, validate_token
+from spectral_diffusion.core import slots
+from spectral_diffusion.core.config import TEXT_COMPONENTS, TOKENIZER_OF, ConceptInfo, TargetConfig
+from spectral_diffusion.core.layers import SpectralLayer
+from spectral_diffusion.core.svd import SvdCache, Triplets, compute_spectrum, weights_fingerprint
+from spectral_diffusion.core.tokens import ConceptTokenEmbedding, TokenError, add_tokens
+from spectral_diffusion.errors import BaseModelMismatchError, ConceptNotFoundError, SlotConflictError
 
 logger = logging.getLogger(__name__)
 
-UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
-UNET_FEED_FORWARD = ("ff.net.0.proj", "ff.net.2")
-UNET_PROJECTIONS = ("proj_in", "proj_out")
-TEXT_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
-TEXT_FEED_FORWARD = ("fc1", "fc2")
-
-TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
-TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 COMPATIBILITY_TOLERANCE = 1e-2
 SPECTRUM_MIN_K = 64
-
-
-@dataclass(frozen=True)
-class TargetConfig:
-    """Which layers get adapters: module-path suffixes for the UNet and for every text encoder."""
-
-    unet: tuple[str, ...] = UNET_ATTENTION
-    text_encoder: tuple[str, ...] = TEXT_ATTENTION
-
-    def __post_init__(self):
-        known_unet = set(UNET_ATTENTION + UNET_FEED_FORWARD + UNET_PROJECTIONS)
-        known_text = set(TEXT_ATTENTION + TEXT_FEED_FORWARD)
-        bad = sorted(set(self.unet) - known_unet) + sorted(set(self.text_encoder) - known_text)
-        if bad:
-            raise ValueError(
-                f"unknown adapter targets {bad}; UNet targets: {sorted(known_unet)}, "
-                f"text encoder targets: {sorted(known_text)}"
-            )
-        if not self.unet and not self.text_encoder:
-            raise ValueError("at least one adapter target is needed")
-
-    @classmethod
-    def preset(cls, name: str) -> TargetConfig:
-        """``attention`` (default), ``attention+ff``, or ``all`` (attention, feed-forward, proj_in/out)."""
-        if name == "attention":
-            return cls()
-        if name == "attention+ff":
-            return cls(UNET_ATTENTION + UNET_FEED_FORWARD, TEXT_ATTENTION + TEXT_FEED_FORWARD)
-        if name == "all":
-            return cls(UNET_ATTENTION + UNET_FEED_FORWARD + UNET_PROJECTIONS, TEXT_ATTENTION + TEXT_FEED_FORWARD)
-        raise ValueError(f"unknown target preset {name!r}; use attention, attention+ff or all")
-
-    def to_json(self) -> dict:
-        return {"unet": list(self.unet), "text_encoder": list(self.text_encoder)}
-
-    @classmethod
-    def from_json(cls, data: Mapping) -> TargetConfig:
-        return cls(tuple(data.get("unet", ())), tuple(data.get("text_encoder", ())))
-
-
-@dataclass
-class ConceptInfo:
-    """What identifies a loaded concept: its slot and rank, variant and trigger tokens."""
-
-    name: str
-    slot: int
-    rank: int
-    variant: str
-    tokens: list[str] = field(default_factory=list)
-    class_word: str = ""
-
-    def __post_init__(self):
-        if self.variant not in VARIANTS:
-            raise ValueError(f"unknown variant {self.variant!r}; use one of {VARIANTS}")
-        if self.rank < 1:
-            raise ValueError(f"rank must be at least 1, got {self.rank}")
-        if self.slot < 0:
-            raise ValueError(f"slot must be 0 or more, got {self.slot}")
-        for token in self.tokens:
-            validate_token(token)
-
-    @property
-    def columns(self) -> range:
-        return range(self.slot * self.rank, (self.slot + 1) * self.rank)
 
 
 def _adaptable(module: nn.Module) -> bool:
@@ -193,15 +122,19 @@ class SpectralAdapters:
 
     # ----- spectrum -------------------------------------------------------------------------------
 
+    @property
+    def smallest_dim(self) -> int:
+        """min(m, n) over the patched layers: with a rank it gives the slot capacity."""
+        return min(min(layer.out_features, layer.in_features) for layer in self.layers.values())
+
     def capacity(self, rank: int) -> int:
         """Number of slots of this rank every patched layer can hold."""
-        smallest = min(min(layer.out_features, layer.in_features) for layer in self.layers.values())
-        return smallest // rank
+        return slots.capacity(self.smallest_dim, rank)
 
     def spectrum(self, k: int, progress=None) -> dict[str, Triplets]:
         """Top-``k`` triplets of every patched base weight (computed once, cached on disk)."""
         have = min((t.k for t in self._spectrum.values()), default=0)
-        smallest = min(min(layer.out_features, layer.in_features) for layer in self.layers.values())
+        smallest = self.smallest_dim
         if not self._spectrum or have < min(k, smallest):
             with self._unmerged():
                 weights = {key: layer.weight_matrix for key, layer in self.layers.items()}
@@ -230,22 +163,19 @@ class SpectralAdapters:
     def _check_slot(self, info: ConceptInfo) -> None:
         if info.name in self.concepts:
             raise SlotConflictError(f"a concept named {info.name!r} is already loaded")
-        capacity = self.capacity(info.rank)
-        if info.slot >= capacity:
-            raise SlotConflictError(
-                f"slot {info.slot} does not exist at rank {info.rank}: this model has {capacity} slots "
-                f"(0-{capacity - 1}); use a free slot or a smaller rank"
-            )
+        slot_capacity = self.capacity(info.rank)
+        problem = slots.slot_problem(info.slot, info.rank, slot_capacity)
+        if problem:
+            raise SlotConflictError(problem if slot_capacity < 1 else f"{problem}; use a free slot or a smaller rank")
         for other in self.concepts.values():
-            if set(info.columns) & set(other.columns):
+            if slots.overlap(info.columns, other.columns):
                 raise SlotConflictError(
                     f"concept {info.name!r} (slot {info.slot}, rank {info.rank}) overlaps concept "
                     f"{other.name!r} (slot {other.slot}, rank {other.rank}); they cannot be active together"
                 )
-        for token in info.tokens:
-            for other in self.concepts.values():
-                if token in other.tokens:
-                    raise TokenError(f"trigger token {token} is already used by concept {other.name!r}")
+            shared = sorted(set(info.tokens) & set(other.tokens))
+            if shared:
+                raise TokenError(f"trigger token {shared[0]} is already used by concept {other.name!r}")
 
     def new_concept(self, info: ConceptInfo, progress=None) -> None:
         """Install a fresh, zero-initialised concept (its output equals the base model's)."""

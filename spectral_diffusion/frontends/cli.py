@@ -14,7 +14,7 @@ DEFAULT_MODEL = "builtin:toy"
 DEFAULT_LIBRARY = "concepts"
 EXIT_USER_ERROR = 2
 
-logger = logging.getLogger("spectral_diffusion.cli")
+logger = logging.getLogger("spectral_diffusion.frontends.cli")
 
 
 def parse_concepts(text: str) -> dict[str, float]:
@@ -123,13 +123,13 @@ def _quiet_third_party() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import SpectralDiffusionError
+    from spectral_diffusion.errors import SpectralDiffusionError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if not args.verbose:
         _quiet_third_party()
-    from . import cli_commands
+    from spectral_diffusion.frontends import cli_commands
 
     try:
         getattr(cli_commands, f"cmd_{args.command}")(args)

@@ -9,8 +9,8 @@ import os
 import time
 from pathlib import Path
 
-from .atomic import atomic_path
-from .builtin import default_rank, training_defaults
+from spectral_diffusion.atomic import atomic_path
+from spectral_diffusion.models.registry import default_rank, training_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -32,13 +32,13 @@ def out_paths(out: str, count: int) -> list[Path]:
 
 
 def _library(args):
-    from .library import Library
+    from spectral_diffusion.library.store import Library
 
     return Library(args.library)
 
 
 def _studio(args):
-    from .studio import Studio
+    from spectral_diffusion.generation.fusion import Studio
 
     return Studio(args.model, device=args.device)
 
@@ -67,7 +67,7 @@ def _distributed_rank() -> tuple[int, int]:
 
 
 def _train_config(args, rank: int, slot: int):
-    from .training import TrainConfig
+    from spectral_diffusion.training.trainer import TrainConfig
 
     checkpoints = args.checkpoint_every or args.resume
     chosen = {"steps": args.steps, "resolution": args.resolution}
@@ -88,11 +88,11 @@ def _train_config(args, rank: int, slot: int):
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .builtin import load_pipeline
-    from .data import find_images
-    from .errors import SpectralDiffusionError
-    from .patcher import SpectralAdapters
-    from .training import train_concept
+    from spectral_diffusion.core.model import SpectralAdapters
+    from spectral_diffusion.errors import SpectralDiffusionError
+    from spectral_diffusion.models.registry import load_pipeline
+    from spectral_diffusion.training.data import find_images
+    from spectral_diffusion.training.trainer import train_concept
 
     library = _library(args)
     library.validate_name(args.name)
@@ -148,7 +148,7 @@ def _load_concepts(studio, library, names) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .studio import GenerationRequest
+    from spectral_diffusion.generation.fusion import GenerationRequest
 
     library, studio = _library(args), _studio(args)
     _load_concepts(studio, library, args.concepts)
@@ -204,7 +204,7 @@ def cmd_delete(args: argparse.Namespace) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    from .builtin import BUILTIN_MODELS, ensure_builtin
+    from spectral_diffusion.models.registry import BUILTIN_MODELS, ensure_builtin
 
     rows = [{"name": name, "description": text, "path": str(ensure_builtin(name))} for name, text in BUILTIN_MODELS.items()]
     if args.json:

@@ -7,7 +7,7 @@ fixed seeds and saves them once through the ordinary ``save_pretrained`` /
 what it sees with a real model: the same classes, module paths, configs and loaders.
 
 ``builtin:toy``, the default, is different: a pipeline pretrained by ``python -m toy.pretrain``
-on procedural scenes (``spectral_diffusion.scenes``) and shipped inside the package as an ordinary
+on procedural scenes (``spectral_diffusion.models.scenes``) and shipped inside the package as an ordinary
 diffusers folder (``spectral_diffusion/models/toy``, about 21 MB of fp32 safetensors).  It draws
 32 x 32 pictures of coloured shapes and learns a new concept on a CPU in minutes.
 
@@ -88,7 +88,7 @@ def training_defaults(model: str) -> dict:
 
 
 # Built-in models shipped as ready diffusers folders inside the package (not built on first use).
-SHIPPED_MODELS: dict[str, Path] = {"builtin:toy": Path(__file__).resolve().parent / "models" / "toy"}
+SHIPPED_MODELS: dict[str, Path] = {"builtin:toy": Path(__file__).resolve().parent / "toy"}
 
 # Bump when a builder's output changes, so stale cached folders are rebuilt.
 BUILD_VERSION = 2

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_path
+from spectral_diffusion.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 

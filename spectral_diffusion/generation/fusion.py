@@ -35,9 +35,21 @@ from diffusers import (
 )
 from safetensors.torch import load_file, save_file
 
-from . import __version__
-from .adapter_file import FORMAT as ADAPTER_FORMAT
-from .adapter_file import (
+from spectral_diffusion import __version__
+from spectral_diffusion.atomic import atomic_path
+from spectral_diffusion.core import slots
+from spectral_diffusion.core.model import ConceptInfo, SpectralAdapters, TargetConfig
+from spectral_diffusion.core.svd import SvdCache
+from spectral_diffusion.core.tokens import TokenError
+from spectral_diffusion.errors import (
+    AdapterFormatError,
+    BaseModelMismatchError,
+    ConceptNotFoundError,
+    SlotConflictError,
+    SpectralDiffusionError,
+)
+from spectral_diffusion.formats.adapter_file import FORMAT as ADAPTER_FORMAT
+from spectral_diffusion.formats.adapter_file import (
     AdapterData,
     adapter_data_from_tensors,
     check_adapter_metadata,
@@ -45,19 +57,8 @@ from .adapter_file import (
     read_adapter,
     read_safetensors_header,
 )
-from .atomic import atomic_path
-from .builtin import load_pipeline
-from .errors import (
-    AdapterFormatError,
-    BaseModelMismatchError,
-    ConceptNotFoundError,
-    SlotConflictError,
-    SpectralDiffusionError,
-)
-from .lora_export import export_lora
-from .patcher import ConceptInfo, SpectralAdapters, TargetConfig
-from .svd import SvdCache
-from .tokens import TokenError
+from spectral_diffusion.formats.lora import export_lora
+from spectral_diffusion.models.registry import load_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -273,7 +274,7 @@ def _bundle_infos(path: Path, concepts: dict) -> dict[str, ConceptInfo]:
             raise _bundle_fail(path, f"concept {name!r} is named {meta.get('name')!r} in its own metadata")
         infos[name] = check_adapter_metadata(meta, f"{path.name} [{name}]")
     for a, b in combinations(infos.values(), 2):
-        if set(a.columns) & set(b.columns):
+        if slots.overlap(a.columns, b.columns):
             raise _bundle_fail(path, f"concepts {a.name!r} and {b.name!r} overlap in slot columns")
     return infos
 
@@ -348,17 +349,6 @@ def bundle_strengths(path: str | os.PathLike) -> dict[str, float]:
 def _targets_key(targets) -> tuple[frozenset, frozenset]:
     data = targets.to_json() if isinstance(targets, TargetConfig) else dict(targets)
     return frozenset(data.get("unet", ())), frozenset(data.get("text_encoder", ()))
-
-
-def _clash(a: ConceptInfo, b: ConceptInfo) -> str | None:
-    """Why two concepts cannot be installed together, or None."""
-    if set(a.columns) & set(b.columns):
-        where = f"slot {a.slot}" if (a.slot, a.rank) == (b.slot, b.rank) else "overlapping slot columns"
-        return f"both use {where} (rank {a.rank} slot {a.slot}, rank {b.rank} slot {b.slot})"
-    shared = sorted(set(a.tokens) & set(b.tokens))
-    if shared:
-        return f"share the trigger token {shared[0]}"
-    return None
 
 
 class Studio:
@@ -537,7 +527,7 @@ class Studio:
         info = self._info(name)
         adapters = self.adapters
         for other in list(adapters.concepts):
-            if other not in keep and other != name and _clash(info, adapters.concepts[other]):
+            if other not in keep and other != name and slots.clash(info, adapters.concepts[other]):
                 self._unbake()
                 adapters.remove_concept(other)
                 self._applied = None
@@ -558,7 +548,7 @@ class Studio:
 
     def _check_fusable(self, names: Iterable[str]) -> None:
         for a, b in combinations(sorted(names), 2):
-            why = _clash(self._info(a), self._info(b))
+            why = slots.clash(self._info(a), self._info(b))
             if why:
                 raise FusionError(
                     f"concepts {a!r} and {b!r} cannot be fused: they {why}. Select one of them, or "

@@ -17,10 +17,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import ConceptNotFoundError
-from .svd import Triplets
-
-VARIANTS = ("additive", "rotational")
+from spectral_diffusion.core.config import VARIANTS
+from spectral_diffusion.core.svd import Triplets
+from spectral_diffusion.errors import ConceptNotFoundError
 
 
 def cayley(generator: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import re
 import torch
 from torch import nn
 
-from .errors import ConceptNotFoundError, SpectralDiffusionError
+from spectral_diffusion.errors import ConceptNotFoundError, SpectralDiffusionError
 
 TOKEN_PATTERN = re.compile(r"^<[a-z0-9][a-z0-9_-]{0,62}>$")
 

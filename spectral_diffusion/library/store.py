@@ -39,11 +39,12 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 from PIL import Image, ImageOps
 
-from .adapter_file import FORMAT, FORMAT_VERSION, AdapterData, read_adapter, save_adapter
-from .atomic import atomic_path, atomic_write_text, fsync_path, storage_error
-from .errors import ConceptNotFoundError, SlotConflictError, SpectralDiffusionError
-from .pixels import to_8bit
-from .tokens import TokenError
+from spectral_diffusion.atomic import atomic_path, atomic_write_text, fsync_path, storage_error
+from spectral_diffusion.core import slots
+from spectral_diffusion.core.tokens import TokenError
+from spectral_diffusion.errors import ConceptNotFoundError, SlotConflictError, SpectralDiffusionError
+from spectral_diffusion.formats.adapter_file import FORMAT, FORMAT_VERSION, AdapterData, read_adapter, save_adapter
+from spectral_diffusion.images import to_8bit
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class ConceptRecord:
 
     @property
     def columns(self) -> range:
-        return _columns(self.slot, self.rank)
+        return slots.columns(self.slot, self.rank)
 
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
@@ -165,7 +166,7 @@ class Reservation:
 
     @property
     def columns(self) -> range:
-        return _columns(self.slot, self.rank)
+        return slots.columns(self.slot, self.rank)
 
     @property
     def created_at(self) -> str:
@@ -296,7 +297,7 @@ class Library:
         """Slots of ``rank`` in a model whose smallest adapted layer dimension is ``smallest_dim``."""
         if rank < 1:
             raise LibraryError(f"rank must be at least 1, got {rank}")
-        return smallest_dim // rank
+        return slots.capacity(smallest_dim, rank)
 
     def known_smallest_dim(self, base_fingerprint: str) -> int | None:
         """The smallest adapted layer dimension of a base model, as recorded by its concepts."""
@@ -315,7 +316,7 @@ class Library:
         unit = rank or min((r.rank for r in records), default=1)
         out: dict[int, str] = {}
         for record in records:
-            for slot in _slots_covered(record.columns, unit):
+            for slot in slots.slots_covered(record.columns, unit):
                 out.setdefault(slot, record.name)
         return dict(sorted(out.items()))
 
@@ -330,7 +331,7 @@ class Library:
             capacity = None if dim is None else self.capacity(rank, dim)
         reserved: dict[int, str] = {}
         for reservation in self.reservations(base_fingerprint):
-            for slot in _slots_covered(reservation.columns, rank):
+            for slot in slots.slots_covered(reservation.columns, rank):
                 reserved.setdefault(slot, reservation.name)
         return SlotReport(base_fingerprint, rank, capacity, self.slot_map(base_fingerprint, rank), reserved)
 
@@ -530,9 +531,9 @@ class Library:
         if rank < 1:
             raise LibraryError(f"rank must be at least 1, got {rank}")
         if capacity < 1:
-            raise SlotConflictError(f"this base model has no slot of rank {rank}; use a smaller rank")
+            raise SlotConflictError(slots.slot_problem(0, rank, capacity, "this base model"))
         owners = self._owners(base_fingerprint, exclude)
-        free = [k for k in range(capacity) if _clash(owners, _columns(k, rank)) is None]
+        free = [k for k in range(capacity) if slots.first_overlap(owners, slots.columns(k, rank)) is None]
         if requested is not None:
             return _check_requested(owners, free, rank, capacity, requested)
         if not free:
@@ -636,7 +637,7 @@ class Library:
         held = self._live_reservations().get(info.name)
         if held is not None and not held.is_ours():
             raise LibraryError(f"the name {info.name!r} is reserved by {held.describe()}; pick another name")
-        clash = _clash(self._owners(data.base_fingerprint, exclude=info.name), info.columns)
+        clash = slots.first_overlap(self._owners(data.base_fingerprint, exclude=info.name), info.columns)
         if clash is not None:
             raise SlotConflictError(
                 f"slot {info.slot} (rank {info.rank}) of base model {data.base_model!r} is taken by "
@@ -709,28 +710,11 @@ def validate_name(name: str) -> str:
     raise LibraryError(_name_problem(name))
 
 
-def _columns(slot: int, rank: int) -> range:
-    return range(slot * rank, (slot + 1) * rank)
-
-
-def _slots_covered(columns: range, unit: int) -> range:
-    return range(columns.start // unit, (columns.stop - 1) // unit + 1)
-
-
-def _clash(owners: Sequence[_Owner], columns: range) -> _Owner | None:
-    for owner in owners:
-        if owner.columns.start < columns.stop and columns.start < owner.columns.stop:
-            return owner
-    return None
-
-
 def _check_requested(owners: Sequence[_Owner], free: list[int], rank: int, capacity: int, requested: int) -> int:
-    if not 0 <= requested < capacity:
-        raise SlotConflictError(
-            f"slot {requested} does not exist at rank {rank}: this base model has {capacity} slots "
-            f"(0-{capacity - 1})"
-        )
-    clash = _clash(owners, _columns(requested, rank))
+    problem = slots.slot_problem(requested, rank, capacity, "this base model")
+    if problem:
+        raise SlotConflictError(problem)
+    clash = slots.first_overlap(owners, slots.columns(requested, rank))
     if clash is not None:
         options = f"free slots: {free}" if free else "no slot is free"
         raise SlotConflictError(f"slot {requested} is taken by {clash.label}; {options} (or let the library choose)")

@@ -39,9 +39,14 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from .adapter_file import AdapterData, adapter_from_model
-from .atomic import atomic_path, atomic_write_text
-from .data import (
+from spectral_diffusion.atomic import atomic_path, atomic_write_text
+from spectral_diffusion.core.layers import VARIANTS
+from spectral_diffusion.core.model import TEXT_COMPONENTS, TOKENIZER_OF, ConceptInfo, SpectralAdapters, TargetConfig
+from spectral_diffusion.core.svd import SvdCache
+from spectral_diffusion.core.tokens import default_token, validate_token
+from spectral_diffusion.errors import SpectralDiffusionError
+from spectral_diffusion.formats.adapter_file import AdapterData, adapter_from_model
+from spectral_diffusion.training.data import (
     IMAGE_EXTENSIONS,
     ConceptDataset,
     caption_templates,
@@ -51,11 +56,6 @@ from .data import (
     mix_seed,
     open_image,
 )
-from .errors import SpectralDiffusionError
-from .layers import VARIANTS
-from .patcher import TEXT_COMPONENTS, TOKENIZER_OF, ConceptInfo, SpectralAdapters, TargetConfig
-from .svd import SvdCache
-from .tokens import default_token, validate_token
 
 logger = logging.getLogger(__name__)
 
@@ -893,7 +893,7 @@ def _base_model_name(model, pipe, given: str | None) -> str:
 
 
 def _load(model):
-    from .builtin import load_pipeline
+    from spectral_diffusion.models.registry import load_pipeline
 
     if not isinstance(model, str):
         return model, False

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .atomic import atomic_path
-from .patcher import SpectralAdapters
+from spectral_diffusion.atomic import atomic_path
+from spectral_diffusion.core.model import SpectralAdapters
 
 LORA_STYLES = ("peft", "kohya")
 KOHYA_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}

@@ -1,0 +1,84 @@
+"""What the package is configured by: which layers get adapters, and what identifies a concept."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from spectral_diffusion.core import slots
+from spectral_diffusion.core.tokens import validate_token
+
+VARIANTS = ("additive", "rotational")
+
+UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+UNET_FEED_FORWARD = ("ff.net.0.proj", "ff.net.2")
+UNET_PROJECTIONS = ("proj_in", "proj_out")
+TEXT_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
+TEXT_FEED_FORWARD = ("fc1", "fc2")
+
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
+TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """Which layers get adapters: module-path suffixes for the UNet and for every text encoder."""
+
+    unet: tuple[str, ...] = UNET_ATTENTION
+    text_encoder: tuple[str, ...] = TEXT_ATTENTION
+
+    def __post_init__(self):
+        known_unet = set(UNET_ATTENTION + UNET_FEED_FORWARD + UNET_PROJECTIONS)
+        known_text = set(TEXT_ATTENTION + TEXT_FEED_FORWARD)
+        bad = sorted(set(self.unet) - known_unet) + sorted(set(self.text_encoder) - known_text)
+        if bad:
+            raise ValueError(
+                f"unknown adapter targets {bad}; UNet targets: {sorted(known_unet)}, "
+                f"text encoder targets: {sorted(known_text)}"
+            )
+        if not self.unet and not self.text_encoder:
+            raise ValueError("at least one adapter target is needed")
+
+    @classmethod
+    def preset(cls, name: str) -> TargetConfig:
+        """``attention`` (default), ``attention+ff``, or ``all`` (attention, feed-forward, proj_in/out)."""
+        if name == "attention":
+            return cls()
+        if name == "attention+ff":
+            return cls(UNET_ATTENTION + UNET_FEED_FORWARD, TEXT_ATTENTION + TEXT_FEED_FORWARD)
+        if name == "all":
+            return cls(UNET_ATTENTION + UNET_FEED_FORWARD + UNET_PROJECTIONS, TEXT_ATTENTION + TEXT_FEED_FORWARD)
+        raise ValueError(f"unknown target preset {name!r}; use attention, attention+ff or all")
+
+    def to_json(self) -> dict:
+        return {"unet": list(self.unet), "text_encoder": list(self.text_encoder)}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> TargetConfig:
+        return cls(tuple(data.get("unet", ())), tuple(data.get("text_encoder", ())))
+
+
+@dataclass
+class ConceptInfo:
+    """What identifies a loaded concept: its slot and rank, variant and trigger tokens."""
+
+    name: str
+    slot: int
+    rank: int
+    variant: str
+    tokens: list[str] = field(default_factory=list)
+    class_word: str = ""
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown variant {self.variant!r}; use one of {VARIANTS}")
+        if self.rank < 1:
+            raise ValueError(f"rank must be at least 1, got {self.rank}")
+        if self.slot < 0:
+            raise ValueError(f"slot must be 0 or more, got {self.slot}")
+        for token in self.tokens:
+            validate_token(token)
+
+    @property
+    def columns(self) -> range:
+        return slots.columns(self.slot, self.rank)
