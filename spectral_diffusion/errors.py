@@ -33,3 +33,7 @@ class StorageError(SpectralDiffusionError, OSError):
 
     def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28]" prefix
         return self.strerror if self.strerror else super().__str__()
+
+
+class ImageDataError(SpectralDiffusionError, ValueError):
+    """The training images cannot be used: none found, unreadable, too small or too many."""

@@ -49,10 +49,10 @@ def tiny_pipeline():
 
 def make_adapter(name: str, slot: int, rank: int = RANK, variant: str = "additive", seed: int = 0):
     """AdapterData of a trained-looking concept of builtin:tiny in ``slot``."""
-    from .conftest import randomize_concept
-
     from spectral_diffusion.core.model import ConceptInfo
     from spectral_diffusion.formats.adapter_file import adapter_from_model
+
+    from .conftest import randomize_concept
 
     _, adapters = _tiny_adapters()
     adapters.new_concept(ConceptInfo(name, slot, rank, variant, [f"<{name}>"], "dog"))

@@ -5,12 +5,13 @@ import struct
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from .conftest import randomize_concept
 
 from spectral_diffusion.core.model import ConceptInfo, SpectralAdapters
 from spectral_diffusion.errors import AdapterFormatError, BaseModelMismatchError
 from spectral_diffusion.formats.adapter_file import adapter_from_model, load_adapter, read_adapter, save_adapter
 from spectral_diffusion.models.registry import load_pipeline
+
+from .conftest import randomize_concept
 
 
 @pytest.fixture

@@ -130,11 +130,11 @@ def dog(server, client):
 @pytest.fixture(scope="module")
 def cat(server, client, dog):
     """A second concept of the same base model in slot 1, brought in with import_concept."""
-    from .conftest import randomize_concept
-
     from spectral_diffusion.core.model import ConceptInfo, SpectralAdapters
     from spectral_diffusion.formats.adapter_file import adapter_from_model, save_adapter
     from spectral_diffusion.models.registry import load_pipeline
+
+    from .conftest import randomize_concept
 
     adapters = SpectralAdapters.from_pipeline(load_pipeline("builtin:tiny"))
     adapters.new_concept(ConceptInfo("whiskers", 1, 4, "rotational", ["<whiskers>"], "cat"))

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from .test_app import free_port, make_images
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,18 +7,10 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 
-from spectral_diffusion.errors import SpectralDiffusionError
-from spectral_diffusion.training import data
-from spectral_diffusion.training.data import (
-    ConceptDataset,
-    ImageDataError,
-    caption_templates,
-    collate,
-    find_images,
-    mix_seed,
-    open_image,
-    read_caption,
-)
+from spectral_diffusion import images
+from spectral_diffusion.errors import ImageDataError, SpectralDiffusionError
+from spectral_diffusion.images import find_images, open_image
+from spectral_diffusion.training.data import ConceptDataset, caption_templates, collate, mix_seed, read_caption
 
 
 def _picture(width=80, height=64, seed=0) -> Image.Image:
@@ -117,10 +109,10 @@ def test_open_image_refuses_small_images(tmp_path):
 def test_open_image_refuses_huge_pixel_counts(tmp_path, monkeypatch):
     path = tmp_path / "big.png"
     _picture(40, 40).save(path)
-    monkeypatch.setattr(data, "MAX_PIXELS", 1000)
+    monkeypatch.setattr(images, "MAX_PIXELS", 1000)
     with pytest.raises(ImageDataError, match="big.png is 40x40, more than"):
         open_image(path)
-    monkeypatch.setattr(data, "MAX_PIXELS", 10**9)
+    monkeypatch.setattr(images, "MAX_PIXELS", 10**9)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL's own bomb guard fires first
     with pytest.raises(ImageDataError, match="decompression bomb"):
         open_image(path)

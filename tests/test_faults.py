@@ -19,6 +19,15 @@ from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
+
+import spectral_diffusion.atomic as atomic_module
+import spectral_diffusion.library.store as library_module
+from spectral_diffusion.errors import SpectralDiffusionError, StorageError
+from spectral_diffusion.formats import adapter_file
+from spectral_diffusion.formats.adapter_file import read_adapter, save_adapter
+from spectral_diffusion.generation import fusion as studio
+from spectral_diffusion.library.store import Library, LibraryError
+
 from .reliability_helpers import (
     PYTHON,
     RANK,
@@ -31,14 +40,6 @@ from .reliability_helpers import (
     tiny_fingerprint_and_capacity,
     wait_for,
 )
-
-import spectral_diffusion.atomic as atomic_module
-import spectral_diffusion.library.store as library_module
-from spectral_diffusion.errors import SpectralDiffusionError, StorageError
-from spectral_diffusion.formats import adapter_file
-from spectral_diffusion.formats.adapter_file import read_adapter, save_adapter
-from spectral_diffusion.generation import fusion as studio
-from spectral_diffusion.library.store import Library, LibraryError
 
 FAULTS = {"kills": 0, "disk_full": 0, "failures": 0}
 

@@ -26,6 +26,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from spectral_diffusion.errors import AdapterFormatError, SpectralDiffusionError
+from spectral_diffusion.formats.adapter_file import MAX_FILE_BYTES, MAX_HEADER_BYTES, read_adapter, save_adapter
+from spectral_diffusion.generation.fusion import read_bundle, write_bundle
+from spectral_diffusion.library.store import Library
+
 from .reliability_helpers import (
     PYTHON,
     ROOT,
@@ -35,11 +41,6 @@ from .reliability_helpers import (
     record_stats,
     snapshot,
 )
-
-from spectral_diffusion.errors import AdapterFormatError, SpectralDiffusionError
-from spectral_diffusion.formats.adapter_file import MAX_FILE_BYTES, MAX_HEADER_BYTES, read_adapter, save_adapter
-from spectral_diffusion.generation.fusion import read_bundle, write_bundle
-from spectral_diffusion.library.store import Library
 
 FIXED_TIME = "2025-01-01T00:00:00+00:00"
 CALL_LIMIT_S = 5.0  # one read of a ~200 KB file takes milliseconds; anything near this is a hang

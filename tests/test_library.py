@@ -15,16 +15,17 @@ from filelock import FileLock
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from .conftest import randomize_concept
 
 import spectral_diffusion.library.store as library_module
-from . import library_worker
 from spectral_diffusion.core.model import ConceptInfo, SpectralAdapters, TargetConfig
 from spectral_diffusion.core.tokens import TokenError
 from spectral_diffusion.errors import AdapterFormatError, ConceptNotFoundError, SlotConflictError
 from spectral_diffusion.formats.adapter_file import adapter_from_model, read_adapter, save_adapter
 from spectral_diffusion.library.store import NAME_PATTERN, ConceptRecord, Library, LibraryError, Reservation
 from spectral_diffusion.models.registry import load_pipeline
+
+from . import library_worker
+from .conftest import randomize_concept
 
 RANK = 4
 

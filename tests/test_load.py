@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
-from .reliability_helpers import api_client, app_server, record_stats, rss_mb
 
 from spectral_diffusion.library.store import Library
+
+from .reliability_helpers import api_client, app_server, record_stats, rss_mb
 
 pytest.importorskip("gradio_client")
 from gradio_client import handle_file  # noqa: E402

@@ -9,11 +9,12 @@ import pytest
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
-from .conftest import randomize_concept
 
 from spectral_diffusion.core.model import ConceptInfo, SpectralAdapters, TargetConfig
 from spectral_diffusion.formats.lora import LORA_STYLES, export_lora, lora_state_dict
 from spectral_diffusion.models.registry import load_pipeline
+
+from .conftest import randomize_concept
 
 KOHYA_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
 KOHYA_PREFIX_SDXL = {**KOHYA_PREFIX, "text_encoder": "lora_te1"}

@@ -1,11 +1,12 @@
 import pytest
 import torch
-from .conftest import randomize_concept
 
 from spectral_diffusion.core.model import ConceptInfo, SpectralAdapters, TargetConfig
 from spectral_diffusion.core.svd import SvdCache
 from spectral_diffusion.core.tokens import TokenError
 from spectral_diffusion.errors import SlotConflictError
+
+from .conftest import randomize_concept
 
 
 def _unet_inputs(pipe, seed=0):

@@ -27,6 +27,9 @@ import httpx
 import psutil
 import pytest
 import torch
+
+from spectral_diffusion.formats.adapter_file import save_adapter
+
 from .reliability_helpers import (
     AUTH,
     ROOT,
@@ -36,8 +39,6 @@ from .reliability_helpers import (
     record_stats,
     snapshot,
 )
-
-from spectral_diffusion.formats.adapter_file import save_adapter
 
 pytest.importorskip("gradio_client")
 from gradio_client import handle_file  # noqa: E402

@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from .conftest import randomize_concept
 
 from spectral_diffusion.core.model import ConceptInfo, SpectralAdapters
 from spectral_diffusion.errors import AdapterFormatError, BaseModelMismatchError, ConceptNotFoundError
@@ -25,6 +24,8 @@ from spectral_diffusion.generation.fusion import (
     read_bundle,
 )
 from spectral_diffusion.models.registry import load_pipeline
+
+from .conftest import randomize_concept
 
 # name -> (slot, variant, token, seed); "fox" shares cat's slot on purpose
 SPECS = {

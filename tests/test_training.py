@@ -22,9 +22,9 @@ from torch import nn
 from spectral_diffusion.core.layers import SpectralLayer
 from spectral_diffusion.core.model import SpectralAdapters
 from spectral_diffusion.core.svd import top_k_svd
+from spectral_diffusion.errors import ImageDataError
 from spectral_diffusion.formats.adapter_file import load_adapter, read_adapter, save_adapter
 from spectral_diffusion.models.registry import load_pipeline
-from spectral_diffusion.training.data import ImageDataError
 from spectral_diffusion.training.trainer import (
     CheckpointError,
     TrainConfig,

@@ -1,6 +1,6 @@
 """Issue 8, item 2: uploaded training images.
 
-The upload path is ``data.find_images`` + ``data.open_image``, which ``Service.start_training`` (the
+The upload path is ``images.find_images`` + ``images.open_image``, which ``Service.start_training`` (the
 app's Train tab) runs on every file before any model or library work. Every input below either works,
 converted properly to 8-bit RGB, or is refused with an ``ImageDataError`` whose message says what to do;
 a refused upload writes nothing to the library and starts no training.
@@ -21,12 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
-from .reliability_helpers import make_adapter, record_stats, snapshot
 
+from spectral_diffusion import images
 from spectral_diffusion.frontends.service import Service
-from spectral_diffusion.library.store import Library
-from spectral_diffusion.training import data
-from spectral_diffusion.training.data import (
+from spectral_diffusion.images import (
     MAX_FILE_BYTES,
     MAX_IMAGES,
     MAX_TOTAL_BYTES,
@@ -34,6 +32,9 @@ from spectral_diffusion.training.data import (
     find_images,
     open_image,
 )
+from spectral_diffusion.library.store import Library
+
+from .reliability_helpers import make_adapter, record_stats, snapshot
 
 REFUSAL_LIMIT_S = 5.0  # refusing must not decode a bomb or walk thousands of files slowly
 FIGURES = {"refused": 0, "converted": 0, "failures": 0}
@@ -200,10 +201,10 @@ def test_thousands_of_files_are_refused_quickly(tmp_path, service):
 
 
 def test_limits_are_documented_constants(monkeypatch, tmp_path):
-    assert MAX_FILE_BYTES == 64 * 2**20 and MAX_TOTAL_BYTES == 512 * 2**20 and data.MAX_PIXELS == 64 * 2**20
+    assert MAX_FILE_BYTES == 64 * 2**20 and MAX_TOTAL_BYTES == 512 * 2**20 and images.MAX_PIXELS == 64 * 2**20
     good = tmp_path / "good.png"
     picture().save(good)
-    monkeypatch.setattr(data, "MAX_FILE_BYTES", 100)
+    monkeypatch.setattr(images, "MAX_FILE_BYTES", 100)
     with pytest.raises(ImageDataError, match="more than the 0 MB one image may have"):
         open_image(good)  # open_image checks the size too, for callers that skip find_images
 

@@ -90,8 +90,8 @@ def _train_config(args, rank: int, slot: int):
 def cmd_train(args: argparse.Namespace) -> None:
     from spectral_diffusion.core.model import SpectralAdapters
     from spectral_diffusion.errors import SpectralDiffusionError
+    from spectral_diffusion.images import find_images
     from spectral_diffusion.models.registry import load_pipeline
-    from spectral_diffusion.training.data import find_images
     from spectral_diffusion.training.trainer import train_concept
 
     library = _library(args)

@@ -336,7 +336,7 @@ class Service:
 
     @staticmethod
     def _check_images(images: Sequence[str | os.PathLike]) -> list[Path]:
-        from spectral_diffusion.training.data import find_images, open_image
+        from spectral_diffusion.images import find_images, open_image
 
         if isinstance(images, (str, os.PathLike)):
             paths = find_images(images)

@@ -46,16 +46,8 @@ from spectral_diffusion.core.svd import SvdCache
 from spectral_diffusion.core.tokens import default_token, validate_token
 from spectral_diffusion.errors import SpectralDiffusionError
 from spectral_diffusion.formats.adapter_file import AdapterData, adapter_from_model
-from spectral_diffusion.training.data import (
-    IMAGE_EXTENSIONS,
-    ConceptDataset,
-    caption_templates,
-    collate,
-    find_images,
-    is_image_list,
-    mix_seed,
-    open_image,
-)
+from spectral_diffusion.images import IMAGE_EXTENSIONS, find_images, is_image_list, open_image
+from spectral_diffusion.training.data import ConceptDataset, caption_templates, collate, mix_seed
 
 logger = logging.getLogger(__name__)
 
