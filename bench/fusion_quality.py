@@ -44,9 +44,11 @@ from PIL import Image, ImageDraw  # noqa: E402
 from bench.lora_concept import fused_pipeline, train_lora_concept  # noqa: E402
 from spectral_diffusion.core.model import SpectralAdapters  # noqa: E402
 from spectral_diffusion.formats.adapter_file import install_adapter  # noqa: E402
+from spectral_diffusion.generation.diffusion import generate  # noqa: E402
 from spectral_diffusion.models import scenes  # noqa: E402
 from spectral_diffusion.models.registry import default_rank, load_pipeline, training_defaults  # noqa: E402
-from spectral_diffusion.training.trainer import TrainConfig, generate, train_concept  # noqa: E402
+from spectral_diffusion.training.config import TrainConfig  # noqa: E402
+from spectral_diffusion.training.trainer import train_concept  # noqa: E402
 from toy import classifier  # noqa: E402
 
 logger = logging.getLogger("bench.fusion_quality")

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 from spectral_diffusion.core.model import TEXT_ATTENTION, UNET_ATTENTION
 from spectral_diffusion.core.tokens import add_tokens
+from spectral_diffusion.generation.diffusion import encode_captions, encode_images
+from spectral_diffusion.training.config import TrainConfig
 from spectral_diffusion.training.data import ConceptDataset, collate, mix_seed
-from spectral_diffusion.training.trainer import TrainConfig, encode_captions, encode_images
 
 logger = logging.getLogger(__name__)
 

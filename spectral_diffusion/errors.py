@@ -35,5 +35,41 @@ class StorageError(SpectralDiffusionError, OSError):
         return self.strerror if self.strerror else super().__str__()
 
 
+class ConfigError(SpectralDiffusionError, ValueError):
+    """A setting is out of range or unknown (training settings, adapter targets, a concept's slot or rank)."""
+
+
 class ImageDataError(SpectralDiffusionError, ValueError):
     """The training images cannot be used: none found, unreadable, too small or too many."""
+
+
+class TrainingCancelled(SpectralDiffusionError):
+    """``should_stop()`` asked the run to stop; the pipeline is restored and no concept was made."""
+
+
+class CheckpointError(SpectralDiffusionError, ValueError):
+    """A checkpoint cannot be resumed: damaged, or made by a different configuration or base model."""
+
+
+class FusionError(SpectralDiffusionError, ValueError):
+    """A set of concepts cannot be fused (same slot, shared token, different adapter targets)."""
+
+
+class RequestError(SpectralDiffusionError, ValueError):
+    """A generation request is malformed, or its prompt uses a concept that is not selected."""
+
+
+class ModelNotFoundError(SpectralDiffusionError, ValueError):
+    """A ``--model`` value names nothing loadable; the message says what to do."""
+
+
+class LibraryError(SpectralDiffusionError, ValueError):
+    """A library operation is refused: bad name, name taken, library busy, broken concept folder."""
+
+
+class LayoutError(SpectralDiffusionError, ValueError):
+    """A regional layout is malformed: bad box, too many regions, a concept named twice, bad JSON."""
+
+
+class RoutingError(SpectralDiffusionError, ValueError):
+    """Regional routing cannot be applied: masks of another size, a layer whose tokens fit no grid."""

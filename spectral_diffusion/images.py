@@ -212,3 +212,15 @@ def _is_archive(path: Path) -> bool:
     except OSError:
         return False
     return head.startswith(_ARCHIVE_MAGIC) or head[257:262] == b"ustar"
+
+
+def check_uploads(images: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """``find_images`` and decode every file once: the checked list, or the first problem as an error.
+
+    Decoding catches what the file checks cannot (not an image, truncated, decompression bomb), so a
+    bad upload is refused before any model is loaded or anything is written.
+    """
+    paths = find_images(images if isinstance(images, (str, os.PathLike)) else [Path(p) for p in images])
+    for path in paths:
+        decode_image(path).close()
+    return paths

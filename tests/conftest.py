@@ -1,4 +1,5 @@
-"""Shared fixtures: one offline models home per test session, fresh tiny pipelines per test."""
+"""Shared fixtures and helpers: one offline models home per test session, fresh tiny pipelines per test,
+the one-thread fixture, UNet inputs, concept and adapter-file makers."""
 
 from __future__ import annotations
 
@@ -55,3 +56,57 @@ def randomize_concept(adapters, name, seed=0, scale=0.05):
             if name in wrapper.vectors:
                 vec = wrapper.vectors[name]
                 vec.add_(torch.randn(vec.shape, generator=generator) * scale)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, while OpenMP's spin-waiting makes two threads
+    10-30x slower whenever other work keeps the machine's cores busy (measured). Modules that need it
+    say ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def unet_inputs(pipe, seed=0):
+    """(sample, timesteps, encoder states) for one call of the pipeline's UNet, batch 2."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = pipe.unet.config
+    sample = torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g)
+    states = torch.randn(2, 77, cfg.cross_attention_dim, generator=g)
+    return sample, torch.tensor([10, 500]), states
+
+
+def unet_output(pipe, inputs):
+    with torch.no_grad():
+        return pipe.unet(*inputs).sample
+
+
+def trained_looking_adapter(adapters, name, slot, rank, variant="additive", seed=0, base_model="builtin:tiny"):
+    """AdapterData of a concept with random (non-zero) parameters in ``slot``; the concept is removed again."""
+    from spectral_diffusion.core.config import ConceptInfo
+    from spectral_diffusion.formats.adapter_file import adapter_from_model
+
+    adapters.new_concept(ConceptInfo(name, slot, rank, variant, [f"<{name}>"], "dog"))
+    randomize_concept(adapters, name, seed=seed)
+    try:
+        return adapter_from_model(adapters, name, base_model, {"steps": 1})
+    finally:
+        adapters.remove_concept(name)
+
+
+def rewrite_safetensors(src, dst, edit_tensors=None, edit_meta=None):
+    """Copy a safetensors file with its tensors and / or metadata edited in place by the callbacks."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(src), "pt") as handle:
+        meta = dict(handle.metadata())
+    tensors = load_file(src)
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_meta:
+        edit_meta(meta)
+    save_file(tensors, str(dst), metadata=meta)
+    return dst

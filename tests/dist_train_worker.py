@@ -16,7 +16,8 @@ from pathlib import Path
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from spectral_diffusion.training.trainer import TrainConfig, train_concept
+from spectral_diffusion.training.config import TrainConfig
+from spectral_diffusion.training.trainer import train_concept
 
 
 def main(images: str, out: str, steps: int) -> None:

@@ -33,6 +33,7 @@ def main() -> int:
     marker = Path(marker)
     from PIL import Image
 
+    import spectral_diffusion.library.records as records_module
     import spectral_diffusion.library.store as library_module
     from spectral_diffusion.formats.adapter_file import read_adapter
     from spectral_diffusion.library.store import Library
@@ -42,7 +43,7 @@ def main() -> int:
     data = dataclasses.replace(data, info=dataclasses.replace(data.info, name=name, tokens=[f"<{name}>"]))
 
     if mode == "add":
-        real_save_png = library_module._save_png
+        real_save_png = records_module._save_png
         saved = []
 
         def save_png(image, path):
@@ -52,7 +53,7 @@ def main() -> int:
             real_save_png(image, path)
             saved.append(path)
 
-        library_module._save_png = save_png
+        records_module._save_png = save_png
         library.add(data, images=[Image.new("RGB", (32, 32), (200, 0, 0)), Image.new("RGB", (32, 32), (0, 0, 200))])
     elif mode == "overwrite":
         real_replace = os.replace

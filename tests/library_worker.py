@@ -38,6 +38,7 @@ def reserve_and_add(root, name, files_by_slot, rank, capacity, barrier, results,
 
 def killed_during_add(root, name, adapter_path, rank, capacity):
     """Reserve, start writing the concept, and die mid-write like a killed training (no cleanup)."""
+    import spectral_diffusion.library.records as records_module
     import spectral_diffusion.library.store as library_module
 
     data = _renamed(adapter_path, name)
@@ -48,6 +49,6 @@ def killed_during_add(root, name, adapter_path, rank, capacity):
             handle.write(b"\0" * 1000)
         os._exit(9)  # SIGKILL-like: no finally block, no context-manager exit runs
 
-    library_module.save_adapter = half_written_save
+    records_module.save_adapter = half_written_save
     with library.reserve(name, data.base_fingerprint, rank, capacity):
         library.add(data)

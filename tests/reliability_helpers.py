@@ -49,18 +49,9 @@ def tiny_pipeline():
 
 def make_adapter(name: str, slot: int, rank: int = RANK, variant: str = "additive", seed: int = 0):
     """AdapterData of a trained-looking concept of builtin:tiny in ``slot``."""
-    from spectral_diffusion.core.model import ConceptInfo
-    from spectral_diffusion.formats.adapter_file import adapter_from_model
+    from .conftest import trained_looking_adapter
 
-    from .conftest import randomize_concept
-
-    _, adapters = _tiny_adapters()
-    adapters.new_concept(ConceptInfo(name, slot, rank, variant, [f"<{name}>"], "dog"))
-    randomize_concept(adapters, name, seed=seed)
-    try:
-        return adapter_from_model(adapters, name, "builtin:tiny", {"steps": 1})
-    finally:
-        adapters.remove_concept(name)
+    return trained_looking_adapter(_tiny_adapters()[1], name, slot, rank, variant, seed)
 
 
 def tiny_fingerprint_and_capacity(rank: int = RANK) -> tuple[str, int]:

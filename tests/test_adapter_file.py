@@ -4,14 +4,14 @@ import struct
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from spectral_diffusion.core.model import ConceptInfo, SpectralAdapters
 from spectral_diffusion.errors import AdapterFormatError, BaseModelMismatchError
 from spectral_diffusion.formats.adapter_file import adapter_from_model, load_adapter, read_adapter, save_adapter
 from spectral_diffusion.models.registry import load_pipeline
 
-from .conftest import randomize_concept
+from .conftest import randomize_concept, rewrite_safetensors
 
 
 @pytest.fixture
@@ -99,26 +99,12 @@ def test_truncated_file_is_refused(saved, target, tmp_path):
     _assert_refused(target, path, "too short")
 
 
-def _rewrite(src, dst, edit_tensors=None, edit_meta=None):
-    from safetensors import safe_open
-
-    with safe_open(str(src), "pt") as handle:
-        meta = dict(handle.metadata())
-    tensors = load_file(src)
-    if edit_tensors:
-        edit_tensors(tensors)
-    if edit_meta:
-        edit_meta(meta)
-    save_file(tensors, str(dst), metadata=meta)
-    return dst
-
-
 def test_nan_tensor_is_refused(saved, target, tmp_path):
     def poison(t):
         key = next(k for k in t if k.endswith(".A"))
         t[key][0, 0] = float("nan")
 
-    _assert_refused(target, _rewrite(saved[1]["dog"], tmp_path / "nan.safetensors", poison), "NaN or infinite")
+    _assert_refused(target, rewrite_safetensors(saved[1]["dog"], tmp_path / "nan.safetensors", poison), "NaN or infinite")
 
 
 def test_wrong_shape_is_refused(saved, target, tmp_path):
@@ -126,24 +112,24 @@ def test_wrong_shape_is_refused(saved, target, tmp_path):
         key = next(k for k in t if k.endswith(".B"))
         t[key] = t[key][:, :2].contiguous()
 
-    _assert_refused(target, _rewrite(saved[1]["dog"], tmp_path / "shape.safetensors", mangle), "has shape")
+    _assert_refused(target, rewrite_safetensors(saved[1]["dog"], tmp_path / "shape.safetensors", mangle), "has shape")
 
 
 def test_missing_tensor_is_refused(saved, target, tmp_path):
     def drop(t):
         del t[next(k for k in t if k.endswith(".c"))]
 
-    _assert_refused(target, _rewrite(saved[1]["dog"], tmp_path / "miss.safetensors", drop), "missing tensors")
+    _assert_refused(target, rewrite_safetensors(saved[1]["dog"], tmp_path / "miss.safetensors", drop), "missing tensors")
 
 
 def test_unknown_format_version_is_refused(saved, target, tmp_path):
-    path = _rewrite(saved[1]["dog"], tmp_path / "v2.safetensors", edit_meta=lambda m: m.update(format_version="2"))
+    path = rewrite_safetensors(saved[1]["dog"], tmp_path / "v2.safetensors", edit_meta=lambda m: m.update(format_version="2"))
     _assert_refused(target, path, "format_version '2'.*upgrade")
-    path = _rewrite(saved[1]["dog"], tmp_path / "other.safetensors", edit_meta=lambda m: m.update(format="lora"))
+    path = rewrite_safetensors(saved[1]["dog"], tmp_path / "other.safetensors", edit_meta=lambda m: m.update(format="lora"))
     _assert_refused(target, path, "is not a spectral adapter")
-    path = _rewrite(saved[1]["dog"], tmp_path / "meta.safetensors", edit_meta=lambda m: m.pop("created_at"))
+    path = rewrite_safetensors(saved[1]["dog"], tmp_path / "meta.safetensors", edit_meta=lambda m: m.pop("created_at"))
     _assert_refused(target, path, "missing metadata")
-    path = _rewrite(saved[1]["dog"], tmp_path / "rank.safetensors", edit_meta=lambda m: m.update(rank="x"))
+    path = rewrite_safetensors(saved[1]["dog"], tmp_path / "rank.safetensors", edit_meta=lambda m: m.update(rank="x"))
     _assert_refused(target, path, "should be an integer")
 
 

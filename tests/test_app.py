@@ -192,7 +192,7 @@ def test_generate_errors_are_shown_as_messages(cat, client):
 
 def test_export_adapter_lora_and_fused_downloads(cat, client):
     from spectral_diffusion.formats.adapter_file import read_adapter
-    from spectral_diffusion.generation.fusion import read_bundle
+    from spectral_diffusion.formats.bundle import read_bundle
 
     (spectral,) = client.predict("dog", "spectral", api_name="/export_concept")
     assert read_adapter(spectral).info.name == "dog"
@@ -324,8 +324,8 @@ def test_python_app_py_prints_its_url_and_serves_the_page(models_home, tmp_path)
 
 
 def test_parse_concepts():
+    from spectral_diffusion.core.strengths import format_concepts, parse_concepts
     from spectral_diffusion.errors import SpectralDiffusionError
-    from spectral_diffusion.frontends.service import format_concepts, parse_concepts
 
     assert parse_concepts("dog, cat:0.8,") == {"dog": 1.0, "cat": 0.8}
     assert parse_concepts('{"dog": 1, "cat": 0.5}') == {"dog": 1.0, "cat": 0.5}
@@ -343,3 +343,105 @@ def test_cli_flags():
     with pytest.raises(SystemExit):
         app.main(["--auth", "no-colon"])
     assert app.parse_auth("ada:pa:ss") == ("ada", "pa:ss")
+
+
+# ----- the handlers without a server ----------------------------------------------------------------
+
+
+def test_user_errors_show_bad_input_and_hide_bugs(caplog):
+    import gradio as gr
+
+    import app_ui
+    from spectral_diffusion.errors import LibraryError
+
+    def raising(error):
+        @app_ui.user_errors
+        def handler():
+            raise error
+
+        return handler
+
+    with pytest.raises(gr.Error, match="name taken"):
+        raising(LibraryError("name taken"))()
+    with pytest.raises(gr.Error, match="rank must be"):
+        raising(app_ui.InputError("rank must be a whole number"))()
+    with pytest.raises(gr.Error, match="pick one") as shown:
+        raising(gr.Error("pick one"))()
+    assert shown.value.message == "pick one"
+    caplog.clear()
+    for bug in (ValueError("math domain error"), KeyError("oops"), RuntimeError("boom")):
+        with pytest.raises(gr.Error) as shown:
+            raising(bug)()
+        assert shown.value.message == app_ui.INTERNAL_ERROR, bug
+    assert [r.exc_info[0] for r in caplog.records] == [ValueError, KeyError, RuntimeError]
+
+    @app_ui.user_errors
+    def steps():
+        yield 1
+        raise ValueError("a bug in a generator")
+
+    progress = steps()
+    assert next(progress) == 1
+    with pytest.raises(gr.Error) as shown:
+        next(progress)
+    assert shown.value.message == app_ui.INTERNAL_ERROR
+
+
+def test_handlers_check_their_input_before_calling_the_service():
+    import gradio as gr
+
+    import app_ui
+
+    class NoService:
+        def __getattr__(self, name):
+            def called(*args, **kwargs):
+                raise AssertionError(f"the service was called: {name}")
+
+            return called
+
+    service = NoService()
+    with pytest.raises(gr.Error, match="upload"):
+        next(app_ui.train_concept(service, [], "dog", "", "additive", 4, 4))
+    with pytest.raises(gr.Error, match="give the concept a name"):
+        next(app_ui.train_concept(service, ["a.png"], "  ", "", "additive", 4, 4))
+    with pytest.raises(gr.Error, match="I am sure"):
+        app_ui.delete_concept(service, "dog", False)
+    with pytest.raises(gr.Error, match="one adapter file"):
+        app_ui.import_concept(service, None, "")
+    with pytest.raises(gr.Error, match="at least one concept"):
+        app_ui.export_fused(service, "", "spectral")
+    with pytest.raises(gr.Error, match="steps must be a whole number of at least 1"):
+        app_ui.generate(service, "p", "", "", 0, 0, 7.5, 0, 0, 1, "default")
+    with pytest.raises(gr.Error, match="strength"):
+        app_ui.generate(service, "p", "dog:lots", "", 0, 1, 7.5, 0, 0, 1, "default")
+
+
+def test_concept_cards_fill_the_prompt_and_the_rows():
+    from types import SimpleNamespace
+
+    import app_ui
+
+    service = SimpleNamespace(concepts=lambda: [SimpleNamespace(name="cat", token="<whiskers>")])
+    names = ["dog", "cat"]
+    assert app_ui.pick_concept(service, 1, names, "a photo of", "dog", None, None) == (
+        "a photo of <whiskers>", "dog", "cat", None)
+    assert app_ui.pick_concept(service, 1, names, "<whiskers>", "cat", None) == ("<whiskers>", "cat", None)
+    assert app_ui.pick_concept(service, 0, names, "", None) == ("<dog>", "dog")  # unknown record: <name>
+    assert app_ui.select_card(1, names) == "cat"
+    assert app_ui.rows_to_spec("dog", None, "cat", 1.0, 0.5, 0.8) == "dog,cat:0.8"
+
+
+def test_generate_is_one_event_for_the_button_and_the_enter_key(models_home, tmp_path):
+    import app
+    from spectral_diffusion.frontends.service import Service
+
+    demo = app.build_app(Service(model="builtin:tiny", library=tmp_path / "library"))
+    events = [d for d in demo.get_config_file()["dependencies"] if d.get("api_name") == "generate"]
+    assert len(events) == 1 and len(events[0]["targets"]) == 2
+    named = demo.get_api_info()["named_endpoints"]
+    assert sorted(named) == ["/cancel_training", "/delete_concept", "/export_concept", "/export_fused", "/generate",
+                             "/import_concept", "/list_concepts", "/train_concept"]
+    assert [p["parameter_name"] for p in named["/generate"]["parameters"]] == [
+        "prompt", "concepts", "negative", "seed", "steps", "guidance", "width", "height", "num_images", "scheduler"]
+    assert [p["parameter_name"] for p in named["/train_concept"]["parameters"]] == [
+        "images", "name", "class_word", "variant", "rank", "steps"]

@@ -81,7 +81,7 @@ def test_peft_lora_wrapper_leaves_the_model_plain():
 def test_lora_baseline_trains_its_layers_and_token_and_fuses_as_a_weighted_sum(tiny_pipe, tmp_path):
     from bench.lora_concept import fused_pipeline, train_lora_concept
     from spectral_diffusion.models import scenes
-    from spectral_diffusion.training.trainer import TrainConfig
+    from spectral_diffusion.training.config import TrainConfig
 
     before = {k: v.clone() for k, v in tiny_pipe.unet.state_dict().items()}
     vocab = len(tiny_pipe.tokenizer)

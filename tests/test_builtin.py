@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spectral_diffusion.errors import SpectralDiffusionError
+from spectral_diffusion.errors import ModelNotFoundError, SpectralDiffusionError
+from spectral_diffusion.models import bpe, tiny
 from spectral_diffusion.models import registry as builtin
-from spectral_diffusion.models.registry import ModelNotFoundError
+from spectral_diffusion.models.build import MARKER_FILE, is_complete_build
 
 
 @pytest.fixture(scope="module")
@@ -37,25 +38,25 @@ def fresh_home(tmp_path, monkeypatch) -> Path:
 
 
 def test_vocab_is_small_and_clip_shaped():
-    vocab, merges = builtin.clip_vocab_and_merges()
+    vocab, merges = bpe.clip_vocab_and_merges()
     assert 1000 <= len(vocab) <= 2000
     assert sorted(vocab.values()) == list(range(len(vocab)))
     assert vocab["<|endoftext|>"] == len(vocab) - 1
     assert vocab["<|startoftext|>"] == len(vocab) - 2
     assert "a</w>" in vocab and "a" in vocab
     assert all(a + b in vocab for a, b in merges)
-    assert builtin.clip_vocab_and_merges() == (vocab, merges)  # deterministic
+    assert bpe.clip_vocab_and_merges() == (vocab, merges)  # deterministic
 
 
 def test_every_listed_word_is_one_token():
-    tok = builtin.build_tokenizer()
-    split = {w: tok.tokenize(w) for w in builtin.tokenizer_words()}
+    tok = bpe.build_tokenizer()
+    split = {w: tok.tokenize(w) for w in bpe.tokenizer_words()}
     assert {w: t for w, t in split.items() if t != [w + "</w>"]} == {}
-    assert len(builtin.tokenizer_words()) >= 300
+    assert len(bpe.tokenizer_words()) >= 300
 
 
 def test_tokenizer_round_trip_and_unknown_words():
-    tok = builtin.build_tokenizer()
+    tok = bpe.build_tokenizer()
     assert tok.model_max_length == 77
     assert tok.pad_token == "<|endoftext|>"
     text = "a photo of a zqxj dog in the style of vermeer, 3 stars!"
@@ -70,7 +71,7 @@ def test_tokenizer_round_trip_and_unknown_words():
 
 
 def test_add_tokens_makes_one_token():
-    tok = builtin.build_tokenizer()
+    tok = bpe.build_tokenizer()
     size = len(tok)
     assert len(tok.tokenize("<my-dog>")) > 1
     assert tok.add_tokens(["<my-dog>"]) == 1
@@ -95,7 +96,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-@pytest.mark.parametrize("build", [builtin.build_tiny, builtin.build_tiny_sdxl])
+@pytest.mark.parametrize("build", [tiny.build_tiny, tiny.build_tiny_sdxl])
 def test_building_twice_gives_identical_weights(tmp_path, build):
     first = _weights(build(tmp_path / "a"))
     second = _weights(build(tmp_path / "b"))
@@ -107,10 +108,10 @@ def test_building_twice_gives_identical_weights(tmp_path, build):
 
 
 def test_build_leaves_only_the_model_and_a_lock(tmp_path):
-    path = builtin.build_tiny(tmp_path / "m")
-    assert builtin.is_complete_build(path, "builtin:tiny")
+    path = tiny.build_tiny(tmp_path / "m")
+    assert is_complete_build(path, "builtin:tiny")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".m.lock", "m"]
-    assert builtin.build_tiny(path) == path  # complete: not rebuilt
+    assert tiny.build_tiny(path) == path  # complete: not rebuilt
 
 
 def test_concurrent_builders_do_not_corrupt(tmp_path):
@@ -119,7 +120,7 @@ def test_concurrent_builders_do_not_corrupt(tmp_path):
 
     def worker():
         try:
-            results.append(builtin.build_tiny(target))
+            results.append(tiny.build_tiny(target))
         except Exception as err:  # noqa: BLE001 - reported by the assertion below
             errors.append(err)
 
@@ -129,25 +130,25 @@ def test_concurrent_builders_do_not_corrupt(tmp_path):
     for t in threads:
         t.join()
     assert errors == [] and results == [target.absolute()] * 3
-    assert builtin.is_complete_build(target, "builtin:tiny")
+    assert is_complete_build(target, "builtin:tiny")
 
 
 def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "precious.txt").write_text("keep me")
     with pytest.raises(FileExistsError):
-        builtin.build_tiny(tmp_path / "m")
+        tiny.build_tiny(tmp_path / "m")
     assert (tmp_path / "m" / "precious.txt").read_text() == "keep me"
 
 
 def test_outdated_build_is_rebuilt(fresh_home):
     path = builtin.ensure_builtin("builtin:tiny")
     assert path == fresh_home / "models" / "tiny"
-    marker = path / builtin.MARKER_FILE
+    marker = path / MARKER_FILE
     marker.write_text(json.dumps({"name": "builtin:tiny", "build_version": 0}))
-    assert not builtin.is_complete_build(path)
+    assert not is_complete_build(path)
     assert builtin.ensure_builtin("builtin:tiny") == path
-    assert builtin.is_complete_build(path, "builtin:tiny")
+    assert is_complete_build(path, "builtin:tiny")
 
 
 # --------------------------------------------------------------------------- resolution
@@ -222,7 +223,7 @@ def test_model_not_found_is_a_user_error():
 def test_load_and_generate(home, name, cls, sdxl):
     pipe = builtin.load_pipeline(name)
     assert type(pipe).__name__ == cls and builtin.is_sdxl(pipe) is sdxl
-    assert pipe.vae_scale_factor == builtin.VAE_SCALE_FACTOR
+    assert pipe.vae_scale_factor == tiny.VAE_SCALE_FACTOR
     assert pipe.unet.dtype == torch.float32
     assert getattr(pipe, "safety_checker", None) is None
     assert pipe.text_encoder.get_input_embeddings().num_embeddings == len(
@@ -230,7 +231,7 @@ def test_load_and_generate(home, name, cls, sdxl):
     )
     assert (
         pipe.tokenizer("a photo of a dog").input_ids
-        == builtin.build_tokenizer()("a photo of a dog").input_ids
+        == bpe.build_tokenizer()("a photo of a dog").input_ids
     )
     out = pipe(
         "a photo of a red dog on a sofa",

@@ -21,12 +21,12 @@ import pytest
 from PIL import Image, ImageDraw
 
 import spectral_diffusion.atomic as atomic_module
-import spectral_diffusion.library.store as library_module
-from spectral_diffusion.errors import SpectralDiffusionError, StorageError
+import spectral_diffusion.library.records as records_module
+from spectral_diffusion.errors import LibraryError, SpectralDiffusionError, StorageError
 from spectral_diffusion.formats import adapter_file
+from spectral_diffusion.formats import bundle as studio
 from spectral_diffusion.formats.adapter_file import read_adapter, save_adapter
-from spectral_diffusion.generation import fusion as studio
-from spectral_diffusion.library.store import Library, LibraryError
+from spectral_diffusion.library.store import Library
 
 from .reliability_helpers import (
     PYTHON,
@@ -83,7 +83,8 @@ def training_pipeline(models_home):
 
 def train_into(library: Library, pipe, name: str, image_dir: Path, steps: int = 2):
     """What ``python -m spectral_diffusion train`` does (reserve, train, add), with a 1-step preview."""
-    from spectral_diffusion.training.trainer import TrainConfig, train_concept
+    from spectral_diffusion.training.config import TrainConfig
+    from spectral_diffusion.training.trainer import train_concept
 
     fingerprint, capacity = tiny_fingerprint_and_capacity()
     with library.reserve(name, fingerprint, RANK, capacity, tokens=[f"<{name}>"]) as slot:
@@ -239,7 +240,7 @@ def _partial_text(target, data):
 
 DISK_FULL_STAGES = {
     "adapter file (safetensors)": (adapter_file, "save_file", _rust_no_space),
-    "training image copy": (library_module, "_save_png", _partial_png),
+    "training image copy": (records_module, "_save_png", _partial_png),
     "export copy": (shutil, "copyfile", _partial_copy),
     "fused bundle (safetensors)": (studio, "save_file", _rust_no_space),
     "reservation file": (atomic_module, "atomic_write_bytes", _partial_text),

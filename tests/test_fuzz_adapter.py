@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from spectral_diffusion.errors import AdapterFormatError, SpectralDiffusionError
 from spectral_diffusion.formats.adapter_file import MAX_FILE_BYTES, MAX_HEADER_BYTES, read_adapter, save_adapter
-from spectral_diffusion.generation.fusion import read_bundle, write_bundle
+from spectral_diffusion.formats.bundle import read_bundle, write_bundle
 from spectral_diffusion.library.store import Library
 
 from .reliability_helpers import (

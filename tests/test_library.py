@@ -16,16 +16,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import spectral_diffusion.library.store as library_module
+import spectral_diffusion.images as images_module
+import spectral_diffusion.library.records as records_module
+import spectral_diffusion.library.reservations as reservations_module
 from spectral_diffusion.core.model import ConceptInfo, SpectralAdapters, TargetConfig
 from spectral_diffusion.core.tokens import TokenError
-from spectral_diffusion.errors import AdapterFormatError, ConceptNotFoundError, SlotConflictError
+from spectral_diffusion.errors import AdapterFormatError, ConceptNotFoundError, LibraryError, SlotConflictError
 from spectral_diffusion.formats.adapter_file import adapter_from_model, read_adapter, save_adapter
-from spectral_diffusion.library.store import NAME_PATTERN, ConceptRecord, Library, LibraryError, Reservation
+from spectral_diffusion.library.names import NAME_PATTERN
+from spectral_diffusion.library.records import ConceptRecord
+from spectral_diffusion.library.reservations import Reservation
+from spectral_diffusion.library.store import Library
 from spectral_diffusion.models.registry import load_pipeline
 
 from . import library_worker
-from .conftest import randomize_concept
+from .conftest import trained_looking_adapter
 
 RANK = 4
 
@@ -36,12 +41,7 @@ def maker(models_home):
     adapters = SpectralAdapters.from_pipeline(load_pipeline("builtin:tiny"))
 
     def make(name, slot, rank=RANK, variant="additive", seed=0):
-        adapters.new_concept(ConceptInfo(name, slot, rank, variant, [f"<{name}>"], "dog"))
-        randomize_concept(adapters, name, seed=seed)
-        try:
-            return adapter_from_model(adapters, name, "builtin:tiny", {"steps": 1})
-        finally:
-            adapters.remove_concept(name)
+        return trained_looking_adapter(adapters, name, slot, rank, variant, seed)
 
     make.fingerprint = adapters.fingerprint
     make.capacity = adapters.capacity
@@ -169,6 +169,38 @@ def test_unreadable_image_is_refused_and_leaves_nothing(maker, lib, tmp_path):
         lib.add(maker("dog", 0), images=[bad])
     assert not lib.exists("dog")
     assert [p.name for p in lib.root.iterdir()] == [".library.lock"]
+
+
+def test_decompression_bomb_image_is_refused_and_changes_nothing(maker, lib, tmp_path, monkeypatch):
+    lib.add(maker("dog", 0))
+    before = snapshot(lib.root)
+    big = tmp_path / "big.png"
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(big)
+    monkeypatch.setattr(images_module, "MAX_PIXELS", 1000)  # 64x64 = 4096 pixels: a "bomb" here
+    with pytest.raises(LibraryError) as refused:
+        lib.add(maker("cat", 1), images=[big])
+    message = str(refused.value)
+    assert message.startswith("image big.png cannot be read") and "64x64" in message
+    assert snapshot(lib.root) == before and [r.name for r in lib.list()] == ["dog"]
+
+
+def test_records_hold_a_concept_info(maker, lib):
+    record = lib.add(maker("dog", 2))
+    assert record.info == ConceptInfo("dog", 2, RANK, "additive", ["<dog>"], "dog")
+    assert record.columns == range(2 * RANK, 3 * RANK)
+    assert set(record.to_json()) == {
+        "name", "tokens", "slot", "rank", "variant", "class_word", "base_model", "base_fingerprint", "created_at",
+        "image_count", "folder", "adapter_path", "preview_path", "thumbnails", "images", "metadata", "token",
+    }
+
+
+def test_reservation_files_keep_their_format(lib):
+    old = {"name": "cat", "base_fingerprint": "fp", "rank": RANK, "slot": 1, "tokens": ["<cat>"], "pid": 1,
+           "pid_start": None, "host": "h", "created": 0.0, "id": "x", "created_at": "1970-01-01T00:00:00+00:00"}
+    reservation = Reservation.from_json(old)
+    assert (reservation.name, reservation.slot, reservation.rank, reservation.tokens) == ("cat", 1, RANK, ["<cat>"])
+    assert reservation.columns == range(RANK, 2 * RANK)
+    assert reservation.to_json() == old and list(reservation.to_json()) == list(old)
 
 
 def test_list_get_and_missing(maker, lib):
@@ -322,20 +354,20 @@ def dead_pid() -> int:
 
 def write_reservation(lib, name, slot, **changes):
     fields = dict(name=name, base_fingerprint="fp", rank=RANK, slot=slot, tokens=[], pid=dead_pid(),
-                  pid_start=None, host=library_module._HOST, created=0.0, id="x")
+                  pid_start=None, host=reservations_module._HOST, created=0.0, id="x")
     fields.update(changes)
     folder = lib.root / ".reservations"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.json").write_text(json.dumps(Reservation(**fields).to_json()))
+    (folder / f"{name}.json").write_text(json.dumps(Reservation.from_json(fields).to_json()))
 
 
 def test_stale_and_foreign_reservations(lib):
     write_reservation(lib, "dead", 0)
-    write_reservation(lib, "remote", 1, host="another-host", created=library_module.time.time())
+    write_reservation(lib, "remote", 1, host="another-host", created=reservations_module.time.time())
     write_reservation(lib, "old-remote", 2, host="another-host", created=0.0)
     (lib.root / ".reservations" / "garbage.json").write_text("{")
     me = os.getpid()
-    write_reservation(lib, "alive", 4, pid=me, pid_start=library_module._process_start(me))
+    write_reservation(lib, "alive", 4, pid=me, pid_start=reservations_module._process_start(me))
     if Path("/proc/self/stat").exists():  # our pid, another start time: a recycled pid
         write_reservation(lib, "recycled", 3, pid=me, pid_start="1")
     assert lib.allocate_slot("fp", RANK, 8) == 0  # dead, recycled and expired ones are ignored
@@ -428,7 +460,7 @@ def test_crash_during_add_leaves_nothing(maker, lib, monkeypatch):
         Path(path).write_bytes(b"\0" * 100)  # half a file, then the disk fills up
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(library_module, "save_adapter", crash)
+    monkeypatch.setattr(records_module, "save_adapter", crash)
     with pytest.raises(OSError, match="No space"):
         lib.add(maker("cat", 1))
     assert snapshot(lib.root) == before

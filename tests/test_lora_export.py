@@ -20,14 +20,7 @@ KOHYA_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2"
 KOHYA_PREFIX_SDXL = {**KOHYA_PREFIX, "text_encoder": "lora_te1"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models gain nothing from a second thread, while OpenMP's spin-waiting makes two
-    threads 10-30x slower whenever other work keeps the machine's cores busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _patched(model: str, specs: dict, targets: str = "all"):

@@ -6,20 +6,7 @@ from spectral_diffusion.core.svd import SvdCache
 from spectral_diffusion.core.tokens import TokenError
 from spectral_diffusion.errors import SlotConflictError
 
-from .conftest import randomize_concept
-
-
-def _unet_inputs(pipe, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    cfg = pipe.unet.config
-    sample = torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g)
-    states = torch.randn(2, 77, cfg.cross_attention_dim, generator=g)
-    return sample, torch.tensor([10, 500]), states
-
-
-def _unet(pipe, inputs):
-    with torch.no_grad():
-        return pipe.unet(*inputs).sample
+from .conftest import randomize_concept, unet_inputs, unet_output
 
 
 def _text(pipe, prompt):
@@ -52,11 +39,11 @@ def test_optional_targets_include_feed_forward_and_projections(tiny_pipe):
 
 @pytest.mark.parametrize("variant", ["additive", "rotational"])
 def test_fresh_concept_reproduces_base_outputs(tiny_pipe, variant):
-    inputs = _unet_inputs(tiny_pipe)
-    base_unet, base_text = _unet(tiny_pipe, inputs), _text(tiny_pipe, "a photo of a dog")
+    inputs = unet_inputs(tiny_pipe)
+    base_unet, base_text = unet_output(tiny_pipe, inputs), _text(tiny_pipe, "a photo of a dog")
     adapters = SpectralAdapters.from_pipeline(tiny_pipe, TargetConfig.preset("all"))
     adapters.new_concept(ConceptInfo("dog", 1, 4, variant, ["<dog1>"], "dog"))
-    torch.testing.assert_close(_unet(tiny_pipe, inputs), base_unet, rtol=0, atol=1e-5)
+    torch.testing.assert_close(unet_output(tiny_pipe, inputs), base_unet, rtol=0, atol=1e-5)
     torch.testing.assert_close(_text(tiny_pipe, "a photo of a dog"), base_text, rtol=0, atol=1e-6)
 
 
@@ -68,7 +55,7 @@ def test_backward_reaches_only_the_concepts_parameters_and_token_row(tiny_pipe):
     groups = adapters.trainable_parameters("dog")
     ids = tiny_pipe.tokenizer("<dog1> and <cat1>", padding="max_length", max_length=77, return_tensors="pt").input_ids
     states = tiny_pipe.text_encoder(ids)[0]
-    sample, t, _ = _unet_inputs(tiny_pipe)
+    sample, t, _ = unet_inputs(tiny_pipe)
     tiny_pipe.unet(sample, t, states.expand(2, -1, -1)).sample.pow(2).mean().backward()
     own = {id(p) for group in groups.values() for p in group}
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for group in groups.values() for p in group)
@@ -81,8 +68,8 @@ def test_backward_reaches_only_the_concepts_parameters_and_token_row(tiny_pipe):
 
 @pytest.mark.parametrize("variant", ["additive", "rotational"])
 def test_merge_matches_live_and_unmerge_restores_base(tiny_pipe, variant):
-    inputs = _unet_inputs(tiny_pipe)
-    base = _unet(tiny_pipe, inputs)
+    inputs = unet_inputs(tiny_pipe)
+    base = unet_output(tiny_pipe, inputs)
     weights = {k: v.clone() for k, v in tiny_pipe.unet.state_dict().items()}
     adapters = SpectralAdapters.from_pipeline(tiny_pipe)
     adapters.new_concept(ConceptInfo("dog", 0, 4, variant))
@@ -90,13 +77,13 @@ def test_merge_matches_live_and_unmerge_restores_base(tiny_pipe, variant):
     randomize_concept(adapters, "dog", seed=1)
     randomize_concept(adapters, "cat", seed=2)
     adapters.set_strength("cat", 0.7)
-    live = _unet(tiny_pipe, inputs)
+    live = unet_output(tiny_pipe, inputs)
     assert (live - base).abs().max() > 1e-3
     adapters.merge()
-    torch.testing.assert_close(_unet(tiny_pipe, inputs), live, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(unet_output(tiny_pipe, inputs), live, rtol=1e-4, atol=1e-4)
     adapters.unmerge()
     adapters.unpatch()
-    torch.testing.assert_close(_unet(tiny_pipe, inputs), base, rtol=0, atol=1e-5)
+    torch.testing.assert_close(unet_output(tiny_pipe, inputs), base, rtol=0, atol=1e-5)
     for key, value in tiny_pipe.unet.state_dict().items():
         torch.testing.assert_close(value, weights[key], rtol=0, atol=1e-6)
 
@@ -179,6 +166,6 @@ def test_half_precision_pipeline(models_home, dtype):
     adapters.new_concept(ConceptInfo("dog", 0, 4, "additive", ["<dog1>"], "dog"))
     randomize_concept(adapters, "dog")
     assert all(p.dtype == torch.float32 for g in adapters.trainable_parameters("dog").values() for p in g)
-    sample, t, states = _unet_inputs(pipe)
+    sample, t, states = unet_inputs(pipe)
     out = pipe.unet(sample.to(dtype), t, states.to(dtype)).sample
     assert out.dtype == dtype and torch.isfinite(out).all()

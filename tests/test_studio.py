@@ -9,23 +9,24 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from spectral_diffusion.core.model import ConceptInfo, SpectralAdapters
-from spectral_diffusion.errors import AdapterFormatError, BaseModelMismatchError, ConceptNotFoundError
-from spectral_diffusion.formats.adapter_file import adapter_from_model, save_adapter
-from spectral_diffusion.generation.fusion import (
-    SCHEDULERS,
+from spectral_diffusion.errors import (
+    AdapterFormatError,
+    BaseModelMismatchError,
+    ConceptNotFoundError,
     FusionError,
-    GenerationRequest,
     RequestError,
-    Studio,
-    bundle_strengths,
-    read_bundle,
 )
+from spectral_diffusion.formats.adapter_file import adapter_from_model, save_adapter
+from spectral_diffusion.formats.bundle import bundle_strengths, read_bundle
+from spectral_diffusion.generation.fusion import Studio
+from spectral_diffusion.generation.request import GenerationRequest
+from spectral_diffusion.generation.schedulers import SCHEDULERS
 from spectral_diffusion.models.registry import load_pipeline
 
-from .conftest import randomize_concept
+from .conftest import randomize_concept, rewrite_safetensors, unet_inputs, unet_output
 
 # name -> (slot, variant, token, seed); "fox" shares cat's slot on purpose
 SPECS = {
@@ -53,14 +54,7 @@ def _make_concepts(model: str, specs: dict, base_model: str | None = None, pertu
     return out
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models gain nothing from a second thread, while OpenMP's spin-waiting makes two
-    threads 10-30x slower whenever other work keeps the machine's cores busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -87,38 +81,22 @@ def _image(studio, **kwargs) -> np.ndarray:
     return studio.generate(_request(**kwargs), output_type="np")[0]
 
 
-def _unet_inputs(pipe, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    cfg = pipe.unet.config
-    sample = torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g)
-    states = torch.randn(2, 77, cfg.cross_attention_dim, generator=g)
-    return sample, torch.tensor([10, 500]), states
-
-
-def _unet(pipe, inputs):
-    with torch.no_grad():
-        return pipe.unet(*inputs).sample
-
-
-# ----- fusion ---------------------------------------------------------------------------------------
-
-
 def test_three_concepts_fuse_to_base_plus_sum_of_deltas(studio):
     studio.activate({})
     adapters, pipe = studio.adapters, studio.pipe
     base = {key: layer.weight_matrix.clone() for key, layer in adapters.layers.items()}
-    inputs = _unet_inputs(pipe)
-    base_out = _unet(pipe, inputs)
+    inputs = unet_inputs(pipe)
+    base_out = unet_output(pipe, inputs)
     deltas = {name: adapters.delta_weights(name) for name in FUSED}
 
     studio.activate(FUSED, mode="live")
-    live = _unet(pipe, inputs)
+    live = unet_output(pipe, inputs)
     assert (live - base_out).abs().max() > 1e-3
     studio.activate(FUSED, mode="baked")
     for key, layer in adapters.layers.items():
         expected = base[key] + sum(s * deltas[n][key].reshape(base[key].shape) for n, s in FUSED.items())
         torch.testing.assert_close(layer.weight_matrix, expected, rtol=0, atol=1e-5)
-    torch.testing.assert_close(_unet(pipe, inputs), live, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(unet_output(pipe, inputs), live, rtol=1e-4, atol=1e-4)
 
     studio.activate({}, mode="live")  # unbaking restores the base weights bit for bit
     for key, layer in adapters.layers.items():
@@ -346,18 +324,6 @@ def test_single_adapter_file_reads_as_a_bundle_of_one(concepts, tmp_path):
     assert data.info.name == "dog" and bundle_strengths(path) == {"dog": 1.0}
 
 
-def _rewrite(src, dst, edit_tensors=None, edit_meta=None):
-    with safe_open(str(src), "pt") as handle:
-        meta = dict(handle.metadata())
-    tensors = load_file(src)
-    if edit_tensors:
-        edit_tensors(tensors)
-    if edit_meta:
-        edit_meta(meta)
-    save_file(tensors, str(dst), metadata=meta)
-    return dst
-
-
 def test_damaged_bundles_are_refused(studio, tmp_path):
     [path] = studio.export_fused({"dog": 1.0, "mug": 1.0}, tmp_path / "b.safetensors")
 
@@ -382,7 +348,7 @@ def test_damaged_bundles_are_refused(studio, tmp_path):
     ]
     for edit, message in cases:
         with pytest.raises(AdapterFormatError, match=message):
-            read_bundle(_rewrite(path, tmp_path / "b2.safetensors", **edit))
+            read_bundle(rewrite_safetensors(path, tmp_path / "b2.safetensors", **edit))
     torch.save({"a": torch.zeros(1)}, tmp_path / "evil.safetensors")
     with pytest.raises(AdapterFormatError, match="not a safetensors file"):
         read_bundle(tmp_path / "evil.safetensors")

@@ -3,7 +3,14 @@ import time
 import pytest
 import torch
 
-from spectral_diffusion.core.svd import SvdCache, compute_spectrum, fix_signs, top_k_svd, weights_fingerprint
+from spectral_diffusion.core.svd import (
+    SvdCache,
+    compute_spectrum,
+    fix_signs,
+    top_k_svd,
+    top_k_svd_many,
+    weights_fingerprint,
+)
 
 
 def _subspace_distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -100,3 +107,12 @@ def test_top_k_is_faster_than_full_svd():
     finally:
         torch.set_num_threads(threads)
     assert ours < full
+
+
+def test_svd_leaves_torch_thread_settings_alone(monkeypatch):
+    """The app generates in one thread while a concept's SVD runs in another: no process-wide changes."""
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: pytest.fail("svd changed torch's thread count"))
+    torch.manual_seed(0)
+    weights = {f"w{i}": torch.randn(24, 16) for i in range(3)}
+    out = top_k_svd_many(weights, 4)
+    assert list(out) == list(weights) and all(t.k == 4 for t in out.values())

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
+from spectral_diffusion.generation.diffusion import generate
 from spectral_diffusion.models import registry as builtin
 from spectral_diffusion.models import scenes
-from spectral_diffusion.training.trainer import generate
 
 TOY = builtin.SHIPPED_MODELS["builtin:toy"]
 
@@ -91,8 +91,12 @@ def test_pretraining_checkpoints_resume_and_export_a_loadable_pipeline(tmp_path)
 
 def test_toy_trains_with_its_own_defaults_unless_the_user_overrides_them(tmp_path):
     from spectral_diffusion.frontends.cli import build_parser
-    from spectral_diffusion.frontends.cli_commands import _train_config
+    from spectral_diffusion.frontends.cli_commands import _train_request
     from spectral_diffusion.frontends.service import Service
+
+    def _train_config(args, rank, slot):
+        assert _train_request(args).rank_for(args.model) == rank
+        return _train_request(args).config(args.model, args.library, slot=slot)
 
     parser = build_parser()
     toy = _train_config(parser.parse_args(["train", "--images", "x", "--name", "a"]), 8, 0)

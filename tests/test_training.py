@@ -22,17 +22,11 @@ from torch import nn
 from spectral_diffusion.core.layers import SpectralLayer
 from spectral_diffusion.core.model import SpectralAdapters
 from spectral_diffusion.core.svd import top_k_svd
-from spectral_diffusion.errors import ImageDataError
+from spectral_diffusion.errors import CheckpointError, ImageDataError, TrainingCancelled
 from spectral_diffusion.formats.adapter_file import load_adapter, read_adapter, save_adapter
 from spectral_diffusion.models.registry import load_pipeline
-from spectral_diffusion.training.trainer import (
-    CheckpointError,
-    TrainConfig,
-    TrainingCancelled,
-    TrainProgress,
-    default_steps,
-    train_concept,
-)
+from spectral_diffusion.training.config import TrainConfig, TrainProgress, default_steps
+from spectral_diffusion.training.trainer import train_concept
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 20
@@ -89,14 +83,7 @@ def tokenizer_sizes(pipe) -> dict[str, int]:
     return {name: len(getattr(pipe, name)) for name in ("tokenizer", "tokenizer_2") if getattr(pipe, name, None)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are too small to gain from intra-op threads, and on a busy 2-core machine OpenMP's
-    spinning threads made every step ~4x slower (measured); the DDP test runs one thread per rank."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

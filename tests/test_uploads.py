@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 
 from spectral_diffusion import images
 from spectral_diffusion.frontends.service import Service
+from spectral_diffusion.frontends.workflows import TrainRequest
 from spectral_diffusion.images import (
     MAX_FILE_BYTES,
     MAX_IMAGES,
@@ -172,7 +173,7 @@ def test_refused_uploads_say_why_and_write_nothing(refused_inputs, service, tmp_
     for case, (upload, message) in refused_inputs.items():
         started = time.perf_counter()
         with pytest.raises(ImageDataError, match=message):
-            service.start_training(f"case-{len(case)}", upload)
+            service.start_training(TrainRequest(f"case-{len(case)}", upload))
         elapsed = time.perf_counter() - started
         assert elapsed < REFUSAL_LIMIT_S, f"{case}: {elapsed:.1f} s"
         assert not service.training, case
@@ -190,10 +191,10 @@ def test_thousands_of_files_are_refused_quickly(tmp_path, service):
         (folder / f"img-{i:04d}.png").write_bytes(small.getvalue())
     started = time.perf_counter()
     with pytest.raises(ImageDataError, match=f"3000 images found in .*more than the {MAX_IMAGES}"):
-        service.start_training("many", folder)
+        service.start_training(TrainRequest("many", folder))
     listed = sorted(folder.iterdir())
     with pytest.raises(ImageDataError, match=f"3000 images found in the given list, more than the {MAX_IMAGES}"):
-        service.start_training("many", listed)
+        service.start_training(TrainRequest("many", listed))
     assert time.perf_counter() - started < 2 * REFUSAL_LIMIT_S
     assert not (tmp_path / "library").exists()
     assert [p.name for p in find_images(listed[:MAX_IMAGES])][-1] == f"img-{MAX_IMAGES - 1:04d}.png"

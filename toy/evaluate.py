@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from spectral_diffusion.generation.diffusion import generate
 from spectral_diffusion.models import scenes
 from spectral_diffusion.models.registry import load_pipeline
-from spectral_diffusion.training.trainer import generate
 from toy import classifier
 
 logger = logging.getLogger("toy.evaluate")

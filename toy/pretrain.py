@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from spectral_diffusion.atomic import atomic_path, atomic_write_text
 from spectral_diffusion.models import scenes
-from spectral_diffusion.models.registry import MAX_LENGTH, build_tokenizer, write_clip_vocab
+from spectral_diffusion.models.bpe import MAX_LENGTH, build_tokenizer, write_clip_vocab
 
 logger = logging.getLogger("toy.pretrain")
 

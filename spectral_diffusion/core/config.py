@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from spectral_diffusion.core import slots
 from spectral_diffusion.core.tokens import validate_token
+from spectral_diffusion.errors import ConfigError
 
 VARIANTS = ("additive", "rotational")
 
@@ -32,12 +33,12 @@ class TargetConfig:
         known_text = set(TEXT_ATTENTION + TEXT_FEED_FORWARD)
         bad = sorted(set(self.unet) - known_unet) + sorted(set(self.text_encoder) - known_text)
         if bad:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown adapter targets {bad}; UNet targets: {sorted(known_unet)}, "
                 f"text encoder targets: {sorted(known_text)}"
             )
         if not self.unet and not self.text_encoder:
-            raise ValueError("at least one adapter target is needed")
+            raise ConfigError("at least one adapter target is needed")
 
     @classmethod
     def preset(cls, name: str) -> TargetConfig:
@@ -48,7 +49,7 @@ class TargetConfig:
             return cls(UNET_ATTENTION + UNET_FEED_FORWARD, TEXT_ATTENTION + TEXT_FEED_FORWARD)
         if name == "all":
             return cls(UNET_ATTENTION + UNET_FEED_FORWARD + UNET_PROJECTIONS, TEXT_ATTENTION + TEXT_FEED_FORWARD)
-        raise ValueError(f"unknown target preset {name!r}; use attention, attention+ff or all")
+        raise ConfigError(f"unknown target preset {name!r}; use attention, attention+ff or all")
 
     def to_json(self) -> dict:
         return {"unet": list(self.unet), "text_encoder": list(self.text_encoder)}
@@ -71,14 +72,33 @@ class ConceptInfo:
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
-            raise ValueError(f"unknown variant {self.variant!r}; use one of {VARIANTS}")
+            raise ConfigError(f"unknown variant {self.variant!r}; use one of {VARIANTS}")
         if self.rank < 1:
-            raise ValueError(f"rank must be at least 1, got {self.rank}")
+            raise ConfigError(f"rank must be at least 1, got {self.rank}")
         if self.slot < 0:
-            raise ValueError(f"slot must be 0 or more, got {self.slot}")
+            raise ConfigError(f"slot must be 0 or more, got {self.slot}")
         for token in self.tokens:
             validate_token(token)
 
     @property
     def columns(self) -> range:
         return slots.columns(self.slot, self.rank)
+
+
+class ConceptInfoView:
+    """Read-only attributes of ``self.info`` (a ``ConceptInfo``), for records that hold one."""
+
+    info: ConceptInfo
+
+    name = property(lambda self: self.info.name)
+    tokens = property(lambda self: self.info.tokens)
+    slot = property(lambda self: self.info.slot)
+    rank = property(lambda self: self.info.rank)
+    variant = property(lambda self: self.info.variant)
+    class_word = property(lambda self: self.info.class_word)
+    columns = property(lambda self: self.info.columns)
+
+    @property
+    def token(self) -> str:
+        """The first trigger token (concepts normally have exactly one)."""
+        return self.tokens[0] if self.tokens else ""

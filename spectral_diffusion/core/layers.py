@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from spectral_diffusion.core.config import VARIANTS
+from spectral_diffusion.core.routing import IMAGE, TEXT, TOKEN_KINDS, Router
 from spectral_diffusion.core.svd import Triplets
 from spectral_diffusion.errors import ConceptNotFoundError
 
@@ -131,10 +132,14 @@ class SpectralLayer(nn.Module):
 
     ``y = base(x) + sum_i a_i x dW_i^T`` over active, unmerged concepts i, computed in float32 in
     factored form: one stacked input projection and one stacked output projection for all concepts.
+    An active ``router`` restricts which concepts act on which tokens (core/routing.py); its
+    ``token_kind`` says whether this layer reads image tokens or text tokens.
     """
 
-    def __init__(self, base_layer: nn.Module):
+    def __init__(self, base_layer: nn.Module, router: Router | None = None, token_kind: str = IMAGE):
         super().__init__()
+        if token_kind not in TOKEN_KINDS:
+            raise ValueError(f"unknown token kind {token_kind!r}; use one of {TOKEN_KINDS}")
         if isinstance(base_layer, nn.Conv2d):
             if base_layer.kernel_size != (1, 1) or base_layer.groups != 1:
                 raise ValueError("only 1x1 ungrouped Conv2d layers can be adapted")
@@ -143,6 +148,8 @@ class SpectralLayer(nn.Module):
         self.base_layer = base_layer
         self.concepts = nn.ModuleDict()
         self.merged: dict[str, float] = {}  # concept name -> strength baked into base weight
+        self.router = router
+        self.token_kind = token_kind
 
     @property
     def weight_matrix(self) -> torch.Tensor:
@@ -239,12 +246,15 @@ class SpectralLayer(nn.Module):
         for name in names:
             del self.merged[name]
 
-    def _live_adapters(self) -> list[SlotAdapter]:
+    def _live_items(self) -> list[tuple[str, SlotAdapter]]:
         return [
-            adapter
+            (name, adapter)
             for name, adapter in self.concepts.items()
             if adapter.enabled and adapter.strength != 0.0 and name not in self.merged
         ]
+
+    def _live_adapters(self) -> list[SlotAdapter]:
+        return [adapter for _, adapter in self._live_items()]
 
     def _factors(self, adapters: list[SlotAdapter]) -> tuple[torch.Tensor, torch.Tensor]:
         """Stacked ``(L, R)`` of the given adapters with strengths folded into L: ``sum_i a_i dW_i = L R^T``."""
@@ -264,6 +274,8 @@ class SpectralLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
+        if self.router is not None and self.router.active:
+            return self._routed_forward(x, result)
         adapters = self._live_adapters()
         if not adapters:
             return result
@@ -272,8 +284,38 @@ class SpectralLayer(nn.Module):
             return result + delta.to(result.dtype)
         left, right = self._factors(adapters)
         h = x.to(torch.float32) @ right
+        return self._add_output(result, h, left)
+
+    @staticmethod
+    def _add_output(result: torch.Tensor, h: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
+        """``result + h L^T`` for an ``nn.Linear`` output."""
         if result.dtype != torch.float32:
             return result + (h @ left.T).to(result.dtype)
         # result + h L^T in one pass over the output (no separate token-sized delta tensor)
         out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), left.T)
         return out.view(result.shape)
+
+    def _routed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """The forward pass while the router is active: text layers keep the router's text concepts,
+        image layers scale each concept's columns of ``h = x R`` by its pooled mask, token by token."""
+        router = self.router
+        items = self._live_items()
+        if self.token_kind == TEXT:
+            items = [(name, adapter) for name, adapter in items if router.keeps_text(name)]
+        elif router.routes_images:
+            items = [(name, adapter) for name, adapter in items if name in router.masks]  # no mask: weight 0
+        if not items:
+            return result
+        adapters = [adapter for _, adapter in items]
+        left, right = self._factors(adapters)
+        conv = isinstance(self.base_layer, nn.Conv2d)
+        tokens = x.movedim(1, -1) if conv else x
+        h = tokens.to(torch.float32) @ right
+        if self.token_kind == IMAGE and router.routes_images:
+            grid = (x.shape[-2], x.shape[-1]) if conv else router.grid_for(x.shape[-2])
+            widths = [adapter.in_width for adapter in adapters]
+            weights = router.column_weights([name for name, _ in items], widths, grid, h.device)
+            h = h * (weights.view(grid[0], grid[1], -1) if conv else weights)
+        if conv:
+            return result + (h @ left.T).movedim(-1, 1).to(result.dtype)
+        return self._add_output(result, h, left)

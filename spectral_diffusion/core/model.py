@@ -17,6 +17,7 @@ from torch import nn
 from spectral_diffusion.core import slots
 from spectral_diffusion.core.config import TEXT_COMPONENTS, TOKENIZER_OF, ConceptInfo, TargetConfig
 from spectral_diffusion.core.layers import SpectralLayer
+from spectral_diffusion.core.routing import Router, token_kind_of
 from spectral_diffusion.core.svd import SvdCache, Triplets, compute_spectrum, weights_fingerprint
 from spectral_diffusion.core.tokens import ConceptTokenEmbedding, TokenError, add_tokens
 from spectral_diffusion.errors import BaseModelMismatchError, ConceptNotFoundError, SlotConflictError
@@ -68,6 +69,7 @@ class SpectralAdapters:
         self.embeddings: dict[str, ConceptTokenEmbedding] = {}
         self.concepts: dict[str, ConceptInfo] = {}
         self._spectrum: dict[str, Triplets] = {}
+        self.router = Router()  # shared by every layer; inactive until routed() / text_only()
         self._patch()
         self.fingerprint = weights_fingerprint((key, layer.weight_matrix) for key, layer in self.layers.items())
 
@@ -87,9 +89,10 @@ class SpectralAdapters:
         for component, model in self.components.items():
             suffixes = self.targets.unet if component == "unet" else self.targets.text_encoder
             for path in find_targets(model, suffixes):
-                layer = SpectralLayer(model.get_submodule(path))
+                key = f"{component}.{path}"
+                layer = SpectralLayer(model.get_submodule(path), self.router, token_kind_of(key))
                 _set_submodule(model, path, layer)
-                self.layers[f"{component}.{path}"] = layer
+                self.layers[key] = layer
             if component in TEXT_COMPONENTS:
                 wrapper = ConceptTokenEmbedding(model.get_input_embeddings())
                 model.set_input_embeddings(wrapper)
@@ -312,6 +315,44 @@ class SpectralAdapters:
     @property
     def merged(self) -> bool:
         return any(layer.merged for layer in self.layers.values())
+
+    # ----- routing (regional composition) ---------------------------------------------------------
+
+    @contextmanager
+    def routed(
+        self, masks: Mapping[str, torch.Tensor], latent_size: tuple[int, int] | None = None
+    ) -> Iterator[None]:
+        """Confine each concept's delta in image-token layers to its soft latent-grid mask.
+
+        ``masks``: concept name -> (H, W) mask on the latent grid (``latent_size`` defaults to the
+        masks' size); live concepts without a mask act nowhere on image tokens. Text-side layers keep
+        what ``text_only`` says (default: every concept). Merged concepts are unmerged meanwhile (a
+        baked delta cannot be routed). The previous state comes back on exit, also on errors.
+        """
+        for name in masks:
+            self.concept(name)
+        previous = (self.router.masks, self.router.latent_size)
+        with self._unmerged():
+            self.router.set_masks(masks, latent_size)
+            try:
+                yield
+            finally:
+                self.router.set_masks(*previous)
+
+    @contextmanager
+    def text_only(self, names) -> Iterator[None]:
+        """Switch text-side layers (text encoders, cross-attention keys/values) to the concepts
+        ``names`` (an empty set: the base model's; ``None``: every live concept) until exit."""
+        names = None if names is None else frozenset(names)
+        for name in names or ():
+            self.concept(name)
+        previous = self.router.text_concepts
+        with self._unmerged():
+            self.router.set_text_concepts(names)
+            try:
+                yield
+            finally:
+                self.router.set_text_concepts(previous)
 
     # ----- tensors --------------------------------------------------------------------------------
 

@@ -10,22 +10,27 @@ import logging
 import os
 import sys
 
-DEFAULT_MODEL = "builtin:toy"
-DEFAULT_LIBRARY = "concepts"
+from spectral_diffusion.core.config import VARIANTS
+from spectral_diffusion.formats import EXPORT_FORMATS
+from spectral_diffusion.generation.schedulers import SCHEDULERS
+from spectral_diffusion.library.store import DEFAULT_LIBRARY
+from spectral_diffusion.models.registry import DEFAULT_MODEL
+from spectral_diffusion.training.config import MIXED_PRECISION
+
 EXIT_USER_ERROR = 2
 
 logger = logging.getLogger("spectral_diffusion.frontends.cli")
 
 
 def parse_concepts(text: str) -> dict[str, float]:
-    """``"dog,cat:0.8"`` -> ``{"dog": 1.0, "cat": 0.8}``."""
-    concepts: dict[str, float] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, _, strength = item.partition(":")
-        try:
-            concepts[name.strip()] = float(strength) if strength else 1.0
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"strength of {name!r} is not a number: {strength!r}") from None
+    """``"dog,cat:0.8"`` -> ``{"dog": 1.0, "cat": 0.8}`` (``workflows.parse_concepts``, as an argparse type)."""
+    from spectral_diffusion.core.strengths import parse_concepts as parse
+    from spectral_diffusion.errors import SpectralDiffusionError
+
+    try:
+        concepts = parse(text)
+    except SpectralDiffusionError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
     if not concepts:
         raise argparse.ArgumentTypeError("name at least one concept, e.g. --concepts dog,cat:0.8")
     return concepts
@@ -61,11 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--token", default=None, help="trigger token (default <NAME>)")
     train.add_argument("--rank", type=int, default=None, help="slot width r (default 8; 4 on built-in models)")
     train.add_argument("--slot", type=_slot, default=None, help="auto (lowest free) or a slot number")
-    train.add_argument("--variant", choices=["additive", "rotational"], default="additive")
+    train.add_argument("--variant", choices=VARIANTS, default="additive")
     train.add_argument("--steps", type=int, default=None)
     train.add_argument("--resolution", type=int, default=None)
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    train.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no")
     train.add_argument("--checkpoint-every", type=int, default=0, help="save a resumable checkpoint every N steps")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this name")
 
@@ -82,18 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--num-images", type=int, default=1)
-    gen.add_argument("--scheduler", default="default", help="default, ddim, dpm++, euler, euler-a")
+    gen.add_argument("--scheduler", default="default", help=", ".join(SCHEDULERS))
     gen.add_argument("--baked", action="store_true", help="merge the concepts into the weights first")
     gen.add_argument("--out", required=True, help="FILE.png (several images: FILE-0.png, FILE-1.png, ...)")
 
     fuse = sub.add_parser("fuse", help="write several concepts as one file")
     fuse.add_argument("--concepts", type=parse_concepts, required=True)
     fuse.add_argument("--out", required=True)
-    fuse.add_argument("--format", choices=["spectral", "lora", "kohya"], default="spectral")
+    fuse.add_argument("--format", choices=EXPORT_FORMATS, default="spectral")
 
     export = sub.add_parser("export", help="write one concept as a file")
     export.add_argument("name")
-    export.add_argument("--format", choices=["spectral", "lora", "kohya"], default="spectral")
+    export.add_argument("--format", choices=EXPORT_FORMATS, default="spectral")
     export.add_argument("--out", required=True)
 
     imp = sub.add_parser("import", help="add an adapter file to the library")

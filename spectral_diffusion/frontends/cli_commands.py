@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from spectral_diffusion.atomic import atomic_path
-from spectral_diffusion.models.registry import default_rank, training_defaults
+from spectral_diffusion.frontends.workflows import TrainRequest, export_concept, train_into_library
 
 logger = logging.getLogger(__name__)
 
@@ -66,24 +66,12 @@ def _distributed_rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _train_config(args, rank: int, slot: int):
-    from spectral_diffusion.training.trainer import TrainConfig
-
-    checkpoints = args.checkpoint_every or args.resume
-    chosen = {"steps": args.steps, "resolution": args.resolution}
-    return TrainConfig(
-        **{**training_defaults(args.model), **{k: v for k, v in chosen.items() if v is not None}},
-        name=args.name,
-        tokens=[args.token] if args.token else [],
-        class_word=args.class_word,
-        rank=rank,
-        slot=slot,
-        variant=args.variant,
-        seed=args.seed,
-        mixed_precision=args.mixed_precision,
-        checkpoint_every=args.checkpoint_every,
-        checkpoint_dir=str(Path(args.library) / ".checkpoints" / args.name) if checkpoints else None,
-        resume=args.resume,
+def _train_request(args) -> TrainRequest:
+    return TrainRequest(
+        name=args.name, images=args.images, class_word=args.class_word, variant=args.variant, rank=args.rank,
+        steps=args.steps, resolution=args.resolution, seed=args.seed, slot=args.slot, token=args.token,
+        mixed_precision=args.mixed_precision, checkpoint_every=args.checkpoint_every, resume=args.resume,
+        preview_every=0,  # the CLI saves only the final preview
     )
 
 
@@ -96,23 +84,24 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     library = _library(args)
     library.validate_name(args.name)
+    request = _train_request(args)
+    request.config(args.model, args.library)  # every setting checked before the model is loaded
     images = find_images(args.images)
-    rank = args.rank or default_rank(args.model)
     process, world = _distributed_rank()
     if world > 1 and args.slot is None:
         raise SpectralDiffusionError("multi-process training needs an explicit --slot K (all processes must agree)")
     pipe = load_pipeline(args.model, device=args.device)
     if process != 0:  # data-parallel helpers train alongside; only the main process writes the library
-        train_concept(pipe, images, _train_config(args, rank, args.slot), base_model_name=args.model)
+        config = request.config(args.model, args.library, slot=args.slot)
+        train_concept(pipe, images, config, base_model_name=args.model)
         return
     probe = SpectralAdapters.from_pipeline(pipe)
-    fingerprint, capacity = probe.fingerprint, probe.capacity(rank)
+    fingerprint, capacity = probe.fingerprint, probe.capacity(request.rank_for(args.model))
     probe.unpatch()
-    tokens = [args.token] if args.token else [f"<{args.name}>"]
-    with library.reserve(args.name, fingerprint, rank, capacity, args.slot, tokens=tokens) as slot:
-        result = train_concept(pipe, images, _train_config(args, rank, slot),
-                               progress=_tqdm_progress(f"training {args.name}"), base_model_name=args.model)
-        record = library.add(result.adapter, images, result.preview)
+    record, _ = train_into_library(
+        library, pipe, request, images, model=args.model, fingerprint=fingerprint, capacity=capacity,
+        progress=_tqdm_progress(f"training {args.name}"),
+    )
     emit(f"trained {record.name} into slot {record.slot}: {record.adapter_path}")
 
 
@@ -148,7 +137,7 @@ def _load_concepts(studio, library, names) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from spectral_diffusion.generation.fusion import GenerationRequest
+    from spectral_diffusion.generation.request import GenerationRequest
 
     library, studio = _library(args), _studio(args)
     _load_concepts(studio, library, args.concepts)
@@ -183,13 +172,7 @@ def cmd_fuse(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    library = _library(args)
-    if args.format == "spectral":
-        emit(str(library.export_file(args.name, args.out)))
-        return
-    studio = _studio(args)
-    _load_concepts(studio, library, [args.name])
-    written = studio.export_fused({args.name: 1.0}, args.out, format=args.format)
+    written = export_concept(_library(args), lambda: _studio(args), args.name, args.format, args.out)
     emit("\n".join(str(path) for path in written))
 
 

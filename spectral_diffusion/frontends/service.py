@@ -7,9 +7,7 @@ studio's lock and queued by the web server. Nothing is loaded before the first r
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import re
 import tempfile
@@ -23,14 +21,16 @@ from pathlib import Path
 from PIL import Image
 
 from spectral_diffusion.atomic import atomic_path, storage_error
-from spectral_diffusion.errors import SpectralDiffusionError
+from spectral_diffusion.errors import SpectralDiffusionError, TrainingCancelled
+from spectral_diffusion.frontends.workflows import TrainRequest, check_export_format, export_concept, train_into_library
+from spectral_diffusion.images import check_uploads
+from spectral_diffusion.library import ConceptRecord, Library, validate_name
 from spectral_diffusion.library.slotmap import draw_slot_map
-from spectral_diffusion.library.store import ConceptRecord, Library, validate_name
-from spectral_diffusion.models.registry import default_rank, training_defaults
+from spectral_diffusion.library.store import DEFAULT_LIBRARY
+from spectral_diffusion.models.registry import DEFAULT_MODEL, default_rank, training_defaults
 
 logger = logging.getLogger(__name__)
 
-EXPORT_FORMATS = ("spectral", "lora", "kohya")
 
 
 class BusyError(SpectralDiffusionError):
@@ -56,60 +56,13 @@ def _safe_filename(text: str) -> str:
     return re.sub(r"[^a-zA-Z0-9_.-]+", "-", text).strip("-") or "output"
 
 
-def parse_concepts(spec: str | Mapping[str, float] | Sequence[str] | None) -> dict[str, float]:
-    """``{name: strength}`` from ``"a,b:0.8"``, a JSON object / list, a mapping or a list of names.
-
-    A name without a strength gets 1.0; blanks are ignored. Strengths are range-checked later, by the
-    generation request. Raises ``SpectralDiffusionError`` for text that is neither form.
-    """
-    if spec is None:
-        return {}
-    if isinstance(spec, Mapping):
-        items = list(spec.items())
-    elif isinstance(spec, str):
-        text = spec.strip()
-        if text[:1] in ("{", "["):
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise SpectralDiffusionError(f"concepts look like JSON but are not valid JSON ({error})") from None
-            except RecursionError:
-                raise SpectralDiffusionError("concepts JSON is nested too deeply; send {\"name\": strength}") from None
-            return parse_concepts(value if isinstance(value, (dict, list)) else str(value))
-        items = []
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            name, _, strength = part.partition(":")
-            items.append((name.strip(), strength.strip() or 1.0))
-    else:
-        items = [(name, 1.0) for name in spec]
-    out: dict[str, float] = {}
-    for name, strength in items:
-        if not isinstance(name, str) or not name.strip():
-            raise SpectralDiffusionError(f"a concept name must be non-empty text, got {name!r}")
-        try:
-            value = float(strength)
-        except (TypeError, ValueError):
-            raise SpectralDiffusionError(
-                f"strength of concept {name!r} must be a number, got {strength!r} (write name:0.8)"
-            ) from None
-        if not math.isfinite(value):
-            raise SpectralDiffusionError(f"strength of concept {name!r} must be finite, got {strength!r}")
-        out[name.strip()] = value
-    return out
-
-
-def format_concepts(concepts: Mapping[str, float]) -> str:
-    """The inverse of ``parse_concepts``: ``"a,b:0.8"``."""
-    return ",".join(name if strength == 1.0 else f"{name}:{strength:g}" for name, strength in concepts.items())
-
-
 class Service:
     """Everything the app can do, as plain Python calls."""
 
     def __init__(
         self,
-        model: str = "builtin:toy",
-        library: str | os.PathLike = "concepts",
+        model: str = DEFAULT_MODEL,
+        library: str | os.PathLike = DEFAULT_LIBRARY,
         device: str = "cpu",
         output_dir: str | os.PathLike | None = None,
         svd_cache_dir: str | os.PathLike | None = None,
@@ -194,20 +147,13 @@ class Service:
 
     def export_concept(self, name: str, format: str = "spectral") -> list[Path]:
         """Write one concept for download; LoRA formats come with textual-inversion files."""
-        self._check_format(format)
-        out = self._out_path(name, format)
-        if format == "spectral":
-            return [self.library.export_file(name, out)]
-        return self.studio.export_fused({name: 1.0}, out, format=format)
+        check_export_format(format)
+        return export_concept(self.library, lambda: self.studio, name, format, self._out_path(name, format))
 
     def export_fused(self, concepts: Mapping[str, float], format: str = "spectral") -> list[Path]:
-        self._check_format(format)
+        check_export_format(format)
         out = self._out_path("+".join(sorted(concepts)) or "fused", format)
         return self.studio.export_fused(concepts, out, format=format)
-
-    def _check_format(self, format: str) -> None:
-        if format not in EXPORT_FORMATS:
-            raise SpectralDiffusionError(f"unknown format {format!r}; use one of {EXPORT_FORMATS}")
 
     def _out_path(self, stem: str, format: str) -> Path:
         folder = Path(tempfile.mkdtemp(prefix="export-", dir=self.output_dir))
@@ -230,7 +176,7 @@ class Service:
         scheduler: str = "default",
         progress: Callable[[int, int], None] | None = None,
     ) -> list[Image.Image]:
-        from spectral_diffusion.generation.fusion import GenerationRequest
+        from spectral_diffusion.generation.request import GenerationRequest
 
         request = GenerationRequest(
             prompt=prompt,
@@ -281,47 +227,36 @@ class Service:
             self._train_pipe.set_progress_bar_config(disable=True)
         return self._train_pipe
 
-    def train(self, *args, **kwargs) -> ConceptRecord:
+    def train(self, request: TrainRequest, progress: Callable[[TrainingStatus], None] | None = None) -> ConceptRecord:
         """``start_training`` and wait for it. Raises ``BusyError`` while another training runs."""
-        return self.start_training(*args, **kwargs).result()
+        return self.start_training(request, progress).result()
 
     def start_training(
-        self,
-        name: str,
-        images: Sequence[str | os.PathLike],
-        class_word: str = "",
-        variant: str = "additive",
-        rank: int | None = None,
-        steps: int | None = None,
-        seed: int = 0,
-        slot: int | None = None,
-        token: str | None = None,
-        preview_every: int | None = None,
-        progress: Callable[[TrainingStatus], None] | None = None,
+        self, request: TrainRequest, progress: Callable[[TrainingStatus], None] | None = None
     ) -> Future:
         """Check the request, then train in a background thread; returns a future of the record.
 
         Bad input (name, images: missing, unreadable, too large) and ``BusyError`` are raised here,
         before anything is written. ``self.status`` follows the run; ``cancel_training`` stops it.
-        ``preview_every`` None: about four previews during the run (only the final one for short runs).
         """
-        validate_name(name)
-        paths = self._check_images(images)  # refuse bad uploads before any model or library work
+        validate_name(request.name)
+        paths = check_uploads(request.images)  # refuse bad uploads before any model or library work
+        request.config(self.model, self.library.root, extra=self._extra_config())  # refuse bad settings too
         if not self._train_lock.acquire(blocking=False):
             raise BusyError(f"a training ({self.status.name}) is already running; wait for it to finish or cancel it")
         future: Future = Future()
         future.set_running_or_notify_cancel()
         self._cancel.clear()
+        name = request.name
         self.status = TrainingStatus(name=name, state="preparing", started=time.time(), message="loading the model")
-        args = (name, paths, class_word, variant, rank, steps, seed, slot, token, preview_every, progress)
 
         def run() -> None:
             try:
-                future.set_result(self._train_locked(*args))
+                future.set_result(self._train_locked(request, paths, progress))
             except BaseException as error:
-                self.status.state = "cancelled" if type(error).__name__ == "TrainingCancelled" else "failed"
+                self.status.state = "cancelled" if isinstance(error, TrainingCancelled) else "failed"
                 self.status.message = str(error)
-                if not isinstance(error, SpectralDiffusionError | ValueError):
+                if not isinstance(error, SpectralDiffusionError):
                     logger.exception("training of %s failed", name)
                 future.set_exception(error)
             finally:
@@ -334,51 +269,32 @@ class Service:
             raise
         return future
 
-    @staticmethod
-    def _check_images(images: Sequence[str | os.PathLike]) -> list[Path]:
-        from spectral_diffusion.images import find_images, open_image
+    def _extra_config(self) -> dict:
+        return {"cpu": self.device == "cpu", **self.train_defaults}
 
-        if isinstance(images, (str, os.PathLike)):
-            paths = find_images(images)
-        else:
-            paths = find_images([Path(p) for p in images])
-        for path in paths:
-            open_image(path).close()  # decodes: not an image, truncated, decompression bomb
-        return paths
-
-    def _train_locked(self, name, paths, class_word, variant, rank, steps, seed, slot, token, preview_every, progress):
-        from spectral_diffusion.training.trainer import TrainConfig, train_concept
-
-        rank = rank or default_rank(self.model)
-        tokens = [token] if token else [f"<{name}>"]
-        options = {"cpu": self.device == "cpu", **self.train_defaults, "name": name, "tokens": tokens,
-                   "class_word": class_word, "rank": rank, "variant": variant, "seed": seed}
-        if steps:
-            options["steps"] = steps
-        TrainConfig(**options)  # refuse bad settings before the slot is reserved
+    def _train_locked(self, request: TrainRequest, paths: list[Path], progress) -> ConceptRecord:
         pipe = self._training_pipeline()
-        with self.library.reserve(name, self.fingerprint, rank, self.capacity(rank), slot, tokens=tokens) as taken:
-            config = TrainConfig(**options, slot=taken).resolved(pipe)
-            if preview_every is None:
-                preview_every = config.steps // 4 if config.steps >= 8 else 0
-            config.preview_every = preview_every
-            self.status.total_steps = config.steps
-            self.status.message = f"training into slot {taken}"
+        status = self.status
 
-            def on_progress(update) -> None:
-                status = self.status
-                status.state, status.step, status.total_steps = "running", update.step, update.total_steps
-                status.loss, status.eta_seconds = update.loss, update.eta_seconds
-                if update.preview is not None:
-                    status.previews.append(update.preview)
-                if progress is not None:
-                    progress(status)
+        def on_start(config) -> None:
+            status.total_steps = config.steps
+            status.message = f"training into slot {config.slot}"
 
-            result = train_concept(pipe, paths, config, progress=on_progress,
-                                   should_stop=self._cancel.is_set, svd_cache_dir=self.svd_cache_dir,
-                                   base_model_name=self.model)
-            record = self.library.add(result.adapter, paths, result.preview)
-        self.status.state, self.status.message = "done", f"trained {name} into slot {record.slot}"
-        if not self.status.previews or self.status.previews[-1] is not result.preview:
-            self.status.previews.append(result.preview)
+        def on_progress(update) -> None:
+            status.state, status.step, status.total_steps = "running", update.step, update.total_steps
+            status.loss, status.eta_seconds = update.loss, update.eta_seconds
+            if update.preview is not None:
+                status.previews.append(update.preview)
+            if progress is not None:
+                progress(status)
+
+        rank = request.rank_for(self.model)
+        record, result = train_into_library(
+            self.library, pipe, request, paths, model=self.model, fingerprint=self.fingerprint,
+            capacity=self.capacity(rank), extra_config=self._extra_config(), on_start=on_start,
+            progress=on_progress, should_stop=self._cancel.is_set, svd_cache_dir=self.svd_cache_dir,
+        )
+        status.state, status.message = "done", f"trained {request.name} into slot {record.slot}"
+        if not status.previews or status.previews[-1] is not result.preview:
+            status.previews.append(result.preview)
         return record

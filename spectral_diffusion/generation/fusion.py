@@ -12,338 +12,37 @@ LoRA + textual-inversion pair that plain diffusers, AUTOMATIC1111 and ComfyUI lo
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import math
 import os
-import re
 import secrets
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from itertools import combinations
 from pathlib import Path
 
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-)
-from safetensors.torch import load_file, save_file
 
-from spectral_diffusion import __version__
-from spectral_diffusion.atomic import atomic_path
 from spectral_diffusion.core import slots
 from spectral_diffusion.core.model import ConceptInfo, SpectralAdapters, TargetConfig
+from spectral_diffusion.core.strengths import normalize_strengths
 from spectral_diffusion.core.svd import SvdCache
 from spectral_diffusion.core.tokens import TokenError
 from spectral_diffusion.errors import (
-    AdapterFormatError,
     BaseModelMismatchError,
     ConceptNotFoundError,
+    FusionError,
+    RequestError,
     SlotConflictError,
-    SpectralDiffusionError,
 )
-from spectral_diffusion.formats.adapter_file import FORMAT as ADAPTER_FORMAT
-from spectral_diffusion.formats.adapter_file import (
-    AdapterData,
-    adapter_data_from_tensors,
-    check_adapter_metadata,
-    install_adapter,
-    read_adapter,
-    read_safetensors_header,
-)
+from spectral_diffusion.formats import EXPORT_FORMATS
+from spectral_diffusion.formats.adapter_file import AdapterData, install_adapter
+from spectral_diffusion.formats.bundle import read_bundle_and_strengths, renamed_adapter, write_bundle
 from spectral_diffusion.formats.lora import export_lora
+from spectral_diffusion.generation.request import MODES, GenerationRequest, check_prompt_tokens
+from spectral_diffusion.generation.schedulers import make_scheduler
 from spectral_diffusion.models.registry import load_pipeline
 
 logger = logging.getLogger(__name__)
-
-# name -> (scheduler class, forced config overrides); "default" keeps the model's own scheduler.
-SCHEDULERS: dict[str, tuple[type | None, dict]] = {
-    "default": (None, {}),
-    "ddim": (DDIMScheduler, {}),
-    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler-a": (EulerAncestralDiscreteScheduler, {}),
-}
-MODES = ("live", "baked")
-EXPORT_FORMATS = ("spectral", "lora", "kohya")
-MAX_STRENGTH = 2.0
-MAX_STEPS = 200
-MAX_IMAGES = 16
-MAX_SIDE = 4096
-SIZE_MULTIPLE = 8  # diffusers' Stable Diffusion pipelines refuse other sizes
-MAX_GUIDANCE = 50.0
-MAX_PROMPT_CHARS = 10_000
-MAX_SEED = 2**63 - 1
-
-BUNDLE_FORMAT = "spectral-bundle"
-BUNDLE_VERSION = "1"
-MAX_BUNDLE_CONCEPTS = 256
-PROMPT_TOKEN = re.compile(r"<[a-z0-9][a-z0-9_-]{0,62}>")
-
-
-class FusionError(SpectralDiffusionError, ValueError):
-    """A set of concepts cannot be fused (same slot, shared token, different adapter targets)."""
-
-
-class RequestError(SpectralDiffusionError, ValueError):
-    """A generation request is malformed, or its prompt uses a concept that is not selected."""
-
-
-# ----- requests -----------------------------------------------------------------------------------
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def normalize_strengths(concepts: Mapping[str, float] | Iterable[str] | None) -> dict[str, float]:
-    """Validated ``{name: strength}``; a bare iterable of names means strength 1.0 each."""
-    if concepts is None:
-        return {}
-    if isinstance(concepts, str):
-        raise RequestError("concepts must be a mapping of name to strength or a list of names, not one string")
-    items = concepts.items() if isinstance(concepts, Mapping) else ((name, 1.0) for name in concepts)
-    out: dict[str, float] = {}
-    for name, strength in items:
-        if not isinstance(name, str) or not name:
-            raise RequestError(f"concept names must be non-empty text, got {name!r}")
-        if not _is_real(strength) or abs(strength) > MAX_STRENGTH:
-            raise RequestError(
-                f"strength of concept {name!r} must be a number from {-MAX_STRENGTH} to {MAX_STRENGTH}, "
-                f"got {strength!r}"
-            )
-        out[name] = float(strength)
-    return out
-
-
-def _check_range(label: str, value, low, high, integer: bool = True) -> None:
-    ok = _is_int(value) if integer else _is_real(value)
-    if not ok or not low <= value <= high:
-        kind = "a whole number" if integer else "a number"
-        raise RequestError(f"{label} must be {kind} from {low} to {high}, got {value!r}")
-
-
-def _check_side(label: str, value) -> None:
-    if value is None:
-        return
-    _check_range(label, value, SIZE_MULTIPLE, MAX_SIDE)
-    if value % SIZE_MULTIPLE:
-        raise RequestError(f"{label} must be a multiple of {SIZE_MULTIPLE} pixels, got {value}")
-
-
-@dataclass
-class GenerationRequest:
-    """One generation: prompt, fused concepts with strengths, sampler settings. Validated on creation.
-
-    ``seed=None`` draws a random seed (stored in each PIL image's ``info["seed"]``); ``width`` /
-    ``height`` ``None`` mean the model's native size. ``mode`` ``baked`` merges the concepts into the
-    weights (base-model speed), ``live`` applies them in factored form; both give the same image.
-    """
-
-    prompt: str
-    negative_prompt: str = ""
-    concepts: dict[str, float] = field(default_factory=dict)
-    steps: int = 30
-    guidance: float = 7.5
-    seed: int | None = None
-    width: int | None = None
-    height: int | None = None
-    num_images: int = 1
-    scheduler: str = "default"
-    mode: str = "live"
-
-    def __post_init__(self):
-        for label, text in (("prompt", self.prompt), ("negative_prompt", self.negative_prompt)):
-            if not isinstance(text, str) or len(text) > MAX_PROMPT_CHARS:
-                raise RequestError(f"{label} must be text of at most {MAX_PROMPT_CHARS} characters")
-        self.concepts = normalize_strengths(self.concepts)
-        _check_range("steps", self.steps, 1, MAX_STEPS)
-        _check_range("guidance", self.guidance, 0.0, MAX_GUIDANCE, integer=False)
-        if self.seed is not None:
-            _check_range("seed", self.seed, 0, MAX_SEED)
-        _check_side("width", self.width)
-        _check_side("height", self.height)
-        _check_range("num_images", self.num_images, 1, MAX_IMAGES)
-        if self.scheduler not in SCHEDULERS:
-            raise RequestError(f"unknown scheduler {self.scheduler!r}; use one of {sorted(SCHEDULERS)}")
-        if self.mode not in MODES:
-            raise RequestError(f"unknown mode {self.mode!r}; use one of {MODES}")
-
-
-def make_scheduler(name: str, base_scheduler):
-    """A scheduler of kind ``name`` built from the model's own scheduler config (no download)."""
-    if name not in SCHEDULERS:
-        raise RequestError(f"unknown scheduler {name!r}; use one of {sorted(SCHEDULERS)}")
-    cls, overrides = SCHEDULERS[name]
-    if cls is None:
-        return base_scheduler
-    kwargs = dict(overrides)
-    if cls is DDIMScheduler and "clip_sample" not in base_scheduler.config:
-        # DDIM defaults to clipping x0 to [-1, 1], which is wrong for latents (SDXL's Euler config is silent)
-        kwargs["clip_sample"] = False
-    return cls.from_config(base_scheduler.config, **kwargs)
-
-
-# ----- spectral bundle ----------------------------------------------------------------------------
-
-
-def _renamed(data: AdapterData, name: str) -> AdapterData:
-    if data.info.name == name:
-        return data
-    return dataclasses.replace(data, info=dataclasses.replace(data.info, name=name))
-
-
-def _check_bundle_name(name: str) -> None:
-    # the name prefixes tensor keys as "<name>/...", so it must not contain the separator
-    if not isinstance(name, str) or not name or "/" in name or len(name) > 128:
-        raise AdapterFormatError(f"concept name {name!r} cannot go into a bundle (empty, too long or has '/')")
-
-
-def write_bundle(
-    concepts: Mapping[str, AdapterData], path: str | os.PathLike, strengths: Mapping[str, float] | None = None
-) -> Path:
-    """Write several concepts into ONE safetensors file, atomically.
-
-    Tensor keys are the concepts' v1 keys prefixed by their name (``dog/unet.<path>.A``); metadata:
-    ``format`` = ``spectral-bundle``, ``format_version`` = ``1``, ``concepts`` = JSON
-    ``{name: that concept's v1 metadata}``, ``strengths`` = JSON ``{name: strength}``.
-    """
-    if not concepts:
-        raise ValueError("a bundle needs at least one concept")
-    strengths = {name: float((strengths or {}).get(name, 1.0)) for name in concepts}
-    tensors: dict[str, torch.Tensor] = {}
-    metas = {}
-    for name, data in concepts.items():
-        _check_bundle_name(name)
-        data = _renamed(data, name)
-        metas[name] = data.metadata()
-        tensors.update({f"{name}/{key}": tensor for key, tensor in data.tensors().items()})
-    metadata = {
-        "format": BUNDLE_FORMAT,
-        "format_version": BUNDLE_VERSION,
-        "concepts": json.dumps(metas),
-        "strengths": json.dumps(strengths),
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "package_version": __version__,
-    }
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-    return path
-
-
-def _bundle_fail(path: Path, problem: str) -> AdapterFormatError:
-    return AdapterFormatError(f"{path.name}: {problem}")
-
-
-def _bundle_json(path: Path, meta: dict, key: str, default=None):
-    if key not in meta and default is not None:
-        return default
-    try:
-        value = json.loads(meta[key])
-    except (KeyError, json.JSONDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
-        raise _bundle_fail(path, f"bundle metadata {key!r} is missing or not valid JSON") from None
-    if not isinstance(value, dict):
-        raise _bundle_fail(path, f"bundle metadata {key!r} should be a JSON object")
-    return value
-
-
-def _bundle_infos(path: Path, concepts: dict) -> dict[str, ConceptInfo]:
-    """Check every concept's v1 metadata before any tensor is read."""
-    if not concepts or len(concepts) > MAX_BUNDLE_CONCEPTS:
-        raise _bundle_fail(path, f"holds {len(concepts)} concepts; a bundle holds 1 to {MAX_BUNDLE_CONCEPTS}")
-    infos = {}
-    for name, meta in concepts.items():
-        try:
-            _check_bundle_name(name)
-        except AdapterFormatError as error:
-            raise _bundle_fail(path, str(error)) from None
-        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-            raise _bundle_fail(path, f"metadata of concept {name!r} must map keys to strings")
-        if meta.get("name") != name:
-            raise _bundle_fail(path, f"concept {name!r} is named {meta.get('name')!r} in its own metadata")
-        infos[name] = check_adapter_metadata(meta, f"{path.name} [{name}]")
-    for a, b in combinations(infos.values(), 2):
-        if slots.overlap(a.columns, b.columns):
-            raise _bundle_fail(path, f"concepts {a.name!r} and {b.name!r} overlap in slot columns")
-    return infos
-
-
-def _bundle_strengths(path: Path, meta: dict, names: Iterable[str]) -> dict[str, float]:
-    raw = _bundle_json(path, meta, "strengths", default={})
-    try:
-        strengths = normalize_strengths({name: raw.get(name, 1.0) for name in names})
-    except RequestError as error:
-        raise _bundle_fail(path, str(error)) from None
-    return strengths
-
-
-def _split_tensors(path: Path, tensors: dict[str, torch.Tensor], names: Iterable[str]) -> dict[str, dict]:
-    groups: dict[str, dict[str, torch.Tensor]] = {name: {} for name in names}
-    for key, tensor in tensors.items():
-        name, sep, rest = key.partition("/")
-        if not sep or name not in groups:
-            raise _bundle_fail(path, f"tensor {key!r} belongs to no concept of the bundle")
-        groups[name][rest] = tensor
-    return groups
-
-
-def _read_bundle_header(path: Path) -> tuple[dict | None, dict[str, float]]:
-    """Check the header and every concept's metadata, reading no tensor: (concepts' v1 metadata,
-    strengths); concepts is None for a single-concept v1 adapter file (a bundle of one)."""
-    meta = read_safetensors_header(path).get("__metadata__") or {}
-    if meta.get("format") == ADAPTER_FORMAT:
-        return None, {check_adapter_metadata(meta, path.name).name: 1.0}
-    if meta.get("format") != BUNDLE_FORMAT:
-        raise _bundle_fail(
-            path, f"is not a spectral bundle (format {meta.get('format')!r}, expected {BUNDLE_FORMAT!r})"
-        )
-    if meta.get("format_version") != BUNDLE_VERSION:
-        raise _bundle_fail(
-            path,
-            f"has bundle format_version {meta.get('format_version')!r}; this version reads version "
-            f"{BUNDLE_VERSION} only: upgrade the package to load it",
-        )
-    concepts = _bundle_json(path, meta, "concepts")
-    _bundle_infos(path, concepts)
-    return concepts, _bundle_strengths(path, meta, concepts)
-
-
-def _read_bundle(path: str | os.PathLike) -> tuple[list[AdapterData], dict[str, float]]:
-    path = Path(path)
-    concepts, strengths = _read_bundle_header(path)
-    if concepts is None:
-        return [read_adapter(path)], strengths
-    try:
-        tensors = load_file(str(path))
-    except Exception as error:  # safetensors' own checks after ours
-        raise _bundle_fail(path, f"is corrupt ({error})") from None
-    groups = _split_tensors(path, tensors, concepts)
-    datas = [adapter_data_from_tensors(concepts[name], groups[name], f"{path.name} [{name}]") for name in concepts]
-    return datas, strengths
-
-
-def read_bundle(path: str | os.PathLike) -> list[AdapterData]:
-    """Read and fully validate a bundle (or a single v1 adapter file); ``AdapterFormatError`` otherwise."""
-    return _read_bundle(path)[0]
-
-
-def bundle_strengths(path: str | os.PathLike) -> dict[str, float]:
-    """The fusion strengths stored in a bundle (1.0 for a single adapter file); reads no tensor."""
-    return _read_bundle_header(Path(path))[1]
-
-
-# ----- studio -------------------------------------------------------------------------------------
 
 
 def _targets_key(targets) -> tuple[frozenset, frozenset]:
@@ -426,7 +125,7 @@ class Studio:
         return self._mode
 
     def _info(self, name: str) -> ConceptInfo:
-        return _renamed(self._store[name], name).info
+        return renamed_adapter(self._store[name], name).info
 
     # ----- registering concepts -----------------------------------------------------------------
 
@@ -472,7 +171,7 @@ class Studio:
 
     def load_bundle(self, path: str | os.PathLike) -> dict[str, float]:
         """Load every concept of a bundle (all or none); returns its stored strengths for ``activate``."""
-        datas, strengths = _read_bundle(path)
+        datas, strengths = read_bundle_and_strengths(path)
         with self._lock:
             previous = {data.info.name: self._store.get(data.info.name) for data in datas}
             try:
@@ -630,25 +329,6 @@ class Studio:
 
     # ----- generation ---------------------------------------------------------------------------
 
-    def _check_prompt(self, request: GenerationRequest) -> None:
-        """Every trigger token in the prompts must belong to a selected concept."""
-        selected = {token for name in self._active for token in self._info(name).tokens}
-        owners = {token: name for name in self._store for token in self._info(name).tokens}
-        for text in (request.prompt, request.negative_prompt):
-            for token in PROMPT_TOKEN.findall(text.lower()):
-                if token in selected:
-                    continue
-                owner = owners.get(token)
-                if owner is not None:
-                    raise RequestError(
-                        f"prompt uses {token} but concept {owner!r} is not selected; select it with a "
-                        f"non-zero strength or remove {token} from the prompt"
-                    )
-                raise RequestError(
-                    f"prompt uses {token} but no loaded concept has that trigger token; "
-                    f"loaded concepts: {sorted(self._store) or 'none'}"
-                )
-
     def generate(
         self,
         request: GenerationRequest,
@@ -667,7 +347,7 @@ class Studio:
         with self._lock:
             pipe = self.pipe
             self.activate(request.concepts, request.mode)
-            self._check_prompt(request)
+            check_prompt_tokens(request, {name: self._info(name).tokens for name in self._store}, self._active)
             seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
             pipe.scheduler = make_scheduler(request.scheduler, self._default_scheduler)
             try:

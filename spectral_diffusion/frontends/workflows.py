@@ -1,0 +1,132 @@
+"""What the CLI and the web app both do, written once: train into the library, export, parse concept specs.
+
+The CLI (``cli_commands``) and the app's service (``service``) turn their inputs into these calls and
+their results into text or widgets; neither repeats a rule that is written here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from spectral_diffusion.core.tokens import default_token
+from spectral_diffusion.errors import SpectralDiffusionError
+from spectral_diffusion.formats import EXPORT_FORMATS
+from spectral_diffusion.models.registry import default_rank, training_defaults
+
+
+def concept_tokens(name: str, token: str | None = None) -> list[str]:
+    """The trigger tokens of a new concept: the one given, else ``<name>``."""
+    return [token] if token else [default_token(name)]
+
+
+@dataclass
+class TrainRequest:
+    """One concept to train into the library, as a user asks for it (CLI flags or the Train tab).
+
+    ``rank`` None: the model's default; ``steps`` None or 0 and ``resolution`` None: automatic;
+    ``preview_every`` None: about four previews during the run (only the final one for short runs).
+    """
+
+    name: str
+    images: str | os.PathLike | Sequence[str | os.PathLike]
+    class_word: str = ""
+    variant: str = "additive"
+    rank: int | None = None
+    steps: int | None = None
+    resolution: int | None = None
+    seed: int = 0
+    slot: int | None = None
+    token: str | None = None
+    mixed_precision: str = "no"
+    checkpoint_every: int = 0
+    resume: bool = False
+    preview_every: int | None = None
+
+    def __post_init__(self):
+        if self.steps == 0:
+            self.steps = None
+
+    @property
+    def tokens(self) -> list[str]:
+        return concept_tokens(self.name, self.token)
+
+    def rank_for(self, model: str) -> int:
+        return self.rank or default_rank(model)
+
+    def config(self, model: str, library_root: str | os.PathLike, slot: int = 0, extra: Mapping | None = None):
+        """The ``TrainConfig`` of this request (validated: a bad setting raises before any work)."""
+        from spectral_diffusion.training.config import TrainConfig
+
+        chosen = {"steps": self.steps, "resolution": self.resolution}
+        checkpoints = self.checkpoint_every or self.resume
+        return TrainConfig(
+            **{**training_defaults(model), **dict(extra or {}), **{k: v for k, v in chosen.items() if v is not None}},
+            name=self.name, tokens=self.tokens, class_word=self.class_word, rank=self.rank_for(model), slot=slot,
+            variant=self.variant, seed=self.seed, mixed_precision=self.mixed_precision,
+            checkpoint_every=self.checkpoint_every, resume=self.resume,
+            checkpoint_dir=str(Path(library_root) / ".checkpoints" / self.name) if checkpoints else None,
+        )
+
+
+def _with_previews(config, pipe, preview_every: int | None):
+    config = config.resolved(pipe)
+    if preview_every is None:
+        preview_every = config.steps // 4 if config.steps >= 8 else 0
+    return dataclasses.replace(config, preview_every=preview_every)
+
+
+def train_into_library(
+    library,
+    pipe,
+    request: TrainRequest,
+    images: Sequence[Path],
+    *,
+    model: str,
+    fingerprint: str,
+    capacity: int,
+    extra_config: Mapping | None = None,
+    on_start: Callable[[object], None] | None = None,
+    progress: Callable | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    svd_cache_dir: str | os.PathLike | None = None,
+):
+    """Reserve a slot, train the concept into it and add it to the library; returns (record, result).
+
+    ``images`` are the already checked files of the request. ``on_start`` gets the final
+    ``TrainConfig`` (slot and steps known) before the first step. A failed or cancelled run leaves the
+    library as it was: the reservation is dropped and nothing is added.
+    """
+    from spectral_diffusion.training.trainer import train_concept
+
+    config = request.config(model, library.root, extra=extra_config)  # refuse bad settings before reserving
+    with library.reserve(request.name, fingerprint, config.rank, capacity, request.slot, tokens=config.tokens) as slot:
+        config = _with_previews(dataclasses.replace(config, slot=slot), pipe, request.preview_every)
+        if on_start is not None:
+            on_start(config)
+        result = train_concept(pipe, images, config, progress=progress, should_stop=should_stop,
+                               svd_cache_dir=svd_cache_dir, base_model_name=model)
+        record = library.add(result.adapter, images, result.preview)
+    return record, result
+
+
+def check_export_format(format: str) -> None:
+    if format not in EXPORT_FORMATS:
+        raise SpectralDiffusionError(f"unknown format {format!r}; use one of {EXPORT_FORMATS}")
+
+
+def export_concept(library, studio: Callable[[], object], name: str, format: str, out: str | os.PathLike) -> list[Path]:
+    """Write one concept: the library's own file for ``spectral``, an exact LoRA (+ TI files) otherwise.
+
+    ``studio`` makes (or returns) the studio, so the spectral format needs no model at all.
+    """
+    check_export_format(format)
+    if format == "spectral":
+        return [library.export_file(name, out)]
+    fused = studio()
+    if name not in fused.concepts:
+        fused.load_concept(name, library.adapter(name))
+    return fused.export_fused({name: 1.0}, out, format=format)

@@ -1,0 +1,236 @@
+"""Regional layouts: which concept goes where in the image, with which prompt.
+
+A layout is a context prompt (the whole image, and everything outside every box) plus up to
+``MAX_REGIONS`` regions, each a box ``(x0, y0, x1, y1)`` in fractions of the image (x right, y down),
+an optional concept and an optional region prompt (default: the context prompt). Users write it as
+JSON (``Layout.from_json``) or, on the command line, one ``NAME:x0,y0,x1,y1:PROMPT`` per region
+(``parse_region``). ``region_masks`` turns the boxes into soft masks on the latent grid.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from spectral_diffusion.errors import LayoutError
+
+MAX_REGIONS = 8
+FEATHER_PIXELS = 2  # latent pixels of linear ramp at a box's inner edges
+PRESETS = {
+    "left-right": [(0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)],
+    "top-bottom": [(0.0, 0.0, 1.0, 0.5), (0.0, 0.5, 1.0, 1.0)],
+    "thirds": [(0.0, 0.0, 1 / 3, 1.0), (1 / 3, 0.0, 2 / 3, 1.0), (2 / 3, 0.0, 1.0, 1.0)],
+    "grid": [(0.0, 0.0, 0.5, 0.5), (0.5, 0.0, 1.0, 0.5), (0.0, 0.5, 0.5, 1.0), (0.5, 0.5, 1.0, 1.0)],
+}
+_LAYOUT_KEYS = ("prompt", "negative", "regions")
+_REGION_KEYS = ("concept", "box", "prompt", "negative")
+
+
+def _check_text(value, what: str, optional: bool) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str):
+        raise LayoutError(f"{what} must be text, got {type(value).__name__}")
+
+
+def _check_box(box, where: str) -> tuple[float, float, float, float]:
+    if isinstance(box, (str, bytes)) or not isinstance(box, Sequence) or len(box) != 4:
+        raise LayoutError(f"{where}: a box is four numbers [x0, y0, x1, y1] (fractions of the image), got {box!r}")
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in box):
+        raise LayoutError(f"{where}: box values must be finite numbers, got {list(box)!r}")
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if min(x0, y0, x1, y1) < 0 or max(x0, y0, x1, y1) > 1:
+        raise LayoutError(f"{where}: box {list(box)} leaves the image; use fractions between 0 and 1")
+    if not (x0 < x1 and y0 < y1):
+        raise LayoutError(f"{where}: box {list(box)} is empty; it needs x0 < x1 and y0 < y1")
+    return x0, y0, x1, y1
+
+
+@dataclass(frozen=True)
+class Region:
+    """One box of the image: its concept (None: a prompt only) and its prompt (None: the context's)."""
+
+    concept: str | None
+    box: tuple[float, float, float, float]
+    prompt: str | None = None
+    negative: str | None = None
+
+    def __post_init__(self):
+        if self.concept is not None and (not isinstance(self.concept, str) or not self.concept.strip()):
+            raise LayoutError(f"a region's concept must be a concept name or null, got {self.concept!r}")
+        where = f"region {self.concept!r}" if self.concept else "a region"
+        object.__setattr__(self, "box", _check_box(self.box, where))
+        _check_text(self.prompt, f"the prompt of {where}", optional=True)
+        _check_text(self.negative, f"the negative prompt of {where}", optional=True)
+
+    def to_json(self) -> dict:
+        out: dict = {"concept": self.concept, "box": list(self.box)}
+        if self.prompt is not None:
+            out["prompt"] = self.prompt
+        if self.negative is not None:
+            out["negative"] = self.negative
+        return out
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A context prompt and its regions (at most ``MAX_REGIONS``, each concept at most once)."""
+
+    prompt: str
+    regions: tuple[Region, ...] = field(default_factory=tuple)
+    negative: str = ""
+
+    def __post_init__(self):
+        _check_text(self.prompt, "the layout's prompt", optional=False)
+        _check_text(self.negative, "the layout's negative prompt", optional=False)
+        if isinstance(self.regions, (str, bytes, Mapping)) or not isinstance(self.regions, Sequence):
+            raise LayoutError(f"a layout's regions must be a list, got {type(self.regions).__name__}")
+        regions = tuple(self.regions)
+        if not regions:
+            raise LayoutError("a layout needs at least one region; without regions use a plain prompt")
+        if len(regions) > MAX_REGIONS:
+            raise LayoutError(f"a layout has at most {MAX_REGIONS} regions, got {len(regions)}; merge some")
+        if not all(isinstance(region, Region) for region in regions):
+            raise LayoutError("a layout's regions must be Region objects")
+        named = [region.concept for region in regions if region.concept is not None]
+        twice = sorted({name for name in named if named.count(name) > 1})
+        if twice:
+            raise LayoutError(f"concept {twice[0]!r} is named by more than one region; give each concept one box")
+        object.__setattr__(self, "regions", regions)
+
+    @property
+    def concepts(self) -> list[str]:
+        """The concepts placed by the layout, in region order."""
+        return [region.concept for region in self.regions if region.concept is not None]
+
+    def region_prompt(self, region: Region) -> str:
+        return self.prompt if region.prompt is None else region.prompt
+
+    def region_negative(self, region: Region) -> str:
+        return self.negative if region.negative is None else region.negative
+
+    def to_json(self) -> dict:
+        return {"prompt": self.prompt, "negative": self.negative, "regions": [r.to_json() for r in self.regions]}
+
+    @classmethod
+    def from_json(cls, data: Mapping | str | bytes) -> Layout:
+        """A layout from its JSON object, or from JSON text."""
+        if isinstance(data, (str, bytes)):
+            try:
+                data = json.loads(data)
+            except json.JSONDecodeError as exc:
+                raise LayoutError(f"the layout is not valid JSON ({exc}); see the layout format in the docs") from None
+        if not isinstance(data, Mapping):
+            raise LayoutError(f"a layout is a JSON object with {list(_LAYOUT_KEYS)}, got {type(data).__name__}")
+        _reject_unknown(data, _LAYOUT_KEYS, "the layout")
+        if "prompt" not in data:
+            raise LayoutError('the layout has no "prompt"; add the prompt of the whole image')
+        raw_regions = data.get("regions")
+        if not isinstance(raw_regions, list):
+            raise LayoutError('the layout needs "regions": a list of {"concept", "box", "prompt"} objects')
+        regions = [_region_from_json(item, i) for i, item in enumerate(raw_regions)]
+        return cls(prompt=data["prompt"], regions=tuple(regions), negative=data.get("negative", ""))
+
+
+def _reject_unknown(data: Mapping, allowed: tuple[str, ...], what: str) -> None:
+    unknown = sorted(str(key) for key in data if key not in allowed)
+    if unknown:
+        raise LayoutError(f"{what} has unknown keys {unknown}; allowed: {list(allowed)}")
+
+
+def _region_from_json(item, index: int) -> Region:
+    if not isinstance(item, Mapping):
+        raise LayoutError(f"region {index + 1} must be an object with {list(_REGION_KEYS)}, got {item!r}")
+    _reject_unknown(item, _REGION_KEYS, f"region {index + 1}")
+    if "box" not in item:
+        raise LayoutError(f'region {index + 1} has no "box"; give [x0, y0, x1, y1] as fractions of the image')
+    return Region(item.get("concept"), item["box"], item.get("prompt"), item.get("negative"))
+
+
+def parse_region(text: str) -> Region:
+    """A region from the CLI form ``NAME:x0,y0,x1,y1[:PROMPT]`` (empty NAME: no concept)."""
+    if not isinstance(text, str):
+        raise LayoutError(f"a region is text NAME:x0,y0,x1,y1:PROMPT, got {type(text).__name__}")
+    parts = text.split(":", 2)  # the prompt may itself contain colons
+    if len(parts) < 2:
+        raise LayoutError(f"region {text!r} is not NAME:x0,y0,x1,y1:PROMPT, e.g. dog:0,0,0.5,1:a photo of <dog>")
+    name, box_text = parts[0].strip(), parts[1]
+    values = box_text.split(",")
+    try:
+        box = [float(v) for v in values]
+    except ValueError:
+        box = None
+    if box is None or len(box) != 4:
+        raise LayoutError(f"region {text!r}: the box {box_text!r} must be four numbers x0,y0,x1,y1, e.g. 0,0,0.5,1")
+    prompt = parts[2] if len(parts) == 3 and parts[2].strip() else None
+    return Region(name or None, tuple(box), prompt)
+
+
+def preset_boxes(name: str, count: int) -> list[tuple[float, float, float, float]]:
+    """The first ``count`` boxes of a preset (reading order): left-right, top-bottom, thirds, grid."""
+    if name not in PRESETS:
+        raise LayoutError(f"unknown layout preset {name!r}; use one of {list(PRESETS)}")
+    boxes = PRESETS[name]
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= len(boxes):
+        raise LayoutError(f"preset {name!r} has room for 1 to {len(boxes)} regions, not {count!r}; pick another preset")
+    return list(boxes[:count])
+
+
+def auto_layout(prompt: str, concepts_with_tokens: Mapping[str, Sequence[str]], negative: str = "") -> Layout:
+    """Concepts side by side in equal columns, left to right in the order their trigger tokens first
+    appear in ``prompt``; every region uses the context prompt."""
+    _check_text(prompt, "the prompt", optional=False)
+    if not concepts_with_tokens:
+        raise LayoutError("an automatic layout needs at least one concept")
+    positions = {}
+    for name, tokens in concepts_with_tokens.items():
+        found = [prompt.find(token) for token in tokens if token and token in prompt]
+        if not found:
+            raise LayoutError(
+                f"concept {name!r} has none of its trigger tokens {list(tokens)} in the prompt; "
+                "add one to the prompt or place the concept with an explicit region"
+            )
+        positions[name] = min(found)
+    order = sorted(positions, key=lambda name: positions[name])
+    if len(order) > MAX_REGIONS:
+        raise LayoutError(f"a layout has at most {MAX_REGIONS} regions, got {len(order)} concepts")
+    count = len(order)
+    regions = [Region(name, (i / count, 0.0, (i + 1) / count, 1.0)) for i, name in enumerate(order)]
+    return Layout(prompt, tuple(regions), negative)
+
+
+def _edge_ramp(size: int, lo: float, hi: float, feather: float) -> torch.Tensor:
+    """Per pixel of one axis: 1 inside [lo, hi) (pixel units), a linear ramp inward at edges that are
+    not the image border, exactly 0 outside. Pixel j is judged at its centre j + 0.5."""
+    centres = torch.arange(size, dtype=torch.float32) + 0.5
+    inside = ((centres >= lo) & (centres < hi)).to(torch.float32)
+    ramp = min(float(feather), (hi - lo) / 2)  # keep the box's middle at 1 however narrow it is
+    if ramp <= 0:
+        return inside
+    weight = torch.ones(size)
+    if lo > 0:
+        weight = torch.minimum(weight, (centres - lo) / ramp)
+    if hi < size:
+        weight = torch.minimum(weight, (hi - centres) / ramp)
+    return weight.clamp(0, 1) * inside
+
+
+def region_masks(layout: Layout, height: int, width: int, feather: float = FEATHER_PIXELS) -> list[torch.Tensor]:
+    """One float32 (height, width) soft mask per region, on the LATENT grid, in region order."""
+    if not isinstance(layout, Layout):
+        raise LayoutError(f"region_masks needs a Layout, got {type(layout).__name__}")
+    if isinstance(height, bool) or isinstance(width, bool) or not (int(height) >= 1 and int(width) >= 1):
+        raise LayoutError(f"the latent size must be positive, got {height} x {width}")
+    if not (isinstance(feather, (int, float)) and feather >= 0):
+        raise LayoutError(f"feather must be 0 or more latent pixels, got {feather!r}")
+    masks = []
+    for region in layout.regions:
+        x0, y0, x1, y1 = region.box
+        columns = _edge_ramp(width, x0 * width, x1 * width, feather)
+        rows = _edge_ramp(height, y0 * height, y1 * height, feather)
+        masks.append(torch.minimum(rows[:, None], columns[None, :]))
+    return masks

@@ -1,0 +1,271 @@
+"""Regional cross-attention: each region of the image attends to its own prompt.
+
+``RegionalAttnProcessor`` replaces the processor of every cross-attention block (``attn2``) of a
+diffusers ``UNet2DConditionModel`` while ``regional_attention(unet, context)`` is active. Per block it
+computes the queries once, attention against the context embeddings (the ``encoder_hidden_states``
+the pipeline passes) and against every region's embeddings, blends the attention outputs token by
+token with the regions' soft masks pooled onto the block's grid (weights summing to at most 1; the
+rest follows the context), and applies the output projection once. Self-attention is untouched.
+
+Keys and values of a region are computed with only that region's concept switched on in text-side
+layers, through an optional ``text_routing(names)`` context manager (``SpectralAdapters.text_only``).
+Without one (a plain UNet, a PEFT LoRA UNet) the per-region text routing is simply skipped.
+
+``encode_layout`` encodes a layout's prompts through a pipeline and builds the context; the order of
+calls for a whole generation is in its docstring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from spectral_diffusion.core.routing import as_mask, pool_mask, token_grid
+from spectral_diffusion.errors import RoutingError
+from spectral_diffusion.generation.layout import Layout
+
+TextRouting = Callable[[frozenset | None], contextlib.AbstractContextManager]
+CONTEXT_CONCEPTS = ("none", "all")
+
+
+@dataclass
+class RegionInput:
+    """One region's prompt embeddings (batch-aligned with the pipeline's), latent-grid mask, concept."""
+
+    embeddings: torch.Tensor
+    mask: torch.Tensor
+    concept: str | None = None
+
+
+@dataclass
+class RegionalContext:
+    """What the regional processor needs: the regions, and how to switch text-side concepts.
+
+    ``context_concepts``: the concepts on while the context's keys/values are computed, ``"none"``
+    (only the base model; default) or ``"all"`` (every live concept, as in global fusion).
+    """
+
+    regions: Sequence[RegionInput]
+    text_routing: TextRouting | None = None
+    context_concepts: str = "none"
+    _weights: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self):
+        _context_set(self.context_concepts)
+        if not self.regions:
+            raise RoutingError("a regional context needs at least one region")
+        self.regions = [
+            RegionInput(region.embeddings, as_mask(region.mask, region.concept or f"region {i + 1}"), region.concept)
+            for i, region in enumerate(self.regions)
+        ]
+        sizes = {tuple(region.mask.shape) for region in self.regions}
+        if len(sizes) != 1:
+            raise RoutingError(f"all region masks must be on one latent grid, got sizes {sorted(sizes)}")
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        return tuple(self.regions[0].mask.shape)
+
+    def weights(self, grid: tuple[int, int], device, dtype) -> tuple[torch.Tensor, list[bool]]:
+        """(regions, h*w) blend weights on ``grid`` (pooled masks, scaled where they sum past 1), and
+        per region whether it reaches this grid at all; cached per grid, device and dtype."""
+        key = (grid, str(device), dtype)
+        if key not in self._weights:
+            pooled = torch.stack([pool_mask(region.mask, grid).reshape(-1) for region in self.regions])
+            total = pooled.sum(dim=0)
+            pooled = pooled / torch.where(total > 1, total, torch.ones_like(total))
+            reaches = [bool(row.any()) for row in pooled]
+            self._weights[key] = (pooled.to(device=device, dtype=dtype), reaches)
+        return self._weights[key]
+
+    def region_routing(self, region: RegionInput):
+        return _routing(self.text_routing, _concepts_of(region.concept))
+
+    def context_routing(self):
+        return _routing(self.text_routing, _context_set(self.context_concepts))
+
+
+def _concepts_of(concept: str | None) -> frozenset:
+    return frozenset() if concept is None else frozenset({concept})
+
+
+def _context_set(context_concepts: str) -> frozenset | None:
+    if context_concepts not in CONTEXT_CONCEPTS:
+        raise RoutingError(f"context_concepts must be one of {CONTEXT_CONCEPTS}, got {context_concepts!r}")
+    return frozenset() if context_concepts == "none" else None
+
+
+def _routing(text_routing: TextRouting | None, concepts: frozenset | None):
+    """The text routing context for a set of concepts (a no-op without ``text_routing``)."""
+    return contextlib.nullcontext() if text_routing is None else text_routing(concepts)
+
+
+def _aligned(embeddings: torch.Tensor, batch_size: int, like: torch.Tensor) -> torch.Tensor:
+    if embeddings.shape[0] == batch_size:
+        return embeddings.to(device=like.device, dtype=like.dtype)
+    if embeddings.shape[0] == 1:
+        return embeddings.to(device=like.device, dtype=like.dtype).expand(batch_size, -1, -1)
+    raise RoutingError(
+        f"region embeddings have batch {embeddings.shape[0]} but the UNet runs batch {batch_size}; under "
+        "classifier-free guidance give each region [its negative; its prompt], each repeated per image"
+    )
+
+
+class RegionalAttnProcessor:
+    """Cross-attention with per-region prompts, following diffusers' ``AttnProcessor2_0``."""
+
+    def __init__(self, context: RegionalContext):
+        self.context = context
+
+    def _attend(self, attn, query, states, attention_mask):
+        """Attention of the (B, heads, T, d) ``query`` to ``states``: (B, T, heads * d)."""
+        if attn.norm_cross:
+            states = attn.norm_encoder_hidden_states(states)
+        key, value = attn.to_k(states), attn.to_v(states)
+        batch_size, head_dim = query.shape[0], query.shape[-1]
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        return out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if encoder_hidden_states is None:  # not cross-attention: nothing regional to do
+            from diffusers.models.attention_processor import AttnProcessor2_0
+
+            return AttnProcessor2_0()(attn, hidden_states, None, attention_mask, temb)
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+            grid = (height, width)
+        else:
+            grid = token_grid(hidden_states.shape[1], *self.context.latent_size)
+        batch_size, sequence_length, _ = encoder_hidden_states.shape
+        if attention_mask is not None:  # the pipeline's mask is for the context tokens only
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        head_dim = query.shape[-1] // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        with self.context.context_routing():
+            context_out = self._attend(attn, query, encoder_hidden_states, attention_mask)
+        hidden_states = self._blend(attn, query, context_out, grid, batch_size)
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def _blend(self, attn, query, context_out, grid, batch_size):
+        """``context + sum_i w_i (region_i - context)``: exactly the context where no region reaches
+        and where a region's attention equals the context's."""
+        weights, reaches = self.context.weights(grid, context_out.device, context_out.dtype)
+        out = context_out
+        for region, weight, reach in zip(self.context.regions, weights, reaches, strict=True):
+            if not reach:  # the region does not reach this grid: skip its attention
+                continue
+            states = _aligned(region.embeddings, batch_size, context_out)
+            with self.context.region_routing(region):
+                region_out = self._attend(attn, query, states, None)
+            out = out + weight[None, :, None] * (region_out - context_out)
+        return out
+
+
+def _cross_attention_modules(unet) -> list:
+    from diffusers.models.attention_processor import Attention
+
+    return [
+        module
+        for name, module in unet.named_modules()
+        if isinstance(module, Attention) and (name == "attn2" or name.endswith(".attn2"))
+    ]
+
+
+@contextmanager
+def regional_attention(unet, context: RegionalContext):
+    """Install a ``RegionalAttnProcessor`` on every ``attn2`` of ``unet``; the previous processors
+    come back on exit (also on errors)."""
+    modules = _cross_attention_modules(unet)
+    if not modules:
+        raise RoutingError("the UNet has no cross-attention (attn2) blocks; regional prompts need them")
+    previous = [module.processor for module in modules]
+    processor = RegionalAttnProcessor(context)
+    for module in modules:
+        module.set_processor(processor)
+    try:
+        yield processor
+    finally:
+        for module, old in zip(modules, previous, strict=True):
+            module.set_processor(old)
+
+
+def _encode(pipe, prompt: str, negative: str, guidance: bool):
+    """(positive, negative) embeddings of one prompt, batch 1, through the pipeline's own encoder."""
+    result = pipe.encode_prompt(
+        prompt=prompt,
+        device=pipe._execution_device,
+        num_images_per_prompt=1,
+        do_classifier_free_guidance=guidance,
+        negative_prompt=negative or None,  # None keeps SDXL's zeroed negative, as Studio does
+    )
+    return result
+
+
+def encode_layout(
+    pipe,
+    layout: Layout,
+    masks: Sequence[torch.Tensor],
+    text_routing: TextRouting | None = None,
+    num_images_per_prompt: int = 1,
+    guidance: bool = True,
+    context_concepts: str = "none",
+) -> tuple[RegionalContext, dict]:
+    """Encode the layout's context and region prompts; return the regional context and the
+    embedding keyword arguments for ``pipe(...)`` (``prompt_embeds``, ``negative_prompt_embeds``
+    and, for SDXL, the pooled ones).
+
+    ``masks``: ``region_masks(layout, height // vae_scale_factor, width // vae_scale_factor)``.
+    ``guidance``: whether the pipeline will use classifier-free guidance (guidance scale > 1).
+    A whole generation, with ``adapters`` the pipeline's SpectralAdapters (unmerged)::
+
+        masks = region_masks(layout, latent_h, latent_w)
+        context, embeds = encode_layout(pipe, layout, masks, adapters.text_only, n, guidance > 1)
+        concept_masks = {r.concept: m for r, m in zip(layout.regions, masks) if r.concept}
+        with adapters.routed(concept_masks), regional_attention(pipe.unet, context):
+            pipe(**embeds, num_images_per_prompt=n, height=..., width=..., guidance_scale=guidance, ...)
+    """
+    if len(masks) != len(layout.regions):
+        raise RoutingError(f"the layout has {len(layout.regions)} regions but {len(masks)} masks were given")
+    with _routing(text_routing, _context_set(context_concepts)):
+        context = _encode(pipe, layout.prompt, layout.negative, guidance)
+    embeds = {"prompt_embeds": context[0], "negative_prompt_embeds": context[1] if guidance else None}
+    if len(context) == 4:  # SDXL: the pooled embeddings condition the UNet's added time embedding
+        embeds["pooled_prompt_embeds"] = context[2]
+        embeds["negative_pooled_prompt_embeds"] = context[3] if guidance else None
+    regions = []
+    for region, mask in zip(layout.regions, masks, strict=True):
+        with _routing(text_routing, _concepts_of(region.concept)):
+            positive, negative = _encode(pipe, layout.region_prompt(region), layout.region_negative(region), guidance)[:2]
+        # the pipeline's UNet batch is [negative x n; positive x n] (positive x n without guidance)
+        halves = [negative, positive] if guidance else [positive]
+        stacked = torch.cat([half.expand(num_images_per_prompt, -1, -1) for half in halves])
+        regions.append(RegionInput(stacked, mask, region.concept))
+    return RegionalContext(regions, text_routing, context_concepts), embeds

@@ -1,0 +1,105 @@
+"""One generation request: prompt, fused concepts with strengths and sampler settings, validated."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from spectral_diffusion.core.strengths import is_finite_number, normalize_strengths
+from spectral_diffusion.errors import RequestError
+from spectral_diffusion.generation.schedulers import SCHEDULERS
+
+# how the concepts are applied: in factored form, or merged into the weights
+MODES = ("live", "baked")
+MAX_STEPS = 200
+MAX_IMAGES = 16
+MAX_SIDE = 4096
+SIZE_MULTIPLE = 8  # diffusers' Stable Diffusion pipelines refuse other sizes
+MAX_GUIDANCE = 50.0
+MAX_PROMPT_CHARS = 10_000
+MAX_SEED = 2**63 - 1
+PROMPT_TOKEN = re.compile(r"<[a-z0-9][a-z0-9_-]{0,62}>")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_range(label: str, value, low, high, integer: bool = True) -> None:
+    ok = _is_int(value) if integer else is_finite_number(value)
+    if not ok or not low <= value <= high:
+        kind = "a whole number" if integer else "a number"
+        raise RequestError(f"{label} must be {kind} from {low} to {high}, got {value!r}")
+
+
+def _check_side(label: str, value) -> None:
+    if value is None:
+        return
+    _check_range(label, value, SIZE_MULTIPLE, MAX_SIDE)
+    if value % SIZE_MULTIPLE:
+        raise RequestError(f"{label} must be a multiple of {SIZE_MULTIPLE} pixels, got {value}")
+
+
+@dataclass
+class GenerationRequest:
+    """One generation: prompt, fused concepts with strengths, sampler settings. Validated on creation.
+
+    ``seed=None`` draws a random seed (stored in each PIL image's ``info["seed"]``); ``width`` /
+    ``height`` ``None`` mean the model's native size. ``mode`` ``baked`` merges the concepts into the
+    weights (base-model speed), ``live`` applies them in factored form; both give the same image.
+    """
+
+    prompt: str
+    negative_prompt: str = ""
+    concepts: dict[str, float] = field(default_factory=dict)
+    steps: int = 30
+    guidance: float = 7.5
+    seed: int | None = None
+    width: int | None = None
+    height: int | None = None
+    num_images: int = 1
+    scheduler: str = "default"
+    mode: str = "live"
+
+    def __post_init__(self):
+        for label, text in (("prompt", self.prompt), ("negative_prompt", self.negative_prompt)):
+            if not isinstance(text, str) or len(text) > MAX_PROMPT_CHARS:
+                raise RequestError(f"{label} must be text of at most {MAX_PROMPT_CHARS} characters")
+        self.concepts = normalize_strengths(self.concepts)
+        _check_range("steps", self.steps, 1, MAX_STEPS)
+        _check_range("guidance", self.guidance, 0.0, MAX_GUIDANCE, integer=False)
+        if self.seed is not None:
+            _check_range("seed", self.seed, 0, MAX_SEED)
+        _check_side("width", self.width)
+        _check_side("height", self.height)
+        _check_range("num_images", self.num_images, 1, MAX_IMAGES)
+        if self.scheduler not in SCHEDULERS:
+            raise RequestError(f"unknown scheduler {self.scheduler!r}; use one of {sorted(SCHEDULERS)}")
+        if self.mode not in MODES:
+            raise RequestError(f"unknown mode {self.mode!r}; use one of {MODES}")
+
+
+def check_prompt_tokens(
+    request: GenerationRequest, tokens: Mapping[str, Iterable[str]], selected: Iterable[str]
+) -> None:
+    """Every trigger token in the prompts must belong to a selected concept.
+
+    ``tokens`` maps every loaded concept to its trigger tokens; ``selected`` names the active ones.
+    """
+    chosen = {token for name in selected for token in tokens[name]}
+    owners = {token: name for name, concept_tokens in tokens.items() for token in concept_tokens}
+    for text in (request.prompt, request.negative_prompt):
+        for token in PROMPT_TOKEN.findall(text.lower()):
+            if token in chosen:
+                continue
+            owner = owners.get(token)
+            if owner is not None:
+                raise RequestError(
+                    f"prompt uses {token} but concept {owner!r} is not selected; select it with a "
+                    f"non-zero strength or remove {token} from the prompt"
+                )
+            raise RequestError(
+                f"prompt uses {token} but no loaded concept has that trigger token; "
+                f"loaded concepts: {sorted(tokens) or 'none'}"
+            )

@@ -1,0 +1,76 @@
+"""Package metadata: pip installs what requirements.txt pins, and the console script is the CLI."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import tomllib
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "spectral_diffusion"
+
+
+def _requirements() -> set[str]:
+    lines = (ROOT / "requirements.txt").read_text().splitlines()
+    return {re.sub(r"\s+", "", line) for line in lines if line.strip() and not line.lstrip().startswith("#")}
+
+
+def test_pyproject_dependencies_match_requirements_txt():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert set(project["build-system"]["requires"]), "pip install . needs a build system"
+    assert {re.sub(r"\s+", "", d) for d in project["project"]["dependencies"]} == _requirements()
+
+
+def test_console_script_is_the_cli(capsys):
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    target = project["project"]["scripts"]["spectral-diffusion"]
+    module, _, function = target.partition(":")
+    main = getattr(__import__(module, fromlist=[function]), function)
+    try:
+        main(["--help"])
+    except SystemExit as exit_:
+        assert exit_.code == 0
+    assert "train" in capsys.readouterr().out
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return {n for n in names if n.startswith("spectral_diffusion.")}
+
+
+# Lower layers first; a module may import its own layer and the layers before it, never a later one.
+LAYERS = ["errors", "atomic", "images", "models", "core", "formats", "library", "generation", "training", "frontends"]
+
+
+def _layer(module: str) -> int:
+    part = module.split(".")[1]
+    return LAYERS.index(part)
+
+
+def test_imports_point_one_way():
+    wrong = []
+    for path in PACKAGE.rglob("*.py"):
+        relative = path.relative_to(ROOT).with_suffix("")
+        parts = relative.parts
+        if len(parts) < 2 or parts[1] in ("__init__", "__main__"):
+            continue
+        own = _layer(".".join(parts))
+        for imported in _imports(path):
+            if _layer(imported) > own:
+                wrong.append(f"{'.'.join(parts)} imports {imported}")
+    assert not wrong, wrong
+
+
+def test_no_gradio_in_the_package():
+    """Gradio belongs to app.py alone: the package runs without a web server."""
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        assert "import gradio" not in text and "from gradio" not in text, path
