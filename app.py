@@ -34,17 +34,17 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 
 import app_ui as handlers  # noqa: E402
+from spectral_diffusion.core.config import VARIANTS  # noqa: E402
 from spectral_diffusion.formats import EXPORT_FORMATS  # noqa: E402
 from spectral_diffusion.frontends.service import Service, TrainingStatus  # noqa: E402
 from spectral_diffusion.generation.schedulers import SCHEDULERS  # noqa: E402
+from spectral_diffusion.library.store import DEFAULT_LIBRARY  # noqa: E402
 from spectral_diffusion.models.registry import DEFAULT_MODEL, default_rank  # noqa: E402
 
 # run as a script this module is __main__: the app's loggers share the name "app" (see app_ui.py)
 logger = logging.getLogger("app")
 
-DEFAULT_LIBRARY = "concepts"
 CONCEPT_ROWS = 8  # concept pickers on the Generate tab (4 shown, 4 more folded)
-VARIANTS = ["additive", "rotational"]
 MAX_FILE_SIZE = "1gb"  # one upload: images are limited further by data.py, adapters can be large (SDXL)
 PRIVATE = {"api_visibility": "private"}  # page-only events: no API endpoint
 
@@ -120,7 +120,7 @@ def build_train_tab(rank: int) -> TrainTab:
                 name = gr.Textbox(label="Name", placeholder="my-dog", elem_id="train-name")
                 class_word = gr.Textbox(label="Class word", placeholder="dog", elem_id="train-class")
             with gr.Row():
-                variant = gr.Radio(VARIANTS, value="additive", label="Variant",
+                variant = gr.Radio(list(VARIANTS), value="additive", label="Variant",
                                    info="rotational: zero interference between concepts")
                 rank_box = gr.Number(value=rank, precision=0, minimum=1, label="Rank", elem_id="train-rank")
                 steps = gr.Number(value=0, precision=0, minimum=0, label="Steps (0 = automatic)",

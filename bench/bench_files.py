@@ -1,7 +1,7 @@
 """Items 5 (file sizes) and 6 (fusion of 8 concepts) at SD1.5 size.
 
 File sizes: one concept at rank 8 on the 128 UNet attention linears, float32 safetensors in every
-case: our adapter file (slot triplets U_k, s_k, V_k plus the trainable tensors, DESIGN.md section 4),
+case: our adapter file (slot triplets U_k, s_k, V_k plus the trainable tensors, docs/design.md section 4),
 a PEFT LoRA file of the same targets and rank (diffusers' ``unet.<path>.lora_A/B.weight`` keys), and
 the reference implementation's checkpoint (the full U, S, V of every adapted layer).
 
@@ -22,9 +22,10 @@ import torch
 from safetensors.torch import save_file
 
 from bench.common import UNET_TARGETS, randomize, set_modules
-from spectral_diffusion.core.model import ConceptInfo, SpectralAdapters, TargetConfig
+from spectral_diffusion.core.config import ConceptInfo, TargetConfig
+from spectral_diffusion.core.model import SpectralAdapters
 from spectral_diffusion.core.svd import SvdCache
-from spectral_diffusion.formats.adapter_file import adapter_from_model, install_adapter, read_adapter, save_adapter
+from spectral_diffusion.formats.adapter_file import adapter_from_model, install_adapters, read_adapter, save_adapter
 from spectral_diffusion.formats.lora import lora_state_dict
 
 BASE_MODEL = "bench:sd15-size-random"
@@ -55,6 +56,8 @@ def file_sizes(ctx, out_dir: Path, rank: int = 8) -> FileSizes:
         data = adapter_from_model(ctx.adapters, concept_name(variant, rank), BASE_MODEL)
         path = save_adapter(data, out_dir / f"spectral-{variant}-r{rank}.safetensors")
         sizes.bytes[f"ours, {variant}"] = path.stat().st_size
+        half = save_adapter(data, out_dir / f"spectral-{variant}-r{rank}-fp16.safetensors", triplet_dtype="float16")
+        sizes.bytes[f"ours, {variant}, fp16 triplets"] = half.stat().st_size
     modules, _ = ensure_peft(ctx, rank)
     lora = {}
     for path, module in modules.items():
@@ -119,7 +122,7 @@ def fusion(unet, plain: dict, cache_dir, out_dir: Path, n: int = 8, repeats: int
     result = FusionResult(n, files_bytes=sum(f.stat().st_size for f in files))
     names = [f"concept-{i}" for i in range(n)]
     check_s = [0.0]
-    check = adapters._check_compatible
+    check = adapters._compatible_triplets
 
     def timed_check(*args, **kwargs):  # how much of installing is the base-model check
         start = time.perf_counter()
@@ -128,18 +131,16 @@ def fusion(unet, plain: dict, cache_dir, out_dir: Path, n: int = 8, repeats: int
         finally:
             check_s[0] += time.perf_counter() - start
 
-    adapters._check_compatible = timed_check
+    adapters._compatible_triplets = timed_check
     for index in range(repeats):
         if index:
             for name in names:
                 adapters.remove_concept(name)
         check_s[0], read_s = 0.0, 0.0
         t0 = time.perf_counter()
-        for path in files:
-            start = time.perf_counter()
-            data = read_adapter(path)
-            read_s += time.perf_counter() - start
-            install_adapter(adapters, data, model_name=BASE_MODEL)
+        datas = [read_adapter(path) for path in files]
+        read_s = time.perf_counter() - t0
+        install_adapters(adapters, datas, model_name=BASE_MODEL)  # one pass over the weights for all checks
         t1 = time.perf_counter()
         adapters.merge(names)
         t2 = time.perf_counter()
@@ -156,6 +157,6 @@ def fusion(unet, plain: dict, cache_dir, out_dir: Path, n: int = 8, repeats: int
         result.export_s.append(t4 - t3)
         log(f"  fuse {n}: install {t1 - t0:.2f} s (read {read_s:.2f} s, check {check_s[0]:.2f} s), merge {t2 - t1:.2f} s, unmerge {t3 - t2:.2f} s, "
             f"LoRA export {t4 - t3:.2f} s")
-    del adapters._check_compatible
+    del adapters._compatible_triplets
     set_modules(unet, plain)
     return result, adapters, layers

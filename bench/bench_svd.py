@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from bench.common import TEXT_TARGETS, UNET_TARGETS
-from spectral_diffusion.core.model import SpectralAdapters, TargetConfig
+from spectral_diffusion.core.config import TargetConfig
+from spectral_diffusion.core.model import SpectralAdapters
 from spectral_diffusion.core.svd import SvdCache, top_k_svd_many
 
 K = 64  # what a rank-8 concept asks for: SPECTRUM_MIN_K (8 slots of rank 8)

@@ -30,7 +30,8 @@ from bench.common import (
     target_paths,
 )
 from bench.reference import ReferenceSpectralLinear
-from spectral_diffusion.core.model import ConceptInfo, SpectralAdapters, TargetConfig
+from spectral_diffusion.core.config import ConceptInfo, TargetConfig
+from spectral_diffusion.core.model import SpectralAdapters
 from spectral_diffusion.core.svd import SvdCache
 
 SPECTRAL = ("additive", "rotational")

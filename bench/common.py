@@ -1,6 +1,6 @@
 """Shared benchmark machinery: interleaved timing, paired ratios, memory probes, SD1.5-size models.
 
-Timing rules (DESIGN.md section 9): every variant runs once per round in a shuffled order, warm-up
+Timing rules (docs/design.md section 9): every variant runs once per round in a shuffled order, warm-up
 rounds are thrown away, and a ratio is the median over rounds of the ratio *within* a round, so that
 slow drifts of the machine (other jobs on the same cores, clock changes) cancel out.
 """

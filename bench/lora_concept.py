@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from spectral_diffusion.core.model import TEXT_ATTENTION, UNET_ATTENTION
+from spectral_diffusion.core.config import TEXT_ATTENTION, UNET_ATTENTION
 from spectral_diffusion.core.tokens import add_tokens
 from spectral_diffusion.generation.diffusion import encode_captions, encode_images
 from spectral_diffusion.training.config import TrainConfig

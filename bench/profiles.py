@@ -183,7 +183,7 @@ def notes(results: dict) -> list[str]:
         lora = sizes.bytes["PEFT LoRA"]
         out += [("**Size.** Our additive file is "
                  f"{sizes.bytes['ours, additive'] / lora:.1f}x a LoRA file of the same rank: it holds the same "
-                 "A and B factors as LoRA plus the slot's base triplets U_k, s_k, V_k (DESIGN.md section 4), which "
+                 "A and B factors as LoRA plus the slot's base triplets U_k, s_k, V_k (docs/design.md section 4), which "
                  "make it independent of the loading machine's SVD and let loading verify the base model. The "
                  f"rotational file is {sizes.bytes['ours, rotational'] / lora:.2f}x LoRA (triplets plus two r x r "
                  "generators). The reference checkpoint, the full U, S, V of every layer, is "

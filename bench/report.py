@@ -309,7 +309,7 @@ def markdown(r: dict, plot_name: str | None) -> str:
             "",
             f"Trainable parameters and files for one concept at rank {train.rank} on the 128 UNet attention linears,",
             "float32 safetensors. Our file also stores the slot's base triplets (U_k, s_k, V_k), which makes it",
-            "independent of the loading machine's SVD and lets loading check the base model (DESIGN.md section 2).",
+            "independent of the loading machine's SVD and lets loading check the base model (docs/design.md section 2).",
             "",
         ]
         rows = []

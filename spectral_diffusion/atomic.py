@@ -17,6 +17,16 @@ from pathlib import Path
 from spectral_diffusion.errors import StorageError
 
 TMP_PREFIX = ".tmp-"
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask needs setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+# what open() would give a new file under the process's umask (0o644 for the usual 022)
+_ORDINARY_MODE = 0o666 & ~_umask()
 # errno values meaning "the disk cannot take this write": full, over quota, file size limit
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _OS_ERROR_CODE = re.compile(r"os error (\d+)")  # how Rust I/O errors (safetensors) name their errno
@@ -66,6 +76,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, _ORDINARY_MODE)  # mkstemp makes it private; the result is an ordinary file
         os.replace(tmp, target)
         fsync_path(target.parent)
     except Exception as error:

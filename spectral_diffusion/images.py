@@ -134,8 +134,6 @@ def find_images(source: str | os.PathLike | Sequence[str | os.PathLike], max_ima
             f"the {len(paths)} images {where} add up to {_megabytes(total)}, more than "
             f"{_megabytes(MAX_TOTAL_BYTES)}; use fewer or smaller images"
         )
-    if len(paths) < FEW_IMAGES:
-        logger.warning("only %d image(s) of the concept; %d or more give better results", len(paths), FEW_IMAGES)
     return paths
 
 
@@ -218,9 +216,12 @@ def check_uploads(images: str | os.PathLike | Sequence[str | os.PathLike]) -> li
     """``find_images`` and decode every file once: the checked list, or the first problem as an error.
 
     Decoding catches what the file checks cannot (not an image, truncated, decompression bomb), so a
-    bad upload is refused before any model is loaded or anything is written.
+    bad upload is refused before any model is loaded or anything is written. The entry points (CLI,
+    service) call this once; it is also the one place that warns about too few images.
     """
     paths = find_images(images if isinstance(images, (str, os.PathLike)) else [Path(p) for p in images])
     for path in paths:
         decode_image(path).close()
+    if len(paths) < FEW_IMAGES:  # said once, here, after the images proved usable
+        logger.warning("only %d image(s) of the concept; %d or more give better results", len(paths), FEW_IMAGES)
     return paths

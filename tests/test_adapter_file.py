@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spectral_diffusion.core.model import ConceptInfo, SpectralAdapters
+from spectral_diffusion.core.config import ConceptInfo
+from spectral_diffusion.core.model import SpectralAdapters
 from spectral_diffusion.errors import AdapterFormatError, BaseModelMismatchError
 from spectral_diffusion.formats.adapter_file import adapter_from_model, load_adapter, read_adapter, save_adapter
 from spectral_diffusion.models.registry import load_pipeline
@@ -175,3 +176,63 @@ def test_save_is_atomic(saved, tmp_path, monkeypatch):
         save_adapter(adapter_from_model(adapters, "dog", "builtin:tiny"), paths["dog"])
     assert paths["dog"].read_bytes() == original
     assert not [p for p in paths["dog"].parent.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_float16_triplets_shrink_the_file_and_still_load(saved, tmp_path):
+    adapters, paths = saved
+    data = adapter_from_model(adapters, "dog", "builtin:tiny")
+    half = save_adapter(data, tmp_path / "dog-fp16.safetensors", triplet_dtype="float16")
+    stored = load_file(str(half))
+    assert {stored[k].dtype for k in stored if k.rsplit(".", 1)[1] in ("U", "s", "V")} == {torch.float16}
+    assert {stored[k].dtype for k in stored if k.rsplit(".", 1)[1] in ("A", "B", "c")} == {torch.float32}
+    assert half.stat().st_size < paths["dog"].stat().st_size
+    back = read_adapter(half)
+    assert back.triplet_dtype == "float16" and back.metadata()["triplet_dtype"] == "float16"
+    assert "triplet_dtype" not in read_adapter(paths["dog"]).metadata()  # fp32 files are as before
+    assert back.layers[next(iter(back.layers))]["U"].dtype == torch.float32  # loading upcasts
+    adapters.remove_concept("dog")
+    load_adapter(adapters, half)  # the half-precision triplets pass the (adjusted) base-model check
+    assert adapters.concept("dog").slot == 2
+
+
+def test_float16_rounding_stays_well_inside_the_adjusted_tolerance(saved):
+    """The compatibility measure of fp16-rounded triplets against the base weight, vs the bound."""
+    from spectral_diffusion.core.model import COMPATIBILITY_TOLERANCE, compatibility_tolerance
+
+    adapters, _ = saved
+    worst = 0.0
+    for key, tensors in adapters.concept_layer_tensors("dog").items():
+        U, s, V = (tensors[p].half().float() for p in ("U", "s", "V"))
+        projected = U.T @ adapters.layers[key].weight_matrix.float() @ V
+        worst = max(worst, float(torch.linalg.norm(projected - torch.diag(s)) / torch.linalg.norm(s)))
+    assert worst < compatibility_tolerance(torch.float16) / 4
+    assert compatibility_tolerance(torch.float32) == COMPATIBILITY_TOLERANCE
+    assert COMPATIBILITY_TOLERANCE < compatibility_tolerance(torch.float16) < 2 * COMPATIBILITY_TOLERANCE
+
+
+def _other_base_model(adapters):
+    with torch.no_grad():
+        for layer in adapters.layers.values():
+            layer.base_layer.weight.mul_(-1.0).add_(0.05 * torch.randn_like(layer.base_layer.weight))
+
+
+def test_float16_file_of_another_base_model_is_refused(saved, target, tmp_path):
+    _other_base_model(target)
+    data = adapter_from_model(saved[0], "dog", "builtin:tiny")
+    half = save_adapter(data, tmp_path / "dog-fp16.safetensors", triplet_dtype="float16")
+    _assert_refused(target, half, "another base model: at layer ", BaseModelMismatchError)
+
+
+def test_fused_install_checks_all_concepts_and_is_all_or_nothing(saved, target):
+    from spectral_diffusion.formats.adapter_file import install_adapters
+
+    adapters, paths = saved
+    datas = [read_adapter(paths[name]) for name in ("dog", "cat")]
+    for name in ("dog", "cat"):
+        adapters.remove_concept(name)
+    assert [info.name for info in install_adapters(adapters, datas)] == ["dog", "cat"]
+    assert sorted(adapters.concepts) == ["cat", "dog"]
+    _other_base_model(target)
+    with pytest.raises(BaseModelMismatchError, match="another base model"):
+        install_adapters(target, datas)
+    assert target.concepts == {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -240,3 +241,24 @@ def test_load_and_generate(home, name, cls, sdxl):
         output_type="pil",
     )
     assert len(out.images) == 1 and out.images[0].size == (64, 64)
+
+
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE", "closed endpoint"])
+def test_unknown_hub_id_offline_fails_at_once_with_one_clear_message(offline, monkeypatch, tmp_path):
+    """No network: one error saying the model is not in the local cache, not a minute of retries."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    if offline == "HF_HUB_OFFLINE":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:  # online mode, but nothing listens there: connection refused at once
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    builtin.hub_reachable.cache_clear()
+    try:
+        started = time.monotonic()
+        with pytest.raises(ModelNotFoundError, match="not in the local Hugging Face cache") as caught:
+            builtin.load_pipeline("foo/bar")
+        assert time.monotonic() - started < 10
+        assert "\n" not in str(caught.value) and "hf download foo/bar" in str(caught.value)
+    finally:
+        builtin.hub_reachable.cache_clear()

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
@@ -28,6 +29,13 @@ def _run(capsys, *argv):
 
 def test_parse_concepts():
     assert parse_concepts("dog, cat:0.8") == {"dog": 1.0, "cat": 0.8}
+
+
+def test_train_steps_zero_means_automatic():
+    from spectral_diffusion.frontends.workflows import TrainRequest
+
+    assert TrainRequest("x", ".", steps=0).steps is None
+    assert TrainRequest("x", ".", steps=0).config("builtin:tiny", "lib").steps is None
 
 
 def test_round_trip(tmp_path, capsys, models_home):
@@ -100,3 +108,96 @@ def test_module_entry_point_exit_status(tmp_path, models_home):
     )
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: ") and "Traceback" not in result.stderr
+
+
+def _train(capsys, tmp_path, name, colour, common, *extra):
+    folder = _images(tmp_path / name, colour)
+    code, out, err = _run(capsys, "train", "--images", str(folder), "--name", name, "--steps", "2", *extra, *common)
+    assert code == 0, err
+    return out
+
+
+def test_regional_generation_from_the_cli(tmp_path, capsys, models_home):
+    lib = str(tmp_path / "lib")
+    common = ["--library", lib, "--model", "builtin:tiny"]
+    _train(capsys, tmp_path, "red", (220, 30, 30), common)
+    _train(capsys, tmp_path, "blue", (30, 30, 220), common)
+    prompt = "<red> on the left and <blue> on the right"
+    base = ["generate", "--prompt", prompt, "--steps", "2", "--seed", "5", *common]
+    outs = {}
+    for label, flags in {
+        "regions": ["--region", "red:0,0,0.5,1", "--region", "blue:0.5,0,1,1"],
+        "preset": ["--layout", "left-right"],
+        "auto": ["--layout", "auto"],
+    }.items():
+        outs[label] = tmp_path / f"{label}.png"
+        code, out, err = _run(capsys, *base, *flags, "--out", str(outs[label]))
+        assert code == 0, err
+    pixels = {label: np.asarray(Image.open(path)) for label, path in outs.items()}
+    np.testing.assert_array_equal(pixels["regions"], pixels["preset"])  # the same boxes, three ways
+    np.testing.assert_array_equal(pixels["regions"], pixels["auto"])
+    layout = tmp_path / "layout.json"
+    layout.write_text(json.dumps({"prompt": prompt, "regions": [{"concept": "red", "box": [0, 0, 0.5, 1]},
+                                                                 {"concept": "blue", "box": [0.5, 0, 1, 1]}]}))
+    code, _, err = _run(capsys, "generate", "--layout", str(layout), "--steps", "2", "--seed", "5",
+                        "--out", str(tmp_path / "file.png"), *common)
+    assert code == 0, err
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "file.png")), pixels["regions"])
+    # the PNG carries its settings: --from-png makes the same picture again
+    code, _, err = _run(capsys, "generate", "--from-png", str(outs["regions"]), "--out", str(tmp_path / "again.png"),
+                        *common)
+    assert code == 0, err
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "again.png")), pixels["regions"])
+    with Image.open(outs["regions"]) as image:
+        assert image.text["parameters"].startswith(prompt) and "Seed: 5" in image.text["parameters"]
+
+
+def test_random_seed_is_printed_and_list_filters_by_model(tmp_path, capsys, models_home):
+    lib = str(tmp_path / "lib")
+    common = ["--library", lib, "--model", "builtin:tiny"]
+    _train(capsys, tmp_path, "red", (220, 30, 30), common)
+    code, out, err = _run(capsys, "generate", "--prompt", "<red>", "--concepts", "red", "--steps", "2", "--seed", "-1",
+                          "--out", str(tmp_path / "r.png"), *common)
+    assert code == 0, err
+    seed = int(err.strip().split()[-1])
+    from spectral_diffusion.generation.pnginfo import read_settings
+
+    assert read_settings(tmp_path / "r.png")["seed"] == seed
+    assert "red" in _run(capsys, "list", "--library", lib, "--model", "builtin:tiny")[1]
+    assert "no concepts of builtin:toy" in _run(capsys, "list", "--library", lib, "--model", "builtin:toy")[1]
+    assert "red" in _run(capsys, "list", "--library", lib)[1]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--prompt", "<a>", "--region", "a:0,0,2,1", "--out", "x.png"], "leaves the image"),
+        (["generate", "--prompt", "x", "--layout", "nowhere.json", "--out", "x.png"], "neither a file"),
+        (["generate", "--prompt", "x", "--region", "a:0,0,1,1", "--baked", "--out", "x.png"], "live slots"),
+        (["generate", "--out", "x.png"], "needs --prompt"),
+        (["generate", "--prompt", "x", "--steps", "0", "--out", "x.png"], "steps"),
+        (["train", "--images", ".", "--name", "x", "--rank", "0"], "rank"),
+    ],
+)
+def test_bad_generate_and_train_arguments_fail_before_any_model_loads(tmp_path, capsys, argv, message, monkeypatch):
+    from spectral_diffusion.models import registry
+
+    monkeypatch.setattr(registry, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    code, out, err = _run(capsys, *argv, "--library", str(tmp_path / "lib"))
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err
+
+
+def test_one_unusable_image_gives_one_line_and_no_warning(tmp_path, models_home):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "x.png").write_text("not an image")
+    env = dict(os.environ, SPECTRAL_DIFFUSION_HOME=str(models_home))
+    result = subprocess.run(
+        [sys.executable, "-m", "spectral_diffusion", "train", "--images", str(folder), "--name", "x",
+         "--library", str(tmp_path / "lib")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+    assert "x.png" in result.stderr

@@ -12,7 +12,6 @@ import errno
 import os
 import re
 import resource
-import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -227,11 +226,6 @@ def _partial_png(image, path):
     raise _no_space(path)
 
 
-def _partial_copy(src, dst, *args, **kwargs):
-    Path(dst).write_bytes(Path(src).read_bytes()[:100])
-    raise _no_space(dst)
-
-
 def _partial_text(target, data):
     with atomic_module.atomic_path(target) as tmp:
         tmp.write_bytes(data[:10])
@@ -241,7 +235,7 @@ def _partial_text(target, data):
 DISK_FULL_STAGES = {
     "adapter file (safetensors)": (adapter_file, "save_file", _rust_no_space),
     "training image copy": (records_module, "_save_png", _partial_png),
-    "export copy": (shutil, "copyfile", _partial_copy),
+    "export write": (adapter_file, "save_file", _rust_no_space),
     "fused bundle (safetensors)": (studio, "save_file", _rust_no_space),
     "reservation file": (atomic_module, "atomic_write_bytes", _partial_text),
 }
@@ -261,7 +255,7 @@ def test_disk_full_while_saving_gives_a_clear_error_and_changes_nothing(stage, t
     actions = {
         "adapter file (safetensors)": lambda: library.add(cat),
         "training image copy": lambda: library.add(cat, images=[Image.new("RGB", (16, 16))]),
-        "export copy": lambda: library.export_file("dog", out_dir / "dog.safetensors"),
+        "export write": lambda: library.export_file("dog", out_dir / "dog.safetensors"),
         "fused bundle (safetensors)": lambda: studio.write_bundle({"dog": library.adapter("dog"), "cat": cat},
                                                                   out_dir / "fused.safetensors"),
         "reservation file": lambda: library.reserve("cat", fingerprint, RANK, capacity).__enter__(),

@@ -25,7 +25,7 @@ def _add(layer, name, slot, variant, seed=1, scale=0.1):
 
 
 def _reference_delta(adapter):
-    """DESIGN.md section 2, written out literally (dense, no factoring)."""
+    """docs/design.md section 2, written out literally (dense, no factoring)."""
     U, s, V, c = adapter.U, adapter.s, adapter.V, adapter.c
     if adapter.variant == "additive":
         return (U + adapter.A) @ torch.diag(s + c) @ (V + adapter.B).T - U @ torch.diag(s) @ V.T

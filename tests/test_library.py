@@ -19,7 +19,8 @@ from PIL import Image
 import spectral_diffusion.images as images_module
 import spectral_diffusion.library.records as records_module
 import spectral_diffusion.library.reservations as reservations_module
-from spectral_diffusion.core.model import ConceptInfo, SpectralAdapters, TargetConfig
+from spectral_diffusion.core.config import ConceptInfo, TargetConfig
+from spectral_diffusion.core.model import SpectralAdapters
 from spectral_diffusion.core.tokens import TokenError
 from spectral_diffusion.errors import AdapterFormatError, ConceptNotFoundError, LibraryError, SlotConflictError
 from spectral_diffusion.formats.adapter_file import adapter_from_model, read_adapter, save_adapter
@@ -385,7 +386,9 @@ def test_import_export_round_trip(maker, lib, tmp_path):
     lib.add(maker("dog", 0))
     exported = lib.export_file("dog", tmp_path)
     assert exported == tmp_path / "dog.safetensors"
-    assert exported.read_bytes() == (lib.root / "dog" / "adapter.safetensors").read_bytes()
+    stored, written = read_adapter(lib.root / "dog" / "adapter.safetensors"), read_adapter(exported)
+    torch.testing.assert_close(written.layers, stored.layers, rtol=0, atol=0)
+    assert {**stored.metadata(), "image_count": "0"} == written.metadata()  # plus the card (no preview here)
     other = Library(tmp_path / "other")
     record = other.import_file(exported, base_fingerprint=maker.fingerprint)
     assert record.name == "dog" and record.slot == 0 and record.image_count == 0 and record.preview_path is None
@@ -539,3 +542,30 @@ def test_killed_training_leaks_no_slot(maker, lib, tmp_path):
     assert sorted(p.name for p in lib.root.iterdir()) == [".library.lock", ".reservations"]
     assert list((lib.root / ".reservations").iterdir()) == []
     assert lib.import_file(path, name="ghost").slot == 0
+
+
+def test_export_carries_the_preview_so_an_import_shows_the_same_card(maker, lib, tmp_path):
+    preview = Image.new("RGB", (64, 64), (200, 40, 40))
+    lib.add(maker("dog", 0), images=[Image.new("RGB", (32, 32))] * 3, preview=preview)
+    exported = lib.export_file("dog", tmp_path / "dog.safetensors")
+    other = Library(tmp_path / "elsewhere")
+    record = other.import_file(exported)
+    assert record.image_count == 3 and record.preview_path is not None
+    with Image.open(record.preview_path) as shown:
+        assert shown.size == (64, 64) and shown.convert("RGB").getpixel((5, 5)) == (200, 40, 40)
+    torch.testing.assert_close(other.adapter("dog").layers, lib.adapter("dog").layers, rtol=0, atol=0)
+
+
+def test_files_get_ordinary_permissions(maker, lib, tmp_path):
+    """Atomic writes start from a private temporary file; the result must be an ordinary file (umask)."""
+    import os
+
+    lib.add(maker("dog", 0), images=[Image.new("RGB", (32, 32))], preview=Image.new("RGB", (8, 8)))
+    exported = lib.export_file("dog", tmp_path / "dog.safetensors")
+    mask = os.umask(0)
+    os.umask(mask)
+    expected = 0o666 & ~mask
+    folder = lib.root / "dog"
+    for path in [exported, *folder.rglob("*")]:
+        if path.is_file():
+            assert path.stat().st_mode & 0o777 == expected, path

@@ -10,7 +10,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 
-from spectral_diffusion.core.model import ConceptInfo, SpectralAdapters, TargetConfig
+from spectral_diffusion.core.config import ConceptInfo, TargetConfig
+from spectral_diffusion.core.model import SpectralAdapters
 from spectral_diffusion.formats.lora import LORA_STYLES, export_lora, lora_state_dict
 from spectral_diffusion.models.registry import load_pipeline
 

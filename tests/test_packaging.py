@@ -74,3 +74,11 @@ def test_no_gradio_in_the_package():
     for path in PACKAGE.rglob("*.py"):
         text = path.read_text()
         assert "import gradio" not in text and "from gradio" not in text, path
+
+
+def test_public_api_names_resolve():
+    import spectral_diffusion
+
+    for name in spectral_diffusion.__all__:
+        assert getattr(spectral_diffusion, name) is not None, name
+    assert spectral_diffusion.Studio.__module__ == "spectral_diffusion.generation.fusion"

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from spectral_diffusion.core.model import ConceptInfo, SpectralAdapters, TargetConfig
+from spectral_diffusion.core.config import ConceptInfo, TargetConfig
+from spectral_diffusion.core.model import SpectralAdapters
 from spectral_diffusion.core.svd import SvdCache
 from spectral_diffusion.core.tokens import TokenError
 from spectral_diffusion.errors import SlotConflictError

@@ -114,7 +114,7 @@ def scan_source(path: Path, root: Path = ROOT) -> list[str]:
 
 
 def scanned_files() -> list[Path]:
-    return sorted((ROOT / "spectral_diffusion").rglob("*.py")) + [ROOT / "app.py"]
+    return sorted((ROOT / "spectral_diffusion").rglob("*.py")) + [ROOT / "app.py", ROOT / "app_ui.py"]
 
 
 def test_the_scanner_finds_what_it_looks_for(tmp_path):

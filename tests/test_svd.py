@@ -8,6 +8,7 @@ from spectral_diffusion.core.svd import (
     compute_spectrum,
     fix_signs,
     top_k_svd,
+    top_k_svd_checked,
     top_k_svd_many,
     weights_fingerprint,
 )
@@ -116,3 +117,51 @@ def test_svd_leaves_torch_thread_settings_alone(monkeypatch):
     weights = {f"w{i}": torch.randn(24, 16) for i in range(3)}
     out = top_k_svd_many(weights, 4)
     assert list(out) == list(weights) and all(t.k == 4 for t in out.values())
+
+
+def _power_law_weight(m: int, n: int, alpha: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """W = U diag(s) V^T with s_j = j^-alpha: the decaying spectrum of trained weights."""
+    generator = torch.Generator().manual_seed(seed)
+    q = min(m, n)
+    U = torch.linalg.qr(torch.randn(m, q, generator=generator)).Q
+    V = torch.linalg.qr(torch.randn(n, q, generator=generator)).Q
+    s = torch.arange(1, q + 1, dtype=torch.float32) ** (-alpha)
+    return (U * s) @ V.T, s
+
+
+@pytest.mark.parametrize("shape", [(640, 640), (720, 560)])
+def test_fast_path_is_taken_and_exact_on_a_decaying_spectrum(shape):
+    weight, s_true = _power_law_weight(*shape, alpha=1.0)
+    k = 32
+    trip, path = top_k_svd_checked(weight, k)
+    assert path == "fast"
+    torch.testing.assert_close(trip.s, s_true[:k], rtol=1e-4, atol=0)
+    torch.testing.assert_close(weight @ trip.V, trip.U * trip.s, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(trip.U.T @ trip.U, torch.eye(k), atol=1e-4, rtol=0)
+    exact = top_k_svd(weight, k, method="exact")
+    # the load-time compatibility measure of the fast triplets against W, and agreement with the exact path
+    projected = trip.U.T @ weight @ trip.V
+    assert float(torch.linalg.norm(projected - torch.diag(trip.s)) / torch.linalg.norm(trip.s)) < 1e-4
+    assert _subspace_distance(trip.U[:, :8].double(), exact.U[:, :8].double()) < 1e-3
+    idx = trip.U.abs().argmax(dim=0)
+    assert (trip.U.gather(0, idx[None]) > 0).all()  # same sign convention as the exact path
+
+
+def test_flat_random_weights_fall_back_to_the_exact_path():
+    torch.manual_seed(0)
+    weight = torch.randn(640, 640)
+    trip, path = top_k_svd_checked(weight, 32)
+    assert path == "fallback"
+    S = torch.linalg.svdvals(weight.double())
+    torch.testing.assert_close(trip.s.double(), S[:32], rtol=1e-4, atol=0)
+    torch.testing.assert_close(weight @ trip.V, trip.U * trip.s, rtol=1e-4, atol=1e-4)
+
+
+def test_small_layers_take_the_exact_path_and_results_are_deterministic():
+    weight, _ = _power_law_weight(64, 64, alpha=1.0)
+    assert top_k_svd_checked(weight, 32)[1] == "exact"
+    big, _ = _power_law_weight(640, 640, alpha=1.0, seed=3)
+    first, second = top_k_svd(big, 32), top_k_svd(big, 32)
+    assert torch.equal(first.U, second.U) and torch.equal(first.V, second.V)
+    with pytest.raises(ValueError, match="unknown top-K method"):
+        top_k_svd(big, 4, method="lanczos")

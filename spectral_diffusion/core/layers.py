@@ -4,7 +4,7 @@ A concept in slot k owns the singular-vector columns ``J_k = [k r, (k+1) r)`` of
 Both variants write their update as ``dW = L @ R^T`` with thin factors (``L = out_proj Mix^T``,
 ``R = in_proj``; rank 2r additive, r rotational), built in closed form from the slot's parameters.
 That one definition gives the forward pass (``x -> x R -> (x R) L^T``, never an m x n matrix), the
-explicit delta (merge, tests) and the exact LoRA export. The maths is in DESIGN.md section 2.
+explicit delta (merge, tests) and the exact LoRA export. The maths is in docs/design.md section 2.
 
 The forward pass touches token-sized tensors only in the two thin matrix products: everything else
 (building L and R, strengths) works on parameter-sized tensors, and for ``nn.Linear`` the second

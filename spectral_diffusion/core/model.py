@@ -28,6 +28,14 @@ COMPATIBILITY_TOLERANCE = 1e-2
 SPECTRUM_MIN_K = 64
 
 
+def compatibility_tolerance(dtype: torch.dtype) -> float:
+    """The check's bound for triplets stored in ``dtype``: rounding them to float16 moves U^T W V by
+    about 2 * 2^-11 relative (measured ~1e-3), so half-precision triplets get 8 units of it on top."""
+    if dtype in (torch.float32, torch.float64):
+        return COMPATIBILITY_TOLERANCE
+    return COMPATIBILITY_TOLERANCE + 8 * torch.finfo(dtype).eps
+
+
 def _adaptable(module: nn.Module) -> bool:
     if isinstance(module, nn.Linear):
         return True
@@ -198,13 +206,42 @@ class SpectralAdapters:
         layer_tensors: Mapping[str, Mapping[str, torch.Tensor]],
         token_vectors: Mapping[str, torch.Tensor],
         model_name: str = "this base model",
+        tolerance: float = COMPATIBILITY_TOLERANCE,
     ) -> None:
         """Install a concept from stored tensors, after checking everything; on error nothing changes.
 
         ``layer_tensors[key]`` holds the slot's base triplets ``U, s, V`` and the trainable tensors of
-        the variant; ``token_vectors[component]`` the trigger tokens' embeddings.
+        the variant; ``token_vectors[component]`` the trigger tokens' embeddings. ``tolerance`` is the
+        compatibility bound (``compatibility_tolerance`` of the dtype the triplets were stored in).
         """
-        self._check_slot(info)
+        self.load_concepts([(info, layer_tensors, token_vectors, tolerance)], model_name)
+
+    def load_concepts(self, concepts, model_name: str = "this base model") -> None:
+        """``load_concept`` for several ``(info, layer_tensors, token_vectors, tolerance)`` at once.
+
+        All of them are checked against the base weights in one pass per layer (one product of the
+        weight with their stacked V), then installed in order; on any error none stays installed.
+        """
+        concepts = list(concepts)
+        for info, layer_tensors, _, _ in concepts:  # against the loaded concepts, before the costly check
+            self._check_slot(info)
+            self._check_layer_set(layer_tensors, model_name)
+        triplets = self._compatible_triplets(concepts, model_name)
+        installed = []
+        try:
+            for (info, layer_tensors, token_vectors, _), found in zip(concepts, triplets, strict=True):
+                self._check_slot(info)  # again: against the ones installed just before it
+                missing_tokens = sorted(set(self.embeddings) - set(token_vectors)) if info.tokens else []
+                if missing_tokens:
+                    raise BaseModelMismatchError(f"the adapter has no token embeddings for {missing_tokens}")
+                self._install(info, found, layer_tensors, token_vectors)
+                installed.append(info.name)
+        except Exception:
+            for name in installed:
+                self.remove_concept(name)
+            raise
+
+    def _check_layer_set(self, layer_tensors: Mapping[str, object], model_name: str) -> None:
         missing = sorted(set(self.layers) - set(layer_tensors))
         extra = sorted(set(layer_tensors) - set(self.layers))
         if missing or extra:
@@ -212,17 +249,29 @@ class SpectralAdapters:
                 f"the adapter's layers do not match {model_name} with these targets: "
                 f"{len(missing)} missing (e.g. {missing[:2]}), {len(extra)} unknown (e.g. {extra[:2]})"
             )
-        triplets = {}
-        for key, tensors in layer_tensors.items():
-            trip = Triplets(tensors["U"].float(), tensors["s"].float(), tensors["V"].float())
-            self._check_compatible(key, trip, info.rank, model_name)
-            triplets[key] = trip
-        missing_tokens = sorted(set(self.embeddings) - set(token_vectors)) if info.tokens else []
-        if missing_tokens:
-            raise BaseModelMismatchError(f"the adapter has no token embeddings for {missing_tokens}")
-        self._install(info, triplets, layer_tensors, token_vectors)
 
-    def _check_compatible(self, key: str, trip: Triplets, rank: int, model_name: str) -> None:
+    def _compatible_triplets(self, concepts, model_name: str) -> list[dict[str, Triplets]]:
+        """Per concept its float32 triplets per layer, once every one passed the base-model check."""
+        found: list[dict[str, Triplets]] = [{} for _ in concepts]
+        with torch.no_grad():
+            for key, layer in self.layers.items():
+                trips = []
+                for (info, layer_tensors, _, _), out in zip(concepts, found, strict=True):
+                    tensors = layer_tensors[key]
+                    trip = Triplets(tensors["U"].float(), tensors["s"].float(), tensors["V"].float())
+                    self._check_shape(key, trip, info.rank, model_name)
+                    out[key] = trip
+                    trips.append(trip)
+                # one pass over the weight for all concepts: W [V_1 ... V_c], then U_i^T (W V_i) each
+                weight_v = layer.weight_matrix.float() @ torch.cat([trip.V for trip in trips], dim=1)
+                start = 0
+                for (_, _, _, tolerance), trip in zip(concepts, trips, strict=True):
+                    projected = trip.U.T @ weight_v[:, start:start + trip.k]
+                    start += trip.k
+                    self._check_projection(key, layer, trip, projected, tolerance, model_name)
+        return found
+
+    def _check_shape(self, key: str, trip: Triplets, rank: int, model_name: str) -> None:
         layer = self.layers[key]
         m, n = layer.out_features, layer.in_features
         if trip.U.shape != (m, rank) or trip.V.shape != (n, rank) or trip.s.shape != (rank,):
@@ -230,17 +279,17 @@ class SpectralAdapters:
                 f"layer {key} of {model_name} is {m} x {n} but the adapter's slot there is "
                 f"U{tuple(trip.U.shape)} V{tuple(trip.V.shape)} at rank {rank}: it was made for another model"
             )
-        with torch.no_grad():
-            weight = layer.weight_matrix.float()
-            projected = trip.U.T @ weight @ trip.V
-            for name, strength in layer.merged.items():  # measure against the unmerged base weight
-                left, right = layer.concept(name).lora_factors()
-                projected -= strength * (trip.U.T @ left) @ (right.T @ trip.V)
-            error = torch.linalg.norm(projected - torch.diag(trip.s)) / torch.linalg.norm(trip.s).clamp_min(1e-12)
-        if not torch.isfinite(error) or error > COMPATIBILITY_TOLERANCE:
+
+    @staticmethod
+    def _check_projection(key, layer, trip: Triplets, projected, tolerance: float, model_name: str) -> None:
+        for name, strength in layer.merged.items():  # measure against the unmerged base weight
+            left, right = layer.concept(name).lora_factors()
+            projected = projected - strength * (trip.U.T @ left) @ (right.T @ trip.V)
+        error = torch.linalg.norm(projected - torch.diag(trip.s)) / torch.linalg.norm(trip.s).clamp_min(1e-12)
+        if not torch.isfinite(error) or error > tolerance:
             raise BaseModelMismatchError(
                 f"the adapter was trained on another base model: at layer {key} its singular vectors do not "
-                f"match {model_name} (relative error {float(error):.3g} > {COMPATIBILITY_TOLERANCE}); load it "
+                f"match {model_name} (relative error {float(error):.3g} > {tolerance:.3g}); load it "
                 "into the model it was trained on"
             )
 
@@ -319,9 +368,7 @@ class SpectralAdapters:
     # ----- routing (regional composition) ---------------------------------------------------------
 
     @contextmanager
-    def routed(
-        self, masks: Mapping[str, torch.Tensor], latent_size: tuple[int, int] | None = None
-    ) -> Iterator[None]:
+    def routed(self, masks: Mapping[str, torch.Tensor], latent_size: tuple[int, int] | None = None) -> Iterator[None]:
         """Confine each concept's delta in image-token layers to its soft latent-grid mask.
 
         ``masks``: concept name -> (H, W) mask on the latent grid (``latent_size`` defaults to the

@@ -74,7 +74,9 @@ def as_mask(mask, name: str) -> torch.Tensor:
     """A float32 CPU (H, W) tensor with values in [0, 1], or a RoutingError saying what is wrong."""
     tensor = torch.as_tensor(mask).detach().to("cpu", torch.float32)
     if tensor.ndim != 2 or tensor.shape[0] < 1 or tensor.shape[1] < 1:
-        raise RoutingError(f"the mask of {name!r} must be a 2-D (height, width) tensor, got shape {tuple(tensor.shape)}")
+        raise RoutingError(
+            f"the mask of {name!r} must be a 2-D (height, width) tensor, got shape {tuple(tensor.shape)}"
+        )
     if not bool(torch.isfinite(tensor).all()) or tensor.min() < 0 or tensor.max() > 1:
         raise RoutingError(f"the mask of {name!r} must hold values in [0, 1]")
     return tensor

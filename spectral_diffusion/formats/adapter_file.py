@@ -1,4 +1,4 @@
-"""Adapter file format v1 (DESIGN.md section 4): one concept as safetensors plus JSON-ish metadata.
+"""Adapter file format v1 (docs/design.md section 4): one concept as safetensors plus JSON-ish metadata.
 
 Reading validates the whole file before anything touches a model: the safetensors header is parsed by
 hand first (no unpickling ever, no allocation driven by a declared size beyond the file's own size),
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from spectral_diffusion import __version__
 from spectral_diffusion.atomic import atomic_path
-from spectral_diffusion.core.layers import VARIANTS
-from spectral_diffusion.core.model import TEXT_COMPONENTS, ConceptInfo, SpectralAdapters
+from spectral_diffusion.core.config import TEXT_COMPONENTS, VARIANTS, ConceptInfo
+from spectral_diffusion.core.model import SpectralAdapters, compatibility_tolerance
 from spectral_diffusion.core.tokens import TOKEN_PATTERN
 from spectral_diffusion.errors import AdapterFormatError
 
@@ -37,6 +37,10 @@ REQUIRED_METADATA = (
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 MAX_FILE_BYTES = 8 * 1024**3
 FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+# Optional metadata key, written only for half-precision triplets: the file stays a v1 file (the dtype
+# of U, s, V is self-describing in safetensors; older readers upcast them and still check the model).
+TRIPLET_DTYPE_KEY = "triplet_dtype"
+TRIPLET_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 @dataclass
@@ -53,9 +57,14 @@ class AdapterData:
     created_at: str = ""
     package_version: str = __version__
     extra_metadata: dict[str, str] = field(default_factory=dict)
+    # how U, s, V are stored: "float32" (default) or "float16" (an additive file ~25% smaller)
+    triplet_dtype: str = "float32"
 
     def metadata(self) -> dict[str, str]:
         meta = dict(self.extra_metadata)
+        meta.pop(TRIPLET_DTYPE_KEY, None)
+        if self.triplet_dtype != "float32":
+            meta[TRIPLET_DTYPE_KEY] = self.triplet_dtype
         meta.update(
             format=FORMAT,
             format_version=FORMAT_VERSION,
@@ -75,10 +84,14 @@ class AdapterData:
         return meta
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        if self.triplet_dtype not in TRIPLET_DTYPES:
+            raise ValueError(f"triplet_dtype must be one of {sorted(TRIPLET_DTYPES)}, got {self.triplet_dtype!r}")
+        triplet_dtype = TRIPLET_DTYPES[self.triplet_dtype]
         out = {}
         for key, tensors in self.layers.items():
             for part, tensor in tensors.items():
-                out[f"{key}.{part}"] = tensor.detach().float().contiguous()
+                dtype = triplet_dtype if part in TRIPLET_KEYS else torch.float32
+                out[f"{key}.{part}"] = tensor.detach().to(dtype).contiguous()
         for component, vectors in self.token_vectors.items():
             out[f"{component}.token_embeddings"] = vectors.detach().float().contiguous()
         return out
@@ -104,9 +117,15 @@ def adapter_from_model(
     )
 
 
-def save_adapter(data: AdapterData, path: str | os.PathLike) -> Path:
-    """Write atomically: a crash leaves the previous file (or none), never half of one."""
+def save_adapter(data: AdapterData, path: str | os.PathLike, triplet_dtype: str | None = None) -> Path:
+    """Write atomically: a crash leaves the previous file (or none), never half of one.
+
+    ``triplet_dtype="float16"`` stores the slot triplets in half precision (the trainable tensors stay
+    float32); ``None`` keeps ``data.triplet_dtype``.
+    """
     path = Path(path)
+    if triplet_dtype is not None:
+        data = replace(data, triplet_dtype=triplet_dtype)
     with atomic_path(path) as tmp:
         save_file(data.tensors(), str(tmp), metadata=data.metadata())
     return path
@@ -190,9 +209,19 @@ def _int_field(path: Path, meta: dict, key: str, minimum: int) -> int:
     return value
 
 
+def _not_spectral(meta: dict) -> str:
+    found = meta.get("format")
+    what = "it has no spectral-adapter metadata" if found is None else f"its format is {found!r}"
+    return (
+        f"is not a spectral adapter ({what}): only spectral adapter files (written by `export --format "
+        "spectral`, or a library's adapter.safetensors) can be imported; LoRA files are an export format and "
+        "cannot be turned back into a concept"
+    )
+
+
 def _parse_metadata(path: Path, meta: dict) -> tuple[ConceptInfo, dict]:
     if meta.get("format") != FORMAT:
-        raise _fail(path, f"is not a spectral adapter (format {meta.get('format')!r}, expected {FORMAT!r})")
+        raise _fail(path, _not_spectral(meta))
     if meta.get("format_version") != FORMAT_VERSION:
         raise _fail(
             path,
@@ -304,7 +333,8 @@ def adapter_data_from_tensors(meta: dict[str, str], tensors: dict[str, torch.Ten
     info, fields = _parse_metadata(source, meta)
     layers, token_vectors = _group_tensors(source, info, tensors)
     _check_shapes(source, info, layers, token_vectors)
-    known = set(REQUIRED_METADATA)
+    known = set(REQUIRED_METADATA) | {TRIPLET_DTYPE_KEY}
+    stored = {tensor.dtype for parts in layers.values() for part, tensor in parts.items() if part in TRIPLET_KEYS}
     return AdapterData(
         info=info,
         layers={k: {p: t.float() for p, t in v.items()} for k, v in layers.items()},
@@ -316,7 +346,12 @@ def adapter_data_from_tensors(meta: dict[str, str], tensors: dict[str, torch.Ten
         created_at=meta["created_at"],
         package_version=meta["package_version"],
         extra_metadata={k: v for k, v in meta.items() if k not in known},
+        triplet_dtype="float32" if stored <= {torch.float32, torch.float64} else "float16",
     )
+
+
+def _stored_tolerance(data: AdapterData) -> float:
+    return compatibility_tolerance(TRIPLET_DTYPES.get(data.triplet_dtype, torch.float16))
 
 
 def install_adapter(
@@ -324,8 +359,19 @@ def install_adapter(
 ) -> ConceptInfo:
     """Load an adapter's concept into a patched model, optionally under another name."""
     info = data.info if name is None else ConceptInfo(**{**data.info.__dict__, "name": name})
-    adapters.load_concept(info, data.layers, data.token_vectors, model_name)
+    adapters.load_concept(info, data.layers, data.token_vectors, model_name, _stored_tolerance(data))
     return info
+
+
+def install_adapters(
+    adapters: SpectralAdapters, datas: list[AdapterData], model_name: str = "this base model"
+) -> list[ConceptInfo]:
+    """Install several adapters (a fusion) with one pass over the base weights for all their checks;
+    on any error none of them stays installed."""
+    adapters.load_concepts(
+        [(data.info, data.layers, data.token_vectors, _stored_tolerance(data)) for data in datas], model_name
+    )
+    return [data.info for data in datas]
 
 
 def load_adapter(

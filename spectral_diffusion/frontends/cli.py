@@ -1,4 +1,4 @@
-"""Command line: ``python -m spectral_diffusion <command>`` (DESIGN.md section 6).
+"""Command line: ``python -m spectral_diffusion <command>`` (docs/design.md section 6).
 
 Every user mistake ends as one ``error: ...`` line on stderr and exit status 2; a traceback means a bug.
 """
@@ -78,17 +78,24 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true")
 
     gen = sub.add_parser("generate", help="generate images with concepts fused")
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", default=None, help="the prompt (required unless --layout FILE.json or --from-png)")
     gen.add_argument("--concepts", type=parse_concepts, default={}, help="a,b:0.8 (strength 1.0 if omitted)")
     gen.add_argument("--negative", default="")
     gen.add_argument("--steps", type=int, default=25)
     gen.add_argument("--guidance", type=float, default=7.5)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=0, help="-1: a random seed (printed)")
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--num-images", type=int, default=1)
     gen.add_argument("--scheduler", default="default", help=", ".join(SCHEDULERS))
     gen.add_argument("--baked", action="store_true", help="merge the concepts into the weights first")
+    gen.add_argument("--layout", default=None,
+                     help="regional composition: FILE.json, or auto / left-right / top-bottom / thirds / grid "
+                          "(concepts placed in the order their tokens appear in the prompt)")
+    gen.add_argument("--region", action="append", default=[], metavar="NAME:x0,y0,x1,y1:PROMPT",
+                     help="one concept's box (fractions of the image) and region prompt; repeat per concept")
+    gen.add_argument("--from-png", default=None, metavar="FILE",
+                     help="take the settings stored in an image this tool generated (flags given override)")
     gen.add_argument("--out", required=True, help="FILE.png (several images: FILE-0.png, FILE-1.png, ...)")
 
     fuse = sub.add_parser("fuse", help="write several concepts as one file")
@@ -113,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for child in sub.choices.values():
         _common(child)
+    listing.set_defaults(model=None)  # list shows every base model unless --model picks one
     return parser
 
 

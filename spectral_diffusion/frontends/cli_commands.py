@@ -6,11 +6,18 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
-from spectral_diffusion.atomic import atomic_path
-from spectral_diffusion.frontends.workflows import TrainRequest, export_concept, train_into_library
+from spectral_diffusion.errors import SpectralDiffusionError
+from spectral_diffusion.frontends.workflows import (
+    TrainRequest,
+    build_layout,
+    check_concepts_exist,
+    export_concept,
+    train_into_library,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +85,7 @@ def _train_request(args) -> TrainRequest:
 def cmd_train(args: argparse.Namespace) -> None:
     from spectral_diffusion.core.model import SpectralAdapters
     from spectral_diffusion.errors import SpectralDiffusionError
-    from spectral_diffusion.images import find_images
+    from spectral_diffusion.images import check_uploads
     from spectral_diffusion.models.registry import load_pipeline
     from spectral_diffusion.training.trainer import train_concept
 
@@ -86,7 +93,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     library.validate_name(args.name)
     request = _train_request(args)
     request.config(args.model, args.library)  # every setting checked before the model is loaded
-    images = find_images(args.images)
+    images = check_uploads(args.images)
     process, world = _distributed_rank()
     if world > 1 and args.slot is None:
         raise SpectralDiffusionError("multi-process training needs an explicit --slot K (all processes must agree)")
@@ -107,11 +114,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_list(args: argparse.Namespace) -> None:
     records = _library(args).list()
+    if args.model is not None:
+        records = [record for record in records if record.base_model == args.model]
     if args.json:
         emit([record.to_json() for record in records])
         return
     if not records:
-        emit(f"no concepts in {args.library}")
+        emit(f"no concepts of {args.model} in {args.library}" if args.model else f"no concepts in {args.library}")
         return
     rows = [("NAME", "TOKEN", "SLOT", "VARIANT", "RANK", "BASE MODEL")]
     rows += [(r.name, " ".join(r.tokens), str(r.slot), r.variant, str(r.rank), r.base_model) for r in records]
@@ -123,7 +132,8 @@ def cmd_list(args: argparse.Namespace) -> None:
 def _capacity_lines(library, records) -> list[str]:
     """One line per base model: how many slots are taken of how many (at the smallest rank in use)."""
     lines = []
-    for fingerprint, base_model in sorted(library.base_models().items()):
+    shown = {r.base_fingerprint: r.base_model for r in records}
+    for fingerprint, base_model in sorted(shown.items()):
         rank = min(r.rank for r in records if r.base_fingerprint == fingerprint)
         report = library.slot_report(fingerprint, rank)
         total = "?" if report.capacity is None else str(report.capacity)
@@ -136,31 +146,61 @@ def _load_concepts(studio, library, names) -> None:
         studio.load_concept(name, library.adapter(name))
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
+# generate flags and the stored-settings keys they take their value from with --from-png
+_FROM_PNG = {"prompt": "prompt", "negative": "negative_prompt", "steps": "steps", "guidance": "guidance",
+             "seed": "seed", "width": "width", "height": "height", "scheduler": "scheduler"}
+
+
+def _with_png_settings(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill every flag left at its default from the settings stored in ``--from-png``."""
+    from spectral_diffusion.frontends.cli import build_parser
+    from spectral_diffusion.generation.pnginfo import read_settings
+
+    settings = read_settings(args.from_png)
+    defaults = build_parser().parse_args(["generate", "--out", "x"])
+    for flag, key in _FROM_PNG.items():
+        if getattr(args, flag) == getattr(defaults, flag) and settings.get(key) is not None:
+            setattr(args, flag, settings[key])
+    if not args.concepts and isinstance(settings.get("concepts"), dict):
+        args.concepts = settings["concepts"]
+    if not args.layout and not args.region and settings.get("layout"):
+        args.layout = settings["layout"]
+    return args
+
+
+def _generation_request(args: argparse.Namespace, library):
     from spectral_diffusion.generation.request import GenerationRequest
 
-    library, studio = _library(args), _studio(args)
-    _load_concepts(studio, library, args.concepts)
-    request = GenerationRequest(
-        prompt=args.prompt,
-        negative_prompt=args.negative,
-        concepts=args.concepts,
-        steps=args.steps,
-        guidance=args.guidance,
-        seed=args.seed,
-        width=args.width,
-        height=args.height,
-        num_images=args.num_images,
-        scheduler=args.scheduler,
-        mode="baked" if args.baked else "live",
+    layout = build_layout(library, args.prompt or "", args.negative, args.layout, args.region)
+    prompt = layout.prompt if layout is not None else args.prompt
+    if prompt is None:
+        raise SpectralDiffusionError("generate needs --prompt TEXT (or --layout FILE.json, or --from-png FILE)")
+    return GenerationRequest(
+        prompt=prompt, negative_prompt=layout.negative if layout is not None else args.negative,
+        concepts=args.concepts, steps=args.steps, guidance=args.guidance, seed=args.seed, width=args.width,
+        height=args.height, num_images=args.num_images, scheduler=args.scheduler,
+        mode="baked" if args.baked else "live", layout=layout,
     )
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from spectral_diffusion.generation.pnginfo import save_png
+
+    if args.from_png:
+        args = _with_png_settings(args)
+    library = _library(args)
+    request = _generation_request(args, library)  # every setting checked before the model is loaded
+    check_concepts_exist(library, request.concepts)
+    studio = _studio(args)
+    _load_concepts(studio, library, request.concepts)
     started = time.perf_counter()
     images = studio.generate(request)
     paths = out_paths(args.out, len(images))
     for image, path in zip(images, paths, strict=True):
-        with atomic_path(path) as tmp:
-            image.save(tmp, format="PNG")
+        save_png(image, path)
     logger.info("generated %d image(s) in %.1f s", len(images), time.perf_counter() - started)
+    if request.seed is None:
+        print(f"seed {images[0].info['seed']}", file=sys.stderr)
     emit("\n".join(str(path) for path in paths))
 
 

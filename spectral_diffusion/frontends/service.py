@@ -20,9 +20,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from spectral_diffusion.atomic import atomic_path, storage_error
+from spectral_diffusion.atomic import storage_error
 from spectral_diffusion.errors import SpectralDiffusionError, TrainingCancelled
 from spectral_diffusion.frontends.workflows import TrainRequest, check_export_format, export_concept, train_into_library
+from spectral_diffusion.generation.pnginfo import save_png
 from spectral_diffusion.images import check_uploads
 from spectral_diffusion.library import ConceptRecord, Library, validate_name
 from spectral_diffusion.library.slotmap import draw_slot_map
@@ -198,8 +199,7 @@ class Service:
         for index, image in enumerate(images):
             path = folder / f"{_safe_filename(stem)}-{index}.png"
             try:
-                with atomic_path(path) as tmp:
-                    image.save(tmp, format="PNG")
+                save_png(image, path)
             except OSError as error:
                 raise storage_error(error, path) or error from None
             paths.append(path)

@@ -13,9 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spectral_diffusion.core.tokens import default_token
-from spectral_diffusion.errors import SpectralDiffusionError
+from spectral_diffusion.errors import LayoutError, SpectralDiffusionError
 from spectral_diffusion.formats import EXPORT_FORMATS
+from spectral_diffusion.generation.layout import PRESETS, Layout, Region, auto_layout, parse_region, preset_layout
 from spectral_diffusion.models.registry import default_rank, training_defaults
+
+MAX_LAYOUT_BYTES = 256 * 1024
 
 
 def concept_tokens(name: str, token: str | None = None) -> list[str]:
@@ -55,7 +58,7 @@ class TrainRequest:
         return concept_tokens(self.name, self.token)
 
     def rank_for(self, model: str) -> int:
-        return self.rank or default_rank(model)
+        return default_rank(model) if self.rank is None else self.rank
 
     def config(self, model: str, library_root: str | os.PathLike, slot: int = 0, extra: Mapping | None = None):
         """The ``TrainConfig`` of this request (validated: a bad setting raises before any work)."""
@@ -130,3 +133,51 @@ def export_concept(library, studio: Callable[[], object], name: str, format: str
     if name not in fused.concepts:
         fused.load_concept(name, library.adapter(name))
     return fused.export_fused({name: 1.0}, out, format=format)
+
+
+LAYOUT_CHOICES = ("auto", *PRESETS)
+
+
+def build_layout(library, prompt: str, negative: str, spec=None, regions: Sequence = ()) -> Layout | None:
+    """The layout of a generation, or None for global fusion.
+
+    ``spec``: ``auto`` (the concepts side by side, in the order their tokens appear in the prompt), a
+    preset name (``left-right``, ``top-bottom``, ``thirds``, ``grid``: boxes given in that order), a layout
+    JSON object or text, or a path to a ``.json`` file. ``regions``: ``Region`` objects or CLI region
+    strings (``NAME:x0,y0,x1,y1:PROMPT``). A JSON layout brings its own prompt; otherwise ``prompt``
+    is the context prompt.
+    """
+    if spec and regions:
+        raise LayoutError("give either a layout or regions, not both")
+    if regions:
+        return Layout(prompt, tuple(r if isinstance(r, Region) else parse_region(r) for r in regions), negative)
+    if not spec:
+        return None
+    if isinstance(spec, Mapping):
+        return Layout.from_json(spec)
+    spec = str(spec).strip()
+    if spec in LAYOUT_CHOICES:
+        tokens = {r.name: r.tokens for r in library.list() if any(t in prompt for t in r.tokens)}
+        if spec == "auto":
+            return auto_layout(prompt, tokens, negative)
+        return preset_layout(spec, prompt, tokens, negative)
+    if spec.startswith("{"):
+        return Layout.from_json(spec)
+    return Layout.from_json(_read_layout_file(Path(spec)))
+
+
+def _read_layout_file(path: Path) -> str:
+    if not path.is_file():
+        raise LayoutError(f"layout {path} is neither a file nor one of {', '.join(LAYOUT_CHOICES)}")
+    if path.stat().st_size > MAX_LAYOUT_BYTES:
+        raise LayoutError(f"layout file {path.name} is larger than {MAX_LAYOUT_BYTES // 1024} kB; a layout is a few lines")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise LayoutError(f"cannot read layout file {path.name} ({error})") from None
+
+
+def check_concepts_exist(library, names) -> None:
+    """Every named concept is in the library (``ConceptNotFoundError`` names the first missing one)."""
+    for name in names:
+        library.get(name)

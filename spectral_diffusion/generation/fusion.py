@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from spectral_diffusion.core import slots
-from spectral_diffusion.core.model import ConceptInfo, SpectralAdapters, TargetConfig
+from spectral_diffusion.core.config import ConceptInfo, TargetConfig
+from spectral_diffusion.core.model import SpectralAdapters
 from spectral_diffusion.core.strengths import normalize_strengths
 from spectral_diffusion.core.svd import SvdCache
 from spectral_diffusion.core.tokens import TokenError
@@ -38,6 +39,8 @@ from spectral_diffusion.formats import EXPORT_FORMATS
 from spectral_diffusion.formats.adapter_file import AdapterData, install_adapter
 from spectral_diffusion.formats.bundle import read_bundle_and_strengths, renamed_adapter, write_bundle
 from spectral_diffusion.formats.lora import export_lora
+from spectral_diffusion.generation.compose import run_global, run_regional
+from spectral_diffusion.generation.pnginfo import attach_settings, request_settings
 from spectral_diffusion.generation.request import MODES, GenerationRequest, check_prompt_tokens
 from spectral_diffusion.generation.schedulers import make_scheduler
 from spectral_diffusion.models.registry import load_pipeline
@@ -358,31 +361,17 @@ class Studio:
         return images
 
     def _run(self, pipe, request: GenerationRequest, seed: int, progress, output_type: str) -> list:
-        kwargs = {}
-        if progress is not None:
-
-            def on_step(pipeline, step, timestep, callback_kwargs):
-                progress(step + 1, pipeline.num_timesteps)
-                return {}
-
-            kwargs["callback_on_step_end"] = on_step
-        result = pipe(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt or None,  # None keeps SDXL's zeroed negative
-            num_inference_steps=request.steps,
-            guidance_scale=request.guidance,
-            width=request.width,
-            height=request.height,
-            num_images_per_prompt=request.num_images,
-            # a CPU generator gives the same noise on every device for a seed
-            generator=torch.Generator("cpu").manual_seed(seed),
-            output_type=output_type,
-            **kwargs,
-        )
-        images = list(result.images)
+        if request.layout is None:
+            images = run_global(pipe, request, seed, progress, output_type)
+        else:
+            missing = [name for name in request.layout.concepts if name not in self._active]
+            if missing:
+                raise RequestError(f"the layout places {missing[0]!r}, which is not selected with a non-zero strength")
+            images = run_regional(pipe, self.adapters, request, seed, progress, output_type)
         if output_type == "pil":
             for image in images:
                 image.info["seed"] = str(seed)
+                attach_settings(image, request_settings(request, seed, self._model, *image.size))
         return images
 
     # ----- export -------------------------------------------------------------------------------

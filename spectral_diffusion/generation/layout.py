@@ -180,9 +180,8 @@ def preset_boxes(name: str, count: int) -> list[tuple[float, float, float, float
     return list(boxes[:count])
 
 
-def auto_layout(prompt: str, concepts_with_tokens: Mapping[str, Sequence[str]], negative: str = "") -> Layout:
-    """Concepts side by side in equal columns, left to right in the order their trigger tokens first
-    appear in ``prompt``; every region uses the context prompt."""
+def _token_order(prompt: str, concepts_with_tokens: Mapping[str, Sequence[str]]) -> list[str]:
+    """Concept names in the order their trigger tokens first appear in ``prompt``."""
     _check_text(prompt, "the prompt", optional=False)
     if not concepts_with_tokens:
         raise LayoutError("an automatic layout needs at least one concept")
@@ -198,9 +197,25 @@ def auto_layout(prompt: str, concepts_with_tokens: Mapping[str, Sequence[str]], 
     order = sorted(positions, key=lambda name: positions[name])
     if len(order) > MAX_REGIONS:
         raise LayoutError(f"a layout has at most {MAX_REGIONS} regions, got {len(order)} concepts")
+    return order
+
+
+def auto_layout(prompt: str, concepts_with_tokens: Mapping[str, Sequence[str]], negative: str = "") -> Layout:
+    """Concepts side by side in equal columns, left to right in the order their trigger tokens first
+    appear in ``prompt``; every region uses the context prompt."""
+    order = _token_order(prompt, concepts_with_tokens)
     count = len(order)
     regions = [Region(name, (i / count, 0.0, (i + 1) / count, 1.0)) for i, name in enumerate(order)]
     return Layout(prompt, tuple(regions), negative)
+
+
+def preset_layout(
+    preset: str, prompt: str, concepts_with_tokens: Mapping[str, Sequence[str]], negative: str = ""
+) -> Layout:
+    """The preset's boxes given to the concepts in the order their trigger tokens appear in ``prompt``."""
+    order = _token_order(prompt, concepts_with_tokens)
+    boxes = preset_boxes(preset, len(order))
+    return Layout(prompt, tuple(Region(name, box) for name, box in zip(order, boxes, strict=True)), negative)
 
 
 def _edge_ramp(size: int, lo: float, hi: float, feather: float) -> torch.Tensor:

@@ -132,7 +132,9 @@ class RegionalAttnProcessor:
         value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+        )
         return out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
@@ -219,14 +221,13 @@ def regional_attention(unet, context: RegionalContext):
 
 def _encode(pipe, prompt: str, negative: str, guidance: bool):
     """(positive, negative) embeddings of one prompt, batch 1, through the pipeline's own encoder."""
-    result = pipe.encode_prompt(
+    return pipe.encode_prompt(
         prompt=prompt,
         device=pipe._execution_device,
         num_images_per_prompt=1,
         do_classifier_free_guidance=guidance,
         negative_prompt=negative or None,  # None keeps SDXL's zeroed negative, as Studio does
     )
-    return result
 
 
 def encode_layout(
@@ -263,7 +264,9 @@ def encode_layout(
     regions = []
     for region, mask in zip(layout.regions, masks, strict=True):
         with _routing(text_routing, _concepts_of(region.concept)):
-            positive, negative = _encode(pipe, layout.region_prompt(region), layout.region_negative(region), guidance)[:2]
+            positive, negative = _encode(pipe, layout.region_prompt(region), layout.region_negative(region), guidance)[
+                :2
+            ]
         # the pipeline's UNet batch is [negative x n; positive x n] (positive x n without guidance)
         halves = [negative, positive] if guidance else [positive]
         stacked = torch.cat([half.expand(num_images_per_prompt, -1, -1) for half in halves])

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from spectral_diffusion.core.strengths import is_finite_number, normalize_strengths
 from spectral_diffusion.errors import RequestError
+from spectral_diffusion.generation.layout import Layout
 from spectral_diffusion.generation.schedulers import SCHEDULERS
 
 # how the concepts are applied: in factored form, or merged into the weights
@@ -45,9 +46,11 @@ def _check_side(label: str, value) -> None:
 class GenerationRequest:
     """One generation: prompt, fused concepts with strengths, sampler settings. Validated on creation.
 
-    ``seed=None`` draws a random seed (stored in each PIL image's ``info["seed"]``); ``width`` /
+    ``seed=None`` (or -1) draws a random seed (stored in each PIL image's ``info["seed"]``); ``width`` /
     ``height`` ``None`` mean the model's native size. ``mode`` ``baked`` merges the concepts into the
     weights (base-model speed), ``live`` applies them in factored form; both give the same image.
+    ``layout`` composes the image regionally: each placed concept acts only in its own box (live only;
+    placed concepts are selected at strength 1 unless ``concepts`` says otherwise).
     """
 
     prompt: str
@@ -61,6 +64,7 @@ class GenerationRequest:
     num_images: int = 1
     scheduler: str = "default"
     mode: str = "live"
+    layout: Layout | None = None
 
     def __post_init__(self):
         for label, text in (("prompt", self.prompt), ("negative_prompt", self.negative_prompt)):
@@ -69,6 +73,8 @@ class GenerationRequest:
         self.concepts = normalize_strengths(self.concepts)
         _check_range("steps", self.steps, 1, MAX_STEPS)
         _check_range("guidance", self.guidance, 0.0, MAX_GUIDANCE, integer=False)
+        if self.seed == -1:  # the app's and the CLI's "random seed"
+            self.seed = None
         if self.seed is not None:
             _check_range("seed", self.seed, 0, MAX_SEED)
         _check_side("width", self.width)
@@ -78,6 +84,29 @@ class GenerationRequest:
             raise RequestError(f"unknown scheduler {self.scheduler!r}; use one of {sorted(SCHEDULERS)}")
         if self.mode not in MODES:
             raise RequestError(f"unknown mode {self.mode!r}; use one of {MODES}")
+        if self.layout is not None:
+            self._check_layout()
+
+    def _check_layout(self) -> None:
+        if not isinstance(self.layout, Layout):
+            raise RequestError(f"layout must be a Layout, got {type(self.layout).__name__}")
+        if self.mode != "live":
+            raise RequestError(
+                "a layout routes each concept to its own region, which needs live slots: baked concepts act "
+                "everywhere. Generate the layout in live mode (drop --baked)"
+            )
+        if (self.layout.prompt, self.layout.negative) != (self.prompt, self.negative_prompt):
+            raise RequestError("the layout's prompt and negative prompt must be the request's prompt and negative")
+        for name in self.layout.concepts:  # a placed concept is selected, at strength 1 unless given
+            self.concepts.setdefault(name, 1.0)
+
+    @property
+    def prompts(self) -> list[str]:
+        """Every prompt text of the request: the prompt, the negative and each region's."""
+        texts = [self.prompt, self.negative_prompt]
+        if self.layout is not None:
+            texts += [r.prompt or "" for r in self.layout.regions] + [r.negative or "" for r in self.layout.regions]
+        return texts
 
 
 def check_prompt_tokens(
@@ -89,7 +118,7 @@ def check_prompt_tokens(
     """
     chosen = {token for name in selected for token in tokens[name]}
     owners = {token: name for name, concept_tokens in tokens.items() for token in concept_tokens}
-    for text in (request.prompt, request.negative_prompt):
+    for text in request.prompts:
         for token in PROMPT_TOKEN.findall(text.lower()):
             if token in chosen:
                 continue

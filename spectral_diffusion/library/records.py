@@ -13,9 +13,13 @@ A concept folder holds::
 
 from __future__ import annotations
 
+import base64
 import copy
 import hashlib
+import io
 import json
+import logging
+import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,6 +31,8 @@ from spectral_diffusion.core.config import ConceptInfo, ConceptInfoView
 from spectral_diffusion.errors import ImageDataError, LibraryError
 from spectral_diffusion.formats.adapter_file import FORMAT, FORMAT_VERSION, AdapterData, save_adapter
 from spectral_diffusion.images import decode_image, to_8bit
+
+logger = logging.getLogger(__name__)
 
 LIBRARY_FORMAT = 1
 CONCEPT_FILE = "concept.json"
@@ -176,7 +182,8 @@ def _concept_json(data: AdapterData, adapter: Path, images: list[str], thumbnail
         "adapter_sha256": _sha256(adapter),
         "adapter_bytes": adapter.stat().st_size,
         "preview": preview,
-        "image_count": len(images),
+        # an imported concept has no photos of its own: it keeps the count its export recorded
+        "image_count": len(images) or _recorded_image_count(data),
         "images": images,
         "thumbnails": thumbnails,
         "added_at": utc_timestamp(),
@@ -237,3 +244,45 @@ def _write_preview(folder: Path, preview) -> str | None:
         return None
     _save_png(_load_image(preview), folder / PREVIEW_FILE)
     return PREVIEW_FILE
+
+
+# metadata keys an exported spectral file carries so an import shows the same card
+PREVIEW_KEY = "preview_png"  # base64 PNG, at most THUMBNAIL_SIZE px
+IMAGE_COUNT_KEY = "image_count"
+MAX_PREVIEW_BYTES = 2 * 1024 * 1024
+
+
+def _recorded_image_count(data: AdapterData) -> int:
+    value = data.extra_metadata.get(IMAGE_COUNT_KEY, "0")
+    return int(value) if value.isdigit() else 0
+
+
+def card_metadata(record: ConceptRecord) -> dict[str, str]:
+    """The preview (as a small base64 PNG) and the image count, for an exported adapter's metadata."""
+    meta = {IMAGE_COUNT_KEY: str(record.image_count)}
+    if record.preview_path is not None and record.preview_path.is_file():
+        preview = _load_image(record.preview_path)
+        preview.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+        buffer = io.BytesIO()
+        preview.save(buffer, format="PNG")
+        meta[PREVIEW_KEY] = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return meta
+
+
+def preview_from_metadata(data: AdapterData) -> Image.Image | None:
+    """The preview an export carried, decoded by the one user-image decoder; None if absent or unusable."""
+    text = data.extra_metadata.get(PREVIEW_KEY)
+    if not text or len(text) > MAX_PREVIEW_BYTES * 4 // 3 + 4:
+        return None
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except ValueError:
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".png") as handle:  # decode_image reads files, with its caps
+        handle.write(raw)
+        handle.flush()
+        try:
+            return decode_image(handle.name)
+        except ImageDataError:
+            logger.warning("the preview stored in %s's file is unreadable; imported without one", data.info.name)
+            return None

@@ -1,4 +1,4 @@
-"""The on-disk concept library (DESIGN.md section 5): one folder per concept, slots per base model.
+"""The on-disk concept library (docs/design.md section 5): one folder per concept, slots per base model.
 
 Layout of a library root (``concepts/`` by default)::
 
@@ -26,15 +26,21 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 from PIL import Image
 
-from spectral_diffusion.atomic import atomic_path, storage_error
+from spectral_diffusion.atomic import storage_error
 from spectral_diffusion.core import slots
 from spectral_diffusion.core.tokens import TokenError
-from spectral_diffusion.errors import ConceptNotFoundError, LibraryError, SlotConflictError
-from spectral_diffusion.formats.adapter_file import AdapterData, read_adapter
+from spectral_diffusion.errors import AdapterFormatError, ConceptNotFoundError, LibraryError, SlotConflictError
+from spectral_diffusion.formats.adapter_file import AdapterData, read_adapter, save_adapter
 from spectral_diffusion.library import allocation, workdirs
 from spectral_diffusion.library.allocation import SlotOwner, SlotReport
 from spectral_diffusion.library.names import matches_name_pattern, validate_name
-from spectral_diffusion.library.records import ConceptRecord, utc_timestamp, write_concept
+from spectral_diffusion.library.records import (
+    ConceptRecord,
+    card_metadata,
+    preview_from_metadata,
+    utc_timestamp,
+    write_concept,
+)
 from spectral_diffusion.library.reservations import (
     RESERVATIONS_DIR,
     Reservation,
@@ -222,22 +228,24 @@ class Library:
             f"; an adapter's slot is baked into its stored singular vectors and cannot be moved: delete the "
             f"other concept first to import {path.name}"
         )
-        return self._add(data, (), None, overwrite, slot_hint=hint)
+        return self._add(data, (), preview_from_metadata(data), overwrite, slot_hint=hint)
 
     def export_file(self, name: str, out_path: str | os.PathLike) -> Path:
-        """Copy the concept's adapter file to ``out_path`` (a file, or a folder to put NAME.safetensors in)."""
+        """Write the concept's adapter file to ``out_path`` (a file, or a folder to put NAME.safetensors in),
+        with its preview and image count in the metadata."""
         record = self.get(name)
         out = Path(out_path)
         if out.is_dir():
             out = out / f"{record.name}.safetensors"
         try:
-            with atomic_path(out) as tmp:
-                shutil.copyfile(record.adapter_path, tmp)
-        except FileNotFoundError:
+            data = read_adapter(record.adapter_path)
+        except (AdapterFormatError, FileNotFoundError):
             if not record.adapter_path.exists():  # deleted meanwhile
                 raise self._not_found(record.name) from None
             raise
-        return out
+        # the preview and image count travel inside the file, so an import shows the same card
+        extra = {**data.extra_metadata, **card_metadata(record)}
+        return save_adapter(dataclasses.replace(data, extra_metadata=extra), out)
 
     def delete(self, name: str) -> None:
         """Remove a concept (even a broken folder of that name) and free its slot."""

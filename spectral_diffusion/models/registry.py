@@ -18,8 +18,11 @@ import json
 import logging
 import os
 import re
+import socket
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -196,6 +199,38 @@ def _model_index(source: str, local: bool) -> dict:
     return DiffusionPipeline.load_config(source)
 
 
+HUB_TIMEOUT_SECONDS = 3.0
+
+
+@lru_cache(maxsize=1)
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers at all (one quick TCP connect, asked once per process)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=HUB_TIMEOUT_SECONDS).close()
+    except OSError:
+        return False
+    return True
+
+
+def _check_in_hub_cache(model: str, source: str, local: bool) -> None:
+    """Offline, a hub id must already be in the local cache: say so at once instead of retrying."""
+    if local:
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(source, "model_index.json"), str):
+        return
+    raise ModelNotFoundError(
+        f"model {model!r} is not in the local Hugging Face cache and the hub cannot be reached (offline); "
+        f"download it once where there is network (`hf download {source}`), or pass a local diffusers "
+        f"folder; built-in models: {_builtin_list()}"
+    )
+
+
 def _load_error(model: str, source: str, err: Exception) -> ModelNotFoundError:
     """A message for a failed load that tells the user what to try next."""
     if model.startswith(BUILTIN_PREFIX):
@@ -228,8 +263,9 @@ def load_pipeline(
     source = resolve_model(model)
     local = Path(source).is_dir()
     kwargs: dict = {"dtype": torch_dtype}
-    if local:
-        kwargs["local_files_only"] = True
+    if local or not hub_reachable():
+        _check_in_hub_cache(model, source, local)
+        kwargs["local_files_only"] = True  # offline: no retries, no waiting for a network that is not there
     try:
         if "safety_checker" in _model_index(source, local):
             kwargs["safety_checker"] = None

@@ -1,0 +1,70 @@
+"""One request through the pipeline: globally fused, or composed regionally with routed slots.
+
+Global: every active concept acts everywhere (the weights are exactly W + sum of deltas). Regional
+(``request.layout``): each concept's slot acts only inside its own box and on its own region prompt's
+tokens, region prompts are encoded with only their concept's text-encoder slot on, and inside each box
+the image attends to that region's prompt (docs/design.md section 11).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from spectral_diffusion.generation.layout import region_masks
+from spectral_diffusion.generation.regional import encode_layout, regional_attention
+
+
+def _common_kwargs(pipe, request, seed: int, progress, output_type: str) -> dict:
+    kwargs = {
+        "num_inference_steps": request.steps,
+        "guidance_scale": request.guidance,
+        "width": request.width,
+        "height": request.height,
+        "num_images_per_prompt": request.num_images,
+        # a CPU generator gives the same noise on every device for a seed
+        "generator": torch.Generator("cpu").manual_seed(seed),
+        "output_type": output_type,
+    }
+    if progress is not None:
+
+        def on_step(pipeline, step, timestep, callback_kwargs):
+            progress(step + 1, pipeline.num_timesteps)
+            return {}
+
+        kwargs["callback_on_step_end"] = on_step
+    return kwargs
+
+
+def image_size(pipe, request) -> tuple[int, int]:
+    """(height, width) in pixels: the request's, else the model's native size."""
+    size = pipe.unet.config.sample_size
+    native = (size, size) if isinstance(size, int) else tuple(size)
+    scale = pipe.vae_scale_factor
+    return request.height or native[0] * scale, request.width or native[1] * scale
+
+
+def run_global(pipe, request, seed: int, progress=None, output_type: str = "pil") -> list:
+    result = pipe(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt or None,  # None keeps SDXL's zeroed negative
+        **_common_kwargs(pipe, request, seed, progress, output_type),
+    )
+    return list(result.images)
+
+
+def run_regional(pipe, adapters, request, seed: int, progress=None, output_type: str = "pil") -> list:
+    """``request.layout`` with routed slots; ``adapters`` must hold the layout's concepts live (unmerged)."""
+    layout = request.layout
+    height, width = image_size(pipe, request)
+    scale = pipe.vae_scale_factor
+    masks = region_masks(layout, height // scale, width // scale)
+    guidance = request.guidance > 1.0  # the pipeline's own test for classifier-free guidance
+    context, embeds = encode_layout(pipe, layout, masks, adapters.text_only, request.num_images, guidance)
+    concept_masks = {region.concept: mask for region, mask in zip(layout.regions, masks, strict=True) if region.concept}
+    kwargs = _common_kwargs(pipe, request, seed, progress, output_type)
+    kwargs.update(height=height, width=width)
+    with adapters.routed(concept_masks, latent_size=(height // scale, width // scale)), regional_attention(
+        pipe.unet, context
+    ):
+        result = pipe(**embeds, **kwargs)
+    return list(result.images)
