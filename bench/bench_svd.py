@@ -16,9 +16,61 @@ import torch
 from bench.common import TEXT_TARGETS, UNET_TARGETS
 from spectral_diffusion.core.config import TargetConfig
 from spectral_diffusion.core.model import SpectralAdapters
-from spectral_diffusion.core.svd import SvdCache, top_k_svd_many
+from spectral_diffusion.core.svd import SvdCache, top_k_svd_checked, top_k_svd_many
 
 K = 64  # what a rank-8 concept asks for: SPECTRUM_MIN_K (8 slots of rank 8)
+POWER_LAW_ALPHA = 1.0  # s_j = s_1 j^-alpha: the decaying spectrum of the offline "trained-like" model
+
+
+def power_law_copy(weight: torch.Tensor, alpha: float = POWER_LAW_ALPHA, seed: int = 0) -> torch.Tensor:
+    """A weight of the same shape and norm scale with spectrum s_j = s_1 j^-alpha and random vectors."""
+    m, n = weight.shape
+    q = min(m, n)
+    generator = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(m, q, generator=generator)).Q
+    V = torch.linalg.qr(torch.randn(n, q, generator=generator)).Q
+    s = torch.arange(1, q + 1, dtype=torch.float32) ** (-alpha)
+    return (U * s) @ V.T
+
+
+@dataclass
+class PrepComparison:
+    """Ours (auto: block Krylov + check + fallback) vs the exact Gram path vs a full SVD, CPU seconds."""
+
+    label: str
+    layers: int
+    ours_s: float
+    exact_s: float
+    full_s: float
+    paths: dict  # "fast" / "fallback" / "exact" -> layers
+    max_sv_error: float  # max |s - s_full| / s_1
+
+    @property
+    def speedup(self) -> float:
+        return self.full_s / self.ours_s
+
+
+def compare(label: str, weights: dict, k: int = K, log=print) -> PrepComparison:
+    """One run, same process, CPU time (robust to other processes on the cores): three methods per layer."""
+    ours_s = exact_s = full_s = 0.0
+    paths: dict = {}
+    worst = 0.0
+    for weight in weights.values():
+        W = weight.detach().float()
+        t0 = time.process_time()
+        trip, path = top_k_svd_checked(W, k)
+        t1 = time.process_time()
+        top_k_svd_checked(W, k, method="exact")
+        t2 = time.process_time()
+        S = torch.linalg.svd(W, full_matrices=False).S
+        t3 = time.process_time()
+        ours_s, exact_s, full_s = ours_s + t1 - t0, exact_s + t2 - t1, full_s + t3 - t2
+        paths[path] = paths.get(path, 0) + 1
+        worst = max(worst, float((trip.s - S[: trip.k]).abs().max() / S[0]))
+    result = PrepComparison(label, len(weights), ours_s, exact_s, full_s, paths, worst)
+    log(f"  {label}: {len(weights)} layers, ours {ours_s:.2f} s, exact Gram {exact_s:.2f} s, full SVD {full_s:.2f} s "
+        f"({result.speedup:.1f}x), paths {paths}, max |ds|/s1 {worst:.1e}")
+    return result
 
 
 @dataclass
@@ -33,6 +85,7 @@ class SvdResult:
     max_sv_error: float  # max |s_ours - s_full| / s_full[0] over layers, top K
     max_compat_error: float  # max ||U^T W V - diag(s)|| / ||s|| (the load-time compatibility check)
     full_svd: dict = field(default_factory=dict, repr=False)  # UNet path -> (U, S, V) for the reference
+    comparisons: list = field(default_factory=list)  # PrepComparison: decaying-spectrum and flat weights
 
     @property
     def speedup(self) -> float:
@@ -97,6 +150,12 @@ def run(unet, clip, cache_dir, quick: bool = False, keep_full_unet: bool = True,
     sa_unet.unpatch()
     sa_text.unpatch()
     log(f"  reload from cache: {t2 - t0:.2f} s (spectrum() alone {t2 - t1:.2f} s)")
+    sample = {name: weights[name] for name in (names[::8] if quick else names[::2])}
+    comparisons = [
+        compare(f"SD1.5-size, power-law spectrum (alpha {POWER_LAW_ALPHA})",
+                {n: power_law_copy(w, seed=i) for i, (n, w) in enumerate(sample.items())}, log=log),
+        compare("SD1.5-size, flat random weights", sample, log=log),
+    ]
     return SvdResult(
         layers=len(weights),
         layers_full=len(subset),
@@ -108,4 +167,5 @@ def run(unet, clip, cache_dir, quick: bool = False, keep_full_unet: bool = True,
         max_sv_error=max_sv,
         max_compat_error=max_compat,
         full_svd=full_svd,
+        comparisons=comparisons,
     )

@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+from bench import regional_quality  # noqa: E402
 from bench.lora_concept import fused_pipeline, train_lora_concept  # noqa: E402
 from spectral_diffusion.core.model import SpectralAdapters  # noqa: E402
 from spectral_diffusion.formats.adapter_file import install_adapter  # noqa: E402
@@ -186,6 +187,7 @@ def evaluate(pipe, spectral, lora, settings: Settings, pairs: list[Prompt], mode
                 adapters.set_enabled(shape, True)
                 adapters.set_strength(shape, WEIGHTS[method.split("_")[1]])
             grids[method] = _score_fused(pipe, singles, pairs, settings, results[method], model)
+        regional = _score_regional_spectral(pipe, adapters, pairs, settings, model)
     finally:
         adapters.unpatch()
     for shape in CONCEPTS:
@@ -196,7 +198,50 @@ def evaluate(pipe, spectral, lora, settings: Settings, pairs: list[Prompt], mode
     for method in ("lora_sum", "lora_half", "lora_mean"):
         grids[method] = _score_fused(fused_pipeline(pipe, concepts, WEIGHTS[method.split("_")[1]]), singles, pairs, settings,
                                      results[method], model)
+    lora_pipe = fused_pipeline(pipe, concepts, 1.0)
+    for prompt in pairs:
+        layout = regional_quality.pair_layout(prompt, token, region_prompts=False)
+        images, seconds = regional_quality.timed(lambda lay=layout: regional_quality.draw_regional(lora_pipe, lay, settings))
+        regional["regional_lora"].add(model, images, prompt, CONCEPTS, seconds)
+    results["regional"] = regional
     return results, grids, alone_images
+
+
+def _score_regional_spectral(pipe, adapters, pairs, settings, model) -> dict:
+    """Global fusion, (e), (f), (f2) and the alone-on-pair ceiling, with all four slots installed."""
+    rq = regional_quality
+    scores = {"global": rq.PairScores(), **{m: rq.PairScores() for m in rq.REGIONAL_METHODS}}
+    for shape in CONCEPTS:
+        adapters.set_enabled(shape, True)
+        adapters.set_strength(shape, 1.0)
+    for prompt in pairs:
+        images, seconds = rq.timed(lambda p=prompt: draw(pipe, p, settings))
+        scores["global"].add(model, images, prompt, CONCEPTS, seconds)
+        for method, routed, region_prompts in (("regional_global_slots", False, False), ("routed", True, False),
+                                               ("routed_region_prompts", True, True)):
+            layout = rq.pair_layout(prompt, token, region_prompts)
+            images, seconds = rq.timed(lambda lay=layout, r=routed: rq.draw_regional(pipe, lay, settings, adapters, r))
+            scores[method].add(model, images, prompt, CONCEPTS, seconds)
+    for prompt in pairs:  # the ceiling: each concept alone on the pair prompt
+        for concept in prompt.concepts:
+            for shape in CONCEPTS:
+                adapters.set_enabled(shape, shape == concept)
+            scores["alone_on_pair"].add_alone(model, draw(pipe, prompt, settings), prompt, concept)
+    for shape in CONCEPTS:
+        adapters.set_enabled(shape, True)
+    return scores
+
+
+def regional_table(regional: dict) -> list[dict]:
+    labels = {"global": "(a) global fusion (all slots everywhere)", **regional_quality.REGIONAL_METHODS}
+    base_seconds = regional["global"].summary()["seconds"]
+    rows = []
+    for key, label in labels.items():
+        s = regional[key].summary()
+        rows.append({"method": label, "identity_pair": s["identity"], "placement": s["placement"],
+                     "bleed_pair": s["bleed"], "fidelity_pair": s["fidelity"],
+                     "time_vs_global": s["seconds"] / base_seconds if s["seconds"] == s["seconds"] else float("nan")})
+    return rows
 
 
 def _score_fused(pipe, singles, pairs, settings, scores, model) -> list[list[Image.Image]]:
@@ -216,7 +261,7 @@ def _score_fused(pipe, singles, pairs, settings, scores, model) -> list[list[Ima
 
 def table(results: dict) -> list[dict]:
     rows = []
-    for method, label in METHODS.items():
+    for method, label in METHODS.items():  # results["regional"] has its own table
         s = {k: v.summary() for k, v in results[method].items()}
         rows.append({
             "method": label,
@@ -277,7 +322,19 @@ def concept_sheet(work: Path, alone_images: dict, scale: int = 2) -> Image.Image
     return sheet
 
 
-def write_report(rows, seconds, settings: Settings, out: Path, quick: bool) -> None:
+def _regional_markdown(rows: list[dict]) -> str:
+    header = ("| method (pair prompts, concept a left, b right) | identity | placement (in its own half) | "
+              "other concepts seen | fidelity | time / image vs global |\n|---|---|---|---|---|---|\n")
+    def cell(value, fmt):
+        return "-" if value != value else format(value, fmt)
+    return header + "\n".join(
+        f"| {r['method']} | {cell(r['identity_pair'], '.2f')} | {cell(r['placement'], '.2f')} | "
+        f"{cell(r['bleed_pair'], '.2f')} | {cell(r['fidelity_pair'], '.2f')} | {cell(r['time_vs_global'], '.2f')}x |"
+        for r in rows
+    ) + "\n"
+
+
+def write_report(rows, seconds, settings: Settings, out: Path, quick: bool, regional_rows=()) -> None:
     header = ("| method | identity alone | identity fused, single prompt | identity fused, pair prompt | "
               "identity drop (alone - pair) | fidelity alone | fidelity fused single | fidelity fused pair | "
               "other concepts seen (fused single) |\n|---|---|---|---|---|---|---|---|---|\n")
@@ -288,9 +345,11 @@ def write_report(rows, seconds, settings: Settings, out: Path, quick: bool) -> N
         for r in rows
     ]
     data = {"settings": settings.__dict__, "train_config": settings.train_config(CONCEPTS[0], 0).to_json(),
-            "quick": quick, "rows": rows, "train_seconds": seconds}
+            "quick": quick, "rows": rows, "regional_rows": list(regional_rows), "train_seconds": seconds}
     (out / "fusion-quality.json").write_text(json.dumps(data, indent=1) + "\n")
     (out / "fusion-quality-table.md").write_text(header + "\n".join(lines) + "\n")
+    if regional_rows:
+        (out / "fusion-quality-regional.md").write_text(_regional_markdown(list(regional_rows)))
 
 
 def main(argv=None) -> None:
@@ -314,8 +373,11 @@ def main(argv=None) -> None:
         results, grids, alone_images = evaluate(pipe, spectral, lora, settings, pairs, model)
         concept_sheet(work, alone_images).save(args.out / "fusion-quality-concepts.png")
     rows = table(results)
+    regional_rows = regional_table(results["regional"])
     grid_image(grids, pairs).save(args.out / "fusion-quality.png")
-    write_report(rows, seconds, settings, args.out, args.quick)
+    write_report(rows, seconds, settings, args.out, args.quick, regional_rows)
+    for row in regional_rows:
+        logger.info("%s", row)
     for row in rows:
         logger.info("%s", row)
 

@@ -12,9 +12,12 @@ GB = 1024**3
 TRAIN_GOAL = 1.10
 BAKED_GOAL = 1.02
 LIVE4_GOAL = 1.15
-SVD_GOAL = 5.0
+SVD_GOAL = 10.0
 RELOAD_GOAL = 1.0
-FUSE_GOAL = 2.0
+FUSE_GOAL = 1.0
+# Other processes' load (os.getloadavg, 1 min) per core above which a run's timings say little: the
+# table then says so at the top instead of reporting goals as "missed".
+HEAVY_LOAD_PER_CORE = 0.5
 
 TRAIN_LABELS = {
     "base": "frozen base (fwd + bwd to the latents)",
@@ -39,9 +42,20 @@ class Goal:
     measured: str
     met: bool | None  # None: not measured in this run
 
+    heavy_load: bool = False  # a miss under heavy background load is not a finding
+
     @property
     def verdict(self) -> str:
+        if self.met is False and self.heavy_load:
+            return "not judged (heavy background load)"
         return {True: "met", False: "**missed**", None: "not measured"}[self.met]
+
+
+def heavy_load(meta: dict) -> bool:
+    """Whether other processes loaded the machine too much for the timings to judge goals."""
+    cores = int(meta.get("machine", {}).get("cores", "1") or 1)
+    loads = [v for v in (meta.get("loadavg_before"), meta.get("loadavg_after")) if v is not None]
+    return bool(loads) and max(loads) / cores > HEAVY_LOAD_PER_CORE
 
 
 def baked_ratio(infer) -> float:
@@ -60,8 +74,13 @@ def goals(r: dict) -> list[Goal]:
                             f"{value:.2f}x", value <= TRAIN_GOAL))
     svd = r.get("svd")
     if svd is not None:
-        out.append(Goal("3. SVD prep, full SVD / ours", f">= {SVD_GOAL:.0f}x", f"{svd.speedup:.1f}x",
-                        svd.speedup >= SVD_GOAL))
+        for comp in getattr(svd, "comparisons", []):
+            falls = comp.paths.get("fallback", 0)
+            out.append(Goal(f"3. SVD prep, full SVD / ours, {comp.label}", f">= {SVD_GOAL:.0f}x",
+                            f"{comp.speedup:.1f}x ({falls} of {comp.layers} layers fell back)",
+                            comp.speedup >= SVD_GOAL if "power-law" in comp.label else None))
+        out.append(Goal("3. SVD prep, full SVD / ours (product path, random weights)", f">= {SVD_GOAL:.0f}x",
+                        f"{svd.speedup:.1f}x", None))
         out.append(Goal("3. SVD prep, cached reload", f"< {RELOAD_GOAL:.0f} s", f"{svd.reload_s:.2f} s",
                         svd.reload_s < RELOAD_GOAL))
     infer = r.get("infer")
@@ -185,6 +204,10 @@ def plot(r: dict, path: Path) -> Path | None:
 # ----- markdown ----------------------------------------------------------------------------------
 
 
+def _load(value) -> str:
+    return "unknown" if value is None else f"{value:.2f}"
+
+
 def markdown(r: dict, plot_name: str | None) -> str:
     meta = r["meta"]
     out = ["# Benchmarks", ""]
@@ -204,12 +227,24 @@ def markdown(r: dict, plot_name: str | None) -> str:
         f"- torch threads: {meta['threads']} ({meta['threads_note']})",
         f"- clock for all ratios: {CLOCKS[meta['metric']]}",
         f"- background load from other processes: {meta['background_before']} before the run, "
-        f"{meta['background_during']} on average during it",
+        f"{meta['background_during']} on average during it; load average (1 min, os.getloadavg) "
+        f"{_load(meta.get('loadavg_before'))} before, {_load(meta.get('loadavg_after'))} after",
         "",
         "## Goals",
         "",
     ]
-    out += _table(["item", "goal", "measured", "verdict"], [[g.item, g.goal, g.measured, g.verdict] for g in goals(r)])
+    heavy = heavy_load(meta)
+    if heavy:
+        out += [
+            f"**This run was under heavy background load** (load average above {HEAVY_LOAD_PER_CORE} per core): its",
+            "timings are not judged against the goals; rerun on a quiet machine.",
+            "",
+        ]
+    rows = []
+    for g in goals(r):
+        g.heavy_load = heavy
+        rows.append([g.item, g.goal, g.measured, g.verdict])
+    out += _table(["item", "goal", "measured", "verdict"], rows)
     out.append("")
     if plot_name:
         out += [f"![training-step ratio vs rank, inference ratio vs live concepts]({plot_name})", ""]
@@ -281,6 +316,15 @@ def markdown(r: dict, plot_name: str | None) -> str:
         out += ["", f"Accuracy of our top-K triplets: max |s - s_full| / s_max = {svd.max_sv_error:.1e}; max "
                 f"||U^T W V - diag(s)|| / ||s|| = {svd.max_compat_error:.1e} (the load-time compatibility check allows "
                 "1e-2).", ""]
+        comps = getattr(svd, "comparisons", [])
+        if comps:
+            out += ["", "Per method, this process's CPU time over a sample of the layers (same layers, one run): ours is",
+                    "block Krylov with the a-posteriori residual/gap check and the exact Gram-eigh fallback.", ""]
+            out += _table(["weights", "layers", "ours s", "exact Gram s", "full SVD s", "full / ours", "paths",
+                           "max |ds| / s1"],
+                          [[c.label, str(c.layers), f"{c.ours_s:.2f}", f"{c.exact_s:.2f}", f"{c.full_s:.2f}",
+                            f"{c.speedup:.1f}x", ", ".join(f"{k} {v}" for k, v in sorted(c.paths.items())),
+                            f"{c.max_sv_error:.1e}"] for c in comps])
         if r.get("svd_profile"):
             out += r["svd_profile"]
 

@@ -2,6 +2,7 @@
 
     python bench/run.py            # full run (about 15 minutes on 2 CPU cores)
     python bench/run.py --quick    # a few minutes: fewer rounds and shapes, no rank sweep, no reference step
+                                   # (prints only; add --write-docs to write docs/benchmarks.md anyway)
 """
 
 from __future__ import annotations
@@ -64,6 +65,20 @@ def choose_threads(arg: str, background: float | None) -> tuple[int, str]:
     return want, "all cores"
 
 
+def _loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def should_write_docs(args) -> bool:
+    """A smoke run (--quick) must not replace the full run's figures unless asked to."""
+    if args.no_write:
+        return False
+    return args.write_docs or not args.quick
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a short run (fewer rounds, no rank sweep)")
@@ -73,10 +88,13 @@ def main(argv=None) -> int:
                         "processes load the machine)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"), help="markdown report to write")
     parser.add_argument("--no-write", action="store_true", help="print only; do not write the report or plot")
+    parser.add_argument("--write-docs", action="store_true",
+                        help="write the report even for a --quick run (a full run writes it by default)")
     args = parser.parse_args(argv)
     quick = args.quick
     started = time.perf_counter()
 
+    loadavg_before = _loadavg()
     log("probing background load ...")
     background_before = probe_background(3.0)
     threads, threads_note = choose_threads(args.threads, background_before)
@@ -95,6 +113,7 @@ def main(argv=None) -> int:
         "metric": metric,
         "gpu_note": GPU_NOTE if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
         "background_before": "unknown" if background_before is None else f"{background_before:.2f} cores",
+        "loadavg_before": loadavg_before,
     }
     meta["command"] = meta["command"].strip()
     meta["machine"] = machine_info()
@@ -171,9 +190,10 @@ def main(argv=None) -> int:
     during = background_cores(run_start, end)
     meta["background_during"] = "unknown" if during is None else f"{during:.2f} cores"
     meta["total_s"] = time.perf_counter() - started
+    meta["loadavg_after"] = _loadavg()
 
     log(report.console(results))
-    if not args.no_write:
+    if should_write_docs(args):
         out = Path(args.out)
         plot_path = out.parent / "benchmarks.png"
         report.plot(results, plot_path)

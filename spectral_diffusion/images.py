@@ -33,6 +33,7 @@ MAX_PIXELS = 64 * 1024 * 1024  # 64 megapixels: larger than any camera image, fa
 MAX_FILE_BYTES = 64 * 1024 * 1024  # one image file; a 64-megapixel JPEG is about 30 MB
 MAX_TOTAL_BYTES = 512 * 1024 * 1024  # all the images of one concept together
 FEW_IMAGES = 3
+RECOMMENDED_IMAGES = (3, 20)  # what the CLI help, the README and the app recommend
 
 WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 

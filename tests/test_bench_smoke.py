@@ -106,3 +106,31 @@ def test_lora_baseline_trains_its_layers_and_token_and_fuses_as_a_weighted_sum(t
     table = fused.text_encoder.get_input_embeddings().weight
     torch.testing.assert_close(table[ids[0]], heart.token_vector)
     torch.testing.assert_close(table[ids[1]], moon.token_vector)
+
+
+def test_gpu_bench_runs_every_path_on_cpu_in_tiny_mode():
+    from bench import gpu
+
+    lines = []
+    results = gpu.main(["--device", "cpu", "--tiny", "--dtype", "float32", "--models", "sd15,sdxl"], log=lines.append)
+    assert [r["model"] for r in results] == ["sd15", "sdxl"]
+    for r in results:
+        assert r["train_lora_s"] > 0 and r["train_ours_s"] > 0 and r["svd_s"] > 0
+        assert r["infer_base_s"] > 0 and r["infer_live4_s"] > 0 and r["infer_baked_s"] > 0
+    assert any("ours / LoRA" in line for line in lines) and any("images/s" in line for line in lines)
+
+
+def test_quick_run_does_not_write_the_docs_and_heavy_load_is_not_a_miss():
+    import argparse
+
+    from bench import run
+
+    quick = argparse.Namespace(quick=True, no_write=False, write_docs=False)
+    assert not run.should_write_docs(quick)
+    assert run.should_write_docs(argparse.Namespace(quick=True, no_write=False, write_docs=True))
+    assert run.should_write_docs(argparse.Namespace(quick=False, no_write=False, write_docs=False))
+    assert not run.should_write_docs(argparse.Namespace(quick=False, no_write=True, write_docs=False))
+    meta = {"machine": {"cores": "2"}, "loadavg_before": 2.5, "loadavg_after": 0.1}
+    assert report.heavy_load(meta) and not report.heavy_load({**meta, "loadavg_before": 0.2})
+    goal = report.Goal("x", "<= 1x", "2x", False, heavy_load=True)
+    assert goal.verdict == "not judged (heavy background load)"

@@ -165,3 +165,21 @@ def test_small_layers_take_the_exact_path_and_results_are_deterministic():
     assert torch.equal(first.U, second.U) and torch.equal(first.V, second.V)
     with pytest.raises(ValueError, match="unknown top-K method"):
         top_k_svd(big, 4, method="lanczos")
+
+
+def test_many_stops_trying_the_fast_path_on_a_flat_model(monkeypatch):
+    from spectral_diffusion.core import svd
+
+    seen = []
+    real = svd.top_k_svd_checked
+
+    def spy(weight, k, method="auto"):
+        trip, path = real(weight, k, method)
+        seen.append(path)
+        return trip, path
+
+    monkeypatch.setattr(svd, "top_k_svd_checked", spy)
+    torch.manual_seed(0)
+    weights = {f"w{i}": torch.randn(520, 520) for i in range(5)}
+    top_k_svd_many(weights, 8)
+    assert seen == ["fallback"] * svd.GIVE_UP_AFTER_FALLBACKS + ["exact"] * 2

@@ -33,6 +33,8 @@ KRYLOV_MAX_SHARE = 0.5
 KRYLOV_SEED = 0
 # Below this side the exact path takes milliseconds and a failed attempt would cost as much again.
 KRYLOV_MIN_SIDE = 512
+# A model whose first layers all fail the check has a flat spectrum: stop paying for attempts.
+GIVE_UP_AFTER_FALLBACKS = 3
 # Accepted residual ||W v - s u|| relative to s_1: a backward error 10x below the tested 1e-4.
 RESIDUAL_TOLERANCE = 1e-5
 
@@ -167,11 +169,14 @@ def top_k_svd_many(
     Running two single-threaded eighs side by side was ~20% faster, but it needs
     ``torch.set_num_threads(1)``, which is process-wide: a generation running in another thread of
     the app would drop to one thread too. Library code leaves torch's thread settings alone.
+    Once ``GIVE_UP_AFTER_FALLBACKS`` layers failed the fast path's check and none passed it, the
+    spectrum is taken to be flat and the remaining layers go straight to the exact path.
     """
     results: dict[str, Triplets] = {}
     paths: dict[str, int] = {}
     for done, name in enumerate(weights, start=1):
-        results[name], path = top_k_svd_checked(weights[name], k)
+        flat = paths.get("fallback", 0) >= GIVE_UP_AFTER_FALLBACKS and not paths.get("fast")
+        results[name], path = top_k_svd_checked(weights[name], k, "exact" if flat else "auto")
         paths[path] = paths.get(path, 0) + 1
         if progress is not None:
             progress(done, len(weights))

@@ -1,4 +1,7 @@
-"""Command line: ``python -m spectral_diffusion <command>`` (docs/design.md section 6).
+"""Spectral Diffusion: train concepts into slots of a Stable Diffusion model, fuse them, generate, export.
+
+``spectral-diffusion <command>`` or ``python -m spectral_diffusion <command>``; the contract of every
+command is in the repository's docs/design.md, section 6.
 
 Every user mistake ends as one ``error: ...`` line on stderr and exit status 2; a traceback means a bug.
 """
@@ -13,8 +16,9 @@ import sys
 from spectral_diffusion.core.config import VARIANTS
 from spectral_diffusion.formats import EXPORT_FORMATS
 from spectral_diffusion.generation.schedulers import SCHEDULERS
+from spectral_diffusion.images import MAX_IMAGES, RECOMMENDED_IMAGES
 from spectral_diffusion.library.store import DEFAULT_LIBRARY
-from spectral_diffusion.models.registry import DEFAULT_MODEL
+from spectral_diffusion.models.registry import BUILTIN_RANKS, DEFAULT_MODEL, DEFAULT_RANK
 from spectral_diffusion.training.config import MIXED_PRECISION
 
 EXIT_USER_ERROR = 2
@@ -55,28 +59,27 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m spectral_diffusion", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_train(sub) -> None:
     train = sub.add_parser("train", help="train one concept into the library")
-    train.add_argument("--images", required=True, help="folder of 3-50 images of the concept")
+    train.add_argument("--images", required=True,
+                       help=f"folder of {RECOMMENDED_IMAGES[0]}-{RECOMMENDED_IMAGES[1]} images of the concept "
+                            f"(at most {MAX_IMAGES}); a photo.txt beside photo.png is its caption")
     train.add_argument("--name", required=True)
     train.add_argument("--class-word", default="", help="what the concept is, e.g. dog")
     train.add_argument("--token", default=None, help="trigger token (default <NAME>)")
-    train.add_argument("--rank", type=int, default=None, help="slot width r (default 8; 4 on built-in models)")
+    ranks = ", ".join(f"{rank} on {name}" for name, rank in BUILTIN_RANKS.items())
+    train.add_argument("--rank", type=int, default=None, help=f"slot width r (default {DEFAULT_RANK}; {ranks})")
     train.add_argument("--slot", type=_slot, default=None, help="auto (lowest free) or a slot number")
     train.add_argument("--variant", choices=VARIANTS, default="additive")
-    train.add_argument("--steps", type=int, default=None)
+    train.add_argument("--steps", type=int, default=None, help="optimiser steps (default or 0: the model's own)")
     train.add_argument("--resolution", type=int, default=None)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no")
     train.add_argument("--checkpoint-every", type=int, default=0, help="save a resumable checkpoint every N steps")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this name")
 
-    listing = sub.add_parser("list", help="list the library")
-    listing.add_argument("--json", action="store_true")
 
+def _add_generate(sub) -> None:
     gen = sub.add_parser("generate", help="generate images with concepts fused")
     gen.add_argument("--prompt", default=None, help="the prompt (required unless --layout FILE.json or --from-png)")
     gen.add_argument("--concepts", type=parse_concepts, default={}, help="a,b:0.8 (strength 1.0 if omitted)")
@@ -97,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--from-png", default=None, metavar="FILE",
                      help="take the settings stored in an image this tool generated (flags given override)")
     gen.add_argument("--out", required=True, help="FILE.png (several images: FILE-0.png, FILE-1.png, ...)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spectral-diffusion", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub)
+    listing = sub.add_parser("list", help="list the library")
+    listing.add_argument("--json", action="store_true")
+    _add_generate(sub)
 
     fuse = sub.add_parser("fuse", help="write several concepts as one file")
     fuse.add_argument("--concepts", type=parse_concepts, required=True)

@@ -22,7 +22,13 @@ from PIL import Image
 
 from spectral_diffusion.atomic import storage_error
 from spectral_diffusion.errors import SpectralDiffusionError, TrainingCancelled
-from spectral_diffusion.frontends.workflows import TrainRequest, check_export_format, export_concept, train_into_library
+from spectral_diffusion.frontends.workflows import (
+    TrainRequest,
+    build_layout,
+    check_export_format,
+    export_concept,
+    train_into_library,
+)
 from spectral_diffusion.generation.pnginfo import save_png
 from spectral_diffusion.images import check_uploads
 from spectral_diffusion.library import ConceptRecord, Library, validate_name
@@ -176,12 +182,19 @@ class Service:
         num_images: int = 1,
         scheduler: str = "default",
         progress: Callable[[int, int], None] | None = None,
+        layout=None,
     ) -> list[Image.Image]:
+        """Generate; ``layout`` (optional) composes regionally: a layout JSON object or text, ``auto`` or a
+        preset name (``workflows.build_layout``). Its context prompt is ``prompt`` unless the JSON has one."""
         from spectral_diffusion.generation.request import GenerationRequest
 
+        placed = build_layout(self.library, prompt, negative_prompt, layout) if layout else None
+        if placed is not None:
+            prompt, negative_prompt = placed.prompt, placed.negative
         request = GenerationRequest(
             prompt=prompt,
             negative_prompt=negative_prompt,
+            layout=placed,
             concepts=dict(concepts or {}),
             steps=steps,
             guidance=guidance,

@@ -9,11 +9,11 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from spectral_diffusion.core.tokens import default_token
-from spectral_diffusion.errors import LayoutError, SpectralDiffusionError
+from spectral_diffusion.errors import ConfigError, LayoutError, SpectralDiffusionError
 from spectral_diffusion.formats import EXPORT_FORMATS
 from spectral_diffusion.generation.layout import PRESETS, Layout, Region, auto_layout, parse_region, preset_layout
 from spectral_diffusion.models.registry import default_rank, training_defaults
@@ -24,6 +24,11 @@ MAX_LAYOUT_BYTES = 256 * 1024
 def concept_tokens(name: str, token: str | None = None) -> list[str]:
     """The trigger tokens of a new concept: the one given, else ``<name>``."""
     return [token] if token else [default_token(name)]
+
+
+# TrainConfig fields a user may set besides the request's own (the app's "Advanced" settings)
+OVERRIDABLE = ("lr_unet", "lr_text", "lr_embedding", "batch_size", "gradient_accumulation", "lr_warmup_steps",
+               "targets", "prior_preservation", "min_snr_gamma", "flip_p", "random_crop", "preview_prompt")
 
 
 @dataclass
@@ -48,10 +53,14 @@ class TrainRequest:
     checkpoint_every: int = 0
     resume: bool = False
     preview_every: int | None = None
+    overrides: Mapping = field(default_factory=dict)  # further TrainConfig fields: lr_unet, batch_size, ...
 
     def __post_init__(self):
         if self.steps == 0:
             self.steps = None
+        unknown = sorted(set(self.overrides) - set(OVERRIDABLE))
+        if unknown:
+            raise ConfigError(f"unknown training setting {unknown[0]!r}; settable: {', '.join(OVERRIDABLE)}")
 
     @property
     def tokens(self) -> list[str]:
@@ -66,8 +75,9 @@ class TrainRequest:
 
         chosen = {"steps": self.steps, "resolution": self.resolution}
         checkpoints = self.checkpoint_every or self.resume
+        settings = {**training_defaults(model), **dict(extra or {}), **dict(self.overrides)}
         return TrainConfig(
-            **{**training_defaults(model), **dict(extra or {}), **{k: v for k, v in chosen.items() if v is not None}},
+            **{**settings, **{k: v for k, v in chosen.items() if v is not None}},
             name=self.name, tokens=self.tokens, class_word=self.class_word, rank=self.rank_for(model), slot=slot,
             variant=self.variant, seed=self.seed, mixed_precision=self.mixed_precision,
             checkpoint_every=self.checkpoint_every, resume=self.resume,

@@ -1,0 +1,105 @@
+"""Pictures the web app draws with PIL: a regional layout as coloured boxes, the same boxes over a
+generated image, and the training loss curve. No gradio here: app_ui.py puts these into widgets."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from PIL import Image, ImageDraw, ImageFont
+
+from spectral_diffusion.generation.layout import Layout
+
+# one colour per region, in region order (distinct on white and over photos)
+COLOURS = [(230, 80, 70), (60, 130, 230), (60, 170, 90), (240, 170, 40), (160, 90, 210), (30, 180, 190),
+           (220, 90, 170), (120, 120, 120)]
+CANVAS_LONG_SIDE = 384  # a layout is drawn at this size (the image's aspect ratio): big enough to read names
+CONTEXT_FILL = (244, 245, 248)
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def canvas_size(width: int, height: int, long_side: int = CANVAS_LONG_SIDE) -> tuple[int, int]:
+    """The drawing size of a ``width`` x ``height`` image (its aspect ratio, the long side ``long_side``)."""
+    width, height = max(int(width), 1), max(int(height), 1)
+    scale = long_side / max(width, height)
+    return max(round(width * scale), 1), max(round(height * scale), 1)
+
+
+def region_label(layout: Layout, index: int) -> str:
+    region = layout.regions[index]
+    name = region.concept or "(no concept)"
+    return name if region.prompt is None else f"{name}: {region.prompt}"
+
+
+def _draw_boxes(image: Image.Image, layout: Layout, fill_alpha: int) -> Image.Image:
+    """``image`` with the layout's boxes drawn on it (translucent fill, solid outline, the region's label)."""
+    base = image.convert("RGBA")
+    overlay = Image.new("RGBA", base.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(overlay)
+    width, height = base.size
+    line = max(2, round(min(width, height) / 96))
+    font = _font(max(10, round(min(width, height) / 22)))
+    for index, region in enumerate(layout.regions):
+        colour = COLOURS[index % len(COLOURS)]
+        x0, y0, x1, y1 = region.box
+        box = (round(x0 * width), round(y0 * height), round(x1 * width) - 1, round(y1 * height) - 1)
+        draw.rectangle(box, fill=(*colour, fill_alpha), outline=(*colour, 255), width=line)
+        label = _fit(draw, region_label(layout, index), font, box[2] - box[0] - 2 * line - 4)
+        left, top = box[0] + line + 3, box[1] + line + 2
+        bounds = draw.textbbox((left, top), label, font=font)
+        draw.rectangle((bounds[0] - 2, bounds[1] - 1, bounds[2] + 2, bounds[3] + 1), fill=(*colour, 230))
+        draw.text((left, top), label, fill=(255, 255, 255, 255), font=font)
+    return Image.alpha_composite(base, overlay).convert("RGB")
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font, room: int) -> str:
+    """``text`` cut (with an ellipsis) to fit ``room`` pixels."""
+    if room <= 0 or draw.textlength(text, font=font) <= room:
+        return text
+    while len(text) > 1 and draw.textlength(text + "…", font=font) > room:
+        text = text[:-1]
+    return text + "…"
+
+
+def draw_layout(layout: Layout, width: int, height: int) -> Image.Image:
+    """The layout on an empty canvas of the image's shape: the context prompt outside every box."""
+    size = canvas_size(width, height)
+    canvas = Image.new("RGB", size, CONTEXT_FILL)
+    draw = ImageDraw.Draw(canvas)
+    font = _font(max(10, size[1] // 28))
+    context = _fit(draw, f"context: {layout.prompt}", font, size[0] - 8)
+    draw.text((4, size[1] - font.size - 6), context, fill=(90, 90, 100), font=font)
+    return _draw_boxes(canvas, layout, fill_alpha=90)
+
+
+def overlay_layout(image: Image.Image, layout: Layout) -> Image.Image:
+    """The generated ``image`` with the layout's boxes over it (scaled up first when it is tiny, so the
+    labels stay readable; pixel-art scaling keeps the picture's own pixels)."""
+    if max(image.size) < CANVAS_LONG_SIDE:
+        image = image.resize(canvas_size(*image.size), Image.Resampling.NEAREST)
+    return _draw_boxes(image, layout, fill_alpha=40)
+
+
+def message_picture(text: str, width: int = 384, height: int = 96) -> Image.Image:
+    """A small picture that says why there is no layout to draw."""
+    canvas = Image.new("RGB", (width, height), CONTEXT_FILL)
+    draw = ImageDraw.Draw(canvas)
+    font = _font(14)
+    words, lines, line = text.split(), [], ""
+    for word in words:
+        if draw.textlength(f"{line} {word}".strip(), font=font) > width - 16 and line:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    lines.append(line)
+    for row, text_line in enumerate(lines[: (height - 8) // 18]):
+        draw.text((8, 8 + 18 * row), text_line, fill=(150, 60, 50), font=font)
+    return canvas
+
+
+def loss_rows(losses: Sequence[tuple[int, float]]) -> list[dict]:
+    """The loss history as rows for a line plot (``step``, ``loss``)."""
+    return [{"step": step, "loss": float(loss)} for step, loss in losses]
