@@ -7,33 +7,42 @@ The page is a thin layer over ``spectral_diffusion.frontends.service.Service``; 
 request needs the model. This file lays out the page (one builder per tab) and wires its events to the
 handlers of ``app_ui.py``. Every action is also a named API endpoint for ``gradio_client``:
 
-    train_concept(images, name, class_word, variant, rank, steps) -> (progress html, previews, record)
+    train_concept(images, name, class_word, variant, rank, steps,
+                  [lr_unet, lr_text, lr_embedding, batch_size, resolution, seed]) -> (progress html, previews, record)
     list_concepts() -> [record, ...]
     delete_concept(name, confirm) -> message
     import_concept(file, name) -> record
     export_concept(name, format) -> [files]
-    generate(prompt, concepts, negative, seed, steps, guidance, width, height, num_images, scheduler)
+    generate(prompt, concepts, negative, seed, steps, guidance, width, height, num_images, scheduler, [layout])
         -> (images, message)
     export_fused(concepts, format) -> [files]
     cancel_training() -> message
 
 ``concepts`` is text: ``"dog,cat:0.8"`` (strength 1.0 when omitted) or JSON ``{"dog": 1, "cat": 0.8}``.
+``layout`` (optional, "" = global fusion): ``auto``, a preset (``left-right``, ``top-bottom``, ``thirds``,
+``grid``) or a layout JSON ``{"prompt", "negative", "regions": [{"concept", "box": [x0, y0, x1, y1], "prompt"}]}``.
+Bracketed parameters are optional: calls without them work as before.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
+import httpx  # noqa: E402
 
 import app_ui as handlers  # noqa: E402
+import app_values  # noqa: E402
+import app_views  # noqa: E402
 from spectral_diffusion.core.config import VARIANTS  # noqa: E402
 from spectral_diffusion.formats import EXPORT_FORMATS  # noqa: E402
 from spectral_diffusion.frontends.service import Service, TrainingStatus  # noqa: E402
@@ -47,11 +56,24 @@ logger = logging.getLogger("app")
 CONCEPT_ROWS = 8  # concept pickers on the Generate tab (4 shown, 4 more folded)
 MAX_FILE_SIZE = "1gb"  # one upload: images are limited further by data.py, adapters can be large (SDXL)
 PRIVATE = {"api_visibility": "private"}  # page-only events: no API endpoint
+QUIET = {"show_progress": "hidden", "trigger_mode": "always_last", **PRIVATE}  # page helpers on every keystroke
+STARTUP_SECONDS = 180  # how long start-up waits for the page to answer (a loaded machine is slow, not broken)
+TABLE_WIDTHS = ["11%", "13%", "5%", "9%", "5%", "10%", "7%", "22%", "18%"]  # the library table at 1280 px
+REGIONAL_NOTE = (
+    "Regional composition draws each concept only inside its box: its slot is routed to its region and "
+    "its prompt tokens. It uses the concepts' live slots (the app never bakes them into the weights; a "
+    "baked model could not route). Downloaded and exported LoRAs stay global: a LoRA cannot route."
+)
 
 CSS = """
 .sd-bar {height: 14px; border-radius: 7px; background: var(--neutral-200); overflow: hidden; margin: 4px 0 6px 0;}
 .sd-bar > div {height: 100%; background: var(--color-accent); transition: width .3s;}
 .sd-status {font-size: 0.95em;}
+.sd-problem {color: var(--error-text-color, #b91c1c); font-weight: 600;}
+#train-previews img, #train-thumbnails img, #generate-gallery img, #library-cards img, #generate-cards img
+    {image-rendering: pixelated;}
+#library-cards .caption-label, #generate-cards .caption-label {max-width: 100%; white-space: normal; word-break: break-all;}
+#library-table th, #library-table td {white-space: nowrap;}
 """
 
 
@@ -61,16 +83,20 @@ CSS = """
 @dataclass
 class TrainTab:
     images: gr.File
+    thumbnails: gr.Gallery
     name: gr.Textbox
     class_word: gr.Textbox
     variant: gr.Radio
     rank: gr.Number
     steps: gr.Number
+    advanced: list[gr.components.Component]  # in app_values.ADVANCED order
     slot_hint: gr.Markdown
     train_button: gr.Button
     cancel_button: gr.Button
+    api_trigger: gr.Button  # never shown: the train_concept endpoint (the page's button has its own event)
     progress: gr.HTML
     previews: gr.Gallery
+    loss_chart: gr.LinePlot
     trained: gr.JSON
     cancel_message: gr.Markdown
 
@@ -96,26 +122,69 @@ class LibraryTab:
 
 
 @dataclass
+class ConceptRow:
+    name: gr.Dropdown
+    strength: gr.Slider
+    box_row: gr.Row  # shown for a custom layout only
+    box: list[gr.Number]  # x0, y0, x1, y1
+    region_prompt: gr.Textbox
+
+
+@dataclass
 class GenerateTab:
     prompt: gr.Textbox
     generate_button: gr.Button
     cards: gr.Gallery
-    row_names: list[gr.Dropdown]
-    row_strengths: list[gr.Slider]
+    rows: list[ConceptRow]
     concepts: gr.Textbox
+    layout_mode: gr.Radio
+    layout_text: gr.Textbox
     settings: list[gr.components.Component]  # negative, seed, steps, guidance, width, height, images, scheduler
+    settings_file: gr.File
+    settings_message: gr.Markdown
     gallery: gr.Gallery
     info: gr.Markdown
+    layout_picture: gr.Image
+    overlay: gr.Image
     fused_format: gr.Radio
     fused_button: gr.Button
     fused_files: gr.File
 
+    @property
+    def row_names(self) -> list[gr.Dropdown]:
+        return [row.name for row in self.rows]
 
-def build_train_tab(rank: int) -> TrainTab:
+    @property
+    def row_strengths(self) -> list[gr.Slider]:
+        return [row.strength for row in self.rows]
+
+    @property
+    def layout_rows(self) -> list[gr.components.Component]:
+        """The editor's values in ``app_values.LayoutRows.split`` order: names, boxes, region prompts."""
+        return [*self.row_names, *[n for row in self.rows for n in row.box], *[r.region_prompt for r in self.rows]]
+
+
+def _advanced_settings(defaults: dict) -> list[gr.components.Component]:
+    with gr.Accordion("Advanced", open=False, elem_id="train-advanced"):
+        with gr.Row():
+            lr_unet = gr.Number(value=defaults["lr_unet"], label="Learning rate: UNet", elem_id="train-lr-unet")
+            lr_text = gr.Number(value=defaults["lr_text"], label="Learning rate: text encoder")
+            lr_embedding = gr.Number(value=defaults["lr_embedding"], label="Learning rate: token embedding")
+        with gr.Row():
+            batch_size = gr.Number(value=defaults["batch_size"], precision=0, minimum=1, label="Batch size")
+            resolution = gr.Number(value=defaults["resolution"], precision=0, minimum=0, step=8,
+                                   label="Resolution (0 = the model's)", elem_id="train-resolution")
+            seed = gr.Number(value=defaults["seed"], precision=0, minimum=0, label="Seed")
+    return [lr_unet, lr_text, lr_embedding, batch_size, resolution, seed]
+
+
+def build_train_tab(rank: int, defaults: dict) -> TrainTab:
     with gr.Tab("Train", id="train"), gr.Row():
         with gr.Column(scale=3):
             images = gr.File(label="Images of the concept (drag and drop 3-20 photos)",
-                             file_count="multiple", file_types=["image"], elem_id="train-images")
+                             file_count="multiple", file_types=["image"], height=150, elem_id="train-images")
+            thumbnails = gr.Gallery(label="Uploaded photos", columns=8, height=130, object_fit="contain",
+                                    allow_preview=False, format="png", elem_id="train-thumbnails")
             with gr.Row():
                 name = gr.Textbox(label="Name", placeholder="my-dog", elem_id="train-name")
                 class_word = gr.Textbox(label="Class word", placeholder="dog", elem_id="train-class")
@@ -125,60 +194,72 @@ def build_train_tab(rank: int) -> TrainTab:
                 rank_box = gr.Number(value=rank, precision=0, minimum=1, label="Rank", elem_id="train-rank")
                 steps = gr.Number(value=0, precision=0, minimum=0, label="Steps (0 = automatic)",
                                   elem_id="train-steps")
+            advanced = _advanced_settings(defaults)
             slot_hint = gr.Markdown(elem_id="train-slot")
             with gr.Row():
                 train_button = gr.Button("Train", variant="primary", elem_id="train-button")
                 cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel-button")
+            api_trigger = gr.Button(visible=False)
         with gr.Column(scale=2):
-            progress = gr.HTML(handlers.progress_html(TrainingStatus(message="no training yet")),
+            progress = gr.HTML(app_views.progress_html(TrainingStatus(message="no training yet")),
                                label="Progress", elem_id="train-progress")
-            previews = gr.Gallery(label="Previews", columns=3, height=260, format="png", elem_id="train-previews")
+            cancel_message = gr.Markdown(elem_id="train-cancel")
+            previews = gr.Gallery(label="Previews (their step below each)", columns=3, height=260, format="png",
+                                  object_fit="contain", elem_id="train-previews")
+            loss_chart = gr.LinePlot(x="step", y="loss", label="Training loss", height=200, elem_id="train-loss")
             trained = gr.JSON(label="Trained concept", elem_id="train-result")
-            cancel_message = gr.Markdown()
-    return TrainTab(images, name, class_word, variant, rank_box, steps, slot_hint, train_button, cancel_button,
-                    progress, previews, trained, cancel_message)
+    return TrainTab(images, thumbnails, name, class_word, variant, rank_box, steps, advanced, slot_hint,
+                    train_button, cancel_button, api_trigger, progress, previews, loss_chart, trained, cancel_message)
 
 
 def build_library_tab() -> LibraryTab:
-    with gr.Tab("Library", id="library"), gr.Row():
-        with gr.Column(scale=3):
-            gr.Markdown("**Slot maps**: which singular-vector slots each base model's concepts hold")
-            slot_maps = gr.Image(show_label=False, type="pil", format="png", interactive=False, elem_id="slot-maps")
-            cards = gr.Gallery(label="Concepts", columns=5, height=240, format="png", preview=False,
-                               fit_columns=False, object_fit="contain", elem_id="library-cards")
-            table = gr.Dataframe(headers=handlers.TABLE_HEADERS, interactive=False, wrap=True,
-                                 elem_id="library-table")
-            refresh_button = gr.Button("Refresh", size="sm")
-            with gr.Accordion("Library as JSON", open=False):
-                listing = gr.JSON(label="list_concepts")
-        with gr.Column(scale=2):
-            selected = gr.Dropdown(label="Concept", choices=[], allow_custom_value=True, elem_id="library-concept")
-            with gr.Group():
-                export_format = gr.Radio(list(EXPORT_FORMATS), value="spectral", label="Download as",
-                                         info="spectral: our adapter · lora: diffusers/PEFT · "
-                                              "kohya: AUTOMATIC1111/ComfyUI (+ textual inversion)")
-                export_button = gr.Button("Download")
-                exported = gr.File(label="Files", file_count="multiple", interactive=False)
-            with gr.Group():
-                sure = gr.Checkbox(label="I am sure: delete this concept and free its slot")
-                delete_button = gr.Button("Delete", variant="stop")
-                delete_message = gr.Markdown()
-            with gr.Group():
-                import_file = gr.File(label="Import an adapter (.safetensors)", file_types=[".safetensors"])
-                import_name = gr.Textbox(label="Import under the name (optional)")
-                import_button = gr.Button("Import")
-                imported = gr.JSON(label="Imported concept")
+    with gr.Tab("Library", id="library"):
+        with gr.Row():
+            with gr.Column(scale=3):
+                gr.Markdown("**Slot maps**: which singular-vector slots each base model's concepts hold")
+                slot_maps = gr.Image(show_label=False, type="pil", format="png", interactive=False,
+                                     elem_id="slot-maps")
+                cards = gr.Gallery(label="Concepts", columns=6, height=220, format="png", preview=False,
+                                   fit_columns=False, object_fit="contain", elem_id="library-cards")
+            with gr.Column(scale=2):
+                selected = gr.Dropdown(label="Concept", choices=[], allow_custom_value=True,
+                                       elem_id="library-concept")
+                with gr.Group():
+                    export_format = gr.Radio(list(EXPORT_FORMATS), value="spectral", label="Download as",
+                                             info="spectral: our adapter · lora: diffusers/PEFT · "
+                                                  "kohya: AUTOMATIC1111/ComfyUI (+ textual inversion)")
+                    export_button = gr.Button("Download")
+                    exported = gr.File(label="Files", file_count="multiple", interactive=False)
+                with gr.Group():
+                    sure = gr.Checkbox(label="I am sure: delete this concept and free its slot")
+                    delete_button = gr.Button("Delete", variant="stop")
+                    delete_message = gr.Markdown()
+                with gr.Group():
+                    import_file = gr.File(label="Import an adapter (.safetensors)", file_types=[".safetensors"])
+                    import_name = gr.Textbox(label="Import under the name (optional)")
+                    import_button = gr.Button("Import")
+                    imported = gr.JSON(label="Imported concept")
+        table = gr.Dataframe(headers=app_views.TABLE_HEADERS, interactive=False, wrap=False,
+                             column_widths=TABLE_WIDTHS, elem_id="library-table")
+        refresh_button = gr.Button("Refresh", size="sm")
+        with gr.Accordion("Library as JSON", open=False):
+            listing = gr.JSON(label="list_concepts")
     return LibraryTab(slot_maps, cards, table, refresh_button, listing, selected, export_format, export_button,
                       exported, sure, delete_button, delete_message, import_file, import_name, import_button,
                       imported)
 
 
-def _concept_row(index: int) -> tuple[gr.Dropdown, gr.Slider]:
+def _concept_row(index: int) -> ConceptRow:
     with gr.Row(equal_height=True):
         name = gr.Dropdown(choices=[], label=f"Concept {index + 1}", scale=2, allow_custom_value=True,
                            elem_id=f"concept-{index}")
         strength = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Strength", scale=3, elem_id=f"strength-{index}")
-    return name, strength
+    with gr.Row(visible=False, equal_height=True) as box_row:
+        box = [gr.Number(value=value, minimum=0, maximum=1, step=0.05, label=label, min_width=60,
+                         elem_id=f"box-{index}-{label}")
+               for value, label in zip(app_values.default_box(index), ("x0", "y0", "x1", "y1"), strict=True)]
+        region_prompt = gr.Textbox(label="Region prompt (empty: the prompt)", scale=3, elem_id=f"region-{index}")
+    return ConceptRow(name, strength, box_row, box, region_prompt)
 
 
 def _generate_settings() -> list[gr.components.Component]:
@@ -196,6 +277,32 @@ def _generate_settings() -> list[gr.components.Component]:
     return [negative, seed, steps, guidance, width, height, num_images, scheduler]
 
 
+def _layout_picker() -> tuple[gr.Radio, gr.Textbox]:
+    layout_mode = gr.Radio(list(app_values.LAYOUT_MODES), value=app_values.NO_LAYOUT, elem_id="layout-mode",
+                           label="Layout: where each concept goes (none = global fusion; custom = a box per row)")
+    gr.Markdown(REGIONAL_NOTE, elem_id="layout-note")
+    with gr.Accordion("Layout as JSON (the generate API's layout parameter)", open=False):
+        layout_text = gr.Textbox(value="", label="layout", interactive=False, elem_id="layout-json")
+    return layout_mode, layout_text
+
+
+def _result_column():
+    gallery = gr.Gallery(label="Images", columns=2, height=400, format="png", object_fit="contain",
+                         type="filepath", elem_id="generate-gallery")
+    info = gr.Markdown(elem_id="generate-info")
+    with gr.Row():
+        layout_picture = gr.Image(label="Layout", type="pil", format="png", interactive=False, visible=False,
+                                  height=240, elem_id="layout-picture")
+        overlay = gr.Image(label="Layout over the first image", type="pil", format="png", interactive=False,
+                           visible=False, height=240, elem_id="layout-overlay")
+    with gr.Group():
+        fused_format = gr.Radio(list(EXPORT_FORMATS), value="spectral",
+                                label="Download the fused adapter as (global: no layout)")
+        fused_button = gr.Button("Download fused adapter")
+        fused_files = gr.File(label="Fused files", file_count="multiple", interactive=False)
+    return gallery, info, layout_picture, overlay, fused_format, fused_button, fused_files
+
+
 def build_generate_tab() -> GenerateTab:
     with gr.Tab("Generate", id="generate"):
         with gr.Row(equal_height=True):
@@ -208,22 +315,21 @@ def build_generate_tab() -> GenerateTab:
                 cards = gr.Gallery(label="Your concepts: click one to use it", columns=5, height=170,
                                    allow_preview=False, preview=False, fit_columns=False, object_fit="contain",
                                    format="png", elem_id="generate-cards")
+                layout_mode, layout_text = _layout_picker()
                 rows = [_concept_row(index) for index in range(CONCEPT_ROWS // 2)]
                 with gr.Accordion("More concepts", open=False):
                     rows += [_concept_row(index) for index in range(CONCEPT_ROWS // 2, CONCEPT_ROWS)]
                 concepts = gr.Textbox(label="Fused concepts (name:strength, …; filled from the rows)",
                                       elem_id="generate-concepts")
                 settings = _generate_settings()
+                with gr.Accordion("Load settings from a PNG", open=False):
+                    settings_file = gr.File(label="A PNG made by this app or the CLI", file_types=[".png"],
+                                            height=110, elem_id="settings-file")
+                    settings_message = gr.Markdown(elem_id="settings-message")
             with gr.Column(scale=1):
-                gallery = gr.Gallery(label="Images", columns=2, height=440, format="png", elem_id="generate-gallery")
-                info = gr.Markdown(elem_id="generate-info")
-                with gr.Group():
-                    fused_format = gr.Radio(list(EXPORT_FORMATS), value="spectral",
-                                            label="Download the fused adapter as")
-                    fused_button = gr.Button("Download fused adapter")
-                    fused_files = gr.File(label="Fused files", file_count="multiple", interactive=False)
-    return GenerateTab(prompt, generate_button, cards, [n for n, _ in rows], [s for _, s in rows], concepts,
-                       settings, gallery, info, fused_format, fused_button, fused_files)
+                results = _result_column()
+    return GenerateTab(prompt, generate_button, cards, rows, concepts, layout_mode, layout_text, settings,
+                       settings_file, settings_message, *results)
 
 
 # ----- events ---------------------------------------------------------------------------------------
@@ -243,6 +349,7 @@ class PageEvents:
         self.refresh_inputs = [library.selected, *generate.row_names]
         self.refresh_outputs = [library.slot_maps, library.cards, library.table, library.listing, library.selected,
                                 generate.cards, self.card_names, self.library_names, *generate.row_names]
+        self.slot_inputs = [train.rank, train.name]
 
     def bound(self, handler):
         """``handler`` with the service as its first argument (the API keeps the other parameters' names)."""
@@ -254,25 +361,34 @@ class PageEvents:
     def then_refresh(self, event):
         """Refresh the library views and the slot hint after ``event``, whatever its outcome."""
         return event.then(self.bound(handlers.refresh), self.refresh_inputs, self.refresh_outputs, **PRIVATE).then(
-            self.bound(handlers.slot_info), self.train.rank, self.train.slot_hint, **PRIVATE)
+            self.bound(handlers.slot_info), self.slot_inputs, self.train.slot_hint, **PRIVATE)
 
     def wire(self, demo: gr.Blocks) -> None:
         slot_info = self.bound(handlers.slot_info)
         demo.load(self.bound(handlers.refresh), self.refresh_inputs, self.refresh_outputs, **PRIVATE).then(
-            slot_info, self.train.rank, self.train.slot_hint, **PRIVATE)
-        self.train.rank.change(slot_info, self.train.rank, self.train.slot_hint, **PRIVATE)
+            slot_info, self.slot_inputs, self.train.slot_hint, **PRIVATE)
+        # the name is checked as it is typed: "name taken" shows in the slot line, before Train is pressed
+        gr.on([self.train.rank.change, self.train.name.change], slot_info, self.slot_inputs, self.train.slot_hint,
+              **QUIET)
         self.wire_train()
         self.wire_library()
         self.wire_generate()
 
     def wire_train(self) -> None:
         tab = self.train
-        inputs = [tab.images, tab.name, tab.class_word, tab.variant, tab.rank, tab.steps]
-        self.then_refresh(tab.train_button.click(self.bound(handlers.train_concept), inputs,
-                                                 [tab.progress, tab.previews, tab.trained],
-                                                 api_name="train_concept", concurrency_limit=None))
+        inputs = [tab.images, tab.name, tab.class_word, tab.variant, tab.rank, tab.steps, *tab.advanced]
+        # the page's button: every outcome in the status line, a cancel as a notice (no Error badges)
+        self.then_refresh(tab.train_button.click(
+            self.bound(handlers.train_on_page), inputs,
+            [tab.progress, tab.previews, tab.trained, tab.loss_chart, tab.cancel_message],
+            concurrency_limit=None, **PRIVATE))
+        # the API's endpoint (bad input and a cancel are errors for a client) on a button never shown
+        self.then_refresh(tab.api_trigger.click(self.bound(handlers.train_concept), inputs,
+                                                [tab.progress, tab.previews, tab.trained],
+                                                api_name="train_concept", concurrency_limit=None))
         tab.cancel_button.click(self.bound(handlers.cancel_training), None, tab.cancel_message,
                                 api_name="cancel_training", concurrency_limit=None)
+        tab.images.change(handlers.upload_thumbnails, tab.images, tab.thumbnails, **QUIET)
 
     def wire_library(self) -> None:
         tab = self.library
@@ -302,12 +418,27 @@ class PageEvents:
         rows = tab.row_names + tab.row_strengths
         gr.on([row.change for row in rows], handlers.rows_to_spec, rows, tab.concepts, show_progress="hidden",
               **PRIVATE)
+        self.wire_layout()
         # the button and the prompt's Enter key are one event: one endpoint, one queue
-        gr.on([tab.generate_button.click, tab.prompt.submit], self.bound(handlers.generate),
-              [tab.prompt, tab.concepts, *tab.settings], [tab.gallery, tab.info], api_name="generate",
-              concurrency_limit=1)
+        generated = gr.on([tab.generate_button.click, tab.prompt.submit], self.bound(handlers.generate),
+                          [tab.prompt, tab.concepts, *tab.settings, tab.layout_text], [tab.gallery, tab.info],
+                          api_name="generate", concurrency_limit=1)
+        generated.success(handlers.result_overlay, tab.gallery, tab.overlay, **PRIVATE)
         tab.fused_button.click(self.bound(handlers.export_fused), [tab.concepts, tab.fused_format], tab.fused_files,
                                api_name="export_fused")
+
+    def wire_layout(self) -> None:
+        """The layout editor: any change redraws the layout and rewrites the generate endpoint's layout text;
+        a PNG's settings fill every field (which then redraws the layout)."""
+        tab = self.generate
+        negative, width, height = tab.settings[0], tab.settings[4], tab.settings[5]
+        inputs = [tab.layout_mode, tab.prompt, negative, width, height, *tab.layout_rows]
+        gr.on([component.change for component in inputs], self.bound(handlers.layout_editor), inputs,
+              [tab.layout_text, tab.layout_picture, *[row.box_row for row in tab.rows]], **QUIET)
+        loaded = [tab.prompt, *tab.settings[:6], tab.settings[7], *tab.row_names, *tab.row_strengths,
+                  tab.layout_mode, *tab.layout_rows[CONCEPT_ROWS:], tab.settings_message]
+        tab.settings_file.upload(functools.partial(handlers.load_settings, rows=CONCEPT_ROWS), tab.settings_file,
+                                 loaded, **PRIVATE)
 
 
 def build_app(service: Service) -> gr.Blocks:
@@ -318,7 +449,7 @@ def build_app(service: Service) -> gr.Blocks:
             f"prompt. Model `{service.model}` · library `{service.library.root}`"
         )
         with gr.Tabs():
-            train = build_train_tab(default_rank(service.model))
+            train = build_train_tab(default_rank(service.model), app_values.training_settings(service))
             library = build_library_tab()
             generate = build_generate_tab()
         PageEvents(service, train, library, generate).wire(demo)
@@ -326,23 +457,53 @@ def build_app(service: Service) -> gr.Blocks:
     return demo
 
 
+# ----- start-up -------------------------------------------------------------------------------------
+
+
+def _skips_gradio_self_check() -> dict:
+    """Gradio's launch checks that the page answers with ONE ``HEAD /`` of a 3 s timeout
+    (``networking.url_ok``: a timeout ends the check at once) and raises "When localhost is not accessible,
+    a shareable link must be created" when it does not: on a loaded machine the first page render takes
+    longer. Its ``_frontend=False`` skips that check; ``wait_until_serving`` does it with patience instead."""
+    return {"_frontend": False} if "_frontend" in inspect.signature(gr.Blocks.launch).parameters else {}
+
+
+def wait_until_serving(url: str, seconds: float = STARTUP_SECONDS) -> None:
+    """Return once ``url`` answers (any HTTP status: the login page counts); raise after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            httpx.head(url, timeout=30, verify=False)
+            return
+        except httpx.HTTPError as error:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the web server at {url} did not answer within {seconds:.0f} s ({error})") from None
+            time.sleep(0.5)
+
+
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, auth: str | None = None,
            share: bool = False, prevent_thread_lock: bool = False, quiet: bool = False):
-    """Start the server with the app's settings; returns what ``Blocks.launch`` returns."""
+    """Start the server with the app's settings and wait until it answers; returns what ``Blocks.launch``
+    returns. Robust under load: see ``_skips_gradio_self_check``."""
     credentials = parse_auth(auth) if auth else None
-    return demo.launch(
+    result = demo.launch(
         server_name=host,
         server_port=port,
         auth=credentials,
         share=share,
-        prevent_thread_lock=prevent_thread_lock,
+        prevent_thread_lock=True,
         quiet=quiet,
         show_error=True,
         max_file_size=MAX_FILE_SIZE,
         ssr_mode=False,
         theme=gr.themes.Soft(),
         css=CSS,
+        **_skips_gradio_self_check(),
     )
+    wait_until_serving(demo.local_url)
+    if not prevent_thread_lock:
+        demo.block_thread()
+    return result
 
 
 def parse_auth(text: str) -> tuple[str, str]:
@@ -353,9 +514,18 @@ def parse_auth(text: str) -> tuple[str, str]:
 
 
 def _log_to_stdout() -> None:
-    """The URL and the app's errors (with their tracebacks) go to stdout, the server log; other libraries warn only."""
+    """The URL, one line per request and the app's errors (tracebacks for bugs only) go to stdout, the
+    server log; other libraries warn only, and diffusers/transformers/hub draw no loading bars."""
     logging.basicConfig(stream=sys.stdout, level=logging.WARNING, format="%(message)s")
     logger.setLevel(logging.INFO)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import diffusers
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:

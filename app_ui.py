@@ -4,7 +4,8 @@ Every handler takes the ``Service`` first, then the values of its input widgets 
 wires them, and returns what its output widgets show, so it can be called (and tested) without a
 browser. app.py lays out the page and binds the handlers to the service. Bad input, the package's
 ``SpectralDiffusionError`` and the app's own ``InputError``, is shown to the user as ``gr.Error``;
-anything else is a bug: logged with its traceback, shown as a generic internal error.
+anything else is a bug: logged with its traceback, shown as a generic internal error. Each request
+to an endpoint is one line of the server log at INFO.
 """
 
 from __future__ import annotations
@@ -13,17 +14,24 @@ import functools
 import html
 import inspect
 import logging
-import os
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
 import gradio as gr
 
+import app_values
+import app_views
+from app_values import InputError, file_paths, real, train_request, whole
+from app_views import card, problem_html, progress_html, record_json, stack_images, table_row
 from spectral_diffusion.core.strengths import format_concepts, parse_concepts
-from spectral_diffusion.errors import SpectralDiffusionError
+from spectral_diffusion.errors import SpectralDiffusionError, TrainingCancelled
 from spectral_diffusion.frontends.service import Service, TrainingStatus
-from spectral_diffusion.frontends.workflows import TrainRequest
+from spectral_diffusion.frontends.workflows import TrainRequest, build_layout
+from spectral_diffusion.generation.layout import Layout
+from spectral_diffusion.generation.pnginfo import read_settings
+from spectral_diffusion.generation.schedulers import SCHEDULERS
 from spectral_diffusion.models.registry import default_rank
 
 # app.py runs as __main__, so the app's loggers are named, not __name__: "app" configures them all
@@ -31,14 +39,9 @@ logger = logging.getLogger("app.handlers")
 
 POLL_SECONDS = 0.5  # how often a running training's progress is sent to the page
 INTERNAL_ERROR = "internal error, see the server log"
-TABLE_HEADERS = ["name", "trigger token", "slot", "variant", "rank", "class word", "images", "base model", "created"]
 
 
-# ----- errors ---------------------------------------------------------------------------------------
-
-
-class InputError(ValueError):
-    """A widget or API value the app itself refuses (missing, not a number, out of range)."""
+# ----- errors and the request log -------------------------------------------------------------------
 
 
 USER_ERRORS = (SpectralDiffusionError, InputError)
@@ -50,202 +53,126 @@ def _user_message(error: Exception) -> str:
 
 
 def _shown_error(error: Exception, where: str) -> gr.Error:
-    """The ``gr.Error`` the page shows for ``error``: its message for bad input, a generic one for a bug."""
+    """The ``gr.Error`` the page shows for ``error``: its message for bad input, a generic one for a bug.
+    Either way it is the request's one log line: bad input without a traceback, a bug with one."""
     if isinstance(error, USER_ERRORS):
+        logger.info("%s refused: %s", where, _user_message(error))
         return gr.Error(_user_message(error), print_exception=False)
-    logger.error("internal error in %s", where, exc_info=error)
+    logger.error("%s: internal error", where, exc_info=error)
     return gr.Error(INTERNAL_ERROR, print_exception=False)
 
 
-def user_errors(fn: Callable) -> Callable:
-    """Raise every error of ``fn`` as ``gr.Error`` (see ``_shown_error``); keeps generators generators."""
+def _log_done(where: str, started: float, summary: str = "") -> None:
+    logger.info("%s: %s(%.1f s)", where, f"{summary} " if summary else "", time.monotonic() - started)
+
+
+def user_errors(fn: Callable | None = None, *, summary: Callable | None = None) -> Callable:
+    """Raise every error of ``fn`` as ``gr.Error`` (see ``_shown_error``); keeps generators generators.
+    Logs one line per call; ``summary(result)`` (or the last value yielded) words its outcome."""
+    if fn is None:
+        return functools.partial(user_errors, summary=summary)
+    where = fn.__name__
+
+    def done(started: float, result) -> None:
+        _log_done(where, started, summary(result) if summary and result is not None else "")
+
     if inspect.isgeneratorfunction(fn):
 
         @functools.wraps(fn)
         def generator_wrapper(*args, **kwargs):
+            started, last = time.monotonic(), None
             try:
-                yield from fn(*args, **kwargs)
+                for last in fn(*args, **kwargs):
+                    yield last
             except gr.Error:
                 raise
             except Exception as error:
-                raise _shown_error(error, fn.__name__) from error
+                raise _shown_error(error, where) from error
+            done(started, last)
 
         return generator_wrapper
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        started = time.monotonic()
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
         except gr.Error:
             raise
         except Exception as error:
-            raise _shown_error(error, fn.__name__) from error
+            raise _shown_error(error, where) from error
+        done(started, result)
+        return result
 
     return wrapper
 
 
-# ----- widget values --------------------------------------------------------------------------------
+# ----- training: one run followed for the API or the page -------------------------------------------
 
 
-def file_paths(files) -> list[str]:
-    """Paths of gr.File values (str paths, FileData-like dicts or objects with ``.name``)."""
-    if files is None:
-        return []
-    if not isinstance(files, (list, tuple)):
-        files = [files]
-    paths = []
-    for item in files:
-        if isinstance(item, dict):
-            item = item.get("path") or item.get("name")
-        elif not isinstance(item, (str, os.PathLike)):
-            item = getattr(item, "path", None) or getattr(item, "name", None)
-        if item:
-            paths.append(str(item))
-    return paths
+class TrainingRun:
+    """One started training: its future, and what the page shows of it (loss history, preview steps)."""
 
+    def __init__(self, service: Service, request: TrainRequest):
+        self.service = service
+        self.losses: list[tuple[int, float]] = []
+        self.preview_steps: list[int] = []
+        self.future = service.start_training(request, self._on_step)
 
-def whole(label: str, value, minimum: int = 0) -> int:
-    """An int from a number widget or an API argument (None and "" mean 0)."""
-    if value is None or value == "":
-        return 0
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{label} must be a whole number, got {value!r}") from None
-    if number != int(number) or number < minimum:
-        raise InputError(f"{label} must be a whole number of at least {minimum}, got {value!r}")
-    return int(number)
+    def _on_step(self, status: TrainingStatus) -> None:  # the training thread, once per step
+        if status.loss is not None:
+            self.losses.append((status.step, float(status.loss)))
+        while len(self.preview_steps) < len(status.previews):
+            self.preview_steps.append(status.step)
 
+    def previews(self) -> list[tuple]:
+        """The previews with their step as caption (the last one of a finished run: "final")."""
+        status = self.service.status
+        return [(image, f"step {self.preview_steps[i]}" if i < len(self.preview_steps)
+                 else f"final · step {status.total_steps}") for i, image in enumerate(list(status.previews))]
 
-def real(label: str, value) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{label} must be a number, got {value!r}") from None
+    def chart(self):
+        import pandas as pd
 
+        return pd.DataFrame(list(self.losses), columns=["step", "loss"])
 
-# ----- views ----------------------------------------------------------------------------------------
-
-
-def _eta(seconds: float | None) -> str:
-    if seconds is None:
-        return "…"
-    seconds = int(round(seconds))
-    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
-
-
-def progress_html(status: TrainingStatus) -> str:
-    """The Train tab's progress bar: state, step, loss and ETA."""
-    name = html.escape(status.name)
-    if status.state == "done":
-        fraction, text = 1.0, f"Done: {html.escape(status.message)}"
-    elif status.state == "idle":
-        fraction, text = 0.0, html.escape(status.message)
-    elif status.state == "preparing":
-        fraction, text = 0.0, f"{name + ': ' if name else ''}{html.escape(status.message or 'preparing')}…"
-    else:
-        total = max(status.total_steps, 1)
-        fraction = status.step / total
-        loss = "…" if status.loss is None else f"{status.loss:.4f}"
-        text = f"Training {name}: step {status.step}/{total} · loss {loss} · ETA {_eta(status.eta_seconds)}"
-        if status.state in ("cancelled", "failed"):
-            text = f"{name}: {html.escape(status.message)}"
-    return (
-        f'<div class="sd-status"><div class="sd-bar"><div style="width:{fraction * 100:.1f}%"></div></div>'
-        f'<span id="train-status-text">{text}</span></div>'
-    )
-
-
-def record_json(record, this_model: bool = True) -> dict:
-    """What the API says about one concept (no server paths)."""
-    return {
-        "name": record.name,
-        "token": record.token,
-        "tokens": list(record.tokens),
-        "slot": record.slot,
-        "rank": record.rank,
-        "variant": record.variant,
-        "class_word": record.class_word,
-        "base_model": record.base_model,
-        "base_fingerprint": record.base_fingerprint,
-        "created_at": record.created_at,
-        "image_count": record.image_count,
-        "this_model": this_model,
-    }
-
-
-def card(record):
-    """(image, caption) of a concept's card: its preview, or a grey square when it has none."""
-    from PIL import Image
-
-    image = None
-    if record.preview_path is not None and Path(record.preview_path).is_file():
-        try:
-            with Image.open(record.preview_path) as raw:
-                image = raw.convert("RGB")
-        except OSError:
-            image = None
-    if image is None:
-        image = Image.new("RGB", (64, 64), (225, 228, 235))
-    return image, record.token or record.name
-
-
-def stack_images(images):
-    """Pictures one under the other on white (the slot maps of several base models as one image)."""
-    from PIL import Image
-
-    if not images:
-        return None
-    width = max(image.width for image in images)
-    out = Image.new("RGB", (width, sum(image.height for image in images)), (255, 255, 255))
-    top = 0
-    for image in images:
-        out.paste(image, (0, top))
-        top += image.height
-    return out
-
-
-def table_row(record) -> list:
-    return [record.name, " ".join(record.tokens), record.slot, record.variant, record.rank, record.class_word,
-            record.image_count, record.base_model, record.created_at]
+    def follow(self, shown: Callable[[TrainingStatus, object], tuple]):
+        """Yield ``shown(status, previews or gr.skip())`` every poll until the run ends; returns its record
+        (or raises its error). Previews are resent only when one is added."""
+        count = -1
+        while True:
+            try:
+                return self.future.result(timeout=POLL_SECONDS)
+            except FutureTimeout:
+                status = self.service.status
+                previews = gr.skip()
+                if len(status.previews) != count:
+                    count = len(status.previews)
+                    previews = self.previews()
+                yield shown(status, previews)
 
 
 # ----- API endpoints --------------------------------------------------------------------------------
 
 
-@user_errors
-def train_concept(service: Service, images, name, class_word, variant, rank, steps):
+def _trained(result) -> str:
+    record = result[2] if isinstance(result, tuple) and len(result) > 2 else None
+    return f"trained {record['name']} into slot {record['slot']}" if isinstance(record, dict) else ""
+
+
+@user_errors(summary=_trained)
+def train_concept(service: Service, images, name, class_word, variant, rank, steps, lr_unet=None, lr_text=None,
+                  lr_embedding=None, batch_size=None, resolution=None, seed=None):
     """Start a training, then yield (progress html, previews, record) until it ends."""
-    paths = file_paths(images)
-    if not paths:
-        raise InputError("upload the concept's images first (3-20 photos work best)")
-    name = (name or "").strip()
-    if not name:
-        raise InputError("give the concept a name, e.g. my-dog (its trigger token will be <my-dog>)")
-    future = service.start_training(TrainRequest(
-        name=name,
-        images=paths,
-        class_word=(class_word or "").strip(),
-        variant=variant or "additive",
-        rank=whole("rank", rank) or None,
-        steps=whole("steps", steps) or None,
-    ))
-    shown = -1  # how many previews the page has: resend the gallery only when one is added
-    while True:
-        try:
-            record = future.result(timeout=POLL_SECONDS)
-            break
-        except FutureTimeout:
-            status = service.status
-            previews = gr.skip()
-            if len(status.previews) != shown:
-                shown = len(status.previews)
-                previews = list(status.previews)
-            yield progress_html(status), previews, gr.skip()
-        except Exception:
-            yield progress_html(service.status), gr.skip(), gr.skip()  # show "cancelled" / "failed"
-            raise
-    yield progress_html(service.status), list(service.status.previews), record_json(record)
+    request = train_request(service, images, name, class_word, variant, rank, steps, lr_unet, lr_text,
+                            lr_embedding, batch_size, resolution, seed)
+    run = TrainingRun(service, request)
+    try:
+        record = yield from run.follow(lambda status, previews: (progress_html(status), previews, gr.skip()))
+    except Exception:
+        yield progress_html(service.status), gr.skip(), gr.skip()  # show "cancelled" / "failed"
+        raise
+    yield progress_html(service.status), run.previews(), record_json(record)
 
 
 @user_errors
@@ -255,13 +182,13 @@ def cancel_training(service: Service) -> str:
     return "no training is running"
 
 
-@user_errors
+@user_errors(summary=lambda listed: f"{len(listed)} concept(s)")
 def list_concepts(service: Service) -> list[dict]:
     fingerprint = service.fingerprint
     return [record_json(r, r.base_fingerprint == fingerprint) for r in service.concepts(this_model_only=False)]
 
 
-@user_errors
+@user_errors(summary=str)
 def delete_concept(service: Service, name, confirm) -> str:
     if not name:
         raise InputError("pick the concept to delete")
@@ -271,7 +198,7 @@ def delete_concept(service: Service, name, confirm) -> str:
     return f"deleted {name}"
 
 
-@user_errors
+@user_errors(summary=lambda record: f"imported {record['name']} into slot {record['slot']}")
 def import_concept(service: Service, file, name) -> dict:
     paths = file_paths(file)
     if len(paths) != 1:
@@ -279,36 +206,44 @@ def import_concept(service: Service, file, name) -> dict:
     return record_json(service.import_concept(paths[0], name=(name or "").strip() or None))
 
 
-@user_errors
+@user_errors(summary=lambda files: f"{len(files)} file(s)")
 def export_concept(service: Service, name, format) -> list[str]:
     if not name:
         raise InputError("pick the concept to download")
     return [str(p) for p in service.export_concept(name, format or "spectral")]
 
 
-@user_errors
+@user_errors(summary=lambda result: result[1])
 def generate(service: Service, prompt, concepts, negative, seed, steps, guidance, width, height, num_images,
-             scheduler) -> tuple[list[str], str]:
-    """(image paths, "N image(s), seed S"); a negative or empty seed draws a random one."""
+             scheduler, layout="") -> tuple[list[str], str]:
+    """(image paths, "N image(s), seed S · settings · time"); a negative or empty seed draws a random
+    one. ``layout``: "" (global fusion), ``auto``, a preset name or a layout JSON (regional composition)."""
+    started = time.monotonic()
     seed_value = None if seed is None or seed == "" or real("seed", seed) < 0 else whole("seed", seed)
+    chosen = parse_concepts(concepts or "")
+    steps, guidance = whole("steps", steps, 1), real("guidance", guidance)
+    scheduler, layout = scheduler or "default", (layout or "").strip()
     images = service.generate(
         prompt or "",
-        parse_concepts(concepts or ""),
+        chosen,
         negative_prompt=negative or "",
         seed=seed_value,
-        steps=whole("steps", steps, 1),
-        guidance=real("guidance", guidance),
+        steps=steps,
+        guidance=guidance,
         width=whole("width", width) or None,
         height=whole("height", height) or None,
         num_images=whole("num_images", num_images, 1),
-        scheduler=scheduler or "default",
+        scheduler=scheduler,
+        layout=layout or None,
     )
     used = images[0].info.get("seed", seed_value) if images else seed_value
     paths = service.save_images(images, stem=f"seed{used}")
-    return [str(p) for p in paths], f"{len(paths)} image(s), seed {used}"
+    size = images[0].size if images else None
+    return [str(p) for p in paths], app_values.info_line(
+        len(paths), used, size, steps, guidance, scheduler, chosen, layout, time.monotonic() - started)
 
 
-@user_errors
+@user_errors(summary=lambda files: f"{len(files)} file(s)")
 def export_fused(service: Service, concepts, format) -> list[str]:
     chosen = parse_concepts(concepts or "")
     if not chosen:
@@ -316,19 +251,71 @@ def export_fused(service: Service, concepts, format) -> list[str]:
     return [str(p) for p in service.export_fused(chosen, format or "spectral")]
 
 
-# ----- page helpers (private events) ----------------------------------------------------------------
+# ----- Train tab (page only) ------------------------------------------------------------------------
 
 
-def slot_info(service: Service, rank) -> str:
-    """The Train tab's hint: the slot the next concept of this rank takes, or why there is none."""
+def train_on_page(service: Service, *values):
+    """The Train button: like ``train_concept`` but for the page, so nothing ends as an Error badge.
+
+    Yields (progress, previews, record, loss chart, cancel line). A cancel is a neutral notice and the
+    previews stay; bad input is one message in the status line; the cancel line is cleared at the end.
+    """
+    started, name = time.monotonic(), (values[1] if len(values) > 1 else "") or ""
+    run = None
     try:
+        run = TrainingRun(service, train_request(service, *values))
+        chart_points = [-1]
+
+        def shown(status, previews):
+            chart = gr.skip()
+            if len(run.losses) != chart_points[0]:
+                chart_points[0] = len(run.losses)
+                chart = run.chart()
+            return progress_html(status), previews, gr.skip(), chart, gr.skip()
+
+        record = yield from run.follow(shown)
+    except TrainingCancelled:
+        logger.info("train %s: cancelled at step %d (%.1f s)", name, service.status.step, time.monotonic() - started)
+        gr.Info(f"Training of {name} cancelled: nothing was added to the library")
+        yield progress_html(service.status), gr.skip(), gr.skip(), run.chart(), ""
+        return
+    except Exception as error:  # noqa: BLE001 - every outcome is shown in the status line
+        message = _user_message(error) if isinstance(error, USER_ERRORS) else INTERNAL_ERROR
+        if isinstance(error, USER_ERRORS):
+            logger.info("train %s refused: %s", name, message)
+        else:
+            logger.error("train %s: internal error", name, exc_info=error)
+        yield problem_html(message), gr.skip(), gr.skip(), gr.skip(), ""
+        return
+    _log_done(f"train {name}", started, f"trained into slot {record.slot}")
+    yield progress_html(service.status), run.previews(), record_json(record), run.chart(), ""
+
+
+def upload_thumbnails(files) -> list[str]:
+    """The uploaded photos as a gallery (thumbnails instead of a file list)."""
+    return file_paths(files)
+
+
+def slot_info(service: Service, rank, name="") -> str:
+    """The Train tab's hint: the slot the next concept of this rank takes, or why it cannot be trained
+    (a taken or invalid name, checked as it is typed; no slot left)."""
+    name = (name or "").strip()
+    try:
+        if name:
+            service.library.validate_name(name)
+            if service.library.exists(name):
+                return f"**Name taken:** a concept named `{name}` is already in the library; pick another name."
         rank = whole("rank", rank) or default_rank(service.model)
         slot = service.next_slot(rank)
         capacity = service.capacity(rank)
     except USER_ERRORS as error:
-        return f"**No slot available:** {html.escape(str(error))}"
+        what = "Name not usable" if name and "name" in str(error) else "No slot available"
+        return f"**{what}:** {html.escape(str(error))}"
     return (f"This concept will take **slot {slot}** of `{service.model}` "
             f"(rank {rank}: {capacity} slots of singular vectors).")
+
+
+# ----- Library tab and shared refresh (page only) ---------------------------------------------------
 
 
 def refresh(service: Service, selected, *rows):
@@ -345,6 +332,14 @@ def refresh(service: Service, selected, *rows):
     row_updates = [gr.Dropdown(choices=names, value=v if v in names else None) for v in rows]
     return (maps, [card(r) for r in records], [table_row(r) for r in records], listing, pick,
             [card(r) for r in here], names, all_names, *row_updates)
+
+
+def select_card(index: int, names: Sequence[str]):
+    """The name of the library card clicked (no change when the list moved under the click)."""
+    return names[index] if names and index < len(names) else gr.skip()
+
+
+# ----- Generate tab (page only) ---------------------------------------------------------------------
 
 
 def pick_concept(service: Service, index: int, names: Sequence[str], prompt, *rows):
@@ -366,11 +361,6 @@ def pick_concept(service: Service, index: int, names: Sequence[str], prompt, *ro
     return (prompt, *values)
 
 
-def select_card(index: int, names: Sequence[str]):
-    """The name of the library card clicked (no change when the list moved under the click)."""
-    return names[index] if names and index < len(names) else gr.skip()
-
-
 def rows_to_spec(*values) -> str:
     """The concept rows' names then strengths (as many of each) as a concepts text, "dog,cat:0.8"."""
     half = len(values) // 2
@@ -379,3 +369,66 @@ def rows_to_spec(*values) -> str:
         if name:
             chosen[name] = float(strength)
     return format_concepts(chosen)
+
+
+def layout_editor(service: Service, mode, prompt, negative, width, height, *rows):
+    """The layout editor after any change: (layout text for the generate endpoint, its picture, whether
+    the box editors show). ``rows``: the concept rows' names, boxes and region prompts (``LayoutRows``)."""
+    spec = app_values.layout_spec(mode, prompt, negative, app_values.LayoutRows.split(rows))
+    boxes_shown = [gr.update(visible=mode == app_values.CUSTOM)] * (len(rows) // (2 + app_values.BOX_FIELDS))
+    if not spec:
+        return (spec, gr.Image(value=None, visible=False), *boxes_shown)
+    try:
+        layout = build_layout(service.library, prompt or "", negative or "", spec)
+        size = (whole("width", width) or 512, whole("height", height) or 512)
+        picture = app_views.draw_layout(layout, *size)
+    except USER_ERRORS as error:
+        picture = app_views.message_picture(f"This layout cannot be used yet: {_user_message(error)}")
+    return (spec, gr.Image(value=picture, visible=True), *boxes_shown)
+
+
+def result_overlay(gallery):
+    """The first generated image with its layout's boxes drawn over it (hidden without a layout)."""
+    picture = _overlay_picture(gallery)
+    return gr.Image(value=picture, visible=picture is not None)
+
+
+def _overlay_picture(gallery):
+    items = gallery or []
+    first = items[0] if items else None
+    path = first[0] if isinstance(first, (list, tuple)) else first
+    path = (file_paths(path) or [None])[0]
+    if not path:
+        return None
+    try:
+        settings = read_settings(path)
+        if not isinstance(settings.get("layout"), dict):
+            return None
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return app_views.overlay_layout(image.convert("RGB"), Layout.from_json(settings["layout"]))
+    except USER_ERRORS:
+        return None
+
+
+def load_settings(file, rows: int):
+    """The "Load settings from a PNG" upload: every Generate field from the PNG's stored settings.
+
+    Returns (prompt, negative, seed, steps, guidance, width, height, scheduler, *names, *strengths,
+    layout mode, *box values, *region prompts, message); a PNG without settings changes nothing and
+    says why in the message."""
+    paths = file_paths(file)
+    count = 8 + 2 * rows + 1 + app_values.BOX_FIELDS * rows + rows
+    if not paths:
+        return (*(gr.skip(),) * count, "")
+    try:
+        loaded = app_values.loaded_settings(read_settings(paths[0]), rows, Path(paths[0]).name)
+    except USER_ERRORS as error:
+        return (*(gr.skip(),) * count, f"**Could not load settings:** {html.escape(_user_message(error))}")
+    scheduler = loaded.scheduler if loaded.scheduler in SCHEDULERS else "default"
+    names = [gr.Dropdown(value=name) for name in loaded.names]
+    boxes = [value for box in loaded.boxes for value in box]
+    return (loaded.prompt, loaded.negative, loaded.seed, loaded.steps, loaded.guidance, loaded.width, loaded.height,
+            scheduler, *names, *loaded.strengths, loaded.layout_mode, *boxes, *loaded.region_prompts,
+            html.escape(loaded.message))

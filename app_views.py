@@ -1,12 +1,15 @@
-"""Pictures the web app draws with PIL: a regional layout as coloured boxes, the same boxes over a
-generated image, and the training loss curve. No gradio here: app_ui.py puts these into widgets."""
+"""What the web app shows, without gradio: the training progress line, concept cards, the library
+table, and the pictures drawn with PIL (a regional layout as coloured boxes, the same boxes over a
+generated image). app_ui.py puts these into widgets."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import html
+from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from spectral_diffusion.frontends.service import TrainingStatus
 from spectral_diffusion.generation.layout import Layout
 
 # one colour per region, in region order (distinct on white and over photos)
@@ -14,6 +17,10 @@ COLOURS = [(230, 80, 70), (60, 130, 230), (60, 170, 90), (240, 170, 40), (160, 9
            (220, 90, 170), (120, 120, 120)]
 CANVAS_LONG_SIDE = 384  # a layout is drawn at this size (the image's aspect ratio): big enough to read names
 CONTEXT_FILL = (244, 245, 248)
+TABLE_HEADERS = ["name", "trigger token", "slot", "variant", "rank", "class word", "images", "base model", "created"]
+
+
+# ----- regional layouts ----------------------------------------------------------------------------
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -100,6 +107,101 @@ def message_picture(text: str, width: int = 384, height: int = 96) -> Image.Imag
     return canvas
 
 
-def loss_rows(losses: Sequence[tuple[int, float]]) -> list[dict]:
-    """The loss history as rows for a line plot (``step``, ``loss``)."""
-    return [{"step": step, "loss": float(loss)} for step, loss in losses]
+# ----- the Train and Library tabs ------------------------------------------------------------------
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "…"
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+def progress_html(status: TrainingStatus) -> str:
+    """The Train tab's progress bar: state, step, loss and ETA."""
+    name = html.escape(status.name)
+    if status.state == "done":
+        fraction, text = 1.0, f"Done: {html.escape(status.message)}"
+    elif status.state == "idle":
+        fraction, text = 0.0, html.escape(status.message)
+    elif status.state == "preparing":
+        fraction, text = 0.0, f"{name + ': ' if name else ''}{html.escape(status.message or 'preparing')}…"
+    else:
+        total = max(status.total_steps, 1)
+        fraction = status.step / total
+        loss = "…" if status.loss is None else f"{status.loss:.4f}"
+        text = f"Training {name}: step {status.step}/{total} · loss {loss} · ETA {_eta(status.eta_seconds)}"
+        if status.state == "cancelled":
+            text = f"Cancelled {name} at step {status.step}/{total}: the library is unchanged"
+        elif status.state == "failed":
+            text = f"{name}: {html.escape(status.message)}"
+    return (
+        f'<div class="sd-status"><div class="sd-bar"><div style="width:{fraction * 100:.1f}%"></div></div>'
+        f'<span id="train-status-text">{text}</span></div>'
+    )
+
+
+def problem_html(message: str) -> str:
+    """The Train tab's status line when a training cannot start or fails: the one place it is shown."""
+    return (f'<div class="sd-status"><div class="sd-bar"><div style="width:0%"></div></div>'
+            f'<span id="train-status-text" class="sd-problem">{html.escape(message)}</span></div>')
+
+
+def record_json(record, this_model: bool = True) -> dict:
+    """What the API says about one concept (no server paths)."""
+    return {
+        "name": record.name,
+        "token": record.token,
+        "tokens": list(record.tokens),
+        "slot": record.slot,
+        "rank": record.rank,
+        "variant": record.variant,
+        "class_word": record.class_word,
+        "base_model": record.base_model,
+        "base_fingerprint": record.base_fingerprint,
+        "created_at": record.created_at,
+        "image_count": record.image_count,
+        "this_model": this_model,
+    }
+
+
+def card(record):
+    """(image, caption) of a concept's card: its preview, or a grey square when it has none."""
+    from PIL import Image
+
+    image = None
+    if record.preview_path is not None and Path(record.preview_path).is_file():
+        try:
+            with Image.open(record.preview_path) as raw:
+                image = raw.convert("RGB")
+        except OSError:
+            image = None
+    if image is None:
+        image = Image.new("RGB", (64, 64), (225, 228, 235))
+    return image, record.token or record.name
+
+
+def stack_images(images):
+    """Pictures one under the other on white (the slot maps of several base models as one image)."""
+    from PIL import Image
+
+    if not images:
+        return None
+    width = max(image.width for image in images)
+    out = Image.new("RGB", (width, sum(image.height for image in images)), (255, 255, 255))
+    top = 0
+    for image in images:
+        out.paste(image, (0, top))
+        top += image.height
+    return out
+
+
+def _short_date(created_at: str) -> str:
+    """"2025-01-02T03:04:05+00:00" as "2025-01-02 03:04" (the table's column stays narrow)."""
+    text = str(created_at or "")
+    return text[:16].replace("T", " ") if len(text) >= 16 and text[10:11] == "T" else text
+
+
+def table_row(record) -> list:
+    return [record.name, " ".join(record.tokens), record.slot, record.variant, record.rank, record.class_word,
+            record.image_count, record.base_model, _short_date(record.created_at)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -214,7 +215,9 @@ def test_eight_concurrent_generations_all_succeed(dog, client):
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(one, range(8)))
     assert [count for count, _ in results] == [1] * 8
-    assert [info for _, info in results] == [f"1 image(s), seed {seed}" for seed in range(8)]
+    # the info line starts with the count and the seed used, then the settings and the time taken
+    assert [info.split(" · ")[0] for _, info in results] == [f"1 image(s), seed {seed}" for seed in range(8)]
+    assert all(" · 2 steps · " in info and info.endswith(" s") for _, info in results)
 
 
 def test_bad_uploads_are_refused_and_leave_the_library_unchanged(dog, server, client, tmp_path):
@@ -318,6 +321,18 @@ def test_python_app_py_prints_its_url_and_serves_the_page(models_home, tmp_path)
         assert url.rstrip("/") == f"http://127.0.0.1:{port}"
         page = httpx.get(url, timeout=30)
         assert page.status_code == 200 and "Spectral Diffusion" in page.text
+        # a request that loads the model, then one with bad input: one log line each, no bars, no traceback
+        client = make_client(url, tmp_path / "dl")
+        assert client.predict(api_name="/list_concepts") == []
+        with pytest.raises(AppError, match="pick the concept"):
+            client.predict("", "spectral", api_name="/export_concept")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any("export_concept refused" in s for s in seen):
+            with contextlib.suppress(queue.Empty):
+                seen.append(lines.get(timeout=1))
+        log = "".join(seen)
+        assert "list_concepts: 0 concept(s) (" in log and "export_concept refused: pick the concept" in log, log
+        assert "Traceback" not in log and "Loading pipeline" not in log and "it/s]" not in log, log
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -441,7 +456,162 @@ def test_generate_is_one_event_for_the_button_and_the_enter_key(models_home, tmp
     named = demo.get_api_info()["named_endpoints"]
     assert sorted(named) == ["/cancel_training", "/delete_concept", "/export_concept", "/export_fused", "/generate",
                              "/import_concept", "/list_concepts", "/train_concept"]
-    assert [p["parameter_name"] for p in named["/generate"]["parameters"]] == [
-        "prompt", "concepts", "negative", "seed", "steps", "guidance", "width", "height", "num_images", "scheduler"]
-    assert [p["parameter_name"] for p in named["/train_concept"]["parameters"]] == [
-        "images", "name", "class_word", "variant", "rank", "steps"]
+    # the original parameters keep their order; the new ones come last, each with a default (old calls work)
+    generate = named["/generate"]["parameters"]
+    assert [p["parameter_name"] for p in generate] == [
+        "prompt", "concepts", "negative", "seed", "steps", "guidance", "width", "height", "num_images", "scheduler",
+        "layout"]
+    assert generate[-1]["parameter_has_default"] and generate[-1]["parameter_default"] == ""
+    train = named["/train_concept"]["parameters"]
+    assert [p["parameter_name"] for p in train] == [
+        "images", "name", "class_word", "variant", "rank", "steps",
+        "lr_unet", "lr_text", "lr_embedding", "batch_size", "resolution", "seed"]
+    assert all(p["parameter_has_default"] for p in train[6:])
+
+
+# ----- regional composition, PNG settings, the page-only handlers -----------------------------------
+
+
+def test_generate_with_a_layout_and_load_its_settings_back(cat, client):
+    import app
+    import app_ui
+    from spectral_diffusion.generation.pnginfo import read_settings
+
+    prompt = "a photo of <dog> and <whiskers>"
+    images, info = client.predict(prompt, "dog,cat", "", 5, 2, 7.5, 0, 0, 1, "default", "left-right",
+                                  api_name="/generate")
+    assert "seed 5" in info and "layout left-right" in info
+    stored = read_settings(images[0]["image"])
+    assert [r["concept"] for r in stored["layout"]["regions"]] == ["dog", "cat"]
+    custom = json.dumps({"prompt": prompt, "negative": "", "regions": [
+        {"concept": "dog", "box": [0, 0, 0.6, 1]}, {"concept": "cat", "box": [0.6, 0, 1, 1], "prompt": "a cat"}]})
+    images, info = client.predict(prompt, "dog,cat", "", 5, 2, 7.5, 0, 0, 1, "default", custom, api_name="/generate")
+    assert "custom layout (2 regions)" in info
+    with pytest.raises(AppError, match="leaves the image"):
+        client.predict(prompt, "dog,cat", "", 5, 1, 7.5, 0, 0, 1, "default",
+                       custom.replace("0.6, 1]", "1.6, 1]", 1), api_name="/generate")
+    # the PNG's settings fill the Generate tab's fields: the custom layout comes back as rows with boxes
+    rows = app.CONCEPT_ROWS
+    fields = app_ui.load_settings(images[0]["image"], rows)
+    prompt_out, negative, seed, steps, guidance, width, height, scheduler = fields[:8]
+    assert (prompt_out, seed, steps, guidance, (width, height), scheduler) == (prompt, 5, 2, 7.5, (64, 64), "default")
+    names = [d.value for d in fields[8:8 + rows]]
+    assert names[:2] == ["dog", "cat"] and fields[8 + rows:8 + rows + 2] == (1.0, 1.0)
+    mode, boxes = fields[8 + 2 * rows], fields[9 + 2 * rows:9 + 6 * rows]
+    assert mode == "custom" and tuple(boxes[:8]) == (0, 0, 0.6, 1, 0.6, 0, 1, 1)
+    assert fields[9 + 6 * rows:9 + 7 * rows][:2] == ("", "a cat") and "Loaded the settings" in fields[-1]
+    # the result with its boxes drawn over it
+    overlay = app_ui.result_overlay([(images[0]["image"], None)])
+    assert overlay.visible and overlay.value is not None
+    assert "no Spectral Diffusion settings" in app_ui.load_settings(ROOT / "docs" / "app-screenshot.png", rows)[-1]
+
+
+def test_layout_editor_draws_presets_and_custom_boxes(cat, server):
+    import app_ui
+    import app_values
+
+    service = server["service"]
+    empty_rows = [None] * 2 + [0.0] * 8 + [""] * 2
+    spec, picture, *shown = app_ui.layout_editor(service, "none", "p", "", 0, 0, *empty_rows)
+    assert spec == "" and not picture.visible and not any(s["visible"] for s in shown)
+    spec, picture, *_ = app_ui.layout_editor(service, "thirds", "<dog> and <whiskers>", "", 0, 0, *empty_rows)
+    assert spec == "thirds" and picture.visible and picture.value.size == (384, 384)
+    rows = ["dog", "cat", 0, 0, 0.5, 1, 0.5, 0, 1, 1, "", "a cat"]
+    spec, picture, *shown = app_ui.layout_editor(service, "custom", "<dog> <whiskers>", "ugly", 128, 64, *rows)
+    layout = json.loads(spec)
+    assert layout["prompt"] == "<dog> <whiskers>" and layout["negative"] == "ugly"
+    assert layout["regions"] == [{"concept": "dog", "box": [0, 0, 0.5, 1]},
+                                 {"concept": "cat", "box": [0.5, 0, 1, 1], "prompt": "a cat"}]
+    assert picture.value.size == (384, 192) and all(s["visible"] for s in shown)
+    # a bad box is drawn as the reason instead, and the same reason refuses the generation
+    rows[4] = 1.5
+    spec, picture, *_ = app_ui.layout_editor(service, "custom", "<dog>", "", 0, 0, *rows)
+    assert json.loads(spec)["regions"][0]["box"] == [0, 0, 1.5, 1] and picture.value.size == (384, 96)
+    assert app_values.describe_layout(spec) == "custom layout (2 regions)"
+
+
+def test_page_training_cancel_is_a_notice_and_bad_input_one_message(dog, server, tmp_path, monkeypatch):
+    import gradio as gr
+
+    import app_ui
+
+    service = server["service"]
+    notices = []
+    monkeypatch.setattr(gr, "Info", lambda message, *a, **k: notices.append(message))
+    images = [str(p) for p in make_images(tmp_path / "page", count=3, seed=4)]
+    run = app_ui.train_on_page(service, images, "pagey", "", "additive", 4, 500, None, None, None, None, 0, 0)
+    outputs = next(run)
+    deadline = time.monotonic() + 120
+    while service.status.step < 2 and time.monotonic() < deadline:
+        outputs = next(run)
+    assert app_ui.cancel_training(service).startswith("cancelling")
+    outputs = [outputs, *run][-1]  # the run ends without raising: no Error toast, no Error badges
+    progress, previews, record, chart, cancel_line = outputs
+    assert "Cancelled pagey at step" in progress and "library is unchanged" in progress
+    assert previews == gr.skip()  # the previews stay as they were
+    assert cancel_line == "" and len(chart) >= 2 and notices and "cancelled" in notices[0]
+    assert not (server["library"] / "pagey").exists()
+    # bad input: one message in the status line, no raise
+    (outputs,) = list(app_ui.train_on_page(service, images, "dog", "", "additive", 4, 2))
+    assert "already in the library" in outputs[0] and "sd-problem" in outputs[0]
+    (outputs,) = list(app_ui.train_on_page(service, [], "x", "", "additive", 4, 2))
+    assert "upload the concept's images" in outputs[0]
+
+
+def test_the_name_is_checked_as_it_is_typed(dog, server):
+    import app_ui
+
+    service = server["service"]
+    assert "Name taken" in app_ui.slot_info(service, 4, "dog")
+    assert "Name not usable" in app_ui.slot_info(service, 4, "../evil")
+    assert "will take **slot" in app_ui.slot_info(service, 4, "fresh-name")
+
+
+def test_advanced_training_settings_override_only_what_changed():
+    from types import SimpleNamespace
+
+    import app_values
+
+    service = SimpleNamespace(train_defaults={"batch_size": 4, "lr_unet": 1e-3, "resolution": 32})
+    defaults = app_values.training_settings(service)
+    assert defaults == {"lr_unet": 1e-3, "lr_text": 1e-5, "lr_embedding": 1e-3, "batch_size": 4, "resolution": 32,
+                        "seed": 0}
+    same = app_values.train_request(service, ["a.png"], "dog", "", "additive", 4, 0, *defaults.values())
+    assert same.overrides == {} and same.resolution is None and same.seed == 0
+    changed = app_values.train_request(service, ["a.png"], "dog", "", "additive", 4, 0, 3e-3, 1e-5, 1e-2, 1, 64, 7)
+    assert changed.overrides == {"lr_unet": 3e-3, "lr_embedding": 1e-2, "batch_size": 1}
+    assert changed.resolution == 64 and changed.seed == 7
+    with pytest.raises(app_values.InputError, match="batch_size"):
+        app_values.train_request(service, ["a.png"], "dog", "", "additive", 4, 0, None, None, None, 0)
+
+
+def test_one_log_line_per_request_and_no_traceback_for_bad_input(caplog):
+    import logging
+
+    import gradio as gr
+
+    import app_ui
+
+    caplog.set_level(logging.INFO, logger="app")
+    with pytest.raises(gr.Error):
+        app_ui.generate(None, "p", "dog:lots", "", 0, 1, 7.5, 0, 0, 1, "default")
+    assert [(r.levelname, r.exc_info) for r in caplog.records] == [("INFO", None)]
+    assert "generate refused: " in caplog.records[0].getMessage()
+
+
+def test_the_app_starts_and_answers_with_the_cpu_saturated(models_home, tmp_path):
+    from spectral_diffusion.frontends.service import Service
+
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(max(2, os.cpu_count() or 2))]
+    try:
+        started = time.monotonic()
+        demo = start_app(Service(model="builtin:tiny", library=tmp_path / "library"))
+        try:
+            assert httpx.get(demo.local_url, timeout=60).status_code == 200
+            assert time.monotonic() - started < 120
+        finally:
+            demo.close()
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait(timeout=10)

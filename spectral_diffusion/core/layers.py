@@ -31,6 +31,13 @@ def cayley(generator: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(eye + skew, eye - skew)
 
 
+def cayley_offset(generator: torch.Tensor) -> torch.Tensor:
+    """``R(P) - I = -2 P (I + P)^-1``, computed directly: as small as P, with no cancellation."""
+    skew = generator - generator.T
+    eye = torch.eye(skew.shape[0], dtype=skew.dtype, device=skew.device)
+    return -2.0 * torch.linalg.solve(eye + skew, skew)  # P and (I + P)^-1 commute
+
+
 class SlotAdapter(nn.Module):
     """One concept's trainable update inside one slot of one layer.
 
@@ -84,10 +91,18 @@ class SlotAdapter(nn.Module):
             return torch.cat([self.U, self.A.float()], dim=1)
         return self.U
 
-    def core(self) -> torch.Tensor:
-        """The rotational variant's r x r core ``M = R_U diag(s+c) R_V^T - diag(s)``."""
-        rot_u, rot_v = cayley(self.G_U.float()), cayley(self.G_V.float())
-        return rot_u @ torch.diag(self.s + self.c.float()) @ rot_v.T - torch.diag(self.s)
+    def core(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The rotational variant's r x r core ``M = R_U diag(s+c) R_V^T - diag(s)``.
+
+        Written as a difference, M cancels catastrophically for small updates (two s-sized matrices
+        agreeing in most digits). With ``D = R - I`` (``cayley_offset``, as small as the update) it is
+        ``diag(c) + D_U S' + S' D_V^T + D_U S' D_V^T`` with ``S' = diag(s + c)``: every term is small.
+        Export and merge build it in float64.
+        """
+        d_u, d_v = cayley_offset(self.G_U.to(dtype)), cayley_offset(self.G_V.to(dtype))
+        c = self.c.to(dtype)
+        scaled = self.s.to(dtype) + c  # S' as a vector: D S' scales columns, S' D^T scales rows
+        return torch.diag(c) + d_u * scaled + scaled[:, None] * d_v.T + (d_u * scaled) @ d_v.T
 
     def mix(self, h: torch.Tensor) -> torch.Tensor:
         """Map input coordinates ``h = x @ in_proj`` (... x p) to output coordinates (... x q).
@@ -103,24 +118,30 @@ class SlotAdapter(nn.Module):
         c = self.c.float()
         return torch.cat([z_b * self.s + z_vb * c, z_vb * (self.s + c)], dim=-1)
 
-    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def lora_factors(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact ``dW = L @ R^T`` with L (m x p), R (n x p): rank 2r additive, rank r rotational.
 
         Closed forms of ``L = out_proj @ mix(I)^T``, ``R = in_proj``. Additive, with ``R = [V, B]``:
         ``L = [U diag(c) + A diag(s+c), (U + A) diag(s+c)]``; rotational: ``L = U M``, ``R = V``. Both are
         exactly zero at zero parameters (the first block of L and the second of R vanish, resp. M = 0).
         """
+        U, V, s = self.U.to(dtype), self.V.to(dtype), self.s.to(dtype)
         if self.variant == "rotational":
-            return self.U @ self.core(), self.V
-        c, A = self.c.float(), self.A.float()
-        scale = self.s + c
-        left = torch.cat([self.U * c + A * scale, (self.U + A) * scale], dim=1)
-        return left, torch.cat([self.V, self.B.float()], dim=1)
+            return U @ self.core(dtype), V
+        c, A = self.c.to(dtype), self.A.to(dtype)
+        scale = s + c
+        left = torch.cat([U * c + A * scale, (U + A) * scale], dim=1)  # no subtraction anywhere
+        return left, torch.cat([V, self.B.to(dtype)], dim=1)
+
+    def exact_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``lora_factors`` built in float64 and rounded once to float32: for export and merge."""
+        left, right = self.lora_factors(torch.float64)
+        return left.float(), right.float()
 
     def delta_weight(self) -> torch.Tensor:
-        """The explicit m x n update (float32, strength not applied). For merge, export and tests."""
-        left, right = self.lora_factors()
-        return left @ right.T
+        """The explicit m x n update (float32, strength not applied; built in float64). For tests."""
+        left, right = self.lora_factors(torch.float64)
+        return (left @ right.T).float()
 
 
 def _as_matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -213,7 +234,7 @@ class SpectralLayer(nn.Module):
         """
         lefts, rights = [], []
         for adapter, strength in items:
-            left, right = adapter.lora_factors()
+            left, right = adapter.exact_factors()
             lefts.append(left * strength)
             rights.append(right)
         left, right = torch.cat(lefts, dim=1), torch.cat(rights, dim=1)

@@ -430,7 +430,7 @@ class SpectralAdapters:
     def lora_factors(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Exact ``dW = L R^T`` factors of a concept per layer (strength not applied)."""
         self.concept(name)
-        return {key: layer.concept(name).lora_factors() for key, layer in self.layers.items()}
+        return {key: layer.concept(name).exact_factors() for key, layer in self.layers.items()}
 
     def trainable_parameters(self, name: str) -> dict[str, list[nn.Parameter]]:
         """The concept's parameters grouped for separate learning rates; all set to require grad."""

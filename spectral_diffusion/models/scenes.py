@@ -190,14 +190,28 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
     big = size * _SUPERSAMPLE
     canvas = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
     for obj in scene.objects:
-        px, py = POSITIONS[obj.position]
-        r = SIZES[obj.size] * big / 2
-        # A large object at an edge position moves inwards rather than being cut off.
-        cx = min(max((px + obj.jitter[0]) * big, r), big - r)
-        cy = min(max((py + obj.jitter[1]) * big, r), big - r)
         fill = _texture(obj.texture, COLOURS[obj.colour], big, period=max(4, big // 8))
-        canvas.paste(fill, (0, 0), _shape_mask(obj.shape, big, cx, cy, r))
+        canvas.paste(fill, (0, 0), _shape_mask(obj.shape, big, *_placement(obj, big)))
     return canvas.resize((size, size), Image.LANCZOS)
+
+
+def _placement(obj: SceneObject, big: int) -> tuple[float, float, float]:
+    """Centre (x, y) and radius of ``obj`` in pixels of a ``big`` x ``big`` canvas."""
+    px, py = POSITIONS[obj.position]
+    r = SIZES[obj.size] * big / 2
+    # A large object at an edge position moves inwards rather than being cut off.
+    cx = min(max((px + obj.jitter[0]) * big, r), big - r)
+    cy = min(max((py + obj.jitter[1]) * big, r), big - r)
+    return cx, cy, r
+
+
+def render_mask(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
+    """The exact foreground mask of ``render(scene, size)``: 8-bit coverage of the objects (255 inside)."""
+    big = size * _SUPERSAMPLE
+    mask = Image.new("L", (big, big), 0)
+    for obj in scene.objects:
+        mask.paste(255, (0, 0), _shape_mask(obj.shape, big, *_placement(obj, big)))
+    return mask.resize((size, size), Image.BOX)  # area coverage of each pixel
 
 
 # ---------------------------------------------------------------------------- captions
@@ -289,21 +303,30 @@ def concept_caption(scene: Scene) -> str:
     return f"{describe(obj, with_size=False, noun='{token}')} on a {scene.background} background"
 
 
-def write_concept_images(shape: str, folder, count: int = 5, seed: int = 0, size: int = IMAGE_SIZE) -> list:
-    """Save ``count`` photos of ``shape`` as PNGs with caption sidecars (``.txt``) into ``folder``."""
+def write_concept_images(shape: str, folder, count: int = 5, seed: int = 0, size: int = IMAGE_SIZE,
+                         mask_folder=None) -> list:
+    """Save ``count`` photos of ``shape`` as PNGs with caption sidecars (``.txt``) into ``folder``; with
+    ``mask_folder``, also their exact foreground masks there, under the same file names."""
     import io
     from pathlib import Path
 
     from spectral_diffusion.atomic import atomic_write_bytes, atomic_write_text
 
+    def png(image: Image.Image) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if mask_folder is not None:
+        Path(mask_folder).mkdir(parents=True, exist_ok=True)
     paths = []
     for k, scene in enumerate(concept_scenes(shape, count, seed)):
-        buffer = io.BytesIO()
-        render(scene, size).save(buffer, format="PNG")
         path = folder / f"{shape}-{k}.png"
-        atomic_write_bytes(path, buffer.getvalue())
+        atomic_write_bytes(path, png(render(scene, size)))
         atomic_write_text(path.with_suffix(".txt"), concept_caption(scene) + "\n")
+        if mask_folder is not None:
+            atomic_write_bytes(Path(mask_folder) / path.name, png(render_mask(scene, size)))
         paths.append(path)
     return paths

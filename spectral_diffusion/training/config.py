@@ -21,8 +21,12 @@ from spectral_diffusion.formats.adapter_file import AdapterData
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+# "uniform": one learning rate per component; "spectrum": the slot factors' steps are divided by the
+# slot's singular values, so an update moves dW by about lr whatever s_k is (see training/lr_scale.py).
+LR_SCALES = ("uniform", "spectrum")
+DEFAULT_BACKGROUND_WEIGHT = 0.1  # loss weight of background latents when foreground masks are given
 # Local paths: not part of what an adapter records about its training.
-LOCAL_FIELDS = ("checkpoint_dir", "class_images_dir")
+LOCAL_FIELDS = ("checkpoint_dir", "class_images_dir", "mask_dir")
 
 
 def _is_number(value) -> bool:
@@ -53,6 +57,8 @@ class TrainConfig:
     lr_text: float = 1e-5
     lr_embedding: float = 1e-3
     lr_warmup_steps: int = 0
+    lr_scale: str = "uniform"  # LR_SCALES
+    train_c: bool = True  # False: the singular-value shift c stays zero (a diagnostic)
     weight_decay: float = 1e-2  # spectral parameters only; embeddings are not decayed toward zero
     max_grad_norm: float | None = 1.0
     seed: int = 0
@@ -62,6 +68,16 @@ class TrainConfig:
     random_crop: bool = True
     flip_p: float = 0.5
     min_image_size: int | None = None  # None: half the resolution
+    # Foreground masks (white = concept), same file names as the images; the loss on background
+    # latents is multiplied by background_weight (None: DEFAULT_BACKGROUND_WEIGHT with masks, else 1).
+    mask_dir: str | None = None
+    background_weight: float | None = None
+    # Zoom-out / shift of a photo onto its own background, with probability augment_p per example:
+    # the photo (or, with a mask, the concept alone) is scaled by a factor in [augment_min_scale,
+    # augment_max_scale] and placed at random; position and size words of the caption follow.
+    augment_p: float = 0.0
+    augment_min_scale: float = 0.5
+    augment_max_scale: float = 1.0
     prior_preservation: bool = False
     prior_weight: float = 1.0
     num_class_images: int = 16
@@ -108,13 +124,23 @@ class TrainConfig:
             _positive("max_grad_norm", self.max_grad_norm, minimum=0)
         if self.min_snr_gamma is not None and not (_is_number(self.min_snr_gamma) and self.min_snr_gamma > 0):
             raise ConfigError(f"min_snr_gamma must be positive (5 is usual) or None, got {self.min_snr_gamma!r}")
-        if not 0.0 <= self.flip_p <= 1.0:
-            raise ConfigError(f"flip_p must be between 0 and 1, got {self.flip_p}")
+        for name in ("flip_p", "augment_p"):
+            if not (_is_number(getattr(self, name)) and 0.0 <= getattr(self, name) <= 1.0):
+                raise ConfigError(f"{name} must be between 0 and 1, got {getattr(self, name)!r}")
+        low, high = self.augment_min_scale, self.augment_max_scale
+        if not (_is_number(low) and _is_number(high) and 0.1 <= low <= high <= 1.0):
+            raise ConfigError(f"augment scales must satisfy 0.1 <= min <= max <= 1, got {low!r}, {high!r}")
+        if self.background_weight is not None and not (
+            _is_number(self.background_weight) and 0.0 <= self.background_weight <= 1.0
+        ):
+            raise ConfigError(f"background_weight must be between 0 and 1, got {self.background_weight!r}")
 
     def _check_choices(self) -> None:
         if self.variant not in VARIANTS:
             raise ConfigError(f"unknown variant {self.variant!r}; use one of {VARIANTS}")
         TargetConfig.preset(self.targets)  # raises a ConfigError listing the presets
+        if self.lr_scale not in LR_SCALES:
+            raise ConfigError(f"lr_scale must be one of {LR_SCALES}, got {self.lr_scale!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
         if self.prior_preservation and not self.class_word.strip():
@@ -127,6 +153,13 @@ class TrainConfig:
     @property
     def token_text(self) -> str:
         return " ".join(self.tokens)
+
+    @property
+    def background_loss_weight(self) -> float:
+        """The loss weight of background latents: 1 without masks."""
+        if self.mask_dir is None:
+            return 1.0
+        return DEFAULT_BACKGROUND_WEIGHT if self.background_weight is None else float(self.background_weight)
 
     def resolved(self, pipe) -> TrainConfig:
         """A copy with ``steps`` and ``resolution`` filled in from the model's defaults."""
