@@ -377,20 +377,20 @@ def layout_editor(service: Service, mode, prompt, negative, width, height, *rows
     spec = app_values.layout_spec(mode, prompt, negative, app_values.LayoutRows.split(rows))
     boxes_shown = [gr.update(visible=mode == app_values.CUSTOM)] * (len(rows) // (2 + app_values.BOX_FIELDS))
     if not spec:
-        return (spec, gr.Image(value=None, visible=False), *boxes_shown)
+        return (spec, gr.update(value=None, visible=False), *boxes_shown)
     try:
         layout = build_layout(service.library, prompt or "", negative or "", spec)
         size = (whole("width", width) or 512, whole("height", height) or 512)
         picture = app_views.draw_layout(layout, *size)
     except USER_ERRORS as error:
         picture = app_views.message_picture(f"This layout cannot be used yet: {_user_message(error)}")
-    return (spec, gr.Image(value=picture, visible=True), *boxes_shown)
+    return (spec, gr.update(value=picture, visible=True), *boxes_shown)
 
 
 def result_overlay(gallery):
     """The first generated image with its layout's boxes drawn over it (hidden without a layout)."""
     picture = _overlay_picture(gallery)
-    return gr.Image(value=picture, visible=picture is not None)
+    return gr.update(value=picture, visible=picture is not None)
 
 
 def _overlay_picture(gallery):
@@ -427,7 +427,7 @@ def load_settings(file, rows: int):
     except USER_ERRORS as error:
         return (*(gr.skip(),) * count, f"**Could not load settings:** {html.escape(_user_message(error))}")
     scheduler = loaded.scheduler if loaded.scheduler in SCHEDULERS else "default"
-    names = [gr.Dropdown(value=name) for name in loaded.names]
+    names = [gr.update(value=name) for name in loaded.names]  # kept even when not (yet) a choice
     boxes = [value for box in loaded.boxes for value in box]
     return (loaded.prompt, loaded.negative, loaded.seed, loaded.steps, loaded.guidance, loaded.width, loaded.height,
             scheduler, *names, *loaded.strengths, loaded.layout_mode, *boxes, *loaded.region_prompts,

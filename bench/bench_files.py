@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from bench.common import UNET_TARGETS, randomize, set_modules
+from spectral_diffusion.core import compatibility
 from spectral_diffusion.core.config import ConceptInfo, TargetConfig
 from spectral_diffusion.core.model import SpectralAdapters
 from spectral_diffusion.core.svd import SvdCache
@@ -122,7 +123,7 @@ def fusion(unet, plain: dict, cache_dir, out_dir: Path, n: int = 8, repeats: int
     result = FusionResult(n, files_bytes=sum(f.stat().st_size for f in files))
     names = [f"concept-{i}" for i in range(n)]
     check_s = [0.0]
-    check = adapters._compatible_triplets
+    check = compatibility.compatible_triplets
 
     def timed_check(*args, **kwargs):  # how much of installing is the base-model check
         start = time.perf_counter()
@@ -131,7 +132,7 @@ def fusion(unet, plain: dict, cache_dir, out_dir: Path, n: int = 8, repeats: int
         finally:
             check_s[0] += time.perf_counter() - start
 
-    adapters._compatible_triplets = timed_check
+    compatibility.compatible_triplets = timed_check
     for index in range(repeats):
         if index:
             for name in names:
@@ -157,6 +158,6 @@ def fusion(unet, plain: dict, cache_dir, out_dir: Path, n: int = 8, repeats: int
         result.export_s.append(t4 - t3)
         log(f"  fuse {n}: install {t1 - t0:.2f} s (read {read_s:.2f} s, check {check_s[0]:.2f} s), merge {t2 - t1:.2f} s, unmerge {t3 - t2:.2f} s, "
             f"LoRA export {t4 - t3:.2f} s")
-    del adapters._compatible_triplets
+    compatibility.compatible_triplets = check
     set_modules(unet, plain)
     return result, adapters, layers

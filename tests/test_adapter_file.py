@@ -197,7 +197,7 @@ def test_float16_triplets_shrink_the_file_and_still_load(saved, tmp_path):
 
 def test_float16_rounding_stays_well_inside_the_adjusted_tolerance(saved):
     """The compatibility measure of fp16-rounded triplets against the base weight, vs the bound."""
-    from spectral_diffusion.core.model import COMPATIBILITY_TOLERANCE, compatibility_tolerance
+    from spectral_diffusion.core.compatibility import COMPATIBILITY_TOLERANCE, compatibility_tolerance
 
     adapters, _ = saved
     worst = 0.0

@@ -131,6 +131,17 @@ def dog(server, client):
 @pytest.fixture(scope="module")
 def cat(server, client, dog):
     """A second concept of the same base model in slot 1, brought in with import_concept."""
+    return import_whiskers(server, client)
+
+
+@pytest.fixture
+def pair(server, client, cat):
+    """dog and cat both in the library (test_delete_needs_confirmation deletes cat: import it again)."""
+    if not (server["library"] / "cat").is_dir():
+        import_whiskers(server, client)
+
+
+def import_whiskers(server, client):
     from spectral_diffusion.core.model import ConceptInfo, SpectralAdapters
     from spectral_diffusion.formats.adapter_file import adapter_from_model, save_adapter
     from spectral_diffusion.models.registry import load_pipeline
@@ -472,7 +483,7 @@ def test_generate_is_one_event_for_the_button_and_the_enter_key(models_home, tmp
 # ----- regional composition, PNG settings, the page-only handlers -----------------------------------
 
 
-def test_generate_with_a_layout_and_load_its_settings_back(cat, client):
+def test_generate_with_a_layout_and_load_its_settings_back(pair, client):
     import app
     import app_ui
     from spectral_diffusion.generation.pnginfo import read_settings
@@ -495,38 +506,38 @@ def test_generate_with_a_layout_and_load_its_settings_back(cat, client):
     fields = app_ui.load_settings(images[0]["image"], rows)
     prompt_out, negative, seed, steps, guidance, width, height, scheduler = fields[:8]
     assert (prompt_out, seed, steps, guidance, (width, height), scheduler) == (prompt, 5, 2, 7.5, (64, 64), "default")
-    names = [d.value for d in fields[8:8 + rows]]
+    names = [d["value"] for d in fields[8:8 + rows]]
     assert names[:2] == ["dog", "cat"] and fields[8 + rows:8 + rows + 2] == (1.0, 1.0)
     mode, boxes = fields[8 + 2 * rows], fields[9 + 2 * rows:9 + 6 * rows]
     assert mode == "custom" and tuple(boxes[:8]) == (0, 0, 0.6, 1, 0.6, 0, 1, 1)
     assert fields[9 + 6 * rows:9 + 7 * rows][:2] == ("", "a cat") and "Loaded the settings" in fields[-1]
     # the result with its boxes drawn over it
     overlay = app_ui.result_overlay([(images[0]["image"], None)])
-    assert overlay.visible and overlay.value is not None
+    assert overlay["visible"] and overlay["value"].size == (384, 384)
     assert "no Spectral Diffusion settings" in app_ui.load_settings(ROOT / "docs" / "app-screenshot.png", rows)[-1]
 
 
-def test_layout_editor_draws_presets_and_custom_boxes(cat, server):
+def test_layout_editor_draws_presets_and_custom_boxes(pair, server):
     import app_ui
     import app_values
 
     service = server["service"]
     empty_rows = [None] * 2 + [0.0] * 8 + [""] * 2
     spec, picture, *shown = app_ui.layout_editor(service, "none", "p", "", 0, 0, *empty_rows)
-    assert spec == "" and not picture.visible and not any(s["visible"] for s in shown)
+    assert spec == "" and not picture["visible"] and not any(s["visible"] for s in shown)
     spec, picture, *_ = app_ui.layout_editor(service, "thirds", "<dog> and <whiskers>", "", 0, 0, *empty_rows)
-    assert spec == "thirds" and picture.visible and picture.value.size == (384, 384)
+    assert spec == "thirds" and picture["visible"] and picture["value"].size == (384, 384)
     rows = ["dog", "cat", 0, 0, 0.5, 1, 0.5, 0, 1, 1, "", "a cat"]
     spec, picture, *shown = app_ui.layout_editor(service, "custom", "<dog> <whiskers>", "ugly", 128, 64, *rows)
     layout = json.loads(spec)
     assert layout["prompt"] == "<dog> <whiskers>" and layout["negative"] == "ugly"
     assert layout["regions"] == [{"concept": "dog", "box": [0, 0, 0.5, 1]},
                                  {"concept": "cat", "box": [0.5, 0, 1, 1], "prompt": "a cat"}]
-    assert picture.value.size == (384, 192) and all(s["visible"] for s in shown)
+    assert picture["value"].size == (384, 192) and all(s["visible"] for s in shown)
     # a bad box is drawn as the reason instead, and the same reason refuses the generation
     rows[4] = 1.5
     spec, picture, *_ = app_ui.layout_editor(service, "custom", "<dog>", "", 0, 0, *rows)
-    assert json.loads(spec)["regions"][0]["box"] == [0, 0, 1.5, 1] and picture.value.size == (384, 96)
+    assert json.loads(spec)["regions"][0]["box"] == [0, 0, 1.5, 1] and picture["value"].size == (384, 96)
     assert app_values.describe_layout(spec) == "custom layout (2 regions)"
 
 
@@ -555,7 +566,7 @@ def test_page_training_cancel_is_a_notice_and_bad_input_one_message(dog, server,
     (outputs,) = list(app_ui.train_on_page(service, images, "dog", "", "additive", 4, 2))
     assert "already in the library" in outputs[0] and "sd-problem" in outputs[0]
     (outputs,) = list(app_ui.train_on_page(service, [], "x", "", "additive", 4, 2))
-    assert "upload the concept's images" in outputs[0]
+    assert "upload the concept&#x27;s images" in outputs[0]
 
 
 def test_the_name_is_checked_as_it_is_typed(dog, server):

@@ -14,7 +14,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from spectral_diffusion.core import slots
+from spectral_diffusion.core import compatibility, slots
+from spectral_diffusion.core.compatibility import COMPATIBILITY_TOLERANCE
 from spectral_diffusion.core.config import TEXT_COMPONENTS, TOKENIZER_OF, ConceptInfo, TargetConfig
 from spectral_diffusion.core.layers import SpectralLayer
 from spectral_diffusion.core.routing import Router, token_kind_of
@@ -24,16 +25,7 @@ from spectral_diffusion.errors import BaseModelMismatchError, ConceptNotFoundErr
 
 logger = logging.getLogger(__name__)
 
-COMPATIBILITY_TOLERANCE = 1e-2
 SPECTRUM_MIN_K = 64
-
-
-def compatibility_tolerance(dtype: torch.dtype) -> float:
-    """The check's bound for triplets stored in ``dtype``: rounding them to float16 moves U^T W V by
-    about 2 * 2^-11 relative (measured ~1e-3), so half-precision triplets get 8 units of it on top."""
-    if dtype in (torch.float32, torch.float64):
-        return COMPATIBILITY_TOLERANCE
-    return COMPATIBILITY_TOLERANCE + 8 * torch.finfo(dtype).eps
 
 
 def _adaptable(module: nn.Module) -> bool:
@@ -225,8 +217,8 @@ class SpectralAdapters:
         concepts = list(concepts)
         for info, layer_tensors, _, _ in concepts:  # against the loaded concepts, before the costly check
             self._check_slot(info)
-            self._check_layer_set(layer_tensors, model_name)
-        triplets = self._compatible_triplets(concepts, model_name)
+            compatibility.check_layer_set(self.layers, layer_tensors, model_name)
+        triplets = compatibility.compatible_triplets(self.layers, concepts, model_name)
         installed = []
         try:
             for (info, layer_tensors, token_vectors, _), found in zip(concepts, triplets, strict=True):
@@ -240,58 +232,6 @@ class SpectralAdapters:
             for name in installed:
                 self.remove_concept(name)
             raise
-
-    def _check_layer_set(self, layer_tensors: Mapping[str, object], model_name: str) -> None:
-        missing = sorted(set(self.layers) - set(layer_tensors))
-        extra = sorted(set(layer_tensors) - set(self.layers))
-        if missing or extra:
-            raise BaseModelMismatchError(
-                f"the adapter's layers do not match {model_name} with these targets: "
-                f"{len(missing)} missing (e.g. {missing[:2]}), {len(extra)} unknown (e.g. {extra[:2]})"
-            )
-
-    def _compatible_triplets(self, concepts, model_name: str) -> list[dict[str, Triplets]]:
-        """Per concept its float32 triplets per layer, once every one passed the base-model check."""
-        found: list[dict[str, Triplets]] = [{} for _ in concepts]
-        with torch.no_grad():
-            for key, layer in self.layers.items():
-                trips = []
-                for (info, layer_tensors, _, _), out in zip(concepts, found, strict=True):
-                    tensors = layer_tensors[key]
-                    trip = Triplets(tensors["U"].float(), tensors["s"].float(), tensors["V"].float())
-                    self._check_shape(key, trip, info.rank, model_name)
-                    out[key] = trip
-                    trips.append(trip)
-                # one pass over the weight for all concepts: W [V_1 ... V_c], then U_i^T (W V_i) each
-                weight_v = layer.weight_matrix.float() @ torch.cat([trip.V for trip in trips], dim=1)
-                start = 0
-                for (_, _, _, tolerance), trip in zip(concepts, trips, strict=True):
-                    projected = trip.U.T @ weight_v[:, start:start + trip.k]
-                    start += trip.k
-                    self._check_projection(key, layer, trip, projected, tolerance, model_name)
-        return found
-
-    def _check_shape(self, key: str, trip: Triplets, rank: int, model_name: str) -> None:
-        layer = self.layers[key]
-        m, n = layer.out_features, layer.in_features
-        if trip.U.shape != (m, rank) or trip.V.shape != (n, rank) or trip.s.shape != (rank,):
-            raise BaseModelMismatchError(
-                f"layer {key} of {model_name} is {m} x {n} but the adapter's slot there is "
-                f"U{tuple(trip.U.shape)} V{tuple(trip.V.shape)} at rank {rank}: it was made for another model"
-            )
-
-    @staticmethod
-    def _check_projection(key, layer, trip: Triplets, projected, tolerance: float, model_name: str) -> None:
-        for name, strength in layer.merged.items():  # measure against the unmerged base weight
-            left, right = layer.concept(name).lora_factors()
-            projected = projected - strength * (trip.U.T @ left) @ (right.T @ trip.V)
-        error = torch.linalg.norm(projected - torch.diag(trip.s)) / torch.linalg.norm(trip.s).clamp_min(1e-12)
-        if not torch.isfinite(error) or error > tolerance:
-            raise BaseModelMismatchError(
-                f"the adapter was trained on another base model: at layer {key} its singular vectors do not "
-                f"match {model_name} (relative error {float(error):.3g} > {tolerance:.3g}); load it "
-                "into the model it was trained on"
-            )
 
     def _install(self, info, triplets, layer_tensors, token_vectors) -> None:
         token_ids = {}

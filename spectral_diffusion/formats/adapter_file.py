@@ -20,8 +20,9 @@ from safetensors.torch import load_file, save_file
 
 from spectral_diffusion import __version__
 from spectral_diffusion.atomic import atomic_path
+from spectral_diffusion.core.compatibility import compatibility_tolerance
 from spectral_diffusion.core.config import TEXT_COMPONENTS, VARIANTS, ConceptInfo
-from spectral_diffusion.core.model import SpectralAdapters, compatibility_tolerance
+from spectral_diffusion.core.model import SpectralAdapters
 from spectral_diffusion.core.tokens import TOKEN_PATTERN
 from spectral_diffusion.errors import AdapterFormatError
 

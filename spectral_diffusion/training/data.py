@@ -4,7 +4,8 @@ Images are opened defensively (a user uploads them): the pixel count is checked 
 decompression bomb is refused, EXIF orientation is applied, alpha is flattened on white and everything
 becomes RGB. Each image is resized once so its short side equals the training resolution; crops and
 flips are then drawn per example from a ``torch.Generator`` so a whole run is reproducible from its
-seed, whatever the number of processes, and a resumed run sees the very same examples.
+seed, whatever the number of processes, and a resumed run sees the very same examples. Optional
+foreground masks travel with their images through every crop, flip and zoom (``augment``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch.utils.data import Dataset
 
 from spectral_diffusion.errors import ImageDataError
 from spectral_diffusion.images import find_images, flatten_alpha, is_image_list, open_image
+from spectral_diffusion.training.augment import find_mask, follow_caption, foreground, load_mask, zoom
 
 logger = logging.getLogger(__name__)
 
@@ -78,12 +80,17 @@ class _Source:
     image: Image.Image  # resized so its short side is the training resolution
     original_size: tuple[int, int]  # (height, width) as opened, for SDXL's time ids
     caption: str | None
+    mask: Image.Image | None = None  # 8-bit, the image's size; white = the concept
 
 
 def _resize_short_side(image: Image.Image, size: int) -> Image.Image:
     scale = size / min(image.size)
     width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
     return image.resize((width, height), Image.Resampling.BICUBIC, reducing_gap=3.0)
+
+
+def _mask_tensor(mask: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
@@ -107,6 +114,10 @@ class ConceptDataset(Dataset):
     flip and a random template caption drawn from ``generator`` (or, with no generator, the centre
     crop, no flip and the first caption: the evaluation view). ``dataset[k]`` is example ``k % len``
     with a generator seeded from ``(seed, k)``, for use with a ``DataLoader``.
+
+    ``mask_dir``: a folder of foreground masks, one per image under the same file name; examples then
+    carry a ``mask`` (1 x H x W, 0..1). ``augment_p``: the probability that an example is zoomed out
+    and moved (scale drawn from ``augment_scale``) onto its own background, its caption following.
     """
 
     def __init__(
@@ -121,6 +132,9 @@ class ConceptDataset(Dataset):
         flip_p: float = 0.5,
         templates: Sequence[str] | None = None,
         seed: int = 0,
+        mask_dir: str | os.PathLike | None = None,
+        augment_p: float = 0.0,
+        augment_scale: tuple[float, float] = (0.5, 1.0),
     ):
         if resolution < 8:
             raise ValueError(f"resolution must be at least 8 pixels, got {resolution}")
@@ -130,6 +144,8 @@ class ConceptDataset(Dataset):
         self.random_crop = random_crop
         self.flip_p = flip_p
         self.seed = seed
+        self.mask_dir = mask_dir
+        self.augment_p, self.augment_scale = augment_p, augment_scale
         self.templates = list(templates) if templates else caption_templates(token_text, class_word)
         min_size = resolution // 2 if min_size is None else min_size
         if is_image_list(images):  # already opened, e.g. generated class images
@@ -144,7 +160,10 @@ class ConceptDataset(Dataset):
         image = open_image(path, min_size)
         original = (image.height, image.width)
         caption = read_caption(path, token_text, class_word)
-        return _Source(_resize_short_side(image, self.resolution), original, caption)
+        mask = None
+        if self.mask_dir is not None:
+            mask = _resize_short_side(load_mask(find_mask(path, self.mask_dir), image.size), self.resolution)
+        return _Source(_resize_short_side(image, self.resolution), original, caption, mask)
 
     def _adopt(self, image: Image.Image, index: int, min_size: int) -> _Source:
         image = flatten_alpha(ImageOps.exif_transpose(image))
@@ -176,29 +195,48 @@ class ConceptDataset(Dataset):
         source = self.sources[index]
         top, left = self._crop_origin(source, generator)
         size = self.resolution
-        image = source.image.crop((left, top, left + size, top + size))
+        box = (left, top, left + size, top + size)
+        image = source.image.crop(box)
+        mask = source.mask.crop(box) if source.mask is not None else None
         # Draw every random number whether used or not: the stream then never depends on the data.
         flip_draw = float(torch.rand((), generator=generator)) if generator is not None else 1.0
         template_draw = (
             int(torch.randint(0, len(self.templates), (1,), generator=generator)) if generator is not None else 0
         )
+        zoomed = False
+        if self.augment_p > 0 and generator is not None:  # drawn only when augmenting: older runs unchanged
+            apply, scale, x, y = (float(v) for v in torch.rand(4, generator=generator))
+            if apply < self.augment_p:
+                low, high = self.augment_scale
+                image, mask = zoom(image, mask, low + (high - low) * scale, (x, y))
+                zoomed = True
         if flip_draw < self.flip_p:
             image = ImageOps.mirror(image)
+            mask = ImageOps.mirror(mask) if mask is not None else None
             left = source.image.width - size - left  # SDXL conditions on where the crop sits
         caption = source.caption if source.caption is not None else self.templates[template_draw]
-        return {
+        if zoomed:
+            caption = follow_caption(caption, foreground(image, mask))
+        example = {
             "pixel_values": _to_tensor(image),
             "caption": caption,
             "original_size": source.original_size,
             "crop_top_left": (top, left),
         }
+        if self.mask_dir is not None:
+            example["mask"] = _mask_tensor(mask) if mask is not None else torch.ones(1, size, size)
+        return example
 
 
 def collate(examples: Sequence[dict]) -> dict:
-    """Stack examples into a batch (pixel values as one tensor, the rest as lists)."""
-    return {
+    """Stack examples into a batch (pixel values and masks as tensors, the rest as lists)."""
+    batch = {
         "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
         "caption": [e["caption"] for e in examples],
         "original_size": [e["original_size"] for e in examples],
         "crop_top_left": [e["crop_top_left"] for e in examples],
     }
+    if any("mask" in e for e in examples):  # an example without a mask is all concept
+        shape = (1, *examples[0]["pixel_values"].shape[1:])
+        batch["mask"] = torch.stack([e.get("mask", torch.ones(shape)) for e in examples])
+    return batch

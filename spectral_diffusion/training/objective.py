@@ -77,3 +77,26 @@ class DenoisingObjective:
         noise = torch.randn(latents.shape, generator=generator).to(self.device)
         timesteps = torch.randint(0, self.num_train_timesteps, (latents.shape[0],), generator=generator).to(self.device)
         return noise, timesteps
+
+
+def latent_weights(masks: torch.Tensor, latent_size: tuple[int, int], background_weight: float) -> torch.Tensor:
+    """Per-latent loss weights (N x 1 x h x w) from pixel masks (N x 1 x H x W, 1 = concept).
+
+    The mask is area-pooled onto the latent grid (a latent's weight is its share of concept pixels),
+    then mapped so that concept latents weigh 1 and background latents ``background_weight``.
+    """
+    pooled = torch.nn.functional.adaptive_avg_pool2d(masks.float(), latent_size)
+    return background_weight + (1.0 - background_weight) * pooled
+
+
+def per_example_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean squared error of each example, each latent weighted by ``weights`` (broadcast over channels).
+
+    The weighted sum is divided by the number of latents, not by the weights' sum: a background
+    latent then contributes exactly ``background_weight`` times what it does unmasked, and an all-white
+    mask gives the plain loss.
+    """
+    error = torch.nn.functional.mse_loss(pred, target, reduction="none")
+    if weights is not None:
+        error = error * weights.to(error.device)
+    return error.mean(dim=tuple(range(1, pred.ndim)))

@@ -43,7 +43,8 @@ from spectral_diffusion.training.borrowed import borrowed, cast_frozen, componen
 from spectral_diffusion.training.checkpoint import Checkpoints
 from spectral_diffusion.training.config import TrainConfig, TrainProgress, TrainResult
 from spectral_diffusion.training.data import ConceptDataset, caption_templates, collate, mix_seed
-from spectral_diffusion.training.objective import DenoisingObjective, noise_scheduler
+from spectral_diffusion.training.lr_scale import StepScale
+from spectral_diffusion.training.objective import DenoisingObjective, latent_weights, noise_scheduler, per_example_loss
 from spectral_diffusion.training.prior import class_images, class_prompt
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,14 @@ class _Trainer:
     def _setup_models(self) -> None:
         config, pipe = self.config, self.pipe
         groups = self.adapters.trainable_parameters(config.name)
+        if not config.train_c:  # the diagnostic "c off": the singular-value shift stays zero
+            shifts = {id(layer.concept(config.name).c) for layer in self.adapters.layers.values()}
+            for name, group in groups.items():
+                for param in group:
+                    if id(param) in shifts:
+                        param.requires_grad_(False)
+                groups[name] = [p for p in group if id(p) not in shifts]
+        self.step_scale = StepScale(self.adapters, config.name, config.lr_scale)
         self.params = [p for group in groups.values() for p in group]
         if any(p.dtype != torch.float32 for p in self.params):  # the optimiser must see fp32 masters
             raise RuntimeError("trainable spectral parameters must be float32")
@@ -139,6 +148,8 @@ class _Trainer:
         extra = self._examples(self.class_set, 20, micro)
         merged = {key: batch[key] + extra[key] for key in ("caption", "original_size", "crop_top_left")}
         merged["pixel_values"] = torch.cat([batch["pixel_values"], extra["pixel_values"]])
+        if "mask" in batch:  # class images have no masks: all of them counts
+            merged["mask"] = torch.cat([batch["mask"], torch.ones_like(extra["pixel_values"][:, :1])])
         return merged, len(extra["caption"])
 
     # -- objective --------------------------------------------------------------------------------
@@ -150,8 +161,10 @@ class _Trainer:
         latents = encode_images(self.pipe.vae, batch["pixel_values"], generator).to(self.device)
         noise, timesteps = self.objective.sample_noise(latents, generator)
         pred = self.objective.predict(self.unet, self.text_encoders, batch, latents, noise, timesteps)
-        per_example = F.mse_loss(pred, self.objective.target(latents, noise, timesteps), reduction="none")
-        per_example = per_example.mean(dim=tuple(range(1, pred.ndim)))
+        weights = None
+        if "mask" in batch:
+            weights = latent_weights(batch["mask"], tuple(pred.shape[-2:]), self.config.background_loss_weight)
+        per_example = per_example_loss(pred, self.objective.target(latents, noise, timesteps), weights)
         if self.config.min_snr_gamma is not None:
             per_example = per_example * self.objective.snr_weights(timesteps)
         if not n_class:
@@ -187,7 +200,9 @@ class _Trainer:
             total += float(loss.detach()) / config.gradient_accumulation
         if config.max_grad_norm:
             acc.clip_grad_norm_(self.params, config.max_grad_norm)
+        before = self.step_scale.before()
         self.prepared_optimizer.step()
+        self.step_scale.after(before)
         self.prepared_optimizer.zero_grad(set_to_none=True)
         self.step += 1
         if not math.isfinite(total):
@@ -297,7 +312,9 @@ def _loop(trainer: _Trainer, progress, should_stop) -> Image.Image:
 def _datasets(images, config: TrainConfig, pipe, should_stop) -> tuple[ConceptDataset, ConceptDataset | None]:
     kwargs = {"resolution": config.resolution, "random_crop": config.random_crop, "flip_p": config.flip_p}
     dataset = ConceptDataset(
-        images, config.token_text, config.class_word, min_size=config.min_image_size, seed=config.seed, **kwargs
+        images, config.token_text, config.class_word, min_size=config.min_image_size, seed=config.seed,
+        mask_dir=config.mask_dir, augment_p=config.augment_p,
+        augment_scale=(config.augment_min_scale, config.augment_max_scale), **kwargs
     )
     if not config.prior_preservation:
         return dataset, None

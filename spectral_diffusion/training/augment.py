@@ -1,0 +1,137 @@
+"""Foreground masks of training photos, and the zoom-out / shift augmentation they make exact.
+
+A mask is a user image beside the photos (same file name in the masks folder; white = the concept,
+black = background), decoded by the one upload decoder. It weights the loss (``objective``) and,
+when a photo is zoomed out or moved, says exactly which pixels are the concept: the concept alone
+is pasted onto the photo's own background colour. Without a mask the whole photo is shrunk onto a
+canvas of its border colour, which is exact for plain backgrounds such as the built-in scenes'.
+
+Captions follow the geometry: a position phrase of the built-in scenes ("on the left", "at the top")
+becomes the one nearest the concept's new centre, and a concept shrunk below the scenes' mid size
+becomes "small"; other captions are kept as they are.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from spectral_diffusion.errors import ImageDataError
+from spectral_diffusion.images import IMAGE_EXTENSIONS, decode_image
+from spectral_diffusion.models import scenes
+
+logger = logging.getLogger(__name__)
+
+# A concept wider than this fraction of the image is "large" in the built-in scenes' words.
+SMALL_EXTENT = (scenes.SIZES["small"] + scenes.SIZES["large"]) / 2
+_FOREGROUND_DISTANCE = 40  # 8-bit colour distance from the background that counts as concept (no mask)
+
+
+# ----- masks ----------------------------------------------------------------------------------------
+
+
+def find_mask(image_path: Path, mask_dir: str | Path) -> Path:
+    """The mask of ``image_path``: the same file name in ``mask_dir``, or the same stem with any image suffix."""
+    folder = Path(mask_dir)
+    if not folder.is_dir():
+        raise ImageDataError(f"the masks folder {folder} does not exist")
+    exact = folder / image_path.name
+    if exact.is_file():
+        return exact
+    for candidate in sorted(folder.glob(glob.escape(image_path.stem) + ".*")):
+        if candidate.suffix.lower() in IMAGE_EXTENSIONS and candidate.is_file():
+            return candidate
+    raise ImageDataError(
+        f"no mask for image {image_path.name} in {folder}; give every image a mask of the same file name "
+        "(white = the concept, black = background)"
+    )
+
+
+def load_mask(path: Path, size: tuple[int, int]) -> Image.Image:
+    """Mask ``path`` as an 8-bit image of ``size`` (width, height); transparent pixels count as background."""
+    image = decode_image(path)
+    luminance = image.convert("L")
+    if "A" in image.getbands():
+        alpha = np.asarray(image.getchannel("A"), dtype=np.float32) / 255.0
+        luminance = Image.fromarray((np.asarray(luminance, dtype=np.float32) * alpha).round().astype(np.uint8))
+    if luminance.size != size:
+        logger.info("mask %s is %dx%d, resized to its image's %dx%d", path.name, *luminance.size, *size)
+        luminance = luminance.resize(size, Image.Resampling.BILINEAR)
+    return luminance
+
+
+# ----- zoom-out / shift -----------------------------------------------------------------------------
+
+
+def background_colour(image: Image.Image, mask: Image.Image | None) -> tuple[int, int, int]:
+    """The photo's background: the median of the unmasked pixels, or of the border without a mask."""
+    pixels = np.asarray(image.convert("RGB"))
+    if mask is not None:
+        outside = np.asarray(mask) < 128
+        if outside.any():
+            return tuple(int(v) for v in np.median(pixels[outside], axis=0))
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    return tuple(int(v) for v in np.median(border, axis=0))
+
+
+def zoom(image: Image.Image, mask: Image.Image | None, scale: float, where: tuple[float, float]):
+    """``image`` (and ``mask``) with the concept scaled by ``scale`` and placed at ``where`` (fractions of
+    the free room, 0..1 each) on the photo's background colour; returns (image, mask or None)."""
+    size = image.size
+    fill = background_colour(image, mask)
+    if mask is not None and mask.getbbox() is not None:
+        box = mask.getbbox()
+        piece, piece_mask = image.crop(box), mask.crop(box)
+    else:
+        piece, piece_mask = image, None
+    width, height = max(1, round(piece.width * scale)), max(1, round(piece.height * scale))
+    piece = piece.resize((width, height), Image.Resampling.BICUBIC)
+    left = round(where[0] * (size[0] - width))
+    top = round(where[1] * (size[1] - height))
+    canvas = Image.new("RGB", size, fill)
+    if piece_mask is None:
+        canvas.paste(piece, (left, top))
+        return canvas, None
+    piece_mask = piece_mask.resize((width, height), Image.Resampling.BILINEAR)
+    canvas.paste(piece, (left, top), piece_mask)
+    moved = Image.new("L", size, 0)
+    moved.paste(piece_mask, (left, top))
+    return canvas, moved
+
+
+def foreground(image: Image.Image, mask: Image.Image | None) -> np.ndarray:
+    """A boolean map of the concept's pixels: the mask, or what differs from the background colour."""
+    if mask is not None:
+        return np.asarray(mask) >= 128
+    pixels = np.asarray(image.convert("RGB"), dtype=np.int16)
+    distance = np.abs(pixels - np.array(background_colour(image, None), dtype=np.int16)).max(axis=-1)
+    return distance > _FOREGROUND_DISTANCE
+
+
+def follow_caption(caption: str, inside: np.ndarray) -> str:
+    """``caption`` with the built-in scenes' position and size words made true of the concept ``inside``."""
+    if not inside.any():
+        return caption
+    ys, xs = np.nonzero(inside)
+    height, width = inside.shape
+    centre = ((xs.mean() + 0.5) / width, (ys.mean() + 0.5) / height)
+    nearest = min(scenes.POSITIONS, key=lambda p: (scenes.POSITIONS[p][0] - centre[0]) ** 2
+                  + (scenes.POSITIONS[p][1] - centre[1]) ** 2)
+    for phrase in scenes.POSITION_PHRASES.values():
+        if phrase in caption:
+            caption = caption.replace(phrase, scenes.POSITION_PHRASES[nearest], 1)
+            break
+    extent = max((xs.max() - xs.min() + 1) / width, (ys.max() - ys.min() + 1) / height)
+    size_word = "small" if extent < SMALL_EXTENT else "large"
+    words = caption.split(" ")
+    for i, word in enumerate(words):
+        if word in scenes.SIZES:
+            words[i] = size_word
+            return " ".join(words)
+    if size_word == "small" and words and words[0].lower() in ("a", "an"):
+        words = ["a", "small", *words[1:]]
+    return " ".join(words)
