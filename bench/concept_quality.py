@@ -188,7 +188,8 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     store = args.out / "concept-quality.json"
     results = json.loads(store.read_text()) if store.is_file() else {}
-    wanted = [r for r in ROWS if not args.rows or r.key in args.rows.split(",")]
+    by_key = {r.key: r for r in ROWS}
+    wanted = [by_key[k] for k in args.rows.split(",")] if args.rows else list(ROWS)  # in the order asked
     if not args.report:
         pipe, model = load_pipeline(MODEL), classifier.load()
         shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]

@@ -18,7 +18,7 @@ from .test_app import free_port, make_images
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
-README_SCREENSHOT = ROOT / "docs" / "app-screenshot.png"
+DOCS = ROOT / "docs"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless",
@@ -64,7 +64,7 @@ def page(models_home, tmp_path_factory):
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
             try:
-                page = browser.new_page(viewport={"width": 1360, "height": 1000})
+                page = browser.new_page(viewport={"width": 1280, "height": 1000})
                 page.set_default_timeout(TIMEOUT_MS)
                 page.goto(demo.local_url)
                 page.wait_for_selector("#train-button")
@@ -75,10 +75,14 @@ def page(models_home, tmp_path_factory):
         demo.close()
 
 
-def shot(page, name: str) -> Path:
+def shot(page, name: str, docs: str | None = None) -> Path:
+    """A full-page screenshot under test-artifacts/, copied to docs/``docs`` when missing or asked for."""
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / name
     page.screenshot(path=str(path), full_page=True)
+    if docs and (not (DOCS / docs).exists() or os.environ.get("UPDATE_SCREENSHOTS") == "1"):
+        DOCS.mkdir(exist_ok=True)
+        shutil.copyfile(path, DOCS / docs)
     return path
 
 
@@ -94,30 +98,42 @@ def test_upload_train_pick_and_generate_in_the_browser(page):
     page, base = page
     expect.set_options(timeout=60_000)  # the first request loads the model
     started = time.monotonic()
-    # ----- Train tab
+    # ----- Train tab: thumbnails of the upload, the name checked as typed, Advanced settings, loss chart
     expect(page.locator("#train-slot")).to_contain_text("slot 0")
     images = make_images(base / "images")
     page.locator("#train-images input[type=file]").set_input_files([str(p) for p in images])
     expect(page.locator("#train-images tr")).to_have_count(len(images))  # uploaded and listed
     expect(page.locator("#train-images")).not_to_contain_text("Uploading")
+    expect(page.locator("#train-thumbnails img")).to_have_count(len(images))  # and shown as thumbnails
+    page.locator("#train-name textarea, #train-name input").first.fill("../bad")
+    expect(page.locator("#train-slot")).to_contain_text("Name not usable")
     page.locator("#train-name textarea, #train-name input").first.fill("my-dog")
+    expect(page.locator("#train-slot")).to_contain_text("slot 0")
     page.locator("#train-class textarea, #train-class input").first.fill("dog")
-    set_number(page, "#train-steps", 4)
+    set_number(page, "#train-steps", 8)
+    page.get_by_text("Advanced").first.click()
+    expect(page.locator("#train-lr-unet input[type=number]")).to_be_visible()
     page.click("#train-button")
     expect(page.locator("#train-status-text")).to_contain_text("Done", timeout=TIMEOUT_MS)
     expect(page.locator("#train-status-text")).to_contain_text("slot 0")
     expect(page.locator("#train-previews img").first).to_be_visible()
+    expect(page.locator("#train-previews")).to_contain_text("step")  # previews carry their step
     expect(page.locator("#train-slot")).to_contain_text("slot 1")  # the next concept's slot
-    shot(page, "browser-1-trained.png")
+    page.locator("#train-name textarea, #train-name input").first.fill("my-dog")  # now taken
+    expect(page.locator("#train-slot")).to_contain_text("Name taken")
+    expect(page.locator(".error, [data-testid=error]")).to_have_count(0)  # no Error badges anywhere
+    shot(page, "browser-1-trained.png", "app-train.png")
 
-    # ----- Library tab: slot map and concept card
+    # ----- Library tab: slot map, concept card, the table (readable at 1280 px)
     page.get_by_role("tab", name="Library").click()
     expect(page.locator("#library-table")).to_contain_text("<my-dog>")
     expect(page.locator("#slot-maps img").first).to_be_visible()
     expect(page.locator("#library-cards img").first).to_be_visible()
-    shot(page, "browser-2-library.png")
+    slot_header = page.locator("#library-table th").filter(has_text="slot").first
+    assert slot_header.bounding_box()["width"] >= 40, "the slot column is squashed"
+    shot(page, "browser-2-library.png", "app-library.png")
 
-    # ----- Generate tab: clicking the concept puts its token in the prompt and selects it
+    # ----- Generate tab: clicking the concept puts its token in the prompt and selects it; a layout
     page.get_by_role("tab", name="Generate").click()
     page.locator("#generate-cards img").first.click()
     expect(page.locator("#generate-prompt textarea")).to_have_value("<my-dog>")
@@ -125,11 +141,14 @@ def test_upload_train_pick_and_generate_in_the_browser(page):
     page.locator("#generate-prompt textarea").fill("a photo of <my-dog> on the beach")
     set_number(page, "#gen-steps", 2)
     set_number(page, "#seed", 7)
+    page.locator("#layout-mode").get_by_text("custom").click()
+    expect(page.locator("#box-0-x1 input[type=number]")).to_be_visible()  # the row's box editor
+    expect(page.locator("#layout-picture img").first).to_be_visible()  # the layout drawn
     page.click("#generate-button")
     expect(page.locator("#generate-info")).to_contain_text("seed 7", timeout=TIMEOUT_MS)
+    expect(page.locator("#generate-info")).to_contain_text("custom layout (1 region)")
     expect(page.locator("#generate-gallery img").first).to_be_visible()
-    path = shot(page, "browser-3-generated.png")
-    if not README_SCREENSHOT.exists() or os.environ.get("UPDATE_SCREENSHOTS") == "1":
-        README_SCREENSHOT.parent.mkdir(exist_ok=True)
-        shutil.copyfile(path, README_SCREENSHOT)
+    expect(page.locator("#layout-overlay img").first).to_be_visible()  # the boxes over the result
+    shot(page, "browser-3-generated.png", "app-generate.png")
+    shot(page, "browser-3-generated.png", "app-screenshot.png")
     assert time.monotonic() - started < 400

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -189,3 +190,98 @@ def test_mix_seed_separates_its_inputs():
     seeds = {mix_seed(s, step, rank) for s in range(3) for step in range(50) for rank in range(2)}
     assert len(seeds) == 300
     assert mix_seed(1, 2) == mix_seed(1, 2) and 0 <= mix_seed(1, 2) < 2**63
+
+
+# ----- foreground masks and the zoom-out / shift augmentation ------------------------------------------
+
+
+def _scene_folder(tmp_path, shape="heart"):
+    from spectral_diffusion.models import scenes
+
+    photos, masks = tmp_path / "photos", tmp_path / "masks"
+    scenes.write_concept_images(shape, photos, count=3, mask_folder=masks)
+    return photos, masks
+
+
+def test_masks_load_by_file_name_and_follow_crops_and_flips(tmp_path, folder):
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for i in range(3):
+        mask = Image.new("L", (80, 64), 0)
+        ImageDraw.Draw(mask).rectangle((0, 0, 19, 63), fill=255)  # the red left-side marker
+        mask.save(masks / f"img{i}.png")
+    data = ConceptDataset(folder, "<tok>", resolution=32, mask_dir=masks, flip_p=1.0)
+    example = data.example(0, torch.Generator().manual_seed(0))
+    mask, pixels = example["mask"], example["pixel_values"]
+    assert mask.shape == (1, 32, 32) and float(mask.min()) == 0.0 and float(mask.max()) == 1.0
+    red = (pixels[0] > 0.9) & (pixels[1] < -0.9)  # the marker's pixels, wherever crop and flip put them
+    assert bool((mask[0][red] > 0.5).all()) and bool((mask[0][~red] < 0.5).all())
+    assert collate([example, data.example(1)])["mask"].shape == (2, 1, 32, 32)
+
+
+def test_a_missing_mask_is_a_clear_error_and_a_wrong_size_is_resized(tmp_path, folder):
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    Image.new("L", (40, 32), 255).save(masks / "img0.png")  # half the image's size: resized
+    Image.new("L", (80, 64), 255).save(masks / "img1.jpg")  # another suffix: found by its stem
+    with pytest.raises(ImageDataError, match="no mask for image img2.png"):
+        ConceptDataset(folder, "<tok>", resolution=32, mask_dir=masks)
+    Image.new("RGBA", (80, 64), (255, 255, 255, 0)).save(masks / "img2.png")  # transparent = background
+    data = ConceptDataset(folder, "<tok>", resolution=32, mask_dir=masks)
+    assert float(data.example(0)["mask"].min()) == 1.0 and float(data.example(2)["mask"].max()) == 0.0
+    with pytest.raises(ImageDataError, match="does not exist"):
+        ConceptDataset(folder, "<tok>", resolution=32, mask_dir=tmp_path / "nowhere")
+
+
+def test_built_in_scene_masks_are_exact(tmp_path):
+    from spectral_diffusion.models import scenes
+
+    for scene in scenes.concept_scenes("moon", 4):
+        image = np.asarray(scenes.render(scene)).astype(int)
+        mask = np.asarray(scenes.render_mask(scene))
+        background = np.array(scenes.BACKGROUNDS[scene.background])
+        distance = np.abs(image - background).max(axis=-1)
+        # No concept outside the mask: the renderer's Lanczos filter only rings a little next to edges.
+        assert distance[mask == 0].max() <= 32 and np.median(distance[mask == 0]) == 0
+        assert distance[mask == 255].min() > 60  # and all of it inside
+        assert 0 < ((mask > 0) & (mask < 255)).sum() < 0.1 * mask.size  # edges: partial coverage
+    photos, masks = _scene_folder(tmp_path)
+    assert sorted(p.name for p in masks.iterdir()) == sorted(p.name for p in photos.glob("*.png"))
+
+
+def test_zoom_out_pastes_the_concept_on_its_background_and_captions_follow(tmp_path):
+    from spectral_diffusion.models import scenes
+
+    photos, masks = _scene_folder(tmp_path)
+    data = ConceptDataset(photos, "<heart>", resolution=32, mask_dir=masks, flip_p=0.0, augment_p=1.0,
+                          augment_scale=(0.5, 0.6))
+    plain = ConceptDataset(photos, "<heart>", resolution=32, mask_dir=masks, flip_p=0.0)
+    scene = scenes.concept_scenes("heart", 3)[0]
+    background = torch.tensor(scenes.BACKGROUNDS[scene.background]) / 127.5 - 1.0
+    for seed in range(6):
+        example = data.example(0, torch.Generator().manual_seed(seed))
+        mask, pixels = example["mask"][0], example["pixel_values"]
+        assert 0 < float(mask.mean()) < 0.5 * float(plain.example(0)["mask"].mean())  # shrunk, still there
+        outside = pixels[:, mask == 0]
+        assert torch.allclose(outside, background[:, None].expand_as(outside), atol=0.02)
+        words = example["caption"].split()
+        assert words[:2] == ["a", "small"] and "<heart>" in words
+        ys, xs = torch.nonzero(mask > 0.5, as_tuple=True)
+        centre = ((xs.float().mean() + 0.5) / 32, (ys.float().mean() + 0.5) / 32)
+        nearest = min(scenes.POSITIONS, key=lambda p: (scenes.POSITIONS[p][0] - centre[0]) ** 2
+                      + (scenes.POSITIONS[p][1] - centre[1]) ** 2)
+        assert scenes.POSITION_PHRASES[nearest] in example["caption"]
+    assert data.example(0)["caption"] == plain.example(0)["caption"]  # the evaluation view is never zoomed
+
+
+def test_zoom_out_without_masks_uses_the_border_colour_and_is_off_by_default(folder):
+    from spectral_diffusion.training.augment import zoom
+
+    image = _picture()
+    zoomed, mask = zoom(image.crop((0, 0, 64, 64)), None, 0.5, (1.0, 1.0))
+    assert mask is None and zoomed.size == (64, 64)
+    assert zoomed.getpixel((2, 2)) == image.getpixel((40, 63))  # the border's colour fills the free room
+    off = ConceptDataset(folder, "<tok>", resolution=32)
+    again = ConceptDataset(folder, "<tok>", resolution=32, augment_p=0.0)
+    one, two = off.example(1, torch.Generator().manual_seed(4)), again.example(1, torch.Generator().manual_seed(4))
+    assert torch.equal(one["pixel_values"], two["pixel_values"]) and "mask" not in one

@@ -162,3 +162,20 @@ def test_bad_layers_and_duplicate_names_are_refused():
     _add(layer, "dog", 0, "additive")
     with pytest.raises(ValueError, match="already loaded"):
         _add(layer, "dog", 1, "additive")
+
+
+def test_inference_factor_cache_follows_parameters_and_strengths():
+    """Generation reuses the stacked factors between steps; any change of a parameter or strength shows."""
+    layer = _layer()
+    adapter = _add(layer, "dog", 0, "additive")
+    x = torch.randn(4, 20)
+    with torch.no_grad():
+        first = layer(x)
+        torch.testing.assert_close(layer(x), first, rtol=0, atol=0)
+        adapter.A.add_(0.5)  # an in-place change, as an optimiser step or a load makes
+        moved = layer(x)
+        assert not torch.allclose(moved, first)
+        torch.testing.assert_close(moved, layer.base_layer(x) + x @ _reference_delta(adapter).T, rtol=1e-5, atol=1e-5)
+        layer.set_strength("dog", 0.5)
+        half = layer(x)
+        torch.testing.assert_close(half - layer.base_layer(x), (moved - layer.base_layer(x)) * 0.5, rtol=1e-5, atol=1e-5)

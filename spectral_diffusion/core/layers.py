@@ -203,6 +203,7 @@ class SpectralLayer(nn.Module):
         if adapter.U.device != device:  # Module.to walks every tensor; skip it when there is nothing to move
             adapter = adapter.to(device)
         self.concepts[name] = adapter
+        self._factor_cache = None  # a new adapter may reuse a freed one's id
         return adapter
 
     def remove_concept(self, name: str) -> None:
@@ -210,6 +211,7 @@ class SpectralLayer(nn.Module):
             self.unmerge([name])
         self.concept(name)
         del self.concepts[name]
+        self._factor_cache = None
 
     def set_strength(self, name: str, strength: float) -> None:
         """Change a concept's strength; a merged concept is re-baked at the new strength."""
@@ -278,7 +280,22 @@ class SpectralLayer(nn.Module):
         return [adapter for _, adapter in self._live_items()]
 
     def _factors(self, adapters: list[SlotAdapter]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stacked ``(L, R)`` of the given adapters with strengths folded into L: ``sum_i a_i dW_i = L R^T``."""
+        """Stacked ``(L, R)`` of the given adapters with strengths folded into L: ``sum_i a_i dW_i = L R^T``.
+
+        Without autograd (generation) they are cached between denoising steps while the set of
+        adapters, their strengths and their parameters (tensor versions) stay the same.
+        """
+        if torch.is_grad_enabled():
+            return self._stack_factors(adapters)
+        key = tuple((id(a), a.strength, *(getattr(a, n)._version for n in a.trainable_names())) for a in adapters)
+        cached = getattr(self, "_factor_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, self._stack_factors(adapters))
+            self._factor_cache = cached
+        return cached[1]
+
+    @staticmethod
+    def _stack_factors(adapters: list[SlotAdapter]) -> tuple[torch.Tensor, torch.Tensor]:
         lefts, rights = [], []
         for adapter in adapters:
             left, right = adapter.lora_factors()

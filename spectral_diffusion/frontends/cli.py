@@ -77,6 +77,9 @@ def _add_train(sub) -> None:
     train.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no")
     train.add_argument("--checkpoint-every", type=int, default=0, help="save a resumable checkpoint every N steps")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this name")
+    train.add_argument("--masks", default=None,
+                       help="folder of foreground masks, one per image under the same file name (white = the "
+                            "concept); the loss on the background is down-weighted")
 
 
 def _add_generate(sub) -> None:

@@ -78,6 +78,7 @@ def _train_request(args) -> TrainRequest:
         name=args.name, images=args.images, class_word=args.class_word, variant=args.variant, rank=args.rank,
         steps=args.steps, resolution=args.resolution, seed=args.seed, slot=args.slot, token=args.token,
         mixed_precision=args.mixed_precision, checkpoint_every=args.checkpoint_every, resume=args.resume,
+        masks=args.masks,
         preview_every=0,  # the CLI saves only the final preview
     )
 

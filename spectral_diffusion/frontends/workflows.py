@@ -52,6 +52,7 @@ class TrainRequest:
     mixed_precision: str = "no"
     checkpoint_every: int = 0
     resume: bool = False
+    masks: str | os.PathLike | None = None  # folder of foreground masks (same file names as the images)
     preview_every: int | None = None
     overrides: Mapping = field(default_factory=dict)  # further TrainConfig fields: lr_unet, batch_size, ...
 
@@ -81,6 +82,7 @@ class TrainRequest:
             name=self.name, tokens=self.tokens, class_word=self.class_word, rank=self.rank_for(model), slot=slot,
             variant=self.variant, seed=self.seed, mixed_precision=self.mixed_precision,
             checkpoint_every=self.checkpoint_every, resume=self.resume,
+            mask_dir=str(self.masks) if self.masks else None,
             checkpoint_dir=str(Path(library_root) / ".checkpoints" / self.name) if checkpoints else None,
         )
 
