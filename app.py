@@ -96,7 +96,7 @@ class TrainTab:
     api_trigger: gr.Button  # never shown: the train_concept endpoint (the page's button has its own event)
     progress: gr.HTML
     previews: gr.Gallery
-    loss_chart: gr.LinePlot
+    loss_chart: gr.Image
     trained: gr.JSON
     cancel_message: gr.Markdown
 
@@ -204,9 +204,10 @@ def build_train_tab(rank: int, defaults: dict) -> TrainTab:
             progress = gr.HTML(app_views.progress_html(TrainingStatus(message="no training yet")),
                                label="Progress", elem_id="train-progress")
             cancel_message = gr.Markdown(elem_id="train-cancel")
-            previews = gr.Gallery(label="Previews (their step below each)", columns=3, height=260, format="png",
+            previews = gr.Gallery(label="Previews (their step below each)", columns=4, height="auto", format="png",
                                   object_fit="contain", elem_id="train-previews")
-            loss_chart = gr.LinePlot(x="step", y="loss", label="Training loss", height=200, elem_id="train-loss")
+            loss_chart = gr.Image(label="Training loss", type="pil", format="png", interactive=False, height=220,
+                                  elem_id="train-loss")
             trained = gr.JSON(label="Trained concept", elem_id="train-result")
     return TrainTab(images, thumbnails, name, class_word, variant, rank_box, steps, advanced, slot_hint,
                     train_button, cancel_button, api_trigger, progress, previews, loss_chart, trained, cancel_message)
@@ -229,13 +230,14 @@ def build_library_tab() -> LibraryTab:
                                              info="spectral: our adapter · lora: diffusers/PEFT · "
                                                   "kohya: AUTOMATIC1111/ComfyUI (+ textual inversion)")
                     export_button = gr.Button("Download")
-                    exported = gr.File(label="Files", file_count="multiple", interactive=False)
+                    exported = gr.File(label="Files", file_count="multiple", interactive=False, height=110)
                 with gr.Group():
                     sure = gr.Checkbox(label="I am sure: delete this concept and free its slot")
                     delete_button = gr.Button("Delete", variant="stop")
                     delete_message = gr.Markdown()
                 with gr.Group():
-                    import_file = gr.File(label="Import an adapter (.safetensors)", file_types=[".safetensors"])
+                    import_file = gr.File(label="Import an adapter (.safetensors)", file_types=[".safetensors"],
+                                          height=130)
                     import_name = gr.Textbox(label="Import under the name (optional)")
                     import_button = gr.Button("Import")
                     imported = gr.JSON(label="Imported concept")
@@ -299,7 +301,7 @@ def _result_column():
         fused_format = gr.Radio(list(EXPORT_FORMATS), value="spectral",
                                 label="Download the fused adapter as (global: no layout)")
         fused_button = gr.Button("Download fused adapter")
-        fused_files = gr.File(label="Fused files", file_count="multiple", interactive=False)
+        fused_files = gr.File(label="Fused files", file_count="multiple", interactive=False, height=110)
     return gallery, info, layout_picture, overlay, fused_format, fused_button, fused_files
 
 

@@ -132,9 +132,7 @@ class TrainingRun:
                  else f"final · step {status.total_steps}") for i, image in enumerate(list(status.previews))]
 
     def chart(self):
-        import pandas as pd
-
-        return pd.DataFrame(list(self.losses), columns=["step", "loss"])
+        return app_views.loss_chart(list(self.losses))
 
     def follow(self, shown: Callable[[TrainingStatus, object], tuple]):
         """Yield ``shown(status, previews or gr.skip())`` every poll until the run ends; returns its record
@@ -373,9 +371,10 @@ def rows_to_spec(*values) -> str:
 
 def layout_editor(service: Service, mode, prompt, negative, width, height, *rows):
     """The layout editor after any change: (layout text for the generate endpoint, its picture, whether
-    the box editors show). ``rows``: the concept rows' names, boxes and region prompts (``LayoutRows``)."""
-    spec = app_values.layout_spec(mode, prompt, negative, app_values.LayoutRows.split(rows))
-    boxes_shown = [gr.update(visible=mode == app_values.CUSTOM)] * (len(rows) // (2 + app_values.BOX_FIELDS))
+    which rows' box editors show: a custom layout's named rows). ``rows``: the concept rows' names, boxes and region prompts (``LayoutRows``)."""
+    editor = app_values.LayoutRows.split(rows)
+    spec = app_values.layout_spec(mode, prompt, negative, editor)
+    boxes_shown = [gr.update(visible=mode == app_values.CUSTOM and bool(name)) for name in editor.names]
     if not spec:
         return (spec, gr.update(value=None, visible=False), *boxes_shown)
     try:

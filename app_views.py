@@ -5,6 +5,7 @@ generated image). app_ui.py puts these into widgets."""
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -54,7 +55,10 @@ def _draw_boxes(image: Image.Image, layout: Layout, fill_alpha: int) -> Image.Im
         box = (round(x0 * width), round(y0 * height), round(x1 * width) - 1, round(y1 * height) - 1)
         draw.rectangle(box, fill=(*colour, fill_alpha), outline=(*colour, 255), width=line)
         label = _fit(draw, region_label(layout, index), font, box[2] - box[0] - 2 * line - 4)
-        left, top = box[0] + line + 3, box[1] + line + 2
+        # centred in its box: a widget's own label covers the picture's top-left corner
+        size = draw.textbbox((0, 0), label, font=font)
+        left = (box[0] + box[2] - (size[2] - size[0])) // 2
+        top = (box[1] + box[3] - (size[3] - size[1])) // 2
         bounds = draw.textbbox((left, top), label, font=font)
         draw.rectangle((bounds[0] - 2, bounds[1] - 1, bounds[2] + 2, bounds[3] + 1), fill=(*colour, 230))
         draw.text((left, top), label, fill=(255, 255, 255, 255), font=font)
@@ -87,6 +91,36 @@ def overlay_layout(image: Image.Image, layout: Layout) -> Image.Image:
     if max(image.size) < CANVAS_LONG_SIDE:
         image = image.resize(canvas_size(*image.size), Image.Resampling.NEAREST)
     return _draw_boxes(image, layout, fill_alpha=40)
+
+
+def loss_chart(losses: Sequence[tuple[int, float]], width: int = 480, height: int = 200) -> Image.Image | None:
+    """The training loss per step as a line on a white card, with the first, lowest and last loss."""
+    if not losses:
+        return None
+    chart = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(chart)
+    font = _font(12)
+    left, right, top, bottom = 56, width - 12, 32, height - 24  # top: room for the widget's own label
+    steps = [step for step, _ in losses]
+    values = [loss for _, loss in losses]
+    low, high = min(values), max(values)
+    span, first = (high - low) or 1.0, steps[0]
+    step_span = (steps[-1] - first) or 1
+
+    def point(step, loss):
+        return (left + (right - left) * (step - first) / step_span, bottom - (bottom - top) * (loss - low) / span)
+
+    draw.rectangle((left, top, right, bottom), outline=(200, 202, 210))
+    for value, y in ((high, top), (low, bottom)):
+        draw.text((4, y - 7), f"{value:.4f}", fill=(90, 90, 100), font=font)
+    draw.text((left, bottom + 6), f"step {first}", fill=(90, 90, 100), font=font)
+    last = f"step {steps[-1]} · loss {values[-1]:.4f}"
+    draw.text((right - draw.textlength(last, font=font), bottom + 6), last, fill=(90, 90, 100), font=font)
+    points = [point(s, v) for s, v in losses]
+    if len(points) == 1:
+        points = points * 2
+    draw.line(points, fill=COLOURS[1], width=2)
+    return chart
 
 
 def message_picture(text: str, width: int = 384, height: int = 96) -> Image.Image:

@@ -11,8 +11,9 @@ with one change from the product's settings, then scores what the concept draws 
   new contexts (colour, background, position) -- the fusion benchmark's measure, with fewer seeds
   and contexts (2 and 2 here, against 4 and 4 there), so differences under about 0.1 are noise;
 * *identity on pair prompts*: the same concept, still the only one loaded, asked for on one side of
-  a two-object prompt ("a red <heart> on the left and a blue <moon> on the right ..."), which tests
-  whether it carries over to scenes unlike its photos;
+  a two-object prompt of the fusion benchmark with the other concept replaced by a shape the model
+  knows ("a red <heart> on the left and a blue square on the right ..."), which tests whether it
+  carries over to scenes unlike its photos;
 * *time*: seconds per concept, and the ratio to the PEFT LoRA row (``bench/lora_concept.py``: same
   layers, rank, steps, data, loss) measured in the same invocation. The machine is shared, so
   absolute times are under background load; compare ratios.
@@ -24,6 +25,7 @@ can be run in several invocations; the table in ``docs/concept-quality.md`` is w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -56,6 +58,7 @@ logger = logging.getLogger("bench.concept_quality")
 
 MODEL = "builtin:toy"
 SEEDS, CONTEXTS, INFERENCE_STEPS, GUIDANCE = 2, 2, 25, 5.0
+PARTNER = "square"  # the other object of a pair prompt: a pretraining shape, so only one concept is loaded
 BEST_UNET_LR = 3e-3  # the diagnostic rows vary one thing at this UNet rate (the lr rows show why)
 
 
@@ -113,7 +116,12 @@ def _identity(model, images, shape: str) -> list[float]:
 
 
 def _prompts(shape: str) -> tuple[list, list]:
-    pairs = [p for p in pair_prompts() if shape in p.concepts][:2]
+    """New-context single prompts, and two pair prompts of the fusion benchmark with ``shape`` in them
+    whose other concept is replaced by a shape the model knows (a token of no loaded concept is refused)."""
+    pairs = []
+    for prompt in [p for p in pair_prompts() if shape in p.concepts][:2]:
+        (other,) = [c for c in prompt.concepts if c != shape]
+        pairs.append(dataclasses.replace(prompt, text=prompt.text.replace(token(other), PARTNER)))
     return single_prompts(shape, CONTEXTS), pairs
 
 

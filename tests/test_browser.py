@@ -118,9 +118,9 @@ def test_upload_train_pick_and_generate_in_the_browser(page):
     expect(page.locator("#train-status-text")).to_contain_text("slot 0")
     expect(page.locator("#train-previews img").first).to_be_visible()
     expect(page.locator("#train-previews")).to_contain_text("step")  # previews carry their step
+    expect(page.locator("#train-slot")).to_contain_text("Name taken")  # the name in the field is now taken
+    page.locator("#train-name textarea, #train-name input").first.fill("")
     expect(page.locator("#train-slot")).to_contain_text("slot 1")  # the next concept's slot
-    page.locator("#train-name textarea, #train-name input").first.fill("my-dog")  # now taken
-    expect(page.locator("#train-slot")).to_contain_text("Name taken")
     expect(page.locator(".error, [data-testid=error]")).to_have_count(0)  # no Error badges anywhere
     shot(page, "browser-1-trained.png", "app-train.png")
 
@@ -141,7 +141,7 @@ def test_upload_train_pick_and_generate_in_the_browser(page):
     page.locator("#generate-prompt textarea").fill("a photo of <my-dog> on the beach")
     set_number(page, "#gen-steps", 2)
     set_number(page, "#seed", 7)
-    page.locator("#layout-mode").get_by_text("custom").click()
+    page.locator("#layout-mode").get_by_text("custom", exact=True).click()
     expect(page.locator("#box-0-x1 input[type=number]")).to_be_visible()  # the row's box editor
     expect(page.locator("#layout-picture img").first).to_be_visible()  # the layout drawn
     page.click("#generate-button")

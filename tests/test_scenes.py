@@ -78,3 +78,18 @@ def test_concept_photos_are_a_trainable_folder_with_captions(tmp_path):
     colours = {scene.objects[0].colour for scene in scenes.concept_scenes("heart")}
     assert len(colours) == 5  # the token must learn the shape, not one colour
     assert scenes.concept_scenes("heart") == scenes.concept_scenes("heart")
+
+
+def test_built_in_scene_masks_are_exact(tmp_path):
+    for scene in scenes.concept_scenes("moon", 4):
+        image = np.asarray(scenes.render(scene)).astype(int)
+        mask = np.asarray(scenes.render_mask(scene))
+        background = np.array(scenes.BACKGROUNDS[scene.background])
+        distance = np.abs(image - background).max(axis=-1)
+        # No concept outside the mask: the renderer's Lanczos filter only rings a little next to edges.
+        assert distance[mask == 0].max() <= 32 and np.median(distance[mask == 0]) == 0
+        assert distance[mask == 255].min() > 60  # and all of it inside
+        assert 0 < ((mask > 0) & (mask < 255)).sum() < 0.1 * mask.size  # edges: partial coverage
+    photos, masks = tmp_path / "photos", tmp_path / "masks"
+    scenes.write_concept_images("moon", photos, count=3, mask_folder=masks)
+    assert sorted(p.name for p in masks.iterdir()) == sorted(p.name for p in photos.glob("*.png"))

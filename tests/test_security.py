@@ -114,7 +114,7 @@ def scan_source(path: Path, root: Path = ROOT) -> list[str]:
 
 
 def scanned_files() -> list[Path]:
-    return sorted((ROOT / "spectral_diffusion").rglob("*.py")) + [ROOT / "app.py", ROOT / "app_ui.py"]
+    return sorted((ROOT / "spectral_diffusion").rglob("*.py")) + sorted(ROOT.glob("app*.py"))
 
 
 def test_the_scanner_finds_what_it_looks_for(tmp_path):
@@ -239,13 +239,13 @@ def test_downloads_serve_only_what_the_app_handed_out(server, tmp_path):
     handed = exported[0]
     served = http.get(handed["url"].split(server["url"].rstrip("/"), 1)[-1].lstrip("/"))
     library_adapter = server["library"] / "resident" / "adapter.safetensors"
-    assert served.status_code == 200 and served.content == library_adapter.read_bytes()
-
     outputs_copy = next(Path(server["outputs"]).rglob("resident.safetensors"))  # what Service wrote
+    # the export is the library's adapter plus its card (preview, image count) in the metadata
+    assert served.status_code == 200 and served.content == outputs_copy.read_bytes()
     cache = Path(server["cache"])
     forbidden = [
         library_adapter, server["library"] / "resident" / "concept.json", outputs_copy, server["log"],
-        ROOT / "app.py", ROOT / "spectral_diffusion" / "library.py", Path("/etc/passwd"), Path("/proc/self/environ"),
+        ROOT / "app.py", ROOT / "spectral_diffusion" / "library" / "store.py", Path("/etc/passwd"), Path("/proc/self/environ"),
         f"{cache}/../library/resident/adapter.safetensors", f"{cache}/../server.log",
         "../../../../etc/passwd", "..%2f..%2f..%2fetc%2fpasswd", f"{urllib.parse.quote(str(library_adapter))}",
         f"http://127.0.0.1:{server['port']}/config", "file:///etc/passwd",

@@ -354,3 +354,98 @@ def test_two_process_data_parallel_run_gives_identical_adapters(models_home, ima
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert any(first[k].abs().max() > 0 for k in first if k.endswith(".A"))
+
+
+# ----- masked loss, s_k-independent steps, c off ----------------------------------------------------
+
+
+def test_masked_loss_is_the_plain_loss_with_a_white_mask_and_weights_the_background():
+    from spectral_diffusion.training.objective import latent_weights, per_example_loss
+
+    generator = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 4, 4, 4, generator=generator), torch.randn(2, 4, 4, 4, generator=generator)
+    plain = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+    white = latent_weights(torch.ones(2, 1, 32, 32), (4, 4), 0.1)
+    assert torch.allclose(per_example_loss(pred, target), plain)
+    assert torch.allclose(per_example_loss(pred, target, white), plain)
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[:, :, :, :16] = 1.0  # the left half is the concept
+    mask[:, :, :8, 16:24] = 0.5  # a latent half covered: area pooling gives it half weight plus background
+    weights = latent_weights(mask, (4, 4), 0.25)
+    assert weights.shape == (2, 1, 4, 4)
+    assert torch.all(weights[:, :, :, :2] == 1.0) and torch.all(weights[:, :, 1:, 2:] == 0.25)
+    assert torch.allclose(weights[:, :, 0, 2], torch.full((2, 1), 0.25 + 0.75 * 0.5))
+    error = (pred - target) ** 2
+    assert torch.allclose(per_example_loss(pred, target, weights), (error * weights).mean(dim=(1, 2, 3)))
+    background_only = torch.zeros(2, 1, 32, 32)
+    assert torch.allclose(per_example_loss(pred, target, latent_weights(background_only, (4, 4), 0.25)),
+                          0.25 * plain)
+
+
+def test_masks_config_defaults_and_validation(tmp_path):
+    assert config().background_loss_weight == 1.0
+    assert config(mask_dir=str(tmp_path)).background_loss_weight == 0.1
+    assert config(mask_dir=str(tmp_path), background_weight=0.3).background_loss_weight == 0.3
+    assert "mask_dir" not in config(mask_dir=str(tmp_path)).to_json()  # a local path, not recorded
+    for changes, message in (({"background_weight": 2.0}, "background_weight"), ({"augment_p": -1}, "augment_p"),
+                             ({"augment_min_scale": 0.01}, "augment scales"), ({"lr_scale": "x"}, "lr_scale")):
+        with pytest.raises(ValueError, match=message):
+            config(**changes)
+
+
+def test_a_short_training_with_masks_and_augmentation_runs(tiny_pipe, images, tmp_path):
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for path in images.glob("*.png"):
+        with Image.open(path) as photo:
+            size = photo.size
+        mask = Image.new("L", size, 0)
+        ImageDraw.Draw(mask).ellipse((10, 12, 50, 48), fill=255)
+        mask.save(masks / path.name)
+    result = train_concept(tiny_pipe, images, config(steps=3, mask_dir=str(masks), augment_p=1.0))
+    assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert result.adapter.train_config["background_weight"] is None  # the default, 0.1 with masks
+    (images.parent / "no-masks").mkdir(exist_ok=True)
+    with pytest.raises(ImageDataError, match="no mask for image"):
+        train_concept(tiny_pipe, images, config(steps=1, mask_dir=str(images.parent / "no-masks")))
+
+
+def test_spectrum_scale_divides_each_column_step_by_its_singular_value(tiny_pipe, images):
+    from spectral_diffusion.training.lr_scale import StepScale
+
+    adapters = SpectralAdapters.from_pipeline(tiny_pipe)
+    try:
+        adapters.spectrum(8)
+        from spectral_diffusion.core.config import ConceptInfo
+
+        adapters.new_concept(ConceptInfo("dot", 1, 4, "additive", ["<dot>"], ""))
+        layer = next(iter(adapters.layers.values())).concept("dot")
+        scale = StepScale(adapters, "dot", "spectrum")
+        before = scale.before()
+        with torch.no_grad():
+            layer.A.add_(1.0)  # a step of 1 on every entry
+        scale.after(before)
+        assert torch.allclose(layer.A[0], 1.0 / layer.s)
+        assert StepScale(adapters, "dot", "uniform").pairs == []
+    finally:
+        adapters.unpatch()
+
+
+def test_spectrum_scale_and_c_off_train(tiny_pipe, images):
+    result = train_concept(tiny_pipe, images, config(steps=2, lr_scale="spectrum", train_c=False))
+    tensors = result.adapter.tensors()
+    shifts = [t for key, t in tensors.items() if key.endswith(".c")]
+    factors = [t for key, t in tensors.items() if key.endswith(".A")]
+    assert shifts and all(float(t.abs().max()) == 0.0 for t in shifts)
+    assert factors and any(float(t.abs().max()) > 0.0 for t in factors)
+
+
+def test_cli_masks_reach_the_train_config(tmp_path):
+    from spectral_diffusion.frontends.cli import build_parser
+    from spectral_diffusion.frontends.cli_commands import _train_request
+
+    args = build_parser().parse_args(["train", "--images", str(tmp_path), "--name", "dot", "--masks", "m"])
+    run = _train_request(args).config("builtin:tiny", str(tmp_path))
+    assert run.mask_dir == "m" and run.background_loss_weight == 0.1
+    plain = build_parser().parse_args(["train", "--images", str(tmp_path), "--name", "dot"])
+    assert _train_request(plain).config("builtin:tiny", str(tmp_path)).mask_dir is None

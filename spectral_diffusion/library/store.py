@@ -430,6 +430,7 @@ class Library:
             for stray in self._reservations_dir().glob(f"{workdirs.TMP_PREFIX}*"):
                 workdirs.remove_path(stray)  # an atomic write of a reservation file killed midway
                 removed.append(f"{RESERVATIONS_DIR}/{stray.name}")
+        removed += workdirs.remove_checkpoint_leftovers(self.root, self._live_reservations())
         if removed:
             logger.info("library %s: cleaned up %s", self.root, removed)
         return removed

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 
 from spectral_diffusion.atomic import fsync_path
@@ -24,6 +25,7 @@ TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 OLD_PREFIX = ".old-"  # a concept moved aside by an overwrite; restored by cleanup if the swap died
 WORK_PREFIXES = (TMP_PREFIX, TRASH_PREFIX, OLD_PREFIX)
+CHECKPOINTS_DIR = ".checkpoints"  # resumable training state, one folder per concept name
 
 
 def make_workdir(root: Path, prefix: str, name: str) -> Path:
@@ -66,6 +68,20 @@ def remove_leftovers(root: Path) -> list[str]:
         if entry.name.startswith(WORK_PREFIXES):
             remove_path(entry)
             removed.append(entry.name)
+    return removed
+
+
+def remove_checkpoint_leftovers(root: Path, training: Collection[str]) -> list[str]:
+    """Half-written checkpoint files (``.checkpoints/<name>/.tmp-*``) of trainings no longer running; a
+    running one (a name in ``training``) may be writing its own right now. Their paths, from ``root``."""
+    folder = root / CHECKPOINTS_DIR
+    removed = []
+    for run in sorted(folder.iterdir()) if folder.is_dir() else ():
+        if run.name in training or not run.is_dir():
+            continue
+        for stray in sorted(run.glob(f"{TMP_PREFIX}*")):
+            remove_path(stray)
+            removed.append(f"{CHECKPOINTS_DIR}/{run.name}/{stray.name}")
     return removed
 
 

@@ -8,6 +8,7 @@ settings than the resuming run, before any of it is applied.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -164,6 +165,9 @@ class Checkpoints:
 
     def _check_settings(self, path: Path, theirs: dict) -> None:
         mine = config_for_resume(self.config)
+        # A checkpoint made before a setting existed was made with that setting's default.
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+        theirs = {**{k: defaults[k] for k in mine if k not in theirs and k in defaults}, **theirs}
         changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if changed:
             detail = ", ".join(f"{k}={theirs.get(k)!r} (now {mine.get(k)!r})" for k in changed[:4])
