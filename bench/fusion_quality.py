@@ -200,7 +200,7 @@ def evaluate(pipe, spectral, lora, settings: Settings, pairs: list[Prompt], mode
                                      results[method], model)
     lora_pipe = fused_pipeline(pipe, concepts, 1.0)
     for prompt in pairs:
-        layout = regional_quality.pair_layout(prompt, token, region_prompts=False)
+        layout = regional_quality.pair_layout(prompt, token, region_prompts=True)  # the anchors' regional prompts
         images, seconds = regional_quality.timed(lambda lay=layout: regional_quality.draw_regional(lora_pipe, lay, settings))
         regional["regional_lora"].add(model, images, prompt, CONCEPTS, seconds)
     results["regional"] = regional
@@ -217,7 +217,7 @@ def _score_regional_spectral(pipe, adapters, pairs, settings, model) -> dict:
     for prompt in pairs:
         images, seconds = rq.timed(lambda p=prompt: draw(pipe, p, settings))
         scores["global"].add(model, images, prompt, CONCEPTS, seconds)
-        for method, routed, region_prompts in (("regional_global_slots", False, False), ("routed", True, False),
+        for method, routed, region_prompts in (("regional_global_slots", False, True), ("routed", True, False),
                                                ("routed_region_prompts", True, True)):
             layout = rq.pair_layout(prompt, token, region_prompts)
             images, seconds = rq.timed(lambda lay=layout, r=routed: rq.draw_regional(pipe, lay, settings, adapters, r))

@@ -2,8 +2,10 @@
 
 Pair prompts put concept a on the left half and b on the right half. Methods:
 
-  (e)  regional cross-attention with every slot still global: the anchors' regionally controllable
-       sampling (Mix-of-Show, Orthogonal Adaptation, the Spectral Adapter paper's code);
+  (e)  regional cross-attention with every slot still global and a prompt per region ("a blue <heart>
+       on a gray background"): the anchors' regionally controllable sampling (Mix-of-Show, Orthogonal
+       Adaptation, the Spectral Adapter paper's code); with region prompts equal to the whole prompt,
+       regional attention would change nothing;
   (e') the same with PEFT LoRAs (the fair LoRA comparison: a LoRA cannot be routed);
   (f)  routed slots + regional cross-attention (ours): each slot only in its own box and on its own
        region prompt's tokens; region prompts = the pair prompt (the default);
@@ -31,8 +33,8 @@ from toy import classifier
 
 HALVES = ((0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0))
 REGIONAL_METHODS = {
-    "regional_global_slots": "(e) regional cross-attention, all slots global (anchors' method)",
-    "regional_lora": "(e') PEFT LoRA + regional cross-attention",
+    "regional_global_slots": "(e) regional cross-attention + region prompts, all slots global (anchors' method)",
+    "regional_lora": "(e') PEFT LoRA + regional cross-attention + region prompts",
     "routed": "(f) routed slots + regional cross-attention (ours)",
     "routed_region_prompts": "(f2) routed slots, per-region prompts",
     "alone_on_pair": "ceiling: each concept alone on the pair prompt",
