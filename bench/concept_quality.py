@@ -2,14 +2,16 @@
 
     python bench/concept_quality.py                 # all rows, about 25 minutes on one CPU core
     python bench/concept_quality.py --rows lora,default --shapes heart
-    python bench/concept_quality.py --report        # only rewrite docs/concept-quality.md from the JSON
+    python bench/concept_quality.py --report        # only rewrite the table from the JSON
+    python bench/concept_quality.py --rows lora,unet_3e-3 --seeds 4 --contexts 4 --name concept-quality-confirm
 
 Each row trains one or two novel shapes (heart, moon by default) alone from their 5 captioned photos
 with one change from the product's settings, then scores what the concept draws by itself:
 
 * *identity alone*: the scene classifier's probability of the concept's shape, on single prompts in
   new contexts (colour, background, position) -- the fusion benchmark's measure, with fewer seeds
-  and contexts (2 and 2 here, against 4 and 4 there), so differences under about 0.1 are noise;
+  and contexts by default (2 and 2, against 4 and 4 there; ``--seeds``/``--contexts``), so with 4
+  images per shape a difference of one image (0.25 per shape) is noise;
 * *identity on pair prompts*: the same concept, still the only one loaded, asked for on one side of
   a two-object prompt of the fusion benchmark with the other concept replaced by a shape the model
   knows ("a red <heart> on the left and a blue square on the right ..."), which tests whether it
@@ -19,7 +21,8 @@ with one change from the product's settings, then scores what the concept draws 
   absolute times are under background load; compare ratios.
 
 Results accumulate in ``docs/concept-quality.json`` (one entry per row, the latest run wins), so rows
-can be run in several invocations; the table in ``docs/concept-quality.md`` is written from it.
+can be run in several invocations; ``docs/concept-quality-table.md`` is written from it (and
+``docs/concept-quality.md`` discusses it).
 """
 
 from __future__ import annotations
@@ -57,7 +60,15 @@ from toy import classifier  # noqa: E402
 logger = logging.getLogger("bench.concept_quality")
 
 MODEL = "builtin:toy"
-SEEDS, CONTEXTS, INFERENCE_STEPS, GUIDANCE = 2, 2, 25, 5.0
+INFERENCE_STEPS, GUIDANCE = 25, 5.0
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How many seeds and new contexts each concept is drawn with (the fusion benchmark uses 4 and 4)."""
+
+    seeds: int = 2
+    contexts: int = 2
 PARTNER = "square"  # the other object of a pair prompt: a pretraining shape, so only one concept is loaded
 BEST_UNET_LR = 3e-3  # the diagnostic rows vary one thing at this UNet rate (the lr rows show why)
 
@@ -76,10 +87,11 @@ def _at_best(**changes) -> dict:
 
 
 ROWS = (
-    Row("lora", "PEFT LoRA, product settings (lr_unet 1e-3)", {}, lora=True),
+    Row("lora", "PEFT LoRA, lr_unet 1e-3 (the product setting before this change)", {"lr_unet": 1e-3}, lora=True),
     Row("lora_3e-3", "PEFT LoRA, lr_unet 3e-3", {"lr_unet": 3e-3}, lora=True),
-    Row("default", "spectral, product settings before this change (lr_unet 1e-3)", {"lr_unet": 1e-3}),
-    Row("unet_3e-3", "spectral, lr_unet 3e-3", {"lr_unet": 3e-3}),
+    Row("lora_1e-2", "PEFT LoRA, lr_unet 1e-2", {"lr_unet": 1e-2}, lora=True),
+    Row("default", "spectral, lr_unet 1e-3 (the product setting before this change)", {"lr_unet": 1e-3}),
+    Row("unet_3e-3", "spectral, lr_unet 3e-3 (the new product setting)", {"lr_unet": 3e-3}),
     Row("unet_1e-2", "spectral, lr_unet 1e-2", {"lr_unet": 1e-2}),
     Row("text_1e-3", "spectral, lr_unet 3e-3, lr_text 1e-3", _at_best(lr_text=1e-3)),
     Row("spectrum_1e-3", "spectral, s_k-independent step (lr_scale spectrum), lr_unet 1e-3",
@@ -115,25 +127,26 @@ def _identity(model, images, shape: str) -> list[float]:
     return [float(v) for v in reading]
 
 
-def _prompts(shape: str) -> tuple[list, list]:
+def _prompts(shape: str, contexts: int) -> tuple[list, list]:
     """New-context single prompts, and two pair prompts of the fusion benchmark with ``shape`` in them
     whose other concept is replaced by a shape the model knows (a token of no loaded concept is refused)."""
     pairs = []
     for prompt in [p for p in pair_prompts() if shape in p.concepts][:2]:
         (other,) = [c for c in prompt.concepts if c != shape]
         pairs.append(dataclasses.replace(prompt, text=prompt.text.replace(token(other), PARTNER)))
-    return single_prompts(shape, CONTEXTS), pairs
+    return single_prompts(shape, contexts), pairs
 
 
-def _score(pipe, model, shape: str) -> tuple[float, float]:
-    singles, pairs = _prompts(shape)
-    draw = lambda p: generate(pipe, p.text, SEEDS, scenes.IMAGE_SIZE, INFERENCE_STEPS, GUIDANCE, seed=1234)  # noqa: E731
+def _score(pipe, model, shape: str, sampling: Sampling) -> tuple[float, float]:
+    singles, pairs = _prompts(shape, sampling.contexts)
+    draw = lambda p: generate(pipe, p.text, sampling.seeds, scenes.IMAGE_SIZE, INFERENCE_STEPS, GUIDANCE,  # noqa: E731
+                              seed=1234)
     alone = [v for p in singles for v in _identity(model, draw(p), shape)]
     pair = [v for p in pairs for v in _identity(model, draw(p), shape)]
     return float(np.mean(alone)), float(np.mean(pair))
 
 
-def run_row(pipe, model, row: Row, shapes, work: Path, steps: int | None = None) -> dict:
+def run_row(pipe, model, row: Row, shapes, work: Path, sampling: Sampling, steps: int | None = None) -> dict:
     alone, pair, seconds = [], [], []
     for index, shape in enumerate(shapes):
         folder, masks = work / shape, work / f"{shape}-masks"
@@ -144,14 +157,14 @@ def run_row(pipe, model, row: Row, shapes, work: Path, steps: int | None = None)
         if row.lora:
             concept = train_lora_concept(pipe, folder, config)
             seconds.append(time.perf_counter() - start)
-            scores = _score(fused_pipeline(pipe, [concept], 1.0), model, shape)
+            scores = _score(fused_pipeline(pipe, [concept], 1.0), model, shape, sampling)
         else:
             adapter = train_concept(pipe, folder, config, svd_cache_dir=work / "svd").adapter
             seconds.append(time.perf_counter() - start)
             adapters = SpectralAdapters.from_pipeline(pipe)
             try:
                 install_adapter(adapters, adapter)
-                scores = _score(pipe, model, shape)
+                scores = _score(pipe, model, shape, sampling)
             finally:
                 adapters.unpatch()
         alone.append(scores[0])
@@ -159,13 +172,14 @@ def run_row(pipe, model, row: Row, shapes, work: Path, steps: int | None = None)
         logger.info("%s %s: identity alone %.2f, on pairs %.2f, %.0f s", row.key, shape, *scores, seconds[-1])
     return {"key": row.key, "label": row.label, "shapes": list(shapes), "identity_alone": float(np.mean(alone)),
             "identity_pair": float(np.mean(pair)), "per_shape_alone": alone, "seconds": float(np.mean(seconds)),
-            "changes": row.changes, "finished": time.strftime("%Y-%m-%d %H:%M")}
+            "changes": row.changes, "seeds": sampling.seeds, "contexts": sampling.contexts,
+            "finished": time.strftime("%Y-%m-%d %H:%M")}
 
 
 # ---------------------------------------------------------------------------------- report
 
 
-def write_table(results: dict, out: Path) -> None:
+def write_table(results: dict, path: Path) -> None:
     """The Markdown table of every row measured so far, in ROWS order; time relative to the LoRA row."""
     lora_seconds = results.get("lora", {}).get("seconds")
     header = ("| row | identity alone | identity on pair prompts (alone) | per shape (alone) | s / concept | "
@@ -177,9 +191,9 @@ def write_table(results: dict, out: Path) -> None:
             continue
         ratio = f"{r['seconds'] / lora_seconds:.2f}x" if lora_seconds else "-"
         per_shape = ", ".join(f"{s} {v:.2f}" for s, v in zip(r["shapes"], r["per_shape_alone"], strict=True))
-        lines.append(f"| {r['label']} | {r['identity_alone']:.2f} | {r['identity_pair']:.2f} | {per_shape} | "
+        lines.append(f"| {row.label} | {r['identity_alone']:.2f} | {r['identity_pair']:.2f} | {per_shape} | "
                      f"{r['seconds']:.0f} | {ratio} |")
-    (out / "concept-quality-table.md").write_text(header + "\n".join(lines) + "\n")
+    path.write_text(header + "\n".join(lines) + "\n")
 
 
 def main(argv=None) -> None:
@@ -190,11 +204,14 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--report", action="store_true", help="only rewrite the table from the JSON")
     parser.add_argument("--steps", type=int, default=None, help="override the training steps (smoke runs)")
+    parser.add_argument("--seeds", type=int, default=Sampling.seeds)
+    parser.add_argument("--contexts", type=int, default=Sampling.contexts, help="new-context prompts per shape")
+    parser.add_argument("--name", default="concept-quality", help="results file stem (several sweeps side by side)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    store = args.out / "concept-quality.json"
+    store = args.out / f"{args.name}.json"
     results = json.loads(store.read_text()) if store.is_file() else {}
     by_key = {r.key: r for r in ROWS}
     wanted = [by_key[k] for k in args.rows.split(",")] if args.rows else list(ROWS)  # in the order asked
@@ -203,9 +220,10 @@ def main(argv=None) -> None:
         shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
         with tempfile.TemporaryDirectory(prefix="concept-quality-") as tmp:
             for row in wanted:
-                results[row.key] = run_row(pipe, model, row, shapes, Path(tmp), args.steps)
+                results[row.key] = run_row(pipe, model, row, shapes, Path(tmp), Sampling(args.seeds, args.contexts),
+                                           args.steps)
                 store.write_text(json.dumps(results, indent=1) + "\n")  # each row kept as soon as it is done
-    write_table(results, args.out)
+    write_table(results, args.out / f"{args.name}-table.md")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -385,6 +386,7 @@ def start_app(library: Path, work: Path, models_home: str | None = None):
     raise RuntimeError("the app did not start in 240 s")
 
 
+SOAK_RSS_GROWTH_LIMIT_MB = 600  # the training's model copy and optimiser included
 BUSY = "already running"  # the "one training at a time" answer
 
 
@@ -526,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the summary here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    warnings.simplefilter("ignore")  # PIL's notes on odd images it is asked to write or read
     if args.what == "fuzz":
         files = args.files or (10_000 if args.long else 300)
         uploads = args.uploads or (2_000 if args.long else 150)
@@ -533,7 +536,8 @@ def main(argv: list[str] | None = None) -> int:
         ok = report["unexpected"] == 0 and report["cap_enforced"]
     else:
         report = run_soak(args.seconds or (300.0 if args.long else 45.0), args.clients)
-        ok = report["failures"] == 0 and report["library_valid"] and report["server_alive"]
+        ok = (report["failures"] == 0 and report["library_valid"] and report["server_alive"]
+              and report["rss_peak_mb"] - report["rss_start_mb"] < SOAK_RSS_GROWTH_LIMIT_MB)
     text = json.dumps(report, indent=1, ensure_ascii=False)
     print(text)
     if args.json:

@@ -29,12 +29,14 @@ def _umask() -> int:
 _ORDINARY_MODE = 0o666 & ~_umask()
 # errno values meaning "the disk cannot take this write": full, over quota, file size limit
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# errno values meaning "this folder may not be written": a read-only mount, missing permissions
+READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
 _OS_ERROR_CODE = re.compile(r"os error (\d+)")  # how Rust I/O errors (safetensors) name their errno
 
 
 def storage_error(error: BaseException, target: str | os.PathLike) -> StorageError | None:
-    """A clear ``StorageError`` naming ``target`` for a write that failed because the disk is full; None
-    for other errors.
+    """A clear ``StorageError`` naming ``target`` for a write that failed because the disk is full or the
+    folder is read-only; None for other errors.
 
     Python raises ``OSError`` with an errno; safetensors (Rust) raises its own error type whose message
     ends with ``(os error 28)``.
@@ -43,6 +45,11 @@ def storage_error(error: BaseException, target: str | os.PathLike) -> StorageErr
     if code is None:
         found = _OS_ERROR_CODE.search(str(error))
         code = int(found.group(1)) if found else None
+    if code in READ_ONLY_ERRNOS:
+        return StorageError(
+            code, f"{os.strerror(code)}: cannot write {target}; make its folder writable or use another one "
+            "(nothing was changed)"
+        )
     if code not in DISK_FULL_ERRNOS:
         return None
     return StorageError(
@@ -68,8 +75,11 @@ def fsync_path(path: str | os.PathLike) -> None:
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``target``; on success it replaces ``target`` atomically."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{target.name}.", dir=target.parent)
+    try:  # a read-only or full folder refuses already here
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{target.name}.", dir=target.parent)
+    except OSError as error:
+        raise (storage_error(error, target) or error) from error
     os.close(fd)
     tmp = Path(tmp_name)
     try:

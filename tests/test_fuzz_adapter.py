@@ -439,3 +439,19 @@ def test_huge_declared_sizes_allocate_nothing_under_a_memory_cap(valid, tmp_path
     record_stats("fuzz-memory-cap", files=count, refused=refused, accepted=count - refused,
                  unexpected=len(unexpected), peak_rss_growth_mb=round(report["peak_rss_growth_mb"], 1),
                  slowest_ms=round(report["slowest_s"] * 1000), headroom_mb=report["headroom_mb"])
+
+
+@pytest.mark.parametrize("bad_name", ["../evil", "", "a.b"])
+def test_load_adapter_refuses_a_name_it_cannot_load(valid, tmp_path, bad_name):
+    """Found by ``bench/reliability.py fuzz --long``: the name keys torch modules, so "../evil" gave KeyError."""
+    from spectral_diffusion.formats.adapter_file import load_adapter
+
+    from .reliability_helpers import _tiny_adapters
+
+    header, data = split(valid)
+    header["__metadata__"]["name"] = bad_name
+    path = _write(tmp_path, join(header, data))
+    adapters = _tiny_adapters()[1]
+    with pytest.raises(AdapterFormatError, match="cannot be loaded"):
+        load_adapter(adapters, path)
+    assert "fuzzed" not in adapters.concepts and bad_name not in adapters.concepts

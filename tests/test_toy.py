@@ -100,10 +100,10 @@ def test_toy_trains_with_its_own_defaults_unless_the_user_overrides_them(tmp_pat
 
     parser = build_parser()
     toy = _train_config(parser.parse_args(["train", "--images", "x", "--name", "a"]), 8, 0)
-    assert (toy.lr_unet, toy.flip_p, toy.steps) == (1e-3, 0.0, builtin.BUILTIN_TRAINING["builtin:toy"]["steps"])
+    assert (toy.lr_unet, toy.flip_p, toy.steps) == (3e-3, 0.0, builtin.BUILTIN_TRAINING["builtin:toy"]["steps"])
     mine = _train_config(parser.parse_args(["train", "--images", "x", "--name", "a", "--steps", "7"]), 8, 0)
-    assert (mine.steps, mine.lr_unet) == (7, 1e-3)
+    assert (mine.steps, mine.lr_unet) == (7, 3e-3)
     other = _train_config(parser.parse_args(["train", "--model", "builtin:tiny", "--images", "x", "--name", "a"]), 4, 0)
     assert other.lr_unet == 1e-4 and other.steps is None
     service = Service(model="builtin:toy", library=tmp_path / "lib", train_defaults={"steps": 5})
-    assert service.train_defaults["steps"] == 5 and service.train_defaults["lr_unet"] == 1e-3
+    assert service.train_defaults["steps"] == 5 and service.train_defaults["lr_unet"] == 3e-3

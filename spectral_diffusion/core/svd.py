@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from spectral_diffusion.atomic import atomic_path
+from spectral_diffusion.atomic import atomic_path, storage_error
 
 logger = logging.getLogger(__name__)
 
@@ -240,9 +240,12 @@ class SvdCache:
             tensors[f"{name}.U"] = trip.U.contiguous()
             tensors[f"{name}.s"] = trip.s.contiguous()
             tensors[f"{name}.V"] = trip.V.contiguous()
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self._path(fingerprint)) as tmp:
-            save_file(tensors, str(tmp), metadata={"fingerprint": fingerprint})
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with atomic_path(self._path(fingerprint)) as tmp:
+                save_file(tensors, str(tmp), metadata={"fingerprint": fingerprint})
+        except OSError as error:  # the cache only saves time: a full or read-only disk must not stop the work
+            logger.warning("not caching the SVD: %s", storage_error(error, self._path(fingerprint)) or error)
 
 
 def compute_spectrum(

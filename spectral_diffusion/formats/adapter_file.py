@@ -355,11 +355,20 @@ def _stored_tolerance(data: AdapterData) -> float:
     return compatibility_tolerance(TRIPLET_DTYPES.get(data.triplet_dtype, torch.float16))
 
 
+def _check_loadable_name(name: str) -> None:
+    """A file may carry any name (the library imports it under another one), but a loaded concept's name
+    keys torch modules: empty or dotted names cannot be loaded."""
+    if not name or "." in name:
+        raise AdapterFormatError(f"concept name {name!r} cannot be loaded (empty or with a '.'); load it under "
+                                 "another name")
+
+
 def install_adapter(
     adapters: SpectralAdapters, data: AdapterData, name: str | None = None, model_name: str = "this base model"
 ) -> ConceptInfo:
     """Load an adapter's concept into a patched model, optionally under another name."""
     info = data.info if name is None else ConceptInfo(**{**data.info.__dict__, "name": name})
+    _check_loadable_name(info.name)
     adapters.load_concept(info, data.layers, data.token_vectors, model_name, _stored_tolerance(data))
     return info
 
@@ -369,6 +378,8 @@ def install_adapters(
 ) -> list[ConceptInfo]:
     """Install several adapters (a fusion) with one pass over the base weights for all their checks;
     on any error none of them stays installed."""
+    for data in datas:
+        _check_loadable_name(data.info.name)
     adapters.load_concepts(
         [(data.info, data.layers, data.token_vectors, _stored_tolerance(data)) for data in datas], model_name
     )

@@ -163,7 +163,10 @@ class Service:
         return self.studio.export_fused(concepts, out, format=format)
 
     def _out_path(self, stem: str, format: str) -> Path:
-        folder = Path(tempfile.mkdtemp(prefix="export-", dir=self.output_dir))
+        try:
+            folder = Path(tempfile.mkdtemp(prefix="export-", dir=self.output_dir))
+        except OSError as error:
+            raise storage_error(error, self.output_dir) or error from None
         suffix = "" if format == "spectral" else f".{format}"
         return folder / f"{_safe_filename(stem)}{suffix}.safetensors"
 
@@ -207,7 +210,10 @@ class Service:
         return self.studio.generate(request, progress=progress)
 
     def save_images(self, images: Sequence[Image.Image], stem: str = "image") -> list[Path]:
-        folder = Path(tempfile.mkdtemp(prefix="generated-", dir=self.output_dir))
+        try:
+            folder = Path(tempfile.mkdtemp(prefix="generated-", dir=self.output_dir))
+        except OSError as error:
+            raise storage_error(error, self.output_dir) or error from None
         paths = []
         for index, image in enumerate(images):
             path = folder / f"{_safe_filename(stem)}-{index}.png"

@@ -254,7 +254,10 @@ class Library:
             folder = self.root / name
             if not (folder.exists() or folder.is_symlink()):
                 raise self._not_found(name)
-            workdirs.discard(self.root, name)
+            try:
+                workdirs.discard(self.root, name)
+            except OSError as error:  # a read-only or full library: the concept stays, whole
+                raise (storage_error(error, folder) or error) from error
         logger.info("deleted concept %s from %s", name, self.root)
 
     def cleanup(self) -> list[str]:
@@ -268,14 +271,16 @@ class Library:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        try:
+        try:  # the lock file is the first write: a read-only or full library refuses here
+            self.root.mkdir(parents=True, exist_ok=True)
             self._lock.acquire()
-        except Timeout:
+        except Timeout:  # before OSError: filelock's Timeout is one
             raise LibraryError(
                 f"the concept library {self.root} is busy: another process held its lock for more than "
                 f"{self.lock_timeout:g} s; try again when it has finished"
             ) from None
+        except OSError as error:
+            raise (storage_error(error, self.root / LOCK_FILE) or error) from error
         try:
             yield
         finally:
