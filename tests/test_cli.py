@@ -11,6 +11,8 @@ from PIL import Image, ImageDraw
 
 from spectral_diffusion.frontends.cli import main, parse_concepts
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _images(folder, colour, count=4):
     folder.mkdir(parents=True)

@@ -10,6 +10,8 @@ from torch import nn
 from spectral_diffusion.core.layers import SpectralLayer, cayley, cayley_offset
 from spectral_diffusion.core.svd import top_k_svd
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 RANK = 4
 
 

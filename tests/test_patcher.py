@@ -9,6 +9,8 @@ from spectral_diffusion.errors import SlotConflictError
 
 from .conftest import randomize_concept, unet_inputs, unet_output
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _text(pipe, prompt):
     ids = pipe.tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids

@@ -24,6 +24,8 @@ from spectral_diffusion.generation.regional import (
 
 from .conftest import randomize_concept
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 LATENT = (8, 12)  # non-square: 8 x 12 -> 4 x 6 -> 2 x 3 -> 1 x 2
 SELF_Q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 

@@ -12,6 +12,8 @@ from spectral_diffusion.generation.diffusion import generate
 from spectral_diffusion.models import registry as builtin
 from spectral_diffusion.models import scenes
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TOY = builtin.SHIPPED_MODELS["builtin:toy"]
 
 

@@ -272,7 +272,9 @@ def train_diffusion(work: Path, scene_list, latent_mean, latent_std, scaling: fl
     budget = minutes * 60
     bar = tqdm(desc="diffusion", initial=step, mininterval=10, unit="step")
     last_save, started = time.monotonic(), time.monotonic() - elapsed
-    while time.monotonic() - started < budget:
+    first_step = step
+    # every run makes at least one step, so a resume always moves on, however slow the machine
+    while step == first_step or time.monotonic() - started < budget:
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / warmup)
         idx = torch.randint(len(scene_list), (batch,), generator=gen)

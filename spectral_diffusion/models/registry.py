@@ -64,8 +64,9 @@ def default_rank(model: str) -> int:
 # TrainConfig settings that suit a built-in model better than the defaults tuned for real SD models.
 # builtin:toy was trained from scratch on 32 px scenes: a new shape needs larger steps than a
 # pretrained SD needs for a dog, and captions say "on the left", so images are never mirrored.
-# lr_unet 3e-3 is measured best-and-safe by bench/concept_quality.py (docs/concept-quality.md): identity
-# alone above PEFT LoRA's at the old 1e-3, where a slot learnt worse than a LoRA. Scaling rule for
+# lr_unet 3e-3 is measured by bench/concept_quality.py (docs/concept-quality.md): a slot needs about 3x a
+# LoRA's UNet rate; at 1e-3 it learnt worse than a LoRA, at 3e-3 as well as one (identity alone 0.74 vs 0.74)
+# while 1e-2 gains on pair prompts but loses identity alone and fusion. Scaling rule for
 # real models (TrainConfig's defaults, the paper's SD1.5 setting, also used for SD2.x / SDXL): what
 # transfers is the per-direction step lr x mean(s_k) of the slot, which lr_scale="spectrum" makes the
 # configured number; toy's slots have s_k ~ 1, so its rates are already per-direction steps.
