@@ -138,7 +138,9 @@ def _advanced_settings(defaults: dict) -> list[gr.components.Component]:
             resolution = gr.Number(value=defaults["resolution"], precision=0, minimum=0, step=8,
                                    label="Resolution (0 = the model's)", elem_id="train-resolution")
             seed = gr.Number(value=defaults["seed"], precision=0, minimum=0, label="Seed")
-    return [lr_unet, lr_text, lr_embedding, batch_size, resolution, seed]
+        masks = gr.File(label="Foreground masks (optional): one per photo, same file name, white = the concept",
+                        file_count="multiple", file_types=["image"], elem_id="train-masks")
+    return [lr_unet, lr_text, lr_embedding, batch_size, resolution, seed, masks]
 
 
 def build_train_tab(rank: int, defaults: dict) -> TrainTab:

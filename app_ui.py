@@ -160,10 +160,10 @@ def _trained(result) -> str:
 
 @user_errors(summary=_trained)
 def train_concept(service: Service, images, name, class_word, variant, rank, steps, lr_unet=None, lr_text=None,
-                  lr_embedding=None, batch_size=None, resolution=None, seed=None):
+                  lr_embedding=None, batch_size=None, resolution=None, seed=None, masks=None):
     """Start a training, then yield (progress html, previews, record) until it ends."""
     request = train_request(service, images, name, class_word, variant, rank, steps, lr_unet, lr_text,
-                            lr_embedding, batch_size, resolution, seed)
+                            lr_embedding, batch_size, resolution, seed, masks)
     run = TrainingRun(service, request)
     try:
         record = yield from run.follow(lambda status, previews: (progress_html(status), previews, gr.skip()))

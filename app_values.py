@@ -10,8 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from spectral_diffusion.core.strengths import format_concepts
 from spectral_diffusion.frontends.workflows import TrainRequest
@@ -80,8 +83,20 @@ def training_settings(service) -> dict:
     return defaults
 
 
+def mask_folder(service, masks) -> str | None:
+    """Uploaded masks copied into a folder of their own under their file names (training pairs each photo
+    with the mask of the same name); None without masks."""
+    paths = file_paths(masks)
+    if not paths:
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="masks-", dir=service.output_dir))
+    for path in paths:
+        shutil.copyfile(path, folder / Path(path).name)
+    return str(folder)
+
+
 def train_request(service, images, name, class_word, variant, rank, steps, lr_unet=None, lr_text=None,
-                  lr_embedding=None, batch_size=None, resolution=None, seed=None) -> TrainRequest:
+                  lr_embedding=None, batch_size=None, resolution=None, seed=None, masks=None) -> TrainRequest:
     """The request of the Train tab's (or the API's) values; Advanced values equal to the defaults (or
     None) leave the service's own settings in force."""
     paths = file_paths(images)
@@ -106,6 +121,7 @@ def train_request(service, images, name, class_word, variant, rank, steps, lr_un
         resolution=size if size and size != defaults["resolution"] else None,
         seed=whole("seed", seed) if seed not in (None, "") else 0,
         overrides=overrides,
+        masks=mask_folder(service, masks),
     )
 
 

@@ -476,7 +476,7 @@ def test_generate_is_one_event_for_the_button_and_the_enter_key(models_home, tmp
     train = named["/train_concept"]["parameters"]
     assert [p["parameter_name"] for p in train] == [
         "images", "name", "class_word", "variant", "rank", "steps",
-        "lr_unet", "lr_text", "lr_embedding", "batch_size", "resolution", "seed"]
+        "lr_unet", "lr_text", "lr_embedding", "batch_size", "resolution", "seed", "masks"]
     assert all(p["parameter_has_default"] for p in train[6:])
 
 
@@ -626,3 +626,22 @@ def test_the_app_starts_and_answers_with_the_cpu_saturated(models_home, tmp_path
         for process in busy:
             process.kill()
             process.wait(timeout=10)
+
+
+def test_uploaded_masks_travel_with_the_training_request(tmp_path):
+    """Masks uploaded beside the photos land in a folder of their own under their file names."""
+    import app_values
+
+    from spectral_diffusion.frontends.service import Service
+
+    service = Service(model="builtin:tiny", library=tmp_path / "lib", output_dir=tmp_path / "out")
+    photos, masks = make_images(tmp_path / "photos", 3), []
+    for photo in photos:
+        mask = tmp_path / "masks" / Path(photo).name
+        mask.parent.mkdir(exist_ok=True)
+        Image.new("L", (64, 64), 255).save(mask)
+        masks.append(str(mask))
+    request = app_values.train_request(service, photos, "dog", "dog", "additive", 4, 2, masks=masks)
+    folder = Path(request.masks)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(Path(p).name for p in photos)
+    assert app_values.train_request(service, photos, "dog", "dog", "additive", 4, 2).masks is None
