@@ -115,6 +115,8 @@ class PageEvents:
         tab.cancel_button.click(self.bound(handlers.cancel_training), None, tab.cancel_message,
                                 api_name="cancel_training", concurrency_limit=None)
         tab.images.change(handlers.upload_thumbnails, tab.images, tab.thumbnails, **QUIET)
+        captions = tab.advanced[-1]
+        tab.images.change(handlers.caption_rows, [tab.images, captions], captions, **QUIET)
 
     def wire_library(self) -> None:
         tab = self.library

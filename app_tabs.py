@@ -140,7 +140,11 @@ def _advanced_settings(defaults: dict) -> list[gr.components.Component]:
             seed = gr.Number(value=defaults["seed"], precision=0, minimum=0, label="Seed")
         masks = gr.File(label="Foreground masks (optional): one per photo, same file name, white = the concept",
                         file_count="multiple", file_types=["image"], elem_id="train-masks")
-    return [lr_unet, lr_text, lr_embedding, batch_size, resolution, seed, masks]
+        captions = gr.Dataframe(headers=["photo", "caption"], col_count=(2, "fixed"), type="array",
+                                interactive=True, wrap=True, elem_id="train-captions",
+                                label="Captions (optional, one per photo; {token} stands for the trigger token; "
+                                      "empty: the built-in templates)")
+    return [lr_unet, lr_text, lr_embedding, batch_size, resolution, seed, masks, captions]
 
 
 def build_train_tab(rank: int, defaults: dict) -> TrainTab:

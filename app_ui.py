@@ -160,10 +160,10 @@ def _trained(result) -> str:
 
 @user_errors(summary=_trained)
 def train_concept(service: Service, images, name, class_word, variant, rank, steps, lr_unet=None, lr_text=None,
-                  lr_embedding=None, batch_size=None, resolution=None, seed=None, masks=None):
+                  lr_embedding=None, batch_size=None, resolution=None, seed=None, masks=None, captions=None):
     """Start a training, then yield (progress html, previews, record) until it ends."""
     request = train_request(service, images, name, class_word, variant, rank, steps, lr_unet, lr_text,
-                            lr_embedding, batch_size, resolution, seed, masks)
+                            lr_embedding, batch_size, resolution, seed, masks, captions)
     run = TrainingRun(service, request)
     try:
         record = yield from run.follow(lambda status, previews: (progress_html(status), previews, gr.skip()))
@@ -292,6 +292,11 @@ def train_on_page(service: Service, *values):
 def upload_thumbnails(files) -> list[str]:
     """The uploaded photos as a gallery (thumbnails instead of a file list)."""
     return file_paths(files)
+
+
+def caption_rows(files, current) -> list[list[str]]:
+    """One (photo, caption) row per uploaded photo, keeping captions already typed for the same names."""
+    return app_values.caption_rows(files, current)
 
 
 def slot_info(service: Service, rank, name="") -> str:

@@ -95,8 +95,38 @@ def mask_folder(service, masks) -> str | None:
     return str(folder)
 
 
+def _caption_map(captions) -> dict[str, str]:
+    rows = captions.values.tolist() if hasattr(captions, "values") else (captions or [])
+    return {str(row[0]): str(row[1]).strip() for row in rows if len(row) >= 2 and row[0] and str(row[1] or "").strip()}
+
+
+def caption_rows(files, current=None) -> list[list[str]]:
+    """The caption table for the uploaded photos: (file name, caption), typed captions kept by name."""
+    typed = _caption_map(current)
+    return [[Path(path).name, typed.get(Path(path).name, "")] for path in file_paths(files)]
+
+
+def captioned_photos(service, paths: list[str], captions) -> list[str]:
+    """The photos as they go to training: unchanged without captions; with captions, copied into a
+    folder of their own, each caption written beside its photo as ``photo.txt`` (the caption file
+    convention of the CLI's image folders)."""
+    typed = _caption_map(captions)
+    if not typed:
+        return paths
+    folder = Path(tempfile.mkdtemp(prefix="photos-", dir=service.output_dir))
+    copies = []
+    for path in paths:
+        copy = folder / Path(path).name
+        shutil.copyfile(path, copy)
+        if typed.get(copy.name):
+            copy.with_suffix(".txt").write_text(typed[copy.name] + "\n", encoding="utf-8")
+        copies.append(str(copy))
+    return copies
+
+
 def train_request(service, images, name, class_word, variant, rank, steps, lr_unet=None, lr_text=None,
-                  lr_embedding=None, batch_size=None, resolution=None, seed=None, masks=None) -> TrainRequest:
+                  lr_embedding=None, batch_size=None, resolution=None, seed=None, masks=None,
+                  captions=None) -> TrainRequest:
     """The request of the Train tab's (or the API's) values; Advanced values equal to the defaults (or
     None) leave the service's own settings in force."""
     paths = file_paths(images)
@@ -113,7 +143,7 @@ def train_request(service, images, name, class_word, variant, rank, steps, lr_un
     size = whole("resolution", resolution)
     return TrainRequest(
         name=name,
-        images=paths,
+        images=captioned_photos(service, paths, captions),
         class_word=(class_word or "").strip(),
         variant=variant or "additive",
         rank=whole("rank", rank) or None,

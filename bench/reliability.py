@@ -345,19 +345,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _photos(folder: Path, count: int = 3) -> list[Path]:
-    from PIL import Image, ImageDraw
-
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        image = Image.new("RGB", (48, 48), (240, 240, 240))
-        ImageDraw.Draw(image).rectangle((4 + 3 * i, 6, 30 + 3 * i, 40), fill=(30, 120, 200))
-        image.save(folder / f"{i}.png")
-        paths.append(folder / f"{i}.png")
-    return paths
-
-
 def start_app(library: Path, work: Path, models_home: str | None = None):
     """``python app.py --model builtin:tiny --library LIBRARY --port N`` on 127.0.0.1; (process, url)."""
     import subprocess
@@ -461,6 +448,8 @@ def run_soak(seconds: float, clients: int) -> dict:
             files[i] = save_adapter(data, work / f"c{i}.safetensors")
         process, url = start_app(library, work, os.environ.get("SPECTRAL_DIFFUSION_HOME"))
         try:
+            from tests.test_load import images as _photos
+
             photos = [handle_file(str(p)) for p in _photos(work / "photos")]
             trainer = Client(url, verbose=False, analytics_enabled=False, download_files=str(work / "dl-train"))
             warm = SoakClient(-1, url, work, files[0], 0, Counter(), [], threading.Lock())

@@ -32,8 +32,15 @@ import time
 from pathlib import Path
 
 
+def _write_marker(marker: Path, text: str) -> None:
+    """Publish the marker whole: the test polls for it and must never read it half-written."""
+    part = marker.with_name(marker.name + ".part")
+    part.write_text(text)
+    os.replace(part, marker)
+
+
 def _stop_here(marker: Path) -> None:
-    marker.write_text(str(os.getpid()))
+    _write_marker(marker, str(os.getpid()))
     while True:
         time.sleep(60)
 
@@ -263,9 +270,9 @@ def _child(command: dict, pipe, facts) -> None:
             _install(command["point"], Path(command["root"]))
         _scenario(command, pipe, facts)
     except BaseException as error:  # noqa: BLE001 - reported through the marker, then a failing exit
-        marker.write_text(f"error {type(error).__name__}: {error}")
+        _write_marker(marker, f"error {type(error).__name__}: {error}")
         os._exit(1)
-    marker.write_text("done")
+    _write_marker(marker, "done")
     os._exit(0)
 
 

@@ -476,7 +476,7 @@ def test_generate_is_one_event_for_the_button_and_the_enter_key(models_home, tmp
     train = named["/train_concept"]["parameters"]
     assert [p["parameter_name"] for p in train] == [
         "images", "name", "class_word", "variant", "rank", "steps",
-        "lr_unet", "lr_text", "lr_embedding", "batch_size", "resolution", "seed", "masks"]
+        "lr_unet", "lr_text", "lr_embedding", "batch_size", "resolution", "seed", "masks", "captions"]
     assert all(p["parameter_has_default"] for p in train[6:])
 
 
@@ -631,7 +631,6 @@ def test_the_app_starts_and_answers_with_the_cpu_saturated(models_home, tmp_path
 def test_uploaded_masks_travel_with_the_training_request(tmp_path):
     """Masks uploaded beside the photos land in a folder of their own under their file names."""
     import app_values
-
     from spectral_diffusion.frontends.service import Service
 
     service = Service(model="builtin:tiny", library=tmp_path / "lib", output_dir=tmp_path / "out")
@@ -645,3 +644,23 @@ def test_uploaded_masks_travel_with_the_training_request(tmp_path):
     folder = Path(request.masks)
     assert sorted(p.name for p in folder.iterdir()) == sorted(Path(p).name for p in photos)
     assert app_values.train_request(service, photos, "dog", "dog", "additive", 4, 2).masks is None
+
+
+def test_captions_typed_per_photo_become_caption_files_beside_copies(tmp_path):
+    import app_values
+    from spectral_diffusion.frontends.service import Service
+    from spectral_diffusion.training.data import read_caption
+
+    service = Service(model="builtin:tiny", library=tmp_path / "lib", output_dir=tmp_path / "out")
+    photos = [str(p) for p in make_images(tmp_path / "photos", 3)]
+    rows = app_values.caption_rows(photos, [[Path(photos[1]).name, "a {token} on a beach"]])
+    assert [row[0] for row in rows] == [Path(p).name for p in photos] and rows[1][1] == "a {token} on a beach"
+    rows[0][1] = "my dog asleep"
+    request = app_values.train_request(service, photos, "dog", "dog", "additive", 4, 2, captions=rows)
+    copies = [Path(p) for p in request.images]
+    assert all(p.parent != Path(photos[0]).parent for p in copies)
+    assert read_caption(copies[1], "<dog>", "dog") == "a <dog> on a beach"
+    assert read_caption(copies[0], "<dog>", "dog") == "<dog> dog, my dog asleep"
+    assert read_caption(copies[2], "<dog>", "dog") is None  # no caption typed: the templates
+    untouched = app_values.train_request(service, photos, "dog", "dog", "additive", 4, 2, captions=[["x", ""]])
+    assert untouched.images == photos
