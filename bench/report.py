@@ -9,9 +9,9 @@ from pathlib import Path
 MB = 1024**2
 GB = 1024**3
 
-TRAIN_GOAL = 1.10
+TRAIN_GOAL = 1.03  # issue 18: training step vs PEFT LoRA at the same rank
 BAKED_GOAL = 1.02
-LIVE4_GOAL = 1.15
+LIVE4_GOAL = 1.08  # issue 18: 4 live concepts vs base per denoising step
 SVD_GOAL = 10.0
 RELOAD_GOAL = 1.0
 FUSE_GOAL = 1.0
@@ -52,10 +52,20 @@ class Goal:
 
 
 def heavy_load(meta: dict) -> bool:
-    """Whether other processes loaded the machine too much for the timings to judge goals."""
+    """Whether *other* processes loaded the machine too much for the timings to judge goals: the load
+    average before the run, and the other processes' CPU measured during it (the load average after
+    the run counts the benchmark itself, so it is reported but not used)."""
     cores = int(meta.get("machine", {}).get("cores", "1") or 1)
-    loads = [v for v in (meta.get("loadavg_before"), meta.get("loadavg_after")) if v is not None]
+    loads = [v for v in (meta.get("loadavg_before"), _cores(meta.get("background_during"))) if v is not None]
     return bool(loads) and max(loads) / cores > HEAVY_LOAD_PER_CORE
+
+
+def _cores(text) -> float | None:
+    """``"0.02 cores"`` -> 0.02; None when unknown."""
+    try:
+        return float(str(text).split()[0])
+    except (ValueError, IndexError):
+        return None
 
 
 def baked_ratio(infer) -> float:
@@ -360,7 +370,7 @@ def markdown(r: dict, plot_name: str | None) -> str:
         params = {"ours, additive": "additive", "ours, rotational": "rotational", "PEFT LoRA": "lora",
                   "reference (full U, S, V)": "reference"}
         for label, size in sizes.bytes.items():
-            trainable = train.trainable.get(params[label])
+            trainable = train.trainable.get(params.get(label.replace(", fp16 triplets", ""), ""))
             rows.append([label, f"{trainable:,}" if trainable else "-", f"{size / MB:.2f}", f"{size / lora:.2f}x"])
         out += _table(["file", "trainable params", "MB", "/ LoRA file"], rows)
         if sizes.reference_computed:
