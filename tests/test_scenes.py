@@ -93,3 +93,22 @@ def test_built_in_scene_masks_are_exact(tmp_path):
     photos, masks = tmp_path / "photos", tmp_path / "masks"
     scenes.write_concept_images("moon", photos, count=3, mask_folder=masks)
     assert sorted(p.name for p in masks.iterdir()) == sorted(p.name for p in photos.glob("*.png"))
+
+
+def test_caption_mix_names_positions_as_often_as_asked_and_varies_the_order():
+    import random
+
+    pair = scenes.Scene((scenes.SceneObject("star", "red", "small", position="left"),
+                         scenes.SceneObject("circle", "blue", "small", position="right")), "gray")
+    always = scenes.CaptionMix(size=0.0, position=1.0, background=1.0, reorder=True)
+    rng = random.Random(0)
+    captions = {scenes.caption(pair, rng, keep=always) for _ in range(40)}
+    assert captions == {"a red star on the left and a blue circle on the right on a gray background",
+                        "a blue circle on the right and a red star on the left on a gray background"}
+    # without positions the order is the scene's, and without reorder it never changes
+    never = scenes.CaptionMix(size=0.0, position=0.0, background=0.0, reorder=True)
+    assert {scenes.caption(pair, rng, keep=never) for _ in range(20)} == {"a red star and a blue circle"}
+    fixed = scenes.CaptionMix(size=0.0, position=1.0, background=0.0)
+    assert {scenes.caption(pair, rng, keep=fixed) for _ in range(20)} == {
+        "a red star on the left and a blue circle on the right"}
+    assert scenes.caption(pair) == "a small red star on the left and a small blue circle on the right on a gray background"

@@ -4,6 +4,7 @@ pretraining script resumes from its checkpoints; the classifier that judges it i
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,12 +62,38 @@ def test_toy_draws_the_colour_shape_and_background_it_is_told(toy_pipe, reader):
     assert hits >= 15  # of 18 readings; a model that ignores its prompt gets about 5
 
 
+def test_toy_puts_an_object_where_it_is_told(toy_pipe, reader):
+    from toy import classifier
+
+    hits = 0
+    words = ("left", "right", "top", "bottom")
+    for word in words:
+        prompt = f"a large red circle {scenes.POSITION_PHRASES[word]} on a white background"
+        read = classifier.read(reader, generate(toy_pipe, prompt, 2, 32, 20, 5.0, seed=3))
+        hits += sum(classifier.POSITION_NAMES[int(read["where"][i].argmax())] == word for i in range(2))
+    assert hits >= 6  # of 8; the first toy model (positions ignored, placed by the noise) got 1 or 2
+
+
+def test_an_adapter_trained_on_the_first_toy_model_is_refused_by_name(models_home):
+    from spectral_diffusion.errors import BaseModelMismatchError
+    from spectral_diffusion.formats.adapter_file import read_adapter
+    from spectral_diffusion.generation.fusion import Studio
+
+    old = read_adapter(Path(__file__).parent / "data" / "toy-v1-heart.safetensors")  # builtin:toy v1, 3 steps
+    assert old.base_model == "builtin:toy"
+    studio = Studio("builtin:toy")
+    with pytest.raises(BaseModelMismatchError, match="concept 'heart'.*builtin:toy"):
+        studio.load_concept("heart", old)
+    assert "heart" not in studio.adapters.concepts
+
+
 def test_classifier_reads_fresh_renders(reader):
     from toy import classifier
 
     accuracy = classifier.accuracy(reader, count=300, seed=31_000_000)
     assert accuracy["background"] > 0.97
     assert accuracy["shape_set"] > 0.85 and accuracy["colour_set"] > 0.85
+    assert accuracy["positions"] > 0.9 and accuracy["shape_at_position"] > 0.85 and accuracy["size_at_position"] > 0.9
 
 
 def test_pretraining_checkpoints_resume_and_export_a_loadable_pipeline(tmp_path):

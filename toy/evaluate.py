@@ -1,12 +1,15 @@
-"""Does ``builtin:toy`` draw what it is told? Classifier accuracy on generated images, with a grid.
+"""Does ``builtin:toy`` draw what it is told, and where? Classifier readings of generated images, with grids.
 
-    python -m toy.evaluate                 # writes docs/toy-eval.json, docs/toy-heldout.png, docs/toy-loss.png
+    python -m toy.evaluate                 # writes docs/toy-eval.json, docs/toy-heldout.png, docs/toy-positions.png, docs/toy-loss.png
 
-Captions come in three sets: *held-out* single-object captions (a (colour, shape, background) triple
-that pretraining never showed), *seen* single-object captions (triples it did show), and two-object
-captions. For every caption the model draws ``--seeds`` images (DDIM, fixed seeds) and the scene
-classifier reads them: shape and colour of a single object (argmax), the background, and for two
-objects whether the set of shapes is exactly right.
+Captions come in four sets: *held-out* single-object captions (a (colour, shape, background) triple
+that pretraining never showed), *seen* single-object captions (triples it did show), *positioned*
+single-object captions ("a small red star at the top on a white background": every shape at every
+position, both sizes), and two-object captions, side by side and one above the other. For every caption
+the model draws ``--seeds`` images (DDIM, fixed seeds) and the scene classifier reads them: shape and
+colour of a single object (argmax), the background, where the object stands and how large it is, and
+for two objects whether the sets of shapes and colours are exactly right and whether each shape stands
+at the position its caption names.
 """
 
 from __future__ import annotations
@@ -28,15 +31,23 @@ from toy import classifier
 
 logger = logging.getLogger("toy.evaluate")
 DOCS = Path(__file__).resolve().parent.parent / "docs"
+PAIR_LAYOUTS = (("left", "right"), ("top", "bottom"))
 
 
 def single_captions(held: bool) -> list[tuple[str, str, str]]:
     """(colour, shape, background) triples: all held-out ones, or as many seen ones picked at random."""
     if held:
         return list(scenes.HELD_OUT)
-    seen = [(c, s, b) for s in scenes.PRETRAIN_SHAPES for c in scenes.COLOURS for b in scenes.BACKGROUNDS
+    return random.Random(0).sample(_seen_triples(), len(scenes.HELD_OUT))
+
+
+def _seen_triples() -> list[tuple[str, str, str]]:
+    return [(c, s, b) for s in scenes.PRETRAIN_SHAPES for c in scenes.COLOURS for b in scenes.BACKGROUNDS
             if not scenes.held_out(c, s, b)]
-    return random.Random(0).sample(seen, len(scenes.HELD_OUT))
+
+
+def _name(names, probabilities) -> str:
+    return names[int(probabilities.argmax())]
 
 
 def single_scores(pipe, model, triples, seeds: int, steps: int, guidance: float):
@@ -46,10 +57,9 @@ def single_scores(pipe, model, triples, seeds: int, steps: int, guidance: float)
                           scenes.IMAGE_SIZE, steps, guidance, seed=7)
         read = classifier.read(model, images)
         for i in range(seeds):
-            shape_ok = scenes.SHAPES[int(read["shape"][i].argmax())] == shape
-            colour_ok = classifier.COLOUR_NAMES[int(read["colour"][i].argmax())] == colour
-            bg_ok = classifier.BACKGROUND_NAMES[int(read["background"][i].argmax())] == background
-            results.append((shape_ok, colour_ok, bg_ok))
+            results.append((_name(scenes.SHAPES, read["shape"][i]) == shape,
+                            _name(classifier.COLOUR_NAMES, read["colour"][i]) == colour,
+                            _name(classifier.BACKGROUND_NAMES, read["background"][i]) == background))
         images_per_caption.append(images)
     return _rates(results, ("shape", "colour", "background")), images_per_caption
 
@@ -61,34 +71,92 @@ def _rates(results, names) -> dict[str, float]:
     return rates
 
 
-def pair_scores(pipe, model, count: int, seeds: int, steps: int, guidance: float) -> dict[str, float]:
+def position_captions() -> list[tuple[str, str, str, str, str]]:
+    """(size, colour, shape, position, background): every shape at every position in both sizes, in
+    colour-background pairs pretraining showed (this row measures placement, not composition)."""
+    rng = random.Random(2)
+    seen = _seen_triples()
+    out = []
+    for shape in scenes.PRETRAIN_SHAPES:
+        for position in scenes.POSITIONS:
+            for size in scenes.SIZES:
+                colour, _, background = rng.choice([t for t in seen if t[1] == shape])
+                out.append((size, colour, shape, position, background))
+    return out
+
+
+def position_scores(pipe, model, captions, seeds: int, steps: int, guidance: float):
+    """Single objects with a position (and size) named: is the object where, and as large as, it was told?"""
+    results, images_per_caption = [], []
+    for size, colour, shape, position, background in captions:
+        prompt = (f"a {size} {colour} {shape} {scenes.POSITION_PHRASES[position]} on a {background} background")
+        images = generate(pipe, prompt, seeds, scenes.IMAGE_SIZE, steps, guidance, seed=7)
+        read = classifier.read(model, images)
+        slot = classifier.POSITION_NAMES.index(position)
+        for i in range(seeds):
+            results.append((_name(scenes.SHAPES, read["shape"][i]) == shape,
+                            _name(classifier.COLOUR_NAMES, read["colour"][i]) == colour,
+                            _name(classifier.POSITION_NAMES, read["where"][i]) == position,
+                            _name(classifier.SIZE_NAMES, read["size_at"][i, slot]) == size))
+        images_per_caption.append(images)
+    rates = _rates(results, ("shape", "colour", "position", "size"))
+    rates["position_by_word"] = {
+        word: sum(r[2] for r, c in zip(results, _repeat(captions, seeds), strict=True) if c[3] == word)
+        / (seeds * sum(c[3] == word for c in captions))
+        for word in scenes.POSITIONS
+    }
+    return rates, images_per_caption
+
+
+def _repeat(items, times: int):
+    return [item for item in items for _ in range(times)]
+
+
+def pair_captions(count_per_layout: int = 10) -> list[tuple[tuple[str, str, str], tuple[str, str, str], str]]:
+    """((colour, shape, position) twice, background): two objects side by side and one above the other."""
     rng = random.Random(1)
-    results = []
-    for _ in range(count):
-        a, b = rng.sample(scenes.PRETRAIN_SHAPES, 2)
-        ca, cb = rng.sample(list(scenes.COLOURS), 2)
-        background = rng.choice(list(scenes.BACKGROUNDS))
-        prompt = f"a {ca} {a} on the left and a {cb} {b} on the right on a {background} background"
+    out = []
+    for first, second in PAIR_LAYOUTS:
+        for _ in range(count_per_layout):
+            a, b = rng.sample(scenes.PRETRAIN_SHAPES, 2)
+            ca, cb = rng.sample(list(scenes.COLOURS), 2)
+            out.append(((ca, a, first), (cb, b, second), rng.choice(list(scenes.BACKGROUNDS))))
+    return out
+
+
+def pair_scores(pipe, model, captions, seeds: int, steps: int, guidance: float) -> dict[str, float]:
+    results, layouts = [], []
+    for (ca, a, pa), (cb, b, pb), background in captions:
+        prompt = (f"a {ca} {a} {scenes.POSITION_PHRASES[pa]} and a {cb} {b} {scenes.POSITION_PHRASES[pb]}"
+                  f" on a {background} background")
         read = classifier.read(model, generate(pipe, prompt, seeds, scenes.IMAGE_SIZE, steps, guidance, seed=7))
         for i in range(seeds):
             shapes_seen = {s for k, s in enumerate(scenes.SHAPES) if read["shape"][i, k] > 0.5}
             colours_seen = {c for k, c in enumerate(classifier.COLOUR_NAMES) if read["colour"][i, k] > 0.5}
-            results.append((shapes_seen == {a, b}, colours_seen == {ca, cb}, True))
-    rates = _rates(results, ("shape", "colour", "background"))
-    rates.pop("background")
+            placed = all(read["where"][i, classifier.POSITION_NAMES.index(p)] > 0.5
+                         and _name(scenes.SHAPES, read["shape_at"][i, classifier.POSITION_NAMES.index(p)]) == s
+                         for s, p in ((a, pa), (b, pb)))
+            results.append((shapes_seen == {a, b}, colours_seen == {ca, cb}, placed))
+            layouts.append(pa)
+    rates = _rates(results, ("shape", "colour", "positions"))
+    rates["positions_by_layout"] = {
+        f"{first}/{second}": sum(r[2] for r, lay in zip(results, layouts, strict=True) if lay == first)
+        / layouts.count(first)
+        for first, second in PAIR_LAYOUTS
+    }
     return rates
 
 
-def grid(triples, images_per_caption, scale: int = 3, columns: int = 6) -> Image.Image:
+def grid(labels: list[str], images_per_caption, scale: int = 3, columns: int = 6) -> Image.Image:
     cell = scenes.IMAGE_SIZE * scale
     seeds = len(images_per_caption[0])
     block_w, label_h = seeds * cell + 8, 14
-    rows = (len(triples) + columns - 1) // columns
+    rows = (len(labels) + columns - 1) // columns
     canvas = Image.new("RGB", (columns * block_w, rows * (cell + label_h + 6)), "white")
     pen = ImageDraw.Draw(canvas)
-    for k, ((colour, shape, background), images) in enumerate(zip(triples, images_per_caption, strict=True)):
+    for k, (label, images) in enumerate(zip(labels, images_per_caption, strict=True)):
         x, y = (k % columns) * block_w, (k // columns) * (cell + label_h + 6)
-        pen.text((x + 2, y), f"{colour} {shape} / {background}", fill="black")
+        pen.text((x + 2, y), label, fill="black")
         for s, image in enumerate(images):
             canvas.paste(image.resize((cell, cell), Image.NEAREST), (x + s * cell, y + label_h))
     return canvas
@@ -138,21 +206,28 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--classifier", type=Path, default=classifier.WEIGHTS)
     parser.add_argument("--out", type=Path, default=DOCS)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
-    model = classifier.load()
+    model = classifier.load(args.classifier)
+    settings = (args.seeds, args.steps, args.guidance)
+    report = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     held = single_captions(held=True)
-    report = {"settings": vars(args) | {"out": str(args.out)}}
-    report["held_out_single"], held_images = single_scores(pipe, model, held, args.seeds, args.steps, args.guidance)
-    report["seen_single"], _ = single_scores(pipe, model, single_captions(held=False), args.seeds, args.steps,
-                                             args.guidance)
-    report["pairs"] = pair_scores(pipe, model, 20, args.seeds, args.steps, args.guidance)
+    report["held_out_single"], held_images = single_scores(pipe, model, held, *settings)
+    report["seen_single"], _ = single_scores(pipe, model, single_captions(held=False), *settings)
+    placed = position_captions()
+    report["positioned_single"], placed_images = position_scores(pipe, model, placed, *settings)
+    report["pairs"] = pair_scores(pipe, model, pair_captions(), *settings)
     args.out.mkdir(parents=True, exist_ok=True)
-    grid(held, held_images).save(args.out / "toy-heldout.png")
+    grid([f"{c} {s} / {b}" for c, s, b in held], held_images).save(args.out / "toy-heldout.png")
+    large = [k for k, c in enumerate(placed) if c[0] == "large"]
+    grid([f"{placed[k][2]} {placed[k][3]}" for k in large], [placed_images[k] for k in large],
+         columns=len(scenes.POSITIONS)).save(args.out / "toy-positions.png")
     scenes_sheet().save(args.out / "toy-scenes.png")
     folder = Path(pipe.name_or_path) if getattr(pipe, "name_or_path", None) else None
     if folder and (folder / "training.json").exists():

@@ -1,15 +1,15 @@
 """Pretrain ``builtin:toy``: a small Stable Diffusion 1.x pipeline trained from scratch on procedural scenes.
 
-    python -m toy.pretrain                      # about an hour on 2 CPU cores; resumes if interrupted
+    python -m toy.pretrain                      # about two hours on 2 CPU cores; resumes if interrupted
     python -m toy.pretrain --minutes 5 --work /tmp/toy-smoke --export /tmp/toy-smoke/model
 
 Three phases, each resumable from its checkpoint in ``--work``:
 
-1. render the scenes (``spectral_diffusion.models.scenes``) and train the VAE (32 px images, 8 x 8 x 4 latents);
+1. render the scenes (``spectral_diffusion.models.scenes``) and train the VAE (32 px images, 16 x 16 x 4 latents);
 2. encode every scene once with the frozen VAE;
-3. train the UNet and the CLIP text encoder together on the diffusion loss (epsilon prediction, SD's
-   noise schedule, min-SNR weighting, 10% empty captions for classifier-free guidance, an EMA of the
-   UNet), for ``--minutes`` of wall time.
+3. train the UNet and the CLIP text encoder together on the diffusion loss (v-prediction, SD's noise
+   schedule rescaled to zero terminal SNR, min-SNR weighting, 10% empty captions for classifier-free
+   guidance, an EMA of the UNet), for ``--minutes`` of wall time.
 
 The result is saved with ``save_pretrained`` to ``--export`` (by default the package folder that
 ``builtin:toy`` loads), in fp32 safetensors, so that it loads like any hub model. Checkpoints are
@@ -43,10 +43,18 @@ logger = logging.getLogger("toy.pretrain")
 
 PACKAGE_MODEL = Path(__file__).resolve().parent.parent / "spectral_diffusion" / "models" / "toy"
 IMAGE_SIZE = scenes.IMAGE_SIZE
-LATENT_SIZE = IMAGE_SIZE // 4
+LATENT_SIZE = IMAGE_SIZE // 2  # v2: 16 x 16 latents; at 8 x 8 a small object was 2.4 cells wide
 TEXT_HIDDEN = 64
+RECIPE = "v2"
+# v2 names positions more often and varies the order of mention (see docs/toy.md, "Why positions failed")
+CAPTION_MIX = scenes.CaptionMix(size=0.7, position=0.85, background=0.8, reorder=True)
+# v2: SD's betas rescaled to zero terminal SNR with v-prediction (as SD 2.1 predicts v): at t = 999 the
+# input is pure noise, so the model learns to place objects from the caption alone. With SD's own schedule
+# a trace of the image survives at t = 999 and v1 learned to read the layout from it, so at sampling time
+# the starting noise decided where an object went (docs/toy.md, "Why positions failed").
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                 prediction_type="epsilon", steps_offset=1)
+                 prediction_type="v_prediction", rescale_betas_zero_snr=True, steps_offset=1)
+LOSS_CAP = 6.0  # weight of the v loss: 1 at high noise, capped at LOSS_CAP / (snr + 1) at low noise
 
 
 # ------------------------------------------------------------------------------- models
@@ -58,8 +66,8 @@ def make_vae():
     torch.manual_seed(1)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
         sample_size=IMAGE_SIZE, scaling_factor=1.0,
     )
     # Start with a near-deterministic posterior (std ~ 0.02): with a light KL term the encoder would
@@ -75,9 +83,10 @@ def make_unet():
     torch.manual_seed(0)
     return UNet2DConditionModel(
         sample_size=LATENT_SIZE, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(64, 128), layers_per_block=1, cross_attention_dim=TEXT_HIDDEN,
+        # 16 -> 8 -> 4; cross-attention at 8 x 8 and 4 x 4 (at 16 x 16 it would cost 1.6x per step)
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(64, 128, 128), layers_per_block=1, cross_attention_dim=TEXT_HIDDEN,
         attention_head_dim=16, norm_num_groups=32,
     )
 
@@ -88,7 +97,7 @@ def make_text_encoder(tokenizer):
     torch.manual_seed(2)
     return CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN,
-        num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=MAX_LENGTH, hidden_act="quick_gelu",
+        num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=MAX_LENGTH, hidden_act="quick_gelu",
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     ))
@@ -222,9 +231,20 @@ def encode_dataset(work: Path, vae, images: torch.Tensor) -> tuple[torch.Tensor,
 # -------------------------------------------------------------------------------- phase 3
 
 
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    return tokenizer(captions, padding="max_length", max_length=MAX_LENGTH, truncation=True,
-                     return_tensors="pt").input_ids
+class CaptionTokens:
+    """Token ids of captions, remembered: the same few thousand captions recur, and the Python BPE
+    tokenizer would otherwise cost as much per step as the text encoder."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.known = tokenizer, {}
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        missing = sorted({c for c in captions if c not in self.known})
+        if missing:
+            ids = self.tokenizer(missing, padding="max_length", max_length=MAX_LENGTH, truncation=True,
+                                 return_tensors="pt").input_ids
+            self.known.update(zip(missing, ids, strict=True))
+        return torch.stack([self.known[c] for c in captions])
 
 
 class Ema:
@@ -247,6 +267,7 @@ def train_diffusion(work: Path, scene_list, latent_mean, latent_std, scaling: fl
     from diffusers import DDPMScheduler
 
     tokenizer = build_tokenizer()
+    tokenize = CaptionTokens(tokenizer)
     unet, text_encoder = make_unet(), make_text_encoder(tokenizer)
     unet.train()
     text_encoder.train()
@@ -279,14 +300,17 @@ def train_diffusion(work: Path, scene_list, latent_mean, latent_std, scaling: fl
             group["lr"] = lr * min(1.0, (step + 1) / warmup)
         idx = torch.randint(len(scene_list), (batch,), generator=gen)
         latents = (latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=gen)) * scaling
-        captions = [scenes.caption(scene_list[i], rng) if rng.random() > 0.1 else "" for i in idx.tolist()]
+        captions = [scenes.caption(scene_list[i], rng, keep=CAPTION_MIX) if rng.random() > 0.1 else "" for i in idx.tolist()]
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=gen)
         noisy = noise_scheduler.add_noise(latents, noise, t)
-        hidden = text_encoder(tokenize(tokenizer, captions))[0]
+        hidden = text_encoder(tokenize(captions))[0]
         pred = unet(noisy, t, hidden).sample
-        weight = torch.clamp(snr[t], max=5.0) / snr[t]  # min-SNR-5 for epsilon prediction
-        loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        target = noise_scheduler.get_velocity(latents, noise, t)
+        # min-SNR with v's +1: in terms of the clean image the weight is min(snr + 1, LOSS_CAP), so the
+        # noisiest steps, where the layout is decided, keep weight 1 rather than snr (~0 near t = 999)
+        weight = torch.clamp(snr[t] + 1, max=LOSS_CAP) / (snr[t] + 1)
+        loss = (weight * F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -320,7 +344,8 @@ def export(path: Path, unet, vae, text_encoder, tokenizer, info: dict) -> Path:
     """Save the pipeline with ``save_pretrained`` into a temporary sibling, then swap it into place."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    scheduler = DDIMScheduler(**SCHEDULER, clip_sample=False, set_alpha_to_one=False, timestep_spacing="leading")
+    # "trailing" spacing starts sampling at t = 999, the pure-noise step the model was trained for
+    scheduler = DDIMScheduler(**SCHEDULER, clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing")
     pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    image_encoder=None, requires_safety_checker=False)
@@ -348,7 +373,7 @@ def main(argv=None) -> None:
     parser.add_argument("--export", type=Path, default=PACKAGE_MODEL, help="where the finished pipeline goes")
     parser.add_argument("--scenes", type=int, default=40000, help="number of distinct training scenes")
     parser.add_argument("--vae-steps", type=int, default=4000)
-    parser.add_argument("--minutes", type=float, default=50.0, help="wall time of the diffusion phase")
+    parser.add_argument("--minutes", type=float, default=110.0, help="wall time of the diffusion phase")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -362,7 +387,7 @@ def main(argv=None) -> None:
     logger.info("latent scaling factor %.4f", scaling)
     unet, text_encoder, tokenizer, steps, losses = train_diffusion(args.work, scene_list, mean, std, scaling,
                                                                    args.minutes)
-    info = {"scenes": args.scenes, "vae_steps": args.vae_steps, "diffusion_steps": steps,
+    info = {"recipe": RECIPE, "scenes": args.scenes, "vae_steps": args.vae_steps, "diffusion_steps": steps,
             "diffusion_minutes": args.minutes, "final_loss_mean_last_200": float(np.mean(losses[-200:])), "losses": losses}
     path = export(args.export, unet, vae, text_encoder, tokenizer, info)
     logger.info("exported to %s: %d diffusion steps, final loss %.4f", path, steps, info["final_loss_mean_last_200"])

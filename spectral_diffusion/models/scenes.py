@@ -232,18 +232,32 @@ def describe(obj: SceneObject, with_size: bool = True, with_position: bool = Tru
     return " ".join([article, *words])
 
 
-def caption(scene: Scene, rng: random.Random | None = None, nouns: dict[str, str] | None = None) -> str:
-    """A caption of ``scene``; with ``rng``, size, position and background words are sometimes left out,
-    so that short prompts ("a red star") are in the training distribution too."""
-    keep = (lambda p: rng.random() < p) if rng else (lambda p: True)
+def caption(scene: Scene, rng: random.Random | None = None, nouns: dict[str, str] | None = None,
+            keep: CaptionMix | None = None) -> str:
+    """A caption of ``scene``; with ``rng``, size, position and background words are sometimes left out
+    (as often as ``keep`` says), so that short prompts ("a red star") are in the training distribution
+    too, and objects whose positions are named are sometimes mentioned in another order."""
+    mix = keep or CaptionMix()
+    chance = (lambda p: rng.random() < p) if rng else (lambda p: True)
     nouns = nouns or {}
-    with_size, with_position = keep(0.6), keep(0.6)
-    text = " and ".join(
-        describe(o, with_size, with_position, nouns.get(o.shape)) for o in scene.objects
-    )
-    if keep(0.8):
+    with_size, with_position = chance(mix.size), chance(mix.position)
+    objects = list(scene.objects)
+    if rng and with_position and mix.reorder and rng.random() < 0.5:
+        objects.reverse()  # the order of mention must not stand in for the position words
+    text = " and ".join(describe(o, with_size, with_position, nouns.get(o.shape)) for o in objects)
+    if chance(mix.background):
         text += f" on a {scene.background} background"
     return text
+
+
+@dataclass(frozen=True)
+class CaptionMix:
+    """How often a random caption keeps each kind of word (the rest describe colour and shape only)."""
+
+    size: float = 0.6
+    position: float = 0.6
+    background: float = 0.8
+    reorder: bool = False
 
 
 # ----------------------------------------------------------------------------- sampling
