@@ -36,6 +36,7 @@ BASE_MODEL = "bench:sd15-size-random"
 class FileSizes:
     bytes: dict = field(default_factory=dict)  # label -> bytes on disk
     reference_computed: bool = False  # reference size computed from shapes (no full SVD in --quick)
+    parts: dict = field(default_factory=dict)  # label -> bytes by part (bench.file_bytes.byte_breakdown)
 
 
 def _reference_bytes(ctx) -> int:
@@ -50,6 +51,7 @@ def _reference_bytes(ctx) -> int:
 def file_sizes(ctx, out_dir: Path, rank: int = 8) -> FileSizes:
     """Sizes on disk; ``ctx`` holds rank-``rank`` spectral concepts (bench_train.install_rank)."""
     from bench.bench_train import SPECTRAL, concept_name, ensure_peft
+    from bench.file_bytes import byte_breakdown
 
     out_dir.mkdir(parents=True, exist_ok=True)
     sizes = FileSizes()
@@ -59,6 +61,7 @@ def file_sizes(ctx, out_dir: Path, rank: int = 8) -> FileSizes:
         sizes.bytes[f"ours, {variant}"] = path.stat().st_size
         half = save_adapter(data, out_dir / f"spectral-{variant}-r{rank}-fp16.safetensors", triplet_dtype="float16")
         sizes.bytes[f"ours, {variant}, fp16 triplets"] = half.stat().st_size
+        sizes.parts[f"ours, {variant}, fp16 triplets"] = byte_breakdown(half)
     modules, _ = ensure_peft(ctx, rank)
     lora = {}
     for path, module in modules.items():
@@ -66,6 +69,7 @@ def file_sizes(ctx, out_dir: Path, rank: int = 8) -> FileSizes:
         lora[f"unet.{path}.lora_B.weight"] = module.lora_B["default"].weight.detach().contiguous()
     save_file(lora, str(out_dir / f"peft-lora-r{rank}.safetensors"))
     sizes.bytes["PEFT LoRA"] = (out_dir / f"peft-lora-r{rank}.safetensors").stat().st_size
+    sizes.parts["PEFT LoRA"] = byte_breakdown(out_dir / f"peft-lora-r{rank}.safetensors")
     if ctx.reference is not None:
         tensors = {}
         for path, layer in ctx.reference.items():

@@ -26,7 +26,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from bench import bench_files, bench_infer, bench_layers, bench_svd, bench_train, profiles, report  # noqa: E402
+from bench import (  # noqa: E402
+    bench_files,
+    bench_infer,
+    bench_layers,
+    bench_memory,
+    bench_svd,
+    bench_train,
+    profiles,
+    report,
+)
 from bench.common import (  # noqa: E402
     METRIC,
     TEXT_TARGETS,
@@ -126,6 +135,10 @@ def main(argv=None) -> int:
     log("\n[2] per-layer forward + backward")
     results["layers"] = bench_layers.run(quick=quick, log=log)
 
+    log(f"\n[5] memory of a training run: one process per variant, {bench_memory.QUICK_STEPS if quick else bench_memory.STEPS}"
+        " steps each (peak RSS from the OS)")
+    results["memory"] = bench_memory.run(quick=quick, threads=threads, log=log)
+
     log("\n[3] SVD preparation: building an SD1.5-size UNet and a CLIP ViT-L text encoder (random weights) ...")
     unet = build_unet()
     clip = build_clip_text()
@@ -198,7 +211,8 @@ def main(argv=None) -> int:
         plot_path = out.parent / "benchmarks.png"
         report.plot(results, plot_path)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(report.markdown(results, os.path.relpath(plot_path, out.parent)))
+        kept = report.kept_sections(out.read_text()) if out.exists() else {}  # hand-written profiling sections
+        out.write_text(report.markdown(results, os.path.relpath(plot_path, out.parent), kept))
         log(f"\nwrote {out} and {plot_path}")
     scratch.cleanup()
     log(f"RATIO train_step spectral/lora = {train.timings.ratio('additive', 'lora'):.2f}")

@@ -134,3 +134,37 @@ def test_quick_run_does_not_write_the_docs_and_heavy_load_is_not_a_miss():
     assert report.heavy_load(meta) and not report.heavy_load({**meta, "loadavg_before": 0.2})
     goal = report.Goal("x", "<= 1x", "2x", False, heavy_load=True)
     assert goal.verdict == "not judged (heavy background load)"
+
+
+def test_memory_item_runs_one_process_per_variant_and_reports_the_os_peak():
+    from bench import bench_memory
+
+    result = bench_memory.run(quick=True, threads=1, size="tiny", variants=("lora", "additive"), log=lambda *_: None)
+    assert set(result.runs) == {"lora", "additive"} and result.steps == bench_memory.QUICK_STEPS
+    for data in result.runs.values():
+        phases = [p["phase"] for p in data["phases"]]
+        assert phases[:2] == ["imports", "model built"] and phases[-1] == f"step {bench_memory.QUICK_STEPS}"
+        # the OS's figure is the worker's own, not the launcher's nor this process's
+        assert abs(data["ru_maxrss_kib"] - data["phases"][-1]["VmHWM"]) < 0.05 * data["ru_maxrss_kib"]
+        assert next(p for p in data["phases"] if p["phase"] == "adapted")["trainable"] > 0
+    assert result.ratio("lora") == 1.0 and 0.5 < result.ratio("additive") < 2.0
+    assert len(bench_memory.table(result)) == 2
+    (row,) = [g for g in report.goals({"memory": result}) if g.item.startswith("4. peak RSS")]
+    assert row.met is not None and not row.load_sensitive
+    assert "## Memory of a training run" in "\n".join(report.memory_section(result))
+
+
+def test_report_keeps_the_hand_written_profiling_section():
+    old = "# Benchmarks\n\n## 3. SVD\n\nold\n\n## Why the missed goals are missed\n\nshares 40%\n\n## Notes\n\nx\n"
+    kept = report.kept_sections(old)
+    assert kept == {"Why the missed goals are missed": "## Why the missed goals are missed\n\nshares 40%\n"}
+    meta = {"date": "d", "command": "c", "quick": True, "total_s": 1.0, "threads": 1, "threads_note": "t",
+            "metric": "wall", "gpu_note": "none", "background_before": "0.00 cores",
+            "background_during": "0.00 cores", "machine": {"cpu": "cpu", "cores": "1", "memory": "1 GiB",
+                                                           "python": "3", "torch": "t", "diffusers": "d",
+                                                           "transformers": "t", "peft": "p"}}
+    sizes = __import__("bench.bench_files", fromlist=["FileSizes"]).FileSizes(
+        bytes={"ours, additive, fp16 triplets": 151, "PEFT LoRA": 100})
+    text = report.markdown({"meta": meta, "sizes": sizes}, None, kept)
+    assert "shares 40%" in text
+    assert f"**missed** ([why]({report.WHY_ANCHOR}))" in text
