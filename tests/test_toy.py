@@ -82,7 +82,7 @@ def test_an_adapter_trained_on_the_first_toy_model_is_refused_by_name(models_hom
     old = read_adapter(Path(__file__).parent / "data" / "toy-v1-heart.safetensors")  # builtin:toy v1, 3 steps
     assert old.base_model == "builtin:toy"
     studio = Studio("builtin:toy")
-    with pytest.raises(BaseModelMismatchError, match="concept 'heart'.*builtin:toy"):
+    with pytest.raises(BaseModelMismatchError, match="concept 'heart', made for builtin:toy .*cannot be loaded into builtin:toy"):
         studio.load_concept("heart", old)
     assert "heart" not in studio.adapters.concepts
 
@@ -136,3 +136,18 @@ def test_toy_trains_with_its_own_defaults_unless_the_user_overrides_them(tmp_pat
     assert other.lr_unet == 1e-4 and other.steps is None
     service = Service(model="builtin:toy", library=tmp_path / "lib", train_defaults={"steps": 5})
     assert service.train_defaults["steps"] == 5 and service.train_defaults["lr_unet"] == 3e-3
+
+
+def test_position_diagnostics_measure_captions_and_object_centres():
+    from toy import positions, pretrain
+
+    first = positions.caption_statistics(count=600)
+    second = positions.caption_statistics(count=600, keep=pretrain.CAPTION_MIX)
+    assert first["named_pairs_listing_left_or_top_first"] == 1.0  # v1: the order gave positions away
+    assert 0.35 < second["named_pairs_listing_left_or_top_first"] < 0.65
+    assert second["objects_with_position_named"] > first["objects_with_position_named"] + 0.15
+    for word, (x, y) in scenes.POSITIONS.items():
+        image = scenes.render(scenes.Scene((scenes.SceneObject("circle", "red", "small", position=word),), "white"))
+        cx, cy = positions.object_centre(image)
+        assert abs(cx - x) < 0.03 and abs(cy - y) < 0.03
+    assert positions.object_centre(scenes.render(scenes.Scene((), "black"))) is None

@@ -178,7 +178,7 @@ def _separation(centres) -> dict[str, float]:
     same_seed = [abs(a[0] - b[0]) for a, b in zip(centres["left"], centres["right"], strict=True) if a and b]
     return {"left_right_shift": horizontal, "left_right_seed_spread": horizontal_spread,
             "top_bottom_shift": vertical, "top_bottom_seed_spread": vertical_spread,
-            "named_shift_wanted": 0.6 - 0.0,  # 0.2 -> 0.8 for small objects, 0.25 -> 0.75 for large ones
+            "named_shift_wanted": 0.5,  # the probe's large objects stand at 0.25 and 0.75 (pushed in from the edge)
             "same_seed_left_vs_right_distance": float(np.mean(same_seed)) if same_seed else float("nan")}
 
 
