@@ -373,7 +373,7 @@ def main(argv=None) -> None:
     parser.add_argument("--export", type=Path, default=PACKAGE_MODEL, help="where the finished pipeline goes")
     parser.add_argument("--scenes", type=int, default=40000, help="number of distinct training scenes")
     parser.add_argument("--vae-steps", type=int, default=4000)
-    parser.add_argument("--minutes", type=float, default=110.0, help="wall time of the diffusion phase")
+    parser.add_argument("--minutes", type=float, default=118.0, help="wall time of the diffusion phase")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
