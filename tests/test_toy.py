@@ -16,8 +16,6 @@ from spectral_diffusion.models import scenes
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOY = builtin.SHIPPED_MODELS["builtin:toy"]
-SHIPPED_RECIPE = json.loads((TOY / "training.json").read_text()).get("recipe", "v1")
-needs_v2 = pytest.mark.skipif(SHIPPED_RECIPE != "v2", reason="the shipped builtin:toy is still the first model (v1)")
 
 
 def test_toy_is_the_default_model_and_ships_small():
@@ -26,6 +24,7 @@ def test_toy_is_the_default_model_and_ships_small():
 
     assert cli.DEFAULT_MODEL == app.DEFAULT_MODEL == "builtin:toy"
     assert builtin.resolve_model("builtin:toy") == str(TOY)
+    assert json.loads((TOY / "training.json").read_text())["recipe"] == "v2"
     size = sum(p.stat().st_size for p in TOY.rglob("*") if p.is_file())
     assert size <= 30 * 2**20
     assert not any(p.suffix in {".bin", ".pt", ".pkl", ".ckpt"} for p in TOY.rglob("*"))
@@ -64,7 +63,6 @@ def test_toy_draws_the_colour_shape_and_background_it_is_told(toy_pipe, reader):
     assert hits >= 15  # of 18 readings; a model that ignores its prompt gets about 5
 
 
-@needs_v2
 def test_toy_puts_an_object_where_it_is_told(toy_pipe, reader):
     from toy import classifier
 
@@ -77,7 +75,6 @@ def test_toy_puts_an_object_where_it_is_told(toy_pipe, reader):
     assert hits >= 6  # of 8; the first toy model (positions ignored, placed by the noise) got 1 or 2
 
 
-@needs_v2
 def test_an_adapter_trained_on_the_first_toy_model_is_refused_by_name(models_home):
     from spectral_diffusion.errors import BaseModelMismatchError
     from spectral_diffusion.formats.adapter_file import read_adapter
