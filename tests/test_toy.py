@@ -24,7 +24,7 @@ def test_toy_is_the_default_model_and_ships_small():
 
     assert cli.DEFAULT_MODEL == app.DEFAULT_MODEL == "builtin:toy"
     assert builtin.resolve_model("builtin:toy") == str(TOY)
-    assert json.loads((TOY / "training.json").read_text())["recipe"] == "v2"
+    assert json.loads((TOY / "training.json").read_text())["recipe"] == "v3"
     size = sum(p.stat().st_size for p in TOY.rglob("*") if p.is_file())
     assert size <= 30 * 2**20
     assert not any(p.suffix in {".bin", ".pt", ".pkl", ".ckpt"} for p in TOY.rglob("*"))
@@ -75,12 +75,14 @@ def test_toy_puts_an_object_where_it_is_told(toy_pipe, reader):
     assert hits >= 6  # of 8; the first toy model (positions ignored, placed by the noise) got 1 or 2
 
 
-def test_an_adapter_trained_on_the_first_toy_model_is_refused_by_name(models_home):
+@pytest.mark.parametrize("old_model", ["v1", "v2"])
+def test_an_adapter_trained_on_an_earlier_toy_model_is_refused_by_name(models_home, old_model):
     from spectral_diffusion.errors import BaseModelMismatchError
     from spectral_diffusion.formats.adapter_file import read_adapter
     from spectral_diffusion.generation.fusion import Studio
 
-    old = read_adapter(Path(__file__).parent / "data" / "toy-v1-heart.safetensors")  # builtin:toy v1, 3 steps
+    # 3 training steps each; v1 had other layer shapes, v2 has v3's shapes but other weights
+    old = read_adapter(Path(__file__).parent / "data" / f"toy-{old_model}-heart.safetensors")
     assert old.base_model == "builtin:toy"
     studio = Studio("builtin:toy")
     with pytest.raises(BaseModelMismatchError, match="concept 'heart', made for builtin:toy .*cannot be loaded into builtin:toy"):
@@ -103,20 +105,76 @@ def test_pretraining_checkpoints_resume_and_export_a_loadable_pipeline(tmp_path)
     from toy import pretrain
 
     work, out = tmp_path / "work", tmp_path / "model"
-    args = ["--work", str(work), "--export", str(out), "--scenes", "48", "--vae-steps", "2", "--threads", "2"]
-    pretrain.main([*args, "--minutes", "0.01"])
+    args = ["--work", str(work), "--export", str(out), "--scenes", "48", "--vae-steps", "2", "--threads", "2",
+            "--steps", "6", "--warmup", "2"]
+    pretrain.main([*args, "--minutes", "0.001"])  # stops early, after at least one step
     first = json.loads((work / "diffusion" / "state.json").read_text())
-    assert first["step"] >= 1 and json.loads((work / "vae" / "state.json").read_text())["step"] == 2
-    pretrain.main([*args, "--minutes", "0.03"])  # resumes: the step count carries on
+    assert 1 <= first["step"] < 6 and json.loads((work / "vae" / "state.json").read_text())["step"] == 2
+    pretrain.main(args)  # resumes: the step count carries on to the recipe's end
     second = json.loads((work / "diffusion" / "state.json").read_text())
-    assert second["step"] > first["step"] and second["losses"][: first["step"]] == first["losses"]
+    assert second["step"] == 6 and second["losses"][: first["step"]] == first["losses"]
     info = json.loads((out / "training.json").read_text())
-    assert info["diffusion_steps"] == second["step"]
+    assert info["diffusion_steps"] == 6 and info["diffusion"]["steps"] == 6 and info["recipe"] == pretrain.RECIPE
     pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True, safety_checker=None)
     assert pipe.vae.config.scaling_factor != 1.0  # set from the encoded scenes' spread
     with torch.no_grad():
         image = pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np").images
     assert image.shape == (1, 32, 32, 3)
+
+    # continued elsewhere from the export alone: same VAE and step count, the rate warmed up again
+    again = tmp_path / "again"
+    pretrain.main(["--work", str(again), "--export", str(tmp_path / "model2"), "--scenes", "48", "--threads", "2",
+                   "--steps", "8", "--warmup", "2", "--restart-from", str(out)])
+    state = json.loads((again / "diffusion" / "state.json").read_text())
+    assert state["step"] == 8 and state["restarted_at"] == 6 and state["losses"][:6] == second["losses"]
+    vae_before = pipe.vae.state_dict()
+    vae_after = StableDiffusionPipeline.from_pretrained(tmp_path / "model2", local_files_only=True,
+                                                        safety_checker=None).vae.state_dict()
+    assert all(torch.equal(vae_before[k], vae_after[k]) for k in vae_before)
+    with pytest.raises(SystemExit, match="already holds checkpoints"):
+        pretrain.main(["--work", str(again), "--export", str(tmp_path / "model3"), "--restart-from", str(out)])
+
+
+def test_the_diffusion_recipe_schedule_and_its_checks():
+    from toy.pretrain import DiffusionRecipe, _rewarm
+
+    recipe = DiffusionRecipe(steps=1000, lr=1e-3, warmup=100)
+    assert recipe.lr_at(0) == pytest.approx(1e-5, rel=1e-2) and recipe.lr_at(99) == pytest.approx(1e-3, rel=0.03)
+    assert recipe.lr_at(500) == pytest.approx(0.5e-3) and recipe.lr_at(1000) == 0.0
+    assert DiffusionRecipe(steps=1000, lr=3e-4, warmup=10, schedule="constant").lr_at(999) == 3e-4
+    assert _rewarm(50, None) == 1.0 and _rewarm(50, 50) < 0.01 and _rewarm(400, 50) == 1.0
+    with pytest.raises(ValueError, match="unknown learning-rate schedule"):
+        DiffusionRecipe(schedule="linear")
+    with pytest.raises(ValueError, match="invalid diffusion recipe"):
+        DiffusionRecipe(steps=0)
+
+
+def test_batched_drawing_gives_the_images_of_one_call_per_prompt(toy_pipe):
+    import numpy as np
+
+    from toy import evaluate
+
+    prompts = ["a red star on a gray background", "a blue circle on the left on a white background"]
+    batched = evaluate.draw(toy_pipe, prompts, 2, 3, 5.0)
+    for prompt, images in zip(prompts, batched, strict=True):
+        single = generate(toy_pipe, prompt, 2, 32, 3, 5.0, seed=7)
+        for a, b in zip(single, images, strict=True):
+            assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
+
+
+def test_the_sweep_prefers_finished_variants_and_scales_recipes():
+    from toy import pretrain, sweep
+
+    def result(name, held, finished):
+        return {"name": name, "finished": finished,
+                "snapshots": [{"held_out": held, "position": 1, "pair_sets": held, "pair_positions": held}]}
+
+    results = {"a": result("a", 0.9, False), "b": result("b", 0.5, True), "c": {"name": "c"}}
+    assert sweep.best(results) == "b"
+    assert sweep.best({"a": result("a", 0.9, False), "c": {"name": "c"}}) == "a"
+    assert sweep.best({"c": {"name": "c"}}) is None
+    small = sweep._scaled(pretrain.DiffusionRecipe(), 0.01)
+    assert small.steps == 63 and small.warmup == 5 and small.lr == pretrain.DiffusionRecipe().lr
 
 
 def test_toy_trains_with_its_own_defaults_unless_the_user_overrides_them(tmp_path):
