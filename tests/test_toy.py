@@ -127,6 +127,8 @@ def test_pretraining_checkpoints_resume_and_export_a_loadable_pipeline(tmp_path)
                    "--steps", "8", "--warmup", "2", "--restart-from", str(out)])
     state = json.loads((again / "diffusion" / "state.json").read_text())
     assert state["step"] == 8 and state["restarted_at"] == 6 and state["losses"][:6] == second["losses"]
+    record = json.loads((tmp_path / "model2" / "training.json").read_text())
+    assert record["restarted_at"] == 6 and record["restarted_from"]["diffusion_steps"] == 6
     vae_before = pipe.vae.state_dict()
     vae_after = StableDiffusionPipeline.from_pretrained(tmp_path / "model2", local_files_only=True,
                                                         safety_checker=None).vae.state_dict()

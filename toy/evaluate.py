@@ -239,14 +239,19 @@ def loss_plot(model_folder: Path, out: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    losses = json.loads((model_folder / "training.json").read_text()).get("losses")
+    info = json.loads((model_folder / "training.json").read_text())
+    losses = info.get("losses")
     if not losses:
         return
     window = 100
     smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.plot(np.arange(len(smooth)) + window, smooth)
-    ax.set_xlabel("step (batch 32)")
+    restart = info.get("restarted_at")
+    if restart:  # where the run moved to another machine, continued from the export
+        ax.axvline(restart, color="gray", linestyle=":", label=f"continued from the export at step {restart}")
+        ax.legend(fontsize=8)
+    ax.set_xlabel(f"step (batch {info.get('diffusion', {}).get('batch', 32)})")
     ax.set_ylabel("weighted v-prediction loss")
     ax.set_title("builtin:toy pretraining, 100-step mean")
     fig.tight_layout()

@@ -1,6 +1,6 @@
 """Pretrain ``builtin:toy``: a small Stable Diffusion 1.x pipeline trained from scratch on procedural scenes.
 
-    python -m toy.pretrain                      # about 2 h 20 min on 2 CPU cores; resumes if interrupted
+    python -m toy.pretrain                      # about 2 h 25 min on 2 CPU cores; resumes if interrupted
     python -m toy.pretrain --minutes 5 --work /tmp/toy-smoke --export /tmp/toy-smoke/model
     python -m toy.pretrain --device cuda        # the same recipe on a GPU, in minutes
 
@@ -266,7 +266,7 @@ class CaptionTokens:
 class DiffusionRecipe:
     """How the UNet and the text encoder are trained. The defaults are recipe v3, the shipped model."""
 
-    steps: int = 6300  # about 2 h on 2 quiet CPU cores (docs/toy.md)
+    steps: int = 6300  # 1.24-1.32 s each on 2 quiet CPU cores: 130-138 min (docs/toy.md)
     batch: int = 64
     lr: float = 1e-3
     warmup: int = 500
@@ -319,11 +319,11 @@ def train_diffusion(work: Path, scene_list, latent_mean, latent_std, scaling: fl
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=1e-2)
     ema = Ema(unet, recipe.ema)
     ckpt = work / "diffusion"
-    step, elapsed, losses, restarted_at = 0, 0.0, [], None
+    step, elapsed, losses, restart = 0, 0.0, [], {}
     loaded = load_checkpoint(ckpt)
     if loaded:
         tensors, state = loaded
-        restarted_at = state.get("restarted_at")
+        restart = {k: state[k] for k in ("restarted_at", "restarted_from") if k in state}
         unet.load_state_dict(unprefixed("unet", tensors))
         text_encoder.load_state_dict(unprefixed("text", tensors))
         ema.shadow = {k: v.to(device).clone() for k, v in unprefixed("ema", tensors).items()}
@@ -342,7 +342,7 @@ def train_diffusion(work: Path, scene_list, latent_mean, latent_std, scaling: fl
     while step < recipe.steps and (step == first_step or minutes is None
                                    or time.monotonic() - call_started < minutes * 60):
         for group in optimizer.param_groups:
-            group["lr"] = recipe.lr_at(step) * _rewarm(step, restarted_at)
+            group["lr"] = recipe.lr_at(step) * _rewarm(step, restart.get("restarted_at"))
         # random numbers are drawn on the CPU whatever the device, so every device sees the same batches
         idx = torch.randint(len(scene_list), (recipe.batch,), generator=gen)
         noise_in = torch.randn((recipe.batch, *latent_mean.shape[1:]), generator=gen).to(device)
@@ -373,11 +373,11 @@ def train_diffusion(work: Path, scene_list, latent_mean, latent_std, scaling: fl
             on_step(step, ema.shadow, text_encoder)
         if time.monotonic() - last_save > 300:
             _save_diffusion(ckpt, unet, text_encoder, ema, optimizer, params, step, time.monotonic() - started, losses,
-                            restarted_at)
+                            restart)
             last_save = time.monotonic()
     if step > first_step or not loaded:  # an export-only run (recipe already done) leaves the checkpoint alone
         _save_diffusion(ckpt, unet, text_encoder, ema, optimizer, params, step, time.monotonic() - started, losses,
-                            restarted_at)
+                            restart)
     unet.load_state_dict(ema.shadow)
     return unet.eval().cpu(), text_encoder.eval().cpu(), tokenizer, step, losses
 
@@ -390,13 +390,10 @@ def _rewarm(step: int, restarted_at: int | None) -> float:
     return 1.0 if restarted_at is None else min(1.0, (step - restarted_at + 1) / REWARM_STEPS)
 
 
-def _save_diffusion(ckpt, unet, text_encoder, ema, optimizer, params, step, elapsed, losses, restarted_at) -> None:
+def _save_diffusion(ckpt, unet, text_encoder, ema, optimizer, params, step, elapsed, losses, restart) -> None:
     tensors = {**prefixed("unet", unet.state_dict()), **prefixed("text", text_encoder.state_dict()),
                **prefixed("ema", ema.shadow), **adam_tensors(optimizer, params)}
-    state = {"step": step, "elapsed": elapsed, "losses": losses}
-    if restarted_at is not None:
-        state["restarted_at"] = restarted_at
-    save_checkpoint(ckpt, tensors, state)
+    save_checkpoint(ckpt, tensors, {"step": step, "elapsed": elapsed, "losses": losses, **restart})
     logger.info("checkpoint at step %d", step)
 
 
@@ -451,6 +448,13 @@ def restart_from_export(folder: Path, work: Path) -> dict:
     return info
 
 
+def _restart_record(work: Path) -> dict:
+    """Where a run that was continued from an export came from, for its training.json."""
+    state_file = work / "diffusion" / "state.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    return {k: state[k] for k in ("restarted_at", "restarted_from") if k in state}
+
+
 def recipe_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = DiffusionRecipe()
     parser.add_argument("--steps", type=int, default=defaults.steps, help="diffusion steps of the recipe")
@@ -503,7 +507,7 @@ def main(argv=None) -> None:
     unet, text_encoder, tokenizer, steps, losses = train_diffusion(args.work, scene_list, mean, std, scaling, recipe,
                                                                    args.minutes, args.device)
     info = {"recipe": RECIPE, "scenes": args.scenes, "vae_steps": args.vae_steps, "diffusion": asdict(recipe),
-            "diffusion_steps": steps, "device": args.device,
+            "diffusion_steps": steps, "device": args.device, **_restart_record(args.work),
             "final_loss_mean_last_200": float(np.mean(losses[-200:])), "losses": losses}
     path = export(args.export, unet, vae, text_encoder, tokenizer, info)
     logger.info("exported to %s: %d of %d diffusion steps, final loss %.4f", path, steps, recipe.steps,
