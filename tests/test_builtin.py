@@ -262,3 +262,30 @@ def test_unknown_hub_id_offline_fails_at_once_with_one_clear_message(offline, mo
         assert "\n" not in str(caught.value) and "hf download foo/bar" in str(caught.value)
     finally:
         builtin.hub_reachable.cache_clear()
+
+
+def test_pipelines_load_from_several_threads_at_once(models_home):
+    """The app loads a pipeline for training and another for an import at the same time; without one
+    load at a time per process, transformers' meta-device context leaks between the threads
+    ("Cannot copy out of meta tensor": 11 of 12 concurrent loads failed here)."""
+    import threading
+
+    from spectral_diffusion.models.registry import load_pipeline
+
+    load_pipeline("builtin:tiny")  # built once, so the threads below only load
+    errors, pipes = [], []
+
+    def load() -> None:
+        try:
+            pipes.append(load_pipeline("builtin:tiny"))
+        except Exception as err:  # noqa: BLE001 - the test reports whatever a thread raised
+            errors.append(repr(err))
+
+    for _ in range(2):
+        threads = [threading.Thread(target=load) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert errors == []
+    assert len(pipes) == 6 and all(p.unet.device.type == "cpu" for p in pipes)

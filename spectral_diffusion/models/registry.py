@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import socket
+import threading
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
@@ -255,6 +256,11 @@ def _load_error(model: str, source: str, err: Exception) -> ModelNotFoundError:
 # (a bad model_index.json gives KeyError / AttributeError); anything else propagates.
 _LOAD_ERRORS = (OSError, ValueError, KeyError, AttributeError, TypeError)
 
+# transformers and diffusers build modules on the meta device inside a process-wide context while they
+# load; two loads at once in one process (the app training and importing at the same time) then see each
+# other's context and end with "Cannot copy out of meta tensor". One load at a time per process.
+_LOAD_LOCK = threading.Lock()
+
 
 def load_pipeline(
     model: str, torch_dtype: torch.dtype = torch.float32, device: str = "cpu"
@@ -272,14 +278,15 @@ def load_pipeline(
     if local or not hub_reachable():
         _check_in_hub_cache(model, source, local)
         kwargs["local_files_only"] = True  # offline: no retries, no waiting for a network that is not there
-    try:
-        if "safety_checker" in _model_index(source, local):
-            kwargs["safety_checker"] = None
-        pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
-    except _LOAD_ERRORS as err:
-        raise _load_error(model, source, err) from err
-    logger.info("loaded %s (%s) from %s", model, type(pipe).__name__, source)
-    return pipe.to(device)
+    with _LOAD_LOCK:
+        try:
+            if "safety_checker" in _model_index(source, local):
+                kwargs["safety_checker"] = None
+            pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
+        except _LOAD_ERRORS as err:
+            raise _load_error(model, source, err) from err
+        logger.info("loaded %s (%s) from %s", model, type(pipe).__name__, source)
+        return pipe.to(device)
 
 
 def is_sdxl(pipe) -> bool:
