@@ -448,6 +448,14 @@ def restart_from_export(folder: Path, work: Path) -> dict:
     return info
 
 
+def training_info(scenes_count: int, vae_steps: int, recipe: DiffusionRecipe, steps: int, device: str,
+                  losses: list[float], **extra) -> dict:
+    """What an export's training.json records: the recipe, how far it got, where, and every step's loss."""
+    return {"recipe": RECIPE, "scenes": scenes_count, "vae_steps": vae_steps, "diffusion": asdict(recipe),
+            "diffusion_steps": steps, "device": device, **extra,
+            "final_loss_mean_last_200": float(np.mean(losses[-200:])), "losses": losses}
+
+
 def _restart_record(work: Path) -> dict:
     """Where a run that was continued from an export came from, for its training.json."""
     state_file = work / "diffusion" / "state.json"
@@ -506,9 +514,8 @@ def main(argv=None) -> None:
     vae, scene_list, mean, std, scaling = prepare_latents(args.work, args.scenes, args.vae_steps, args.device)
     unet, text_encoder, tokenizer, steps, losses = train_diffusion(args.work, scene_list, mean, std, scaling, recipe,
                                                                    args.minutes, args.device)
-    info = {"recipe": RECIPE, "scenes": args.scenes, "vae_steps": args.vae_steps, "diffusion": asdict(recipe),
-            "diffusion_steps": steps, "device": args.device, **_restart_record(args.work),
-            "final_loss_mean_last_200": float(np.mean(losses[-200:])), "losses": losses}
+    info = training_info(args.scenes, args.vae_steps, recipe, steps, args.device, losses,
+                         **_restart_record(args.work))
     path = export(args.export, unet, vae, text_encoder, tokenizer, info)
     logger.info("exported to %s: %d of %d diffusion steps, final loss %.4f", path, steps, recipe.steps,
                 info["final_loss_mean_last_200"])

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from spectral_diffusion.atomic import atomic_write_text
 from toy import pretrain
 
 logger = logging.getLogger("toy.sweep")
@@ -107,9 +107,7 @@ def run_variant(name: str, args) -> None:
         snapshot = {"step": steps, **score(unet.to(args.device).state_dict(), text_encoder.to(args.device), vae,
                                            args.device, reader, args.seeds)}
         results["snapshots"].append(snapshot)
-    info = {"recipe": pretrain.RECIPE, "scenes": args.scenes, "vae_steps": args.vae_steps, "diffusion": asdict(recipe),
-            "diffusion_steps": steps, "device": args.device, "variant": name,
-            "final_loss_mean_last_200": float(sum(losses[-200:]) / max(1, len(losses[-200:]))), "losses": losses}
+    info = pretrain.training_info(args.scenes, args.vae_steps, recipe, steps, args.device, losses, variant=name)
     pretrain.export(folder / "model", unet.cpu(), vae.cpu(), text_encoder.cpu(), tokenizer, info)
     results["losses_per_100"] = [round(sum(losses[i:i + 100]) / len(losses[i:i + 100]), 4)
                                  for i in range(0, len(losses), 100)]
@@ -139,9 +137,7 @@ def _scaled(recipe: pretrain.DiffusionRecipe, scale: float) -> pretrain.Diffusio
 
 def _write_json(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1))
 
 
 def collect(names, work: Path) -> dict:
