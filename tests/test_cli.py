@@ -203,3 +203,25 @@ def test_one_unusable_image_gives_one_line_and_no_warning(tmp_path, models_home)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
     assert "x.png" in result.stderr
+
+
+def test_a_region_for_a_concept_not_in_concepts_is_refused_by_every_frontend(tmp_path, capsys, monkeypatch):
+    """Issue 24 item 3: --region, --layout FILE and the service's layout refuse an unchosen concept."""
+    from spectral_diffusion.errors import RequestError
+    from spectral_diffusion.frontends.service import Service
+    from spectral_diffusion.models import registry
+
+    monkeypatch.setattr(registry, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    common = ["--library", str(tmp_path / "lib"), "--out", str(tmp_path / "x.png")]
+    code, _, err = _run(capsys, "generate", "--prompt", "<a> and <b>", "--concepts", "a", "--region", "a:0,0,0.5,1",
+                        "--region", "b:0.5,0,1,1", *common)
+    assert code == 2 and err.count("\n") == 1
+    assert "places concept 'b'" in err and "--concepts a,b" in err
+    layout = {"prompt": "<a> and <b>", "regions": [{"concept": "a", "box": [0, 0, 0.5, 1]},
+                                                    {"concept": "b", "box": [0.5, 0, 1, 1]}]}
+    (tmp_path / "layout.json").write_text(json.dumps(layout))
+    code, _, err = _run(capsys, "generate", "--layout", str(tmp_path / "layout.json"), "--concepts", "b", *common)
+    assert code == 2 and "places concept 'a'" in err
+    service = Service(model="builtin:tiny", library=tmp_path / "lib", output_dir=tmp_path / "out")
+    with pytest.raises(RequestError, match="places concept 'b'"):
+        service.generate("<a> and <b>", {"a": 1.0}, layout=json.dumps(layout))

@@ -65,7 +65,9 @@ def test_routed_pair_differs_from_global_and_stays_deterministic(studio):
 def test_layout_concepts_are_selected_and_must_be_loaded(studio):
     layout = Layout(PROMPT, (Region("dog", (0, 0, 0.5, 1)), Region("cat", (0.5, 0, 1, 1))))
     assert _request(layout=layout).concepts == {"dog": 1.0, "cat": 1.0}
-    assert _request(layout=layout, concepts={"dog": 0.5}).concepts == {"dog": 0.5, "cat": 1.0}
+    assert _request(layout=layout, concepts={"dog": 0.5, "cat": 1.0}).concepts == {"dog": 0.5, "cat": 1.0}
+    with pytest.raises(RequestError, match="places concept 'cat'"):  # chosen concepts must include the placed
+        _request(layout=layout, concepts={"dog": 0.5})
     ghost = Layout(PROMPT, (Region("ghost", (0, 0, 1, 1)),))
     with pytest.raises(Exception, match="ghost"):
         studio.generate(_request(layout=ghost, concepts={"dog": 1.0, "cat": 1.0}))

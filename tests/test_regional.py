@@ -413,3 +413,34 @@ def test_encoded_layout_runs_the_pipeline_and_context_only_regions_match_plain(f
     assert images.shape == plain.shape and torch.isfinite(images).all()
     assert not torch.allclose(images, plain, atol=1e-3)
     assert not adapters.router.active
+
+
+def test_a_region_for_a_concept_that_was_not_chosen_is_refused():
+    """Issue 24 item 3: a region's concept missing from the chosen concepts is an error, not silently added."""
+    from spectral_diffusion.errors import RequestError
+    from spectral_diffusion.generation.request import GenerationRequest
+
+    layout = Layout("<dog> and <cat>", (Region("dog", (0, 0, 0.5, 1)), Region("cat", (0.5, 0, 1, 1))))
+    with pytest.raises(RequestError, match=r"places concept 'cat'.*add it to the concepts \(--concepts dog:0.8,cat\)"):
+        GenerationRequest(prompt=layout.prompt, concepts={"dog": 0.8}, layout=layout)
+    # with no concepts chosen at all, the placed ones are selected at strength 1 (documented)
+    assert GenerationRequest(prompt=layout.prompt, layout=layout).concepts == {"dog": 1.0, "cat": 1.0}
+    both = GenerationRequest(prompt=layout.prompt, concepts={"cat": 0.5, "dog": 1.0}, layout=layout)
+    assert both.concepts == {"cat": 0.5, "dog": 1.0}
+
+
+def test_overlapping_concept_boxes_are_warned_about(caplog):
+    from spectral_diffusion.generation.layout import concept_overlaps
+    from spectral_diffusion.generation.request import GenerationRequest
+
+    touching = Layout("p", (Region("dog", (0, 0, 0.5, 1)), Region("cat", (0.5, 0, 1, 1)), Region(None, (0, 0, 1, 1))))
+    assert concept_overlaps(touching) == []  # shared edges and prompt-only regions are fine
+    with caplog.at_level("WARNING", logger="spectral_diffusion"):
+        GenerationRequest(prompt="p", layout=touching)
+    assert not caplog.records
+    crossing = Layout("p", (Region("dog", (0, 0, 0.6, 1)), Region("cat", (0.4, 0, 1, 0.5))))
+    assert concept_overlaps(crossing) == [("dog", "cat", pytest.approx(0.1))]
+    with caplog.at_level("WARNING", logger="spectral_diffusion"):
+        GenerationRequest(prompt="p", layout=crossing)
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "dog and cat overlap (10% of the image)" in caplog.text

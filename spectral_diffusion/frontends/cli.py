@@ -99,7 +99,8 @@ def _add_generate(sub) -> None:
                      help="regional composition: FILE.json, or auto / left-right / top-bottom / thirds / grid "
                           "(concepts placed in the order their tokens appear in the prompt)")
     gen.add_argument("--region", action="append", default=[], metavar="NAME:x0,y0,x1,y1:PROMPT",
-                     help="one concept's box (fractions of the image) and region prompt; repeat per concept")
+                     help="one concept's box (fractions of the image) and region prompt; repeat per concept "
+                          "(with --concepts, each placed concept must be in it)")
     gen.add_argument("--from-png", default=None, metavar="FILE",
                      help="take the settings stored in an image this tool generated (flags given override)")
     gen.add_argument("--out", required=True, help="FILE.png (several images: FILE-0.png, FILE-1.png, ...)")

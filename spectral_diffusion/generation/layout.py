@@ -170,6 +170,24 @@ def parse_region(text: str) -> Region:
     return Region(name or None, tuple(box), prompt)
 
 
+def concept_overlaps(layout: Layout) -> list[tuple[str, str, float]]:
+    """Pairs of concept regions whose boxes overlap: (first, second, shared area as a fraction of the
+    image), in region order. Boxes that only touch do not overlap; prompt-only regions are not counted.
+
+    Where two concept boxes overlap, both concepts' slots act there and the two regions' prompts are
+    blended (their weights scaled to sum to 1); that is rarely what was meant, so the generation
+    request warns about every such pair (docs/design.md section 11)."""
+    placed = [region for region in layout.regions if region.concept is not None]
+    found = []
+    for i, first in enumerate(placed):
+        for second in placed[i + 1:]:
+            width = min(first.box[2], second.box[2]) - max(first.box[0], second.box[0])
+            height = min(first.box[3], second.box[3]) - max(first.box[1], second.box[1])
+            if width > 0 and height > 0:
+                found.append((first.concept, second.concept, width * height))
+    return found
+
+
 def preset_boxes(name: str, count: int) -> list[tuple[float, float, float, float]]:
     """The first ``count`` boxes of a preset (reading order): left-right, top-bottom, thirds, grid."""
     if name not in PRESETS:

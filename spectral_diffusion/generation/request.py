@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from spectral_diffusion.core.strengths import is_finite_number, normalize_strengths
+from spectral_diffusion.core.strengths import format_concepts, is_finite_number, normalize_strengths
 from spectral_diffusion.errors import RequestError
-from spectral_diffusion.generation.layout import Layout
+from spectral_diffusion.generation.layout import Layout, concept_overlaps
 from spectral_diffusion.generation.schedulers import SCHEDULERS
+
+logger = logging.getLogger(__name__)
 
 # how the concepts are applied: in factored form, or merged into the weights
 MODES = ("live", "baked")
@@ -97,8 +100,22 @@ class GenerationRequest:
             )
         if (self.layout.prompt, self.layout.negative) != (self.prompt, self.negative_prompt):
             raise RequestError("the layout's prompt and negative prompt must be the request's prompt and negative")
-        for name in self.layout.concepts:  # a placed concept is selected, at strength 1 unless given
+        chosen = dict(self.concepts)
+        for name in self.layout.concepts:
+            if chosen and name not in chosen:
+                raise RequestError(
+                    f"the layout places concept {name!r}, which is not among the chosen concepts "
+                    f"({', '.join(chosen)}): add it to the concepts (--concepts {format_concepts({**chosen, name: 1.0})}) "
+                    "or remove its region"
+                )
+            # with no concepts chosen, the placed ones are selected, at strength 1
             self.concepts.setdefault(name, 1.0)
+        for first, second, share in concept_overlaps(self.layout):
+            logger.warning(
+                "the boxes of %s and %s overlap (%.0f%% of the image): there both concepts act and their "
+                "region prompts are blended; give each concept its own box unless that is what you want",
+                first, second, 100 * share,
+            )
 
     @property
     def prompts(self) -> list[str]:
