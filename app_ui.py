@@ -48,8 +48,25 @@ USER_ERRORS = (SpectralDiffusionError, InputError)
 
 
 def _user_message(error: Exception) -> str:
-    # gradio 6 shows an error's text verbatim (trigger tokens like <my-dog> stay visible): no escaping
     return str(error) or type(error).__name__
+
+
+def _from_api_client() -> bool:
+    """Whether the request being handled comes from an API client rather than the page. The page's own
+    client marks its requests ``x-gradio-user: app`` (gradio_client: ``api``, MCP: ``mcp``, curl: none);
+    outside a request (a handler called directly) the answer is no."""
+    from gradio.context import LocalContext
+
+    request = LocalContext.request.get(None)
+    headers = getattr(request, "headers", None)
+    return request is not None and headers is not None and headers.get("x-gradio-user") != "app"
+
+
+def error_text(message: str) -> str:
+    """An error message as ``gr.Error`` should carry it. The page renders the message as HTML through a
+    sanitiser that drops unknown tags, so "prompt uses <heart>" would read "prompt uses": the page gets it
+    HTML-escaped; API clients, which read it as text, get it as it is."""
+    return message if _from_api_client() else html.escape(message, quote=False)
 
 
 def _shown_error(error: Exception, where: str) -> gr.Error:
@@ -57,7 +74,7 @@ def _shown_error(error: Exception, where: str) -> gr.Error:
     Either way it is the request's one log line: bad input without a traceback, a bug with one."""
     if isinstance(error, USER_ERRORS):
         logger.info("%s refused: %s", where, _user_message(error))
-        return gr.Error(_user_message(error), print_exception=False)
+        return gr.Error(error_text(_user_message(error)), print_exception=False)
     logger.error("%s: internal error", where, exc_info=error)
     return gr.Error(INTERNAL_ERROR, print_exception=False)
 

@@ -413,6 +413,36 @@ def test_user_errors_show_bad_input_and_hide_bugs(caplog):
     assert shown.value.message == app_ui.INTERNAL_ERROR
 
 
+def test_error_text_in_angle_brackets_is_escaped_for_the_page_and_plain_for_api_clients():
+    """The page renders gr.Error's message as sanitised HTML: "<heart>" would vanish from the toast."""
+    from types import SimpleNamespace
+
+    import gradio as gr
+    from gradio.context import LocalContext
+
+    import app_ui
+    from spectral_diffusion.errors import RequestError
+
+    @app_ui.user_errors
+    def handler():
+        raise RequestError("the prompt uses <heart>, which is not selected")
+
+    def shown(headers):
+        token = LocalContext.request.set(None if headers is None else SimpleNamespace(headers=headers))
+        try:
+            with pytest.raises(gr.Error) as error:
+                handler()
+        finally:
+            LocalContext.request.reset(token)
+        return error.value.message
+
+    page = "the prompt uses &lt;heart&gt;, which is not selected"
+    assert shown(None) == page  # called directly: gr.Error's message is HTML
+    assert shown({"x-gradio-user": "app"}) == page  # the page's own client
+    assert shown({"x-gradio-user": "api"}) == "the prompt uses <heart>, which is not selected"  # gradio_client
+    assert shown({}) == "the prompt uses <heart>, which is not selected"  # curl
+
+
 def test_handlers_check_their_input_before_calling_the_service():
     import gradio as gr
 
