@@ -92,7 +92,7 @@ def _add_generate(sub) -> None:
     gen.add_argument("--seed", type=int, default=0, help="-1: a random seed (printed)")
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--height", type=int, default=None)
-    gen.add_argument("--num-images", type=int, default=1)
+    gen.add_argument("--num-images", type=int, default=1, help="image k is drawn from seed + k (stored in its PNG)")
     gen.add_argument("--scheduler", default="default", help=", ".join(SCHEDULERS))
     gen.add_argument("--baked", action="store_true", help="merge the concepts into the weights first")
     gen.add_argument("--layout", default=None,

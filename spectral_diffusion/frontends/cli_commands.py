@@ -201,7 +201,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         save_png(image, path)
     logger.info("generated %d image(s) in %.1f s", len(images), time.perf_counter() - started)
     if request.seed is None:
-        print(f"seed {images[0].info['seed']}", file=sys.stderr)
+        first = int(images[0].info["seed"])
+        several = f" (image k: seed {first} + k)" if len(images) > 1 else ""
+        print(f"seed {first}{several}", file=sys.stderr)
     emit("\n".join(str(path) for path in paths))
 
 

@@ -21,8 +21,9 @@ def _common_kwargs(pipe, request, seed: int, progress, output_type: str) -> dict
         "width": request.width,
         "height": request.height,
         "num_images_per_prompt": request.num_images,
-        # a CPU generator gives the same noise on every device for a seed
-        "generator": torch.Generator("cpu").manual_seed(seed),
+        # one generator per image, image k seeded with seed + k (as AUTOMATIC1111 does), so image k of a
+        # batch is the image of seed + k alone; a CPU generator gives the same noise on every device
+        "generator": [torch.Generator("cpu").manual_seed(seed + k) for k in range(request.num_images)],
         "output_type": output_type,
     }
     if progress is not None:

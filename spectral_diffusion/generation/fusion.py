@@ -369,9 +369,9 @@ class Studio:
                 raise RequestError(f"the layout places {missing[0]!r}, which is not selected with a non-zero strength")
             images = run_regional(pipe, self.adapters, request, seed, progress, output_type)
         if output_type == "pil":
-            for image in images:
-                image.info["seed"] = str(seed)
-                attach_settings(image, request_settings(request, seed, self._model, *image.size))
+            for k, image in enumerate(images):  # image k was drawn from seed + k (compose.py)
+                image.info["seed"] = str(seed + k)
+                attach_settings(image, request_settings(request, seed + k, self._model, *image.size))
         return images
 
     # ----- export -------------------------------------------------------------------------------

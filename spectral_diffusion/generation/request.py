@@ -49,6 +49,9 @@ def _check_side(label: str, value) -> None:
 class GenerationRequest:
     """One generation: prompt, fused concepts with strengths, sampler settings. Validated on creation.
 
+    Image k of a request is drawn from ``seed + k`` with a generator of its own (as AUTOMATIC1111 does),
+    so each image stores its own seed and ``seed + k`` alone gives image k again (up to a level of rounding
+    in a few pixels: batched arithmetic is not bit-identical to one image's).
     ``seed=None`` (or -1) draws a random seed (stored in each PIL image's ``info["seed"]``); ``width`` /
     ``height`` ``None`` mean the model's native size. ``mode`` ``baked`` merges the concepts into the
     weights (base-model speed), ``live`` applies them in factored form; both give the same image.
@@ -83,6 +86,11 @@ class GenerationRequest:
         _check_side("width", self.width)
         _check_side("height", self.height)
         _check_range("num_images", self.num_images, 1, MAX_IMAGES)
+        if self.seed is not None and self.seed + self.num_images - 1 > MAX_SEED:
+            raise RequestError(
+                f"seed must be at most {MAX_SEED - self.num_images + 1} for {self.num_images} images "
+                "(image k is drawn from seed + k)"
+            )
         if self.scheduler not in SCHEDULERS:
             raise RequestError(f"unknown scheduler {self.scheduler!r}; use one of {sorted(SCHEDULERS)}")
         if self.mode not in MODES:
