@@ -8,7 +8,9 @@ request needs the model. This file lays out the page (one builder per tab) and w
 handlers of ``app_ui.py``. Every action is also a named API endpoint for ``gradio_client``:
 
     train_concept(images, name, class_word, variant, rank, steps,
-                  [lr_unet, lr_text, lr_embedding, batch_size, resolution, seed]) -> (progress html, previews, record)
+                  [lr_unet, lr_text, lr_embedding, batch_size, resolution, seed, masks, captions])
+        -> (status, previews, record); status: {name, state, step, total_steps, loss, eta_seconds, slot, token,
+           message}, state preparing / running / done (record set) / cancelled / failed (both raise)
     list_concepts() -> [record, ...]
     delete_concept(name, confirm) -> message
     import_concept(file, name) -> record
@@ -110,7 +112,7 @@ class PageEvents:
             concurrency_limit=None, **PRIVATE))
         # the API's endpoint (bad input and a cancel are errors for a client) on a button never shown
         self.then_refresh(tab.api_trigger.click(self.bound(handlers.train_concept), inputs,
-                                                [tab.progress, tab.previews, tab.trained],
+                                                [tab.api_status, tab.previews, tab.api_record],
                                                 api_name="train_concept", concurrency_limit=None))
         tab.cancel_button.click(self.bound(handlers.cancel_training), None, tab.cancel_message,
                                 api_name="cancel_training", concurrency_limit=None)
@@ -127,8 +129,11 @@ class PageEvents:
         deleted = tab.delete_button.click(self.bound(handlers.delete_concept), [tab.selected, tab.sure],
                                           tab.delete_message, api_name="delete_concept")
         self.then_refresh(deleted).then(lambda: False, None, tab.sure, **PRIVATE)
-        self.then_refresh(tab.import_button.click(self.bound(handlers.import_concept), [tab.import_file, tab.import_name],
-                                                  tab.imported, api_name="import_concept"))
+        imported = tab.import_button.click(self.bound(handlers.import_concept), [tab.import_file, tab.import_name],
+                                           tab.imported, api_name="import_concept")
+        imported.success(handlers.imported_summary, tab.imported, tab.imported_summary, **PRIVATE)
+        imported.failure(lambda: "", None, tab.imported_summary, **PRIVATE)  # no summary of an earlier import
+        self.then_refresh(imported)
 
         def select_card(evt: gr.SelectData, names):
             return handlers.select_card(card_index(evt), names)

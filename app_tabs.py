@@ -60,8 +60,10 @@ class TrainTab:
     progress: gr.HTML
     previews: gr.Gallery
     loss_chart: gr.Image
-    trained: gr.JSON
+    trained: gr.Markdown  # the page's summary of the trained concept
     cancel_message: gr.Markdown
+    api_status: gr.JSON  # never shown: the train_concept endpoint's status and record, as data
+    api_record: gr.JSON
 
 
 @dataclass
@@ -81,7 +83,8 @@ class LibraryTab:
     import_file: gr.File
     import_name: gr.Textbox
     import_button: gr.Button
-    imported: gr.JSON
+    imported: gr.JSON  # never shown: the import_concept endpoint's record
+    imported_summary: gr.Markdown  # the page's summary of it
 
 
 @dataclass
@@ -177,9 +180,11 @@ def build_train_tab(rank: int, defaults: dict) -> TrainTab:
                                   object_fit="contain", elem_id="train-previews")
             loss_chart = gr.Image(label="Training loss", type="pil", format="png", interactive=False, height=220,
                                   elem_id="train-loss")
-            trained = gr.JSON(label="Trained concept", elem_id="train-result")
+            trained = gr.Markdown(elem_id="train-result")
+            api_status, api_record = gr.JSON(label="status", visible=False), gr.JSON(label="record", visible=False)
     return TrainTab(images, thumbnails, name, class_word, variant, rank_box, steps, advanced, slot_hint,
-                    train_button, cancel_button, api_trigger, progress, previews, loss_chart, trained, cancel_message)
+                    train_button, cancel_button, api_trigger, progress, previews, loss_chart, trained, cancel_message,
+                    api_status, api_record)
 
 
 def build_library_tab() -> LibraryTab:
@@ -209,7 +214,8 @@ def build_library_tab() -> LibraryTab:
                                           height=130)
                     import_name = gr.Textbox(label="Import under the name (optional)")
                     import_button = gr.Button("Import")
-                    imported = gr.JSON(label="Imported concept")
+                    imported = gr.JSON(label="record", visible=False)
+                    imported_summary = gr.Markdown(elem_id="library-imported")
         table = gr.Dataframe(headers=app_views.TABLE_HEADERS, interactive=False, wrap=False,
                              column_widths=TABLE_WIDTHS, elem_id="library-table")
         refresh_button = gr.Button("Refresh", size="sm")
@@ -217,7 +223,7 @@ def build_library_tab() -> LibraryTab:
             listing = gr.JSON(label="list_concepts")
     return LibraryTab(slot_maps, cards, table, refresh_button, listing, selected, export_format, export_button,
                       exported, sure, delete_button, delete_message, import_file, import_name, import_button,
-                      imported)
+                      imported, imported_summary)
 
 
 def _concept_row(index: int) -> ConceptRow:

@@ -24,7 +24,7 @@ import gradio as gr
 import app_values
 import app_views
 from app_values import InputError, file_paths, real, train_request, whole
-from app_views import card, problem_html, progress_html, record_json, stack_images, table_row
+from app_views import card, problem_html, progress_html, record_json, stack_images, status_json, table_row
 from spectral_diffusion.core.strengths import format_concepts, parse_concepts
 from spectral_diffusion.errors import SpectralDiffusionError, TrainingCancelled
 from spectral_diffusion.frontends.service import Service, TrainingStatus
@@ -178,16 +178,18 @@ def _trained(result) -> str:
 @user_errors(summary=_trained)
 def train_concept(service: Service, images, name, class_word, variant, rank, steps, lr_unet=None, lr_text=None,
                   lr_embedding=None, batch_size=None, resolution=None, seed=None, masks=None, captions=None):
-    """Start a training, then yield (progress html, previews, record) until it ends."""
+    """Start a training, then yield (status, previews, record) until it ends: the status as data
+    (``app_views.status_json``: state, step, total_steps, loss, eta_seconds, slot, token, message), the
+    record (``record_json``) once trained."""
     request = train_request(service, images, name, class_word, variant, rank, steps, lr_unet, lr_text,
                             lr_embedding, batch_size, resolution, seed, masks, captions)
     run = TrainingRun(service, request)
     try:
-        record = yield from run.follow(lambda status, previews: (progress_html(status), previews, gr.skip()))
+        record = yield from run.follow(lambda status, previews: (status_json(status), previews, gr.skip()))
     except Exception:
-        yield progress_html(service.status), gr.skip(), gr.skip()  # show "cancelled" / "failed"
+        yield status_json(service.status), gr.skip(), gr.skip()  # the status says "cancelled" / "failed"
         raise
-    yield progress_html(service.status), run.previews(), record_json(record)
+    yield status_json(service.status, record), run.previews(), record_json(record)
 
 
 @user_errors
@@ -219,6 +221,11 @@ def import_concept(service: Service, file, name) -> dict:
     if len(paths) != 1:
         raise InputError("upload one adapter file (.safetensors)")
     return record_json(service.import_concept(paths[0], name=(name or "").strip() or None))
+
+
+def imported_summary(record) -> str:
+    """The Library tab's line after an import (cleared when the import failed)."""
+    return app_views.record_summary(record, "Imported") if isinstance(record, dict) else ""
 
 
 @user_errors(summary=lambda files: f"{len(files)} file(s)")
@@ -303,7 +310,8 @@ def train_on_page(service: Service, *values):
         yield problem_html(message), gr.skip(), gr.skip(), gr.skip(), ""
         return
     _log_done(f"train {name}", started, f"trained into slot {record.slot}")
-    yield progress_html(service.status), run.previews(), record_json(record), run.chart(), ""
+    yield (progress_html(service.status), run.previews(), app_views.record_summary(record_json(record), "Trained"),
+           run.chart(), "")
 
 
 def upload_thumbnails(files) -> list[str]:

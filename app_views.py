@@ -181,6 +181,46 @@ def problem_html(message: str) -> str:
             f'<span id="train-status-text" class="sd-problem">{html.escape(message)}</span></div>')
 
 
+def status_json(status: TrainingStatus, record=None) -> dict:
+    """What the ``train_concept`` endpoint says about a run, as data (the page shows ``progress_html``).
+
+    ``state``: preparing, running, done, cancelled or failed; ``slot`` once reserved; ``token`` (and the
+    final ``slot``) from the library ``record`` once done."""
+    data = {
+        "name": status.name,
+        "state": status.state,
+        "step": status.step,
+        "total_steps": status.total_steps,
+        "loss": None if status.loss is None else float(status.loss),
+        "eta_seconds": None if status.eta_seconds is None else round(float(status.eta_seconds), 1),
+        "slot": status.slot,
+        "token": None,
+        "message": status.message,
+    }
+    if record is not None:
+        data.update(slot=record.slot, token=record.token)
+    return data
+
+
+def record_summary(record: dict, done: str) -> str:
+    """A concept record (``record_json``) as one readable Markdown line; ``done`` says what happened
+    ("Trained", "Imported")."""
+    if not record:
+        return ""
+    tokens = " ".join(f"`{token}`" for token in record.get("tokens") or [record.get("token")])
+    text = f"**{done} {html.escape(str(record.get('name')))}**: trigger token {tokens}, slot {record.get('slot')}"
+    if record.get("base_model"):
+        text += f" of `{record['base_model']}`"
+    text += f" (rank {record.get('rank')}, {record.get('variant')})"
+    if record.get("class_word"):
+        text += f", class word “{html.escape(str(record['class_word']))}”"
+    if record.get("image_count"):
+        text += f", {record['image_count']} photo{'s' if record['image_count'] != 1 else ''}"
+    if record.get("this_model", True):
+        return f"{text}. Write {tokens} in a prompt on the Generate tab to draw it."
+    return f"{text}. It was made for another base model: it cannot be used with this one."
+
+
 def record_json(record, this_model: bool = True) -> dict:
     """What the API says about one concept (no server paths)."""
     return {

@@ -124,8 +124,8 @@ def dog(server, client):
         busy = None
     except AppError as error:
         busy = str(error)
-    progress, previews, record = job.result(timeout=240)
-    return {"record": record, "busy": busy, "previews": previews, "progress": progress}
+    status, previews, record = job.result(timeout=240)
+    return {"record": record, "busy": busy, "previews": previews, "status": status, "updates": job.outputs()}
 
 
 @pytest.fixture(scope="module")
@@ -161,11 +161,31 @@ def test_train_concept_lists_it_with_its_slot(dog, client):
     assert record["name"] == "dog" and record["token"] == "<dog>"
     assert record["slot"] == 0 and record["rank"] == 4 and record["variant"] == "additive"
     assert dog["previews"], "the final preview is shown"
-    assert "dog" in dog["progress"]
+    # the API's status is data, not the page's HTML: name, state, steps, slot and token
+    status = dog["status"]
+    assert status == {"name": "dog", "state": "done", "step": 4, "total_steps": 4, "loss": status["loss"],
+                      "eta_seconds": status["eta_seconds"], "slot": 0, "token": "<dog>",
+                      "message": "trained dog into slot 0"}
+    assert isinstance(status["loss"], float)
+    running = [update[0] for update in dog["updates"][:-1]]
+    assert running and all(isinstance(s, dict) and s["state"] in ("preparing", "running") for s in running)
+    assert not any("<div" in json.dumps(update) for update in dog["updates"])
     listed = client.predict(api_name="/list_concepts")
     assert [c["name"] for c in listed] == ["dog"]
     assert listed[0]["this_model"] is True
     json.dumps(listed)  # plain JSON
+
+
+def test_trained_and_imported_concepts_are_summarised_in_words_on_the_page(cat):
+    import app_ui
+    import app_views
+
+    line = app_ui.imported_summary(cat)
+    assert line.startswith("**Imported cat**: trigger token `<whiskers>`, slot 1 of `builtin:tiny` (rank 4, rotational)")
+    assert "class word “cat”" in line and "{" not in line
+    assert app_ui.imported_summary(None) == ""
+    foreign = app_views.record_summary({**cat, "this_model": False, "class_word": "<b>", "image_count": 1}, "Trained")
+    assert "another base model" in foreign and "&lt;b&gt;" in foreign and ", 1 photo." in foreign
 
 
 def test_a_second_training_is_told_to_wait(dog, server):
@@ -268,6 +288,7 @@ def test_cancel_stops_a_training_and_leaves_the_library_unchanged(dog, server, c
     with pytest.raises(AppError, match="cancelled"):
         job.result(timeout=240)
     assert service.status.state == "cancelled" and service.status.step < 500
+    assert job.outputs()[-1][0]["state"] == "cancelled"  # the last status sent says so as data
     assert snapshot(server["library"]) == before
     assert client.predict(api_name="/cancel_training") == "no training is running"
 
@@ -508,6 +529,10 @@ def test_generate_is_one_event_for_the_button_and_the_enter_key(models_home, tmp
         "images", "name", "class_word", "variant", "rank", "steps",
         "lr_unet", "lr_text", "lr_embedding", "batch_size", "resolution", "seed", "masks", "captions"]
     assert all(p["parameter_has_default"] for p in train[6:])
+    # train_concept returns data (status, previews, record), the page's HTML only goes to the page
+    returns = named["/train_concept"]["returns"]
+    assert [(r["label"], r["component"]) for r in returns] == [
+        ("status", "Json"), ("Previews (their step below each)", "Gallery"), ("record", "Json")]
 
 
 # ----- regional composition, PNG settings, the page-only handlers -----------------------------------

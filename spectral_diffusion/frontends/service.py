@@ -57,6 +57,7 @@ class TrainingStatus:
     previews: list[Image.Image] = field(default_factory=list)
     message: str = ""
     started: float = 0.0
+    slot: int | None = None  # known once the run has reserved its slot
 
 
 def _safe_filename(text: str) -> str:
@@ -296,7 +297,7 @@ class Service:
         status = self.status
 
         def on_start(config) -> None:
-            status.total_steps = config.steps
+            status.total_steps, status.slot = config.steps, config.slot
             status.message = f"training into slot {config.slot}"
 
         def on_progress(update) -> None:
