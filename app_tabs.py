@@ -14,6 +14,7 @@ import app_views
 from spectral_diffusion.core.config import VARIANTS
 from spectral_diffusion.formats import EXPORT_FORMATS
 from spectral_diffusion.frontends.service import TrainingStatus
+from spectral_diffusion.generation.request import DEFAULTS
 from spectral_diffusion.generation.schedulers import SCHEDULERS
 
 CONCEPT_ROWS = 8  # concept pickers on the Generate tab (4 shown, 4 more folded)
@@ -143,7 +144,7 @@ def _advanced_settings(defaults: dict) -> list[gr.components.Component]:
             seed = gr.Number(value=defaults["seed"], precision=0, minimum=0, label="Seed")
         masks = gr.File(label="Foreground masks (optional): one per photo, same file name, white = the concept",
                         file_count="multiple", file_types=["image"], elem_id="train-masks")
-        captions = gr.Dataframe(headers=["photo", "caption"], col_count=(2, "fixed"), type="array",
+        captions = gr.Dataframe(headers=["photo", "caption"], column_count=2, static_columns=[0], type="array",
                                 interactive=True, wrap=True, elem_id="train-captions",
                                 label="Captions (optional, one per photo; {token} stands for the trigger token; "
                                       "empty: the built-in templates)")
@@ -243,14 +244,14 @@ def _generate_settings() -> list[gr.components.Component]:
     """The Generate tab's inputs after the concepts, in the order of the generate endpoint."""
     negative = gr.Textbox(label="Negative prompt", elem_id="generate-negative")
     with gr.Row():
-        seed = gr.Number(value=0, precision=0, label="Seed (-1 = random)", elem_id="seed")
-        steps = gr.Slider(1, 100, value=25, step=1, label="Steps", elem_id="gen-steps")
-        guidance = gr.Slider(0.0, 20.0, value=7.5, step=0.5, label="Guidance")
+        seed = gr.Number(value=DEFAULTS.seed, precision=0, label="Seed (-1 = random)", elem_id="seed")
+        steps = gr.Slider(1, 100, value=DEFAULTS.steps, step=1, label="Steps", elem_id="gen-steps")
+        guidance = gr.Slider(0.0, 20.0, value=DEFAULTS.guidance, step=0.5, label="Guidance")
     with gr.Row():
         width = gr.Number(value=0, precision=0, minimum=0, step=8, label="Width (0 = model's)")
         height = gr.Number(value=0, precision=0, minimum=0, step=8, label="Height (0 = model's)")
-        num_images = gr.Slider(1, 8, value=1, step=1, label="Images")
-        scheduler = gr.Dropdown(SCHEDULERS, value="default", label="Scheduler")
+        num_images = gr.Slider(1, 8, value=DEFAULTS.num_images, step=1, label="Images")
+        scheduler = gr.Dropdown(SCHEDULERS, value=DEFAULTS.scheduler, label="Scheduler")
     return [negative, seed, steps, guidance, width, height, num_images, scheduler]
 
 

@@ -535,6 +535,22 @@ def test_generate_is_one_event_for_the_button_and_the_enter_key(models_home, tmp
         ("status", "Json"), ("Previews (their step below each)", "Gallery"), ("record", "Json")]
 
 
+def test_building_the_page_warns_of_nothing(models_home, tmp_path):
+    """Start-up printed gradio's col_count deprecation warning (the captions table)."""
+    import warnings
+
+    import app
+    from spectral_diffusion.frontends.service import Service
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        demo = app.build_app(Service(model="builtin:tiny", library=tmp_path / "library"))
+    shown = [f"{w.category.__name__}: {w.message}" for w in caught if not issubclass(w.category, ResourceWarning)]
+    assert shown == []
+    captions = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "train-captions")
+    assert captions.static_columns == [0] and captions.column_count[0] == 2  # file names fixed, captions typed
+
+
 # ----- regional composition, PNG settings, the page-only handlers -----------------------------------
 
 
