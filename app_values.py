@@ -19,6 +19,7 @@ from pathlib import Path
 from spectral_diffusion.core.strengths import format_concepts
 from spectral_diffusion.frontends.workflows import TrainRequest
 from spectral_diffusion.generation.layout import PRESETS
+from spectral_diffusion.generation.request import DEFAULTS
 
 ADVANCED = ("lr_unet", "lr_text", "lr_embedding", "batch_size", "resolution", "seed")  # the Train tab's Advanced
 
@@ -307,12 +308,12 @@ def loaded_settings(settings: Mapping, rows: int, file_name: str) -> LoadedSetti
     return LoadedSettings(
         prompt=str(settings.get("prompt", "")),
         negative=str(settings.get("negative_prompt", "")),
-        seed=int(settings.get("seed", 0)),
-        steps=int(settings.get("steps", 25)),
-        guidance=float(settings.get("guidance", 7.5)),
+        seed=int(settings.get("seed", DEFAULTS.seed)),
+        steps=int(settings.get("steps", DEFAULTS.steps)),
+        guidance=float(settings.get("guidance", DEFAULTS.guidance)),
         width=int(settings.get("width") or 0),
         height=int(settings.get("height") or 0),
-        scheduler=str(settings.get("scheduler", "default")),
+        scheduler=str(settings.get("scheduler", DEFAULTS.scheduler)),
         names=names,
         strengths=strengths,
         layout_mode=mode,

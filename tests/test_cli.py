@@ -262,3 +262,22 @@ def test_the_last_seed_of_a_batch_must_exist():
     assert GenerationRequest(prompt="x", seed=MAX_SEED - 3, num_images=4).seed == MAX_SEED - 3
     with pytest.raises(RequestError, match="image k is drawn from seed \\+ k"):
         GenerationRequest(prompt="x", seed=MAX_SEED - 2, num_images=4)
+
+
+def test_every_frontend_has_the_same_generation_defaults():
+    """Issue 24 item 6: one set of generation defaults (steps, guidance, seed, ...) for every frontend."""
+    import dataclasses
+    import inspect
+
+    from spectral_diffusion.frontends.cli import build_parser
+    from spectral_diffusion.frontends.service import Service
+    from spectral_diffusion.generation.request import DEFAULTS, GenerationRequest
+
+    request = GenerationRequest(prompt="x")
+    flags = build_parser().parse_args(["generate", "--out", "x.png"])
+    service = inspect.signature(Service.generate).parameters
+    for key, value in dataclasses.asdict(DEFAULTS).items():
+        assert getattr(request, key) == value, key
+        assert service[key].default == value, key
+        assert getattr(flags, {"negative_prompt": "negative"}.get(key, key)) == value, key
+    assert (DEFAULTS.steps, DEFAULTS.seed) == (25, 0)

@@ -103,6 +103,25 @@ def test_good_names(lib):
         assert lib.validate_name(name) == name
 
 
+def test_the_longest_name_has_a_valid_default_token_and_round_trips(maker, lib, tmp_path):
+    """Issue 24 item 6: every valid name's default token <name> is a valid token, through every check."""
+    from spectral_diffusion.core.tokens import default_token
+    from spectral_diffusion.errors import RequestError
+    from spectral_diffusion.frontends.workflows import TrainRequest
+    from spectral_diffusion.generation.request import GenerationRequest, check_prompt_tokens
+
+    name = "x" * 64
+    assert lib.validate_name(name) == name and default_token(name) == f"<{name}>"
+    assert TrainRequest(name, tmp_path).config("builtin:tiny", lib.root).tokens == [f"<{name}>"]
+    data = maker(name, 0)  # a concept made, saved and read back with that token
+    read_back = read_adapter(save_adapter(data, tmp_path / "long.safetensors"))
+    assert read_back.info.tokens == [f"<{name}>"]
+    assert lib.add(read_back).tokens == [f"<{name}>"]
+    # the prompt check sees the long token (an unchosen concept's token is refused, not ignored)
+    with pytest.raises(RequestError, match="is not selected"):
+        check_prompt_tokens(GenerationRequest(prompt=f"a <{name}>"), {name: [f"<{name}>"]}, [])
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.one_of(st.text(max_size=70), st.from_regex(NAME_PATTERN, fullmatch=True)))
 def test_accepted_names_stay_inside_the_root(name):

@@ -12,9 +12,12 @@ import re
 import torch
 from torch import nn
 
+from spectral_diffusion.core.names import NAME_PATTERN
 from spectral_diffusion.errors import ConceptNotFoundError, SpectralDiffusionError
 
-TOKEN_PATTERN = re.compile(r"^<[a-z0-9][a-z0-9_-]{0,62}>$")
+# a trigger token is a concept name in angle brackets, so every valid name's default token <name> is valid
+TOKEN_BODY = f"<{NAME_PATTERN}>"
+TOKEN_PATTERN = re.compile(f"^{TOKEN_BODY}$")
 
 
 class TokenError(SpectralDiffusionError, ValueError):

@@ -15,6 +15,7 @@ import sys
 
 from spectral_diffusion.core.config import VARIANTS
 from spectral_diffusion.formats import EXPORT_FORMATS
+from spectral_diffusion.generation.request import DEFAULTS
 from spectral_diffusion.generation.schedulers import SCHEDULERS
 from spectral_diffusion.images import MAX_IMAGES, RECOMMENDED_IMAGES
 from spectral_diffusion.library.store import DEFAULT_LIBRARY
@@ -86,14 +87,14 @@ def _add_generate(sub) -> None:
     gen = sub.add_parser("generate", help="generate images with concepts fused")
     gen.add_argument("--prompt", default=None, help="the prompt (required unless --layout FILE.json or --from-png)")
     gen.add_argument("--concepts", type=parse_concepts, default={}, help="a,b:0.8 (strength 1.0 if omitted)")
-    gen.add_argument("--negative", default="")
-    gen.add_argument("--steps", type=int, default=25)
-    gen.add_argument("--guidance", type=float, default=7.5)
-    gen.add_argument("--seed", type=int, default=0, help="-1: a random seed (printed)")
+    gen.add_argument("--negative", default=DEFAULTS.negative_prompt)
+    gen.add_argument("--steps", type=int, default=DEFAULTS.steps)
+    gen.add_argument("--guidance", type=float, default=DEFAULTS.guidance)
+    gen.add_argument("--seed", type=int, default=DEFAULTS.seed, help="-1: a random seed (printed)")
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--height", type=int, default=None)
-    gen.add_argument("--num-images", type=int, default=1, help="image k is drawn from seed + k (stored in its PNG)")
-    gen.add_argument("--scheduler", default="default", help=", ".join(SCHEDULERS))
+    gen.add_argument("--num-images", type=int, default=DEFAULTS.num_images, help="image k is drawn from seed + k (stored in its PNG)")
+    gen.add_argument("--scheduler", default=DEFAULTS.scheduler, help=", ".join(SCHEDULERS))
     gen.add_argument("--baked", action="store_true", help="merge the concepts into the weights first")
     gen.add_argument("--layout", default=None,
                      help="regional composition: FILE.json, or auto / left-right / top-bottom / thirds / grid "

@@ -30,6 +30,7 @@ from spectral_diffusion.frontends.workflows import (
     train_into_library,
 )
 from spectral_diffusion.generation.pnginfo import save_png
+from spectral_diffusion.generation.request import DEFAULTS
 from spectral_diffusion.images import check_uploads
 from spectral_diffusion.library import ConceptRecord, Library, validate_name
 from spectral_diffusion.library.slotmap import draw_slot_map
@@ -177,14 +178,14 @@ class Service:
         self,
         prompt: str,
         concepts: Mapping[str, float] | None = None,
-        negative_prompt: str = "",
-        seed: int | None = 0,
-        steps: int = 25,
-        guidance: float = 7.5,
+        negative_prompt: str = DEFAULTS.negative_prompt,
+        seed: int | None = DEFAULTS.seed,
+        steps: int = DEFAULTS.steps,
+        guidance: float = DEFAULTS.guidance,
         width: int | None = None,
         height: int | None = None,
-        num_images: int = 1,
-        scheduler: str = "default",
+        num_images: int = DEFAULTS.num_images,
+        scheduler: str = DEFAULTS.scheduler,
         progress: Callable[[int, int], None] | None = None,
         layout=None,
     ) -> list[Image.Image]:

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from spectral_diffusion.core.strengths import format_concepts, is_finite_number, normalize_strengths
+from spectral_diffusion.core.tokens import TOKEN_BODY
 from spectral_diffusion.errors import RequestError
 from spectral_diffusion.generation.layout import Layout, concept_overlaps
 from spectral_diffusion.generation.schedulers import SCHEDULERS
@@ -23,7 +24,23 @@ SIZE_MULTIPLE = 8  # diffusers' Stable Diffusion pipelines refuse other sizes
 MAX_GUIDANCE = 50.0
 MAX_PROMPT_CHARS = 10_000
 MAX_SEED = 2**63 - 1
-PROMPT_TOKEN = re.compile(r"<[a-z0-9][a-z0-9_-]{0,62}>")
+PROMPT_TOKEN = re.compile(TOKEN_BODY)
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """The settings a generation gets unless it says otherwise, the same in every frontend: the CLI's
+    flags, ``Service.generate``, the app's widgets and ``GenerationRequest`` all read ``DEFAULTS``."""
+
+    steps: int = 25
+    guidance: float = 7.5
+    seed: int = 0  # a fixed seed: the same settings give the same picture; -1 (or None) draws one
+    num_images: int = 1
+    scheduler: str = "default"
+    negative_prompt: str = ""
+
+
+DEFAULTS = GenerationDefaults()
 
 
 def _is_int(value) -> bool:
@@ -60,15 +77,15 @@ class GenerationRequest:
     """
 
     prompt: str
-    negative_prompt: str = ""
+    negative_prompt: str = DEFAULTS.negative_prompt
     concepts: dict[str, float] = field(default_factory=dict)
-    steps: int = 30
-    guidance: float = 7.5
-    seed: int | None = None
+    steps: int = DEFAULTS.steps
+    guidance: float = DEFAULTS.guidance
+    seed: int | None = DEFAULTS.seed
     width: int | None = None
     height: int | None = None
-    num_images: int = 1
-    scheduler: str = "default"
+    num_images: int = DEFAULTS.num_images
+    scheduler: str = DEFAULTS.scheduler
     mode: str = "live"
     layout: Layout | None = None
 

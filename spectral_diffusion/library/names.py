@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 
+from spectral_diffusion.core.names import NAME_MAX_LENGTH, NAME_PATTERN
 from spectral_diffusion.errors import LibraryError
 
-NAME_PATTERN = r"[a-z0-9][a-z0-9_-]{0,63}"
-NAME_MAX_LENGTH = 64
+__all__ = ["NAME_MAX_LENGTH", "NAME_PATTERN", "matches_name_pattern", "name_problem", "validate_name"]
 
 _NAME_RE = re.compile(NAME_PATTERN)
 # Folder names Windows refuses whatever the extension; a library may be shared with Windows users.
