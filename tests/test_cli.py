@@ -179,6 +179,8 @@ def test_random_seed_is_printed_and_list_filters_by_model(tmp_path, capsys, mode
         (["generate", "--out", "x.png"], "needs --prompt"),
         (["generate", "--prompt", "x", "--steps", "0", "--out", "x.png"], "steps"),
         (["train", "--images", ".", "--name", "x", "--rank", "0"], "rank"),
+        (["train", "--images", ".", "--name", "x", "--steps", "100000000"], "steps must be at most 20000"),
+        (["generate", "--prompt", "x", "--steps", "100000", "--out", "x.png"], "steps must be a whole number from 1 to"),
     ],
 )
 def test_bad_generate_and_train_arguments_fail_before_any_model_loads(tmp_path, capsys, argv, message, monkeypatch):
@@ -281,3 +283,51 @@ def test_every_frontend_has_the_same_generation_defaults():
         assert service[key].default == value, key
         assert getattr(flags, {"negative_prompt": "negative"}.get(key, key)) == value, key
     assert (DEFAULTS.steps, DEFAULTS.seed) == (25, 0)
+
+
+def test_the_last_slot_of_builtin_toy_trains_generates_and_exports(tmp_path, capsys, models_home):
+    """Issue 24: `train --slot 7` on builtin:toy reported success, then generate and export failed with
+    "trained on another base model ... relative error inf" (the SVD had lost the slot's last singular
+    value). The last slot now round-trips; a slot beyond the model's capacity is refused up front."""
+    lib = str(tmp_path / "lib")
+    common = ["--library", lib, "--model", "builtin:toy"]
+    shapes = _images(tmp_path / "shapes", (220, 30, 30))
+    code, out, err = _run(capsys, "train", "--images", str(shapes), "--name", "last", "--slot", "7",
+                          "--steps", "2", *common)
+    assert code == 0, err
+    assert "into slot 7" in out
+    code, out, err = _run(capsys, "generate", "--prompt", "<last>", "--concepts", "last", "--steps", "2",
+                          "--out", str(tmp_path / "out.png"), *common)
+    assert code == 0, err
+    code, out, err = _run(capsys, "export", "last", "--format", "lora", "--out", str(tmp_path / "last.safetensors"),
+                          *common)
+    assert code == 0, err
+    code, out, err = _run(capsys, "train", "--images", str(shapes), "--name", "beyond", "--slot", "8",
+                          "--steps", "2", *common)
+    assert code == 2 and "slot 8 does not exist at rank 8" in err and "8 slots (0-7)" in err
+
+
+def test_sizes_far_beyond_the_models_native_size_are_refused(tmp_path, capsys, models_home):
+    """Issue 24 item 9: --width 4096 on a small model ran for minutes; now one line names the native size."""
+    import time
+
+    common = ["--library", str(tmp_path / "lib"), "--model", "builtin:tiny"]  # native 64 x 64 px
+    started = time.perf_counter()
+    code, _, err = _run(capsys, "generate", "--prompt", "x", "--width", "4096", "--out", str(tmp_path / "x.png"),
+                        *common)
+    assert code == 2 and err.count("\n") == 1
+    assert "width 4096 is more than 4x this model's native size of 64x64 px; ask for at most 256" in err
+    assert time.perf_counter() - started < 60 and not (tmp_path / "x.png").exists()
+    code, _, err = _run(capsys, "generate", "--prompt", "x", "--height", "264", "--steps", "1",
+                        "--out", str(tmp_path / "x.png"), *common)
+    assert code == 2 and "ask for at most 256" in err
+    code, _, err = _run(capsys, "generate", "--prompt", "x", "--width", "256", "--height", "128", "--steps", "1",
+                        "--out", str(tmp_path / "ok.png"), *common)
+    assert code == 0, err
+    assert Image.open(tmp_path / "ok.png").size == (256, 128)
+    # training: a resolution past 4x the native one is refused before the first step, nothing is added
+    photos = _images(tmp_path / "photos", (200, 40, 40), count=3)
+    code, _, err = _run(capsys, "train", "--images", str(photos), "--name", "big", "--resolution", "512",
+                        "--steps", "1", *common)
+    assert code == 2 and "resolution 512 is more than 4x this model's native 64 px; train at 256 px or less" in err
+    assert "big" not in _run(capsys, "list", *common)[1]

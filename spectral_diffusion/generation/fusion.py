@@ -41,11 +41,23 @@ from spectral_diffusion.formats.bundle import read_bundle_and_strengths, renamed
 from spectral_diffusion.formats.lora import export_lora
 from spectral_diffusion.generation.compose import run_global, run_regional
 from spectral_diffusion.generation.pnginfo import attach_settings, request_settings
-from spectral_diffusion.generation.request import MODES, GenerationRequest, check_prompt_tokens
+from spectral_diffusion.generation.request import (
+    MODES,
+    GenerationRequest,
+    check_prompt_tokens,
+    check_size_for_model,
+)
 from spectral_diffusion.generation.schedulers import make_scheduler
 from spectral_diffusion.models.registry import load_pipeline
 
 logger = logging.getLogger(__name__)
+
+
+def native_size(pipe) -> tuple[int, int]:
+    """(height, width) in pixels the pipeline's UNet was made for: ``sample_size * vae_scale_factor``."""
+    size = pipe.unet.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return height * pipe.vae_scale_factor, width * pipe.vae_scale_factor
 
 
 def _targets_key(targets) -> tuple[frozenset, frozenset]:
@@ -351,6 +363,7 @@ class Studio:
             pipe = self.pipe
             self.activate(request.concepts, request.mode)
             check_prompt_tokens(request, {name: self._info(name).tokens for name in self._store}, self._active)
+            check_size_for_model(request, native_size(pipe))
             seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
             pipe.scheduler = make_scheduler(request.scheduler, self._default_scheduler)
             try:

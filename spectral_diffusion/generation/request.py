@@ -20,6 +20,9 @@ MODES = ("live", "baked")
 MAX_STEPS = 200
 MAX_IMAGES = 16
 MAX_SIDE = 4096
+# a model draws sensibly up to this many times its native size per side (SD1.5: 2048 px; builtin:toy: 128 px);
+# beyond it time and memory grow with the square of the side for pictures the model cannot compose
+MAX_SIZE_FACTOR = 4
 SIZE_MULTIPLE = 8  # diffusers' Stable Diffusion pipelines refuse other sizes
 MAX_GUIDANCE = 50.0
 MAX_PROMPT_CHARS = 10_000
@@ -149,6 +152,16 @@ class GenerationRequest:
         if self.layout is not None:
             texts += [r.prompt or "" for r in self.layout.regions] + [r.negative or "" for r in self.layout.regions]
         return texts
+
+
+def check_size_for_model(request: GenerationRequest, native: tuple[int, int]) -> None:
+    """Refuse a width or height above ``MAX_SIZE_FACTOR`` times the model's native (height, width)."""
+    for label, value, side in (("width", request.width, native[1]), ("height", request.height, native[0])):
+        if value is not None and value > MAX_SIZE_FACTOR * side:
+            raise RequestError(
+                f"{label} {value} is more than {MAX_SIZE_FACTOR}x this model's native size of {native[1]}x{native[0]} "
+                f"px; ask for at most {MAX_SIZE_FACTOR * side} (or leave it out for the native size)"
+            )
 
 
 def check_prompt_tokens(

@@ -27,6 +27,10 @@ LR_SCALES = ("uniform", "spectrum")
 DEFAULT_BACKGROUND_WEIGHT = 0.1  # loss weight of background latents when foreground masks are given
 # Local paths: not part of what an adapter records about its training.
 LOCAL_FIELDS = ("checkpoint_dir", "class_images_dir", "mask_dir")
+# Sanity limits: 20x the longest default run (1000 steps on SD models; a concept is learnt in a few
+# hundred), and a training resolution of at most 4x the model's native one.
+MAX_STEPS = 20_000
+MAX_RESOLUTION_FACTOR = 4
 
 
 def _is_number(value) -> bool:
@@ -116,6 +120,11 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be an integer, got {getattr(self, name)!r}")
         if self.steps is not None:
             _positive("steps", self.steps)
+            if self.steps > MAX_STEPS:
+                raise ConfigError(
+                    f"steps must be at most {MAX_STEPS}, got {self.steps}; a concept is learnt in a few hundred "
+                    "steps (0 or none: the model's default)"
+                )
         if self.resolution is not None:
             _positive("resolution", self.resolution, minimum=8)
             if self.resolution % 8:
@@ -163,7 +172,13 @@ class TrainConfig:
 
     def resolved(self, pipe) -> TrainConfig:
         """A copy with ``steps`` and ``resolution`` filled in from the model's defaults."""
-        resolution = self.resolution or default_resolution(pipe)
+        native = default_resolution(pipe)
+        resolution = self.resolution or native
+        if resolution > MAX_RESOLUTION_FACTOR * native:
+            raise ConfigError(
+                f"resolution {resolution} is more than {MAX_RESOLUTION_FACTOR}x this model's native {native} px; "
+                f"train at {MAX_RESOLUTION_FACTOR * native} px or less (none: the native size)"
+            )
         return dataclasses.replace(self, resolution=resolution, steps=self.steps or default_steps(resolution))
 
     def to_json(self) -> dict:
