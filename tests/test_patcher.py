@@ -172,3 +172,18 @@ def test_half_precision_pipeline(models_home, dtype):
     sample, t, states = unet_inputs(pipe)
     out = pipe.unet(sample.to(dtype), t, states.to(dtype)).sample
     assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+def test_an_adapter_with_degenerate_triplets_is_told_apart_from_another_base_model(tiny_pipe):
+    """Earlier versions wrote U ~ 1e33 for a lost singular value; loading said "trained on another base
+    model (relative error inf)". It now says what happened and what to do."""
+    from spectral_diffusion.errors import BaseModelMismatchError
+
+    from .conftest import trained_looking_adapter
+
+    adapters = SpectralAdapters.from_pipeline(tiny_pipe)
+    data = trained_looking_adapter(adapters, "old", 1, 4)
+    key = next(iter(data.layers))
+    data.layers[key]["U"][:, -1] = 2.6e33
+    with pytest.raises(BaseModelMismatchError, match="degenerate .*train the concept again"):
+        adapters.load_concept(data.info, data.layers, data.token_vectors)

@@ -183,3 +183,35 @@ def test_many_stops_trying_the_fast_path_on_a_flat_model(monkeypatch):
     weights = {f"w{i}": torch.randn(520, 520) for i in range(5)}
     top_k_svd_many(weights, 8)
     assert seen == ["fallback"] * svd.GIVE_UP_AFTER_FALLBACKS + ["exact"] * 2
+
+
+def _weight_with_spectrum(s: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    n = s.numel()
+    U = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64)).Q
+    return ((U * s) @ V.T).to(torch.float32)
+
+
+def test_small_singular_values_are_resolved_and_degenerate_ones_counted_out():
+    """builtin:toy's text encoder has a singular value 5e-5 of the largest: float32's Gram matrix lost
+    it (s = 0, U = W V / s ~ 2.6e33) and a concept in the last slot could never be loaded. The exact
+    path resolves it (float64 where float32 cannot); a truly rank-deficient weight gives finite vectors
+    and ``usable`` counts only the non-degenerate columns."""
+    s = torch.logspace(0, -1, 64, dtype=torch.float64)
+    s[-1] = 5e-5  # the float32 Gram path gave s = 0 and |U| = 1.2e33 here
+    weight = _weight_with_spectrum(s)
+    trip = top_k_svd(weight, 64)
+    exact = torch.linalg.svdvals(weight.double())
+    torch.testing.assert_close(trip.s.double(), exact, rtol=1e-3, atol=0)
+    torch.testing.assert_close(trip.U.T @ trip.U, torch.eye(64), atol=1e-4, rtol=0)
+    last = trip.block(56, 64)  # the last slot of rank 8: the base-model check must pass
+    projected = last.U.T @ weight @ last.V
+    assert float(torch.linalg.norm(projected - torch.diag(last.s)) / torch.linalg.norm(last.s)) < 1e-4
+    assert trip.usable == 64
+
+    s[60:] = 0.0  # rank 60
+    deficient = top_k_svd(_weight_with_spectrum(s, seed=1), 64)
+    assert torch.isfinite(deficient.U).all() and float(deficient.U.abs().max()) <= 1.0 + 1e-4
+    assert deficient.usable == 60
+    assert top_k_svd(torch.zeros(16, 8), 8).usable == 0

@@ -449,3 +449,50 @@ def test_cli_masks_reach_the_train_config(tmp_path):
     assert run.mask_dir == "m" and run.background_loss_weight == 0.1
     plain = build_parser().parse_args(["train", "--images", str(tmp_path), "--name", "dot"])
     assert _train_request(plain).config("builtin:tiny", str(tmp_path)).mask_dir is None
+
+
+def _make_rank_deficient(pipe, drop: int = 4) -> None:
+    """Zero the last ``drop`` singular values of one 32 x 32 attention layer of the real tiny UNet."""
+    layer = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    U, S, Vh = torch.linalg.svd(layer.weight.data.double())
+    S[-drop:] = 0.0
+    with torch.no_grad():
+        layer.weight.copy_(((U * S) @ Vh).float())
+
+
+def test_a_rank_deficient_layer_takes_its_last_slot_out_of_the_capacity(tiny_pipe, images, tmp_path):
+    """The last slot of a rank-deficient model used to train "successfully" and then never load (issue
+    24): capacity now excludes it, training it is refused before any step, and the library records it."""
+    from spectral_diffusion.core.config import ConceptInfo
+    from spectral_diffusion.errors import SlotConflictError
+    from spectral_diffusion.frontends.workflows import TrainRequest, train_into_library
+    from spectral_diffusion.library.store import Library
+
+    _make_rank_deficient(tiny_pipe)  # rank 28 of 32: rank-4 slot 7 would sit on zero singular values
+    adapters = SpectralAdapters.from_pipeline(tiny_pipe)
+    assert adapters.structural_capacity(4) == 8 and adapters.capacity(4) == 7 and adapters.capacity(2) == 14
+    with pytest.raises(SlotConflictError, match="slot 7 at rank 4 is unusable.*only 28 non-degenerate.*slots 0-6"):
+        adapters.new_concept(ConceptInfo("dot", 7, 4, "additive", ["<dot>"]))
+    fingerprint, capacity = adapters.fingerprint, adapters.capacity(4)
+    adapters.unpatch()
+
+    events: list[TrainProgress] = []
+    with pytest.raises(SlotConflictError, match="slot 7 at rank 4 is unusable"):
+        train_concept(tiny_pipe, images, config(slot=7), progress=events.append)
+    assert events == []
+
+    library, files = Library(tmp_path / "lib"), sorted(images.iterdir())
+    request = TrainRequest("dot", images, class_word="dog", rank=4, steps=2, resolution=32, slot=7)
+    with pytest.raises(SlotConflictError, match="slot 7 does not exist at rank 4: this base model has 7 slots"):
+        train_into_library(library, tiny_pipe, request, files, model="builtin:tiny", fingerprint=fingerprint,
+                           capacity=capacity)
+    request.slot = 6  # the last usable slot trains, and the library's slot map knows the capacity
+    record, _ = train_into_library(library, tiny_pipe, request, files, model="builtin:tiny",
+                                   fingerprint=fingerprint, capacity=capacity)
+    assert record.slot == 6 and record.metadata["smallest_dim"] == 28
+    assert library.slot_report(fingerprint, 4).capacity == 7
+    loaded = SpectralAdapters.from_pipeline(tiny_pipe)
+    try:
+        load_adapter(loaded, record.adapter_path)  # the base-model check passes
+    finally:
+        loaded.unpatch()

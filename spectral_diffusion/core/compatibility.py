@@ -69,7 +69,13 @@ def _check_projection(key, layer, trip: Triplets, projected, tolerance: float, m
         left, right = layer.concept(name).exact_factors()
         projected = projected - strength * (trip.U.T @ left) @ (right.T @ trip.V)
     error = torch.linalg.norm(projected - torch.diag(trip.s)) / torch.linalg.norm(trip.s).clamp_min(1e-12)
-    if not torch.isfinite(error) or error > tolerance:
+    if not torch.isfinite(error):
+        raise BaseModelMismatchError(
+            f"the adapter's slot at layer {key} cannot be checked against {model_name}: its singular "
+            "vectors are degenerate (U^T W V is not finite): it was trained by an earlier version into a "
+            "slot whose singular values that version's SVD had lost; train the concept again"
+        )
+    if error > tolerance:
         raise BaseModelMismatchError(
             f"the adapter was trained on another base model: at layer {key} its singular vectors do not "
             f"match {model_name} (relative error {float(error):.3g} > {tolerance:.3g}); load it "

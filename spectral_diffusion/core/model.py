@@ -127,11 +127,29 @@ class SpectralAdapters:
 
     @property
     def smallest_dim(self) -> int:
-        """min(m, n) over the patched layers: with a rank it gives the slot capacity."""
+        """min(m, n) over the patched layers: the most singular-vector columns a slot can reach."""
         return min(min(layer.out_features, layer.in_features) for layer in self.layers.values())
 
-    def capacity(self, rank: int) -> int:
-        """Number of slots of this rank every patched layer can hold."""
+    def usable_dim(self, progress=None) -> int:
+        """Leading singular-vector columns every patched layer can give a slot: ``smallest_dim`` less
+        any degenerate tail (``Triplets.usable``), judged on the spectrum a first concept computes anyway
+        (all columns of models whose smallest layer is at most ``SPECTRUM_MIN_K`` wide, e.g. the
+        built-in ones, and at least that many elsewhere). Columns beyond the computed spectrum count as
+        usable; ``new_concept`` checks a slot's own columns when it computes them."""
+        smallest = self.smallest_dim
+        usable = smallest
+        for trip in self.spectrum(min(smallest, SPECTRUM_MIN_K), progress).values():
+            if trip.usable < trip.k:
+                usable = min(usable, trip.usable)
+        return usable
+
+    def capacity(self, rank: int, progress=None) -> int:
+        """Number of slots of this rank every patched layer can hold with non-degenerate singular values
+        (computes the model's spectrum on first use, like a first concept)."""
+        return slots.capacity(self.usable_dim(progress), rank)
+
+    def structural_capacity(self, rank: int) -> int:
+        """Slots of this rank the layer sizes allow (no SVD: degenerate columns not excluded)."""
         return slots.capacity(self.smallest_dim, rank)
 
     def spectrum(self, k: int, progress=None) -> dict[str, Triplets]:
@@ -166,7 +184,7 @@ class SpectralAdapters:
     def _check_slot(self, info: ConceptInfo) -> None:
         if info.name in self.concepts:
             raise SlotConflictError(f"a concept named {info.name!r} is already loaded")
-        slot_capacity = self.capacity(info.rank)
+        slot_capacity = self.structural_capacity(info.rank)  # no SVD: loading verifies stored triplets
         problem = slots.slot_problem(info.slot, info.rank, slot_capacity)
         if problem:
             raise SlotConflictError(problem if slot_capacity < 1 else f"{problem}; use a free slot or a smaller rank")
@@ -185,12 +203,29 @@ class SpectralAdapters:
         self._check_slot(info)
         spectrum = self.spectrum((info.slot + 1) * info.rank, progress)
         start, stop = info.columns.start, info.columns.stop
+        self._check_degenerate(info, spectrum)
         layer_triplets = {key: spectrum[key].block(start, stop) for key in self.layers}
         token_vectors = {}
         for component, wrapper in self.embeddings.items():
             tokenizer = self.tokenizers[TOKENIZER_OF[component]]
             token_vectors[component] = wrapper.init_vectors(tokenizer, info.class_word, len(info.tokens))
         self._install(info, layer_triplets, {}, token_vectors)
+
+    def _check_degenerate(self, info: ConceptInfo, spectrum: Mapping[str, Triplets]) -> None:
+        """Refuse a slot whose columns reach a degenerate singular value of some layer."""
+        stop = info.columns.stop
+        short = {key: trip.usable for key, trip in spectrum.items() if key in self.layers and trip.usable < stop}
+        if not short:
+            return
+        key = min(short, key=short.get)
+        usable = min(short.values())
+        capacity = slots.capacity(usable, info.rank)
+        choice = f"slots 0-{capacity - 1} are usable" if capacity else f"no slot of rank {info.rank} is usable"
+        raise SlotConflictError(
+            f"slot {info.slot} at rank {info.rank} is unusable on this model: layer {key} has only {usable} "
+            f"non-degenerate singular values and the slot needs columns {info.columns.start}-{stop - 1}; "
+            f"{choice} (let the library choose, or use a smaller rank)"
+        )
 
     def load_concept(
         self,

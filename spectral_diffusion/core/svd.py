@@ -4,7 +4,13 @@ Only the top ``K = slots * rank`` triplets are ever used, so instead of a full S
 randomised block-Krylov method (fixed seed) and verify its result a posteriori (residuals and the gap at
 the k-th value); a layer that fails the check, or is too small for the method to pay off, takes the
 exact path: the eigen-decomposition of the Gram matrix of the smaller side. Everything is computed in
-float32 whatever the model dtype, and signs are fixed so two machines get the same vectors.
+float32 whatever the model dtype (the exact path in float64 where float32 cannot resolve the requested
+values), and signs are fixed so two machines get the same vectors.
+
+Degenerate singular values: a layer's singular value is usable by a slot only if it is at least
+``degenerate_floor`` of its largest, 10x the float32 rounding level of that layer's arithmetic. Below it
+the direction is noise of a (numerically) rank-deficient weight, and the float32 base-model check of a
+slot made of such columns could not verify it. ``Triplets.usable`` counts the usable leading columns.
 """
 
 from __future__ import annotations
@@ -37,6 +43,23 @@ KRYLOV_MIN_SIDE = 512
 GIVE_UP_AFTER_FALLBACKS = 3
 # Accepted residual ||W v - s u|| relative to s_1: a backward error 10x below the tested 1e-4.
 RESIDUAL_TOLERANCE = 1e-5
+# The Gram matrix squares the condition number: in float32 its eigenvalues resolve s_k only to about
+# eps32 * s_1^2 / s_k, so where the requested s_k is below this share of s_1 the exact path is redone
+# in float64 (float32 lost toy's last singular values: s = 0 and U = W V / s ~ 1e33).
+GRAM_FLOAT32_SHARE = 1e-2
+# A singular value below DEGENERATE_FACTOR x eps32 x sqrt(max(m, n)) x s_1 is degenerate (see above).
+DEGENERATE_FACTOR = 10.0
+
+
+def degenerate_floor(m: int, n: int) -> float:
+    """The share of s_1 below which a singular value of an m x n weight is degenerate.
+
+    float32 arithmetic on the layer (the weight itself, ``W V`` in the base-model check) is accurate to
+    about eps32 * sqrt(max(m, n)) * s_1; a singular value within 10x of that is indistinguishable from
+    zero, and a slot of such columns would fail (or pass by luck) the check. 64-wide layers: 9.5e-6;
+    1280-wide: 4.3e-5.
+    """
+    return DEGENERATE_FACTOR * torch.finfo(torch.float32).eps * max(m, n) ** 0.5
 
 
 @dataclass(frozen=True)
@@ -50,6 +73,14 @@ class Triplets:
     @property
     def k(self) -> int:
         return int(self.s.numel())
+
+    @property
+    def usable(self) -> int:
+        """How many leading columns have a non-degenerate singular value (``degenerate_floor``)."""
+        if self.k == 0 or not float(self.s[0]) > 0:
+            return 0
+        floor = degenerate_floor(self.U.shape[0], self.V.shape[0]) * float(self.s[0])
+        return int((self.s >= floor).sum())
 
     def block(self, start: int, stop: int) -> Triplets:
         """Columns ``[start, stop)``: a slot's triplets, as contiguous copies safe to store."""
@@ -69,13 +100,22 @@ def fix_signs(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def _exact_top_k(W: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``eigh`` of the Gram matrix of the smaller side of a float32 ``W`` (m >= n): the exact path."""
+    """``eigh`` of the Gram matrix of the smaller side of a float32 ``W`` (m >= n): the exact path.
+
+    In float32 first; if the k-th value is below ``GRAM_FLOAT32_SHARE`` of the first (float32 cannot
+    resolve it), again in float64. ``U = W V / s`` divides by at least the degenerate floor, so a
+    degenerate column gets a short, finite U (never a slot's: ``Triplets.usable`` excludes it).
+    """
     evals, evecs = torch.linalg.eigh(W.T @ W)
     top = torch.flip(torch.arange(evals.numel() - k, evals.numel()), dims=[0])
+    if k and float(evals[top[-1]]) < GRAM_FLOAT32_SHARE**2 * float(evals[top[0]].clamp_min(0)):
+        W64 = W.double()
+        evals, evecs = torch.linalg.eigh(W64.T @ W64)
     s = evals[top].clamp_min(0).sqrt()
     V = evecs[:, top]
-    U = (W @ V) / s.clamp_min(torch.finfo(torch.float32).tiny)
-    return U, s, V
+    floor = degenerate_floor(*W.shape) * float(s[0]) if k else 0.0
+    U = (W.to(V.dtype) @ V) / s.clamp_min(max(floor, torch.finfo(torch.float32).tiny))
+    return U.to(torch.float32), s.to(torch.float32), V.to(torch.float32)
 
 
 def _krylov_plan(k: int, n: int) -> tuple[int, int] | None:
@@ -207,6 +247,10 @@ def weights_fingerprint(named_weights: Iterable[tuple[str, torch.Tensor]]) -> st
     return digest.hexdigest()[:16]
 
 
+# Version 2: the exact path resolves small singular values (version 1 cached s = 0, U ~ 1e33 for them).
+CACHE_VERSION = 2
+
+
 class SvdCache:
     """Top-K triplets per base model on disk, keyed by the base fingerprint, as safetensors."""
 
@@ -215,7 +259,7 @@ class SvdCache:
 
     def _path(self, fingerprint: str) -> Path:
         assert self.folder is not None
-        return self.folder / f"svd-{fingerprint}.safetensors"
+        return self.folder / f"svd-v{CACHE_VERSION}-{fingerprint}.safetensors"
 
     def load(self, fingerprint: str, names: Iterable[str], k: int) -> dict[str, Triplets] | None:
         """Cached triplets for these layers with at least ``k`` columns (sliced to ``k``), or None."""

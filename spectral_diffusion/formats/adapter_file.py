@@ -42,6 +42,9 @@ FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 # of U, s, V is self-describing in safetensors; older readers upcast them and still check the model).
 TRIPLET_DTYPE_KEY = "triplet_dtype"
 TRIPLET_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+# extra metadata a training records: the base model's usable singular-vector columns (its slot capacity
+# times the rank; fewer than min(m, n) where a layer is rank-deficient), for slot maps without the model
+USABLE_COLUMNS_KEY = "usable_columns"
 
 
 @dataclass

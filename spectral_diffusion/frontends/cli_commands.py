@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -85,6 +86,7 @@ def _train_request(args) -> TrainRequest:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from spectral_diffusion.core.model import SpectralAdapters
+    from spectral_diffusion.core.svd import SvdCache
     from spectral_diffusion.errors import SpectralDiffusionError
     from spectral_diffusion.images import check_uploads
     from spectral_diffusion.models.registry import load_pipeline
@@ -103,13 +105,14 @@ def cmd_train(args: argparse.Namespace) -> None:
         config = request.config(args.model, args.library, slot=args.slot)
         train_concept(pipe, images, config, base_model_name=args.model)
         return
-    probe = SpectralAdapters.from_pipeline(pipe)
-    fingerprint, capacity = probe.fingerprint, probe.capacity(request.rank_for(args.model))
-    probe.unpatch()
-    record, _ = train_into_library(
-        library, pipe, request, images, model=args.model, fingerprint=fingerprint, capacity=capacity,
-        progress=_tqdm_progress(f"training {args.name}"),
-    )
+    with tempfile.TemporaryDirectory(prefix="spectral-svd-") as svd_cache:  # the capacity's SVD, reused by training
+        probe = SpectralAdapters.from_pipeline(pipe, svd_cache=SvdCache(svd_cache))
+        fingerprint, capacity = probe.fingerprint, probe.capacity(request.rank_for(args.model))
+        probe.unpatch()
+        record, _ = train_into_library(
+            library, pipe, request, images, model=args.model, fingerprint=fingerprint, capacity=capacity,
+            progress=_tqdm_progress(f"training {args.name}"), svd_cache_dir=svd_cache,
+        )
     emit(f"trained {record.name} into slot {record.slot}: {record.adapter_path}")
 
 
@@ -184,9 +187,21 @@ def _generation_request(args: argparse.Namespace, library):
     )
 
 
+def check_png_out(out: str) -> None:
+    """generate writes PNG only: its settings (what ``--from-png`` reads) live in PNG text chunks."""
+    suffix = Path(out).suffix
+    if suffix.lower() != ".png":
+        what = f"a {suffix} file" if suffix else "a file without an extension"
+        raise SpectralDiffusionError(
+            f"generate writes PNG files (they store the settings --from-png reads), not {what}; "
+            f"use --out {Path(out).with_suffix('.png')}"
+        )
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from spectral_diffusion.generation.pnginfo import save_png
 
+    check_png_out(args.out)
     if args.from_png:
         args = _with_png_settings(args)
     library = _library(args)

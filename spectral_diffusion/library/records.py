@@ -29,7 +29,13 @@ from PIL import Image
 from spectral_diffusion.atomic import fsync_path
 from spectral_diffusion.core.config import ConceptInfo, ConceptInfoView
 from spectral_diffusion.errors import ImageDataError, LibraryError
-from spectral_diffusion.formats.adapter_file import FORMAT, FORMAT_VERSION, AdapterData, save_adapter
+from spectral_diffusion.formats.adapter_file import (
+    FORMAT,
+    FORMAT_VERSION,
+    USABLE_COLUMNS_KEY,
+    AdapterData,
+    save_adapter,
+)
 from spectral_diffusion.images import decode_image, to_8bit
 
 logger = logging.getLogger(__name__)
@@ -191,8 +197,12 @@ def _concept_json(data: AdapterData, adapter: Path, images: list[str], thumbnail
 
 
 def _smallest_dim(data: AdapterData) -> int | None:
-    """min(m, n) over the adapted layers: with the rank it gives the model's slot capacity."""
+    """Columns every adapted layer can give a slot (with the rank: the model's slot capacity): min(m, n),
+    or fewer where the training recorded a degenerate tail (``USABLE_COLUMNS_KEY``)."""
     dims = [min(t["U"].shape[0], t["V"].shape[0]) for t in data.layers.values() if "U" in t and "V" in t]
+    usable = data.extra_metadata.get(USABLE_COLUMNS_KEY, "")
+    if usable.isdigit() and dims:
+        dims.append(max(int(usable), data.info.columns.stop))  # never below the concept's own columns
     return min(dims) if dims else None
 
 

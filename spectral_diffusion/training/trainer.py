@@ -35,7 +35,7 @@ from spectral_diffusion.core.config import TEXT_COMPONENTS, ConceptInfo, TargetC
 from spectral_diffusion.core.model import SpectralAdapters
 from spectral_diffusion.core.svd import SvdCache
 from spectral_diffusion.errors import TrainingCancelled
-from spectral_diffusion.formats.adapter_file import adapter_from_model
+from spectral_diffusion.formats.adapter_file import USABLE_COLUMNS_KEY, adapter_from_model
 from spectral_diffusion.generation.diffusion import encode_images, generate
 from spectral_diffusion.images import find_images, is_image_list
 from spectral_diffusion.training.accelerator import check_precision, make_accelerator
@@ -391,7 +391,9 @@ def _train(pipe, owned, images, config, progress, should_stop, svd_cache_dir, ba
         start = trainer.step
         preview = _loop(trainer, progress, should_stop)
         trainer.evaluate()
-        adapter = adapter_from_model(adapters, config.name, base_model, train_config=config.to_json())
+        usable = {USABLE_COLUMNS_KEY: str(adapters.usable_dim())}  # for slot maps drawn without the model
+        adapter = adapter_from_model(adapters, config.name, base_model, train_config=config.to_json(),
+                                     extra_metadata=usable)
         logger.info("trained %s: %d steps, eval loss %s", config.name, config.steps, trainer.eval_losses)
         return TrainResult(adapter, preview, list(trainer.losses), dict(trainer.eval_losses), start if resumed else 0)
     finally:
