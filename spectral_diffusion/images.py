@@ -32,8 +32,8 @@ MAX_IMAGES = 100
 MAX_PIXELS = 64 * 1024 * 1024  # 64 megapixels: larger than any camera image, far below a bomb
 MAX_FILE_BYTES = 64 * 1024 * 1024  # one image file; a 64-megapixel JPEG is about 30 MB
 MAX_TOTAL_BYTES = 512 * 1024 * 1024  # all the images of one concept together
-FEW_IMAGES = 3
-RECOMMENDED_IMAGES = (3, 20)  # what the CLI help, the README and the app recommend
+MIN_IMAGES = 3  # fewer photos of a concept are refused: one or two teach that picture, not the concept
+RECOMMENDED_IMAGES = (MIN_IMAGES, 20)  # what the CLI help, the README and the app recommend
 
 WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 
@@ -218,11 +218,15 @@ def check_uploads(images: str | os.PathLike | Sequence[str | os.PathLike]) -> li
 
     Decoding catches what the file checks cannot (not an image, truncated, decompression bomb), so a
     bad upload is refused before any model is loaded or anything is written. The entry points (CLI,
-    service) call this once; it is also the one place that warns about too few images.
+    service) call this once; it is also the one place that refuses too few images (``MIN_IMAGES``).
     """
     paths = find_images(images if isinstance(images, (str, os.PathLike)) else [Path(p) for p in images])
     for path in paths:
         decode_image(path).close()
-    if len(paths) < FEW_IMAGES:  # said once, here, after the images proved usable
-        logger.warning("only %d image(s) of the concept; %d or more give better results", len(paths), FEW_IMAGES)
+    if len(paths) < MIN_IMAGES:  # said after the images proved usable: a broken file is named first
+        raise ImageDataError(
+            f"only {len(paths)} image(s) of the concept; training needs at least {MIN_IMAGES} "
+            f"({RECOMMENDED_IMAGES[0]}-{RECOMMENDED_IMAGES[1]} work best): add photos of it from other angles "
+            "and on other backgrounds"
+        )
     return paths

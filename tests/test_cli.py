@@ -181,6 +181,11 @@ def test_random_seed_is_printed_and_list_filters_by_model(tmp_path, capsys, mode
         (["train", "--images", ".", "--name", "x", "--rank", "0"], "rank"),
         (["train", "--images", ".", "--name", "x", "--steps", "100000000"], "steps must be at most 20000"),
         (["generate", "--prompt", "x", "--steps", "100000", "--out", "x.png"], "steps must be a whole number from 1 to"),
+        (["generate", "--prompt", "x", "--out", "m.jpg"], "writes PNG files (they store the settings --from-png "
+                                                          "reads), not a .jpg file; use --out m.png"),
+        (["generate", "--prompt", "x", "--out", "m"], "not a file without an extension; use --out m.png"),
+        (["generate", "--prompt", "", "--out", "x.png"], "the prompt is empty"),
+        (["generate", "--prompt", "  ", "--out", "x.png"], "the prompt is empty"),
     ],
 )
 def test_bad_generate_and_train_arguments_fail_before_any_model_loads(tmp_path, capsys, argv, message, monkeypatch):
@@ -331,3 +336,38 @@ def test_sizes_far_beyond_the_models_native_size_are_refused(tmp_path, capsys, m
                         "--steps", "1", *common)
     assert code == 2 and "resolution 512 is more than 4x this model's native 64 px; train at 256 px or less" in err
     assert "big" not in _run(capsys, "list", *common)[1]
+
+
+def test_a_concept_named_twice_is_refused(capsys):
+    """Issue 24 item 10: --concepts heart,heart used to collapse silently into one heart."""
+    from spectral_diffusion.core.strengths import parse_concepts as parse
+    from spectral_diffusion.errors import RequestError
+
+    for spec in ("heart,heart", "heart, moon:0.5, heart:2", '{"heart": 1, "heart": 0.5}', '["heart", "heart"]'):
+        with pytest.raises(RequestError, match="concept 'heart' is named more than once"):
+            parse(spec)
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--prompt", "<heart>", "--concepts", "heart,heart", "--out", "x.png"])
+    assert exit_.value.code == 2 and "concept 'heart' is named more than once" in capsys.readouterr().err
+    assert parse("heart,moon:0.5") == {"heart": 1.0, "moon": 0.5}
+
+
+def test_fewer_photos_than_the_minimum_are_refused_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    """Issue 24 item 10: one photo trained with only a warning; now CLI and app refuse below 3."""
+    from spectral_diffusion.errors import ImageDataError
+    from spectral_diffusion.frontends.service import Service
+    from spectral_diffusion.frontends.workflows import TrainRequest
+    from spectral_diffusion.images import MIN_IMAGES
+    from spectral_diffusion.models import registry
+
+    monkeypatch.setattr(registry, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert MIN_IMAGES == 3
+    for count in (1, 2):
+        photos = _images(tmp_path / f"photos-{count}", (200, 40, 40), count=count)
+        code, _, err = _run(capsys, "train", "--images", str(photos), "--name", "x", "--library", str(tmp_path / "lib"))
+        assert code == 2 and err.count("\n") == 1
+        assert f"only {count} image(s) of the concept; training needs at least 3 (3-20 work best)" in err
+    service = Service(model="builtin:tiny", library=tmp_path / "lib", output_dir=tmp_path / "out")
+    with pytest.raises(ImageDataError, match="training needs at least 3"):
+        service.start_training(TrainRequest("x", sorted((tmp_path / "photos-2").iterdir())))
+    assert not service.training and not (tmp_path / "lib").exists()

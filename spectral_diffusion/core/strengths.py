@@ -60,12 +60,30 @@ def parse_concepts(spec: str | Mapping[str, float] | Sequence[str] | None) -> di
         items = list(spec.items())
     else:
         items = [(name, 1.0) for name in spec]
-    return dict(_checked_strength(name, strength) for name, strength in items)
+    checked = [_checked_strength(name, strength) for name, strength in items]
+    _refuse_repeats([name for name, _ in checked])
+    return dict(checked)
+
+
+def _refuse_repeats(names: Sequence[str]) -> None:
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise RequestError(
+                f"concept {name!r} is named more than once; name each concept once, with one strength "
+                f"(e.g. {name}:1.5 for a stronger one)"
+            )
+        seen.add(name)
+
+
+def _pairs_without_repeats(pairs: list) -> dict:
+    _refuse_repeats([str(key).strip() for key, _ in pairs])
+    return dict(pairs)
 
 
 def _json_spec(text: str):
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_pairs_without_repeats)
     except json.JSONDecodeError as error:
         raise RequestError(f"concepts look like JSON but are not valid JSON ({error})") from None
     except RecursionError:

@@ -17,7 +17,7 @@ from spectral_diffusion.core.config import VARIANTS
 from spectral_diffusion.formats import EXPORT_FORMATS
 from spectral_diffusion.generation.request import DEFAULTS
 from spectral_diffusion.generation.schedulers import SCHEDULERS
-from spectral_diffusion.images import MAX_IMAGES, RECOMMENDED_IMAGES
+from spectral_diffusion.images import MAX_IMAGES, MIN_IMAGES, RECOMMENDED_IMAGES
 from spectral_diffusion.library.store import DEFAULT_LIBRARY
 from spectral_diffusion.models.registry import BUILTIN_RANKS, DEFAULT_MODEL, DEFAULT_RANK
 from spectral_diffusion.training.config import MIXED_PRECISION
@@ -64,7 +64,8 @@ def _add_train(sub) -> None:
     train = sub.add_parser("train", help="train one concept into the library")
     train.add_argument("--images", required=True,
                        help=f"folder of {RECOMMENDED_IMAGES[0]}-{RECOMMENDED_IMAGES[1]} images of the concept "
-                            f"(at most {MAX_IMAGES}); a photo.txt beside photo.png is its caption")
+                            f"(at least {MIN_IMAGES}, at most {MAX_IMAGES}); a photo.txt beside photo.png is its "
+                            "caption")
     train.add_argument("--name", required=True)
     train.add_argument("--class-word", default="", help="what the concept is, e.g. dog")
     train.add_argument("--token", default=None, help="trigger token (default <NAME>)")
@@ -86,7 +87,8 @@ def _add_train(sub) -> None:
 def _add_generate(sub) -> None:
     gen = sub.add_parser("generate", help="generate images with concepts fused")
     gen.add_argument("--prompt", default=None, help="the prompt (required unless --layout FILE.json or --from-png)")
-    gen.add_argument("--concepts", type=parse_concepts, default={}, help="a,b:0.8 (strength 1.0 if omitted)")
+    gen.add_argument("--concepts", type=parse_concepts, default={},
+                     help="a,b:0.8 (strength 1.0 if omitted; each concept once)")
     gen.add_argument("--negative", default=DEFAULTS.negative_prompt)
     gen.add_argument("--steps", type=int, default=DEFAULTS.steps)
     gen.add_argument("--guidance", type=float, default=DEFAULTS.guidance)
@@ -104,7 +106,8 @@ def _add_generate(sub) -> None:
                           "(with --concepts, each placed concept must be in it)")
     gen.add_argument("--from-png", default=None, metavar="FILE",
                      help="take the settings stored in an image this tool generated (flags given override)")
-    gen.add_argument("--out", required=True, help="FILE.png (several images: FILE-0.png, FILE-1.png, ...)")
+    gen.add_argument("--out", required=True, help="FILE.png, PNG only: it stores the settings (several images: "
+                                                  "FILE-0.png, FILE-1.png, ...)")
 
 
 def build_parser() -> argparse.ArgumentParser:

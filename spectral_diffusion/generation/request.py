@@ -96,6 +96,8 @@ class GenerationRequest:
         for label, text in (("prompt", self.prompt), ("negative_prompt", self.negative_prompt)):
             if not isinstance(text, str) or len(text) > MAX_PROMPT_CHARS:
                 raise RequestError(f"{label} must be text of at most {MAX_PROMPT_CHARS} characters")
+        if not self.prompt.strip():
+            raise RequestError("the prompt is empty; describe the picture, e.g. 'a photo of <my-dog> on a sofa'")
         self.concepts = normalize_strengths(self.concepts)
         _check_range("steps", self.steps, 1, MAX_STEPS)
         _check_range("guidance", self.guidance, 0.0, MAX_GUIDANCE, integer=False)
