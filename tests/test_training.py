@@ -496,3 +496,55 @@ def test_a_rank_deficient_layer_takes_its_last_slot_out_of_the_capacity(tiny_pip
         load_adapter(loaded, record.adapter_path)  # the base-model check passes
     finally:
         loaded.unpatch()
+
+
+def test_resume_refuses_a_checkpoint_of_other_photos_or_captions(tiny_pipe, images, tmp_path):
+    """Issue 24: `delete ring2`, then `train ring2 --resume` from cross photos "trained" in 6 s and drew
+    a ring: resume never checked the images. A checkpoint records what it was trained from."""
+    checkpoints = tmp_path / "checkpoints"
+    events: list[TrainProgress] = []
+    first = config(steps=6, checkpoint_every=1, checkpoint_dir=str(checkpoints))
+    with pytest.raises(TrainingCancelled):
+        train_concept(tiny_pipe, images, first, progress=events.append, should_stop=lambda: len(events) >= 2)
+    state = json.loads((checkpoints / "state.json").read_text())
+    assert state["inputs"]["images"] == 4 and len(state["inputs"]["fingerprint"]) == 16
+
+    resume = config(steps=6, checkpoint_every=1, checkpoint_dir=str(checkpoints), resume=True)
+    other = make_images(tmp_path / "other", 3)
+    with pytest.raises(CheckpointError, match=r"other training images or captions \(4 images then, 3 now\).*"
+                                              "without --resume"):
+        train_concept(tiny_pipe, other, resume)
+    captioned = tmp_path / "captioned"
+    captioned.mkdir()
+    for path in sorted(images.iterdir()):
+        (captioned / path.name).write_bytes(path.read_bytes())
+    (captioned / "img0.txt").write_text("a {token} on a red background")
+    with pytest.raises(CheckpointError, match="other training images or captions"):
+        train_concept(tiny_pipe, captioned, resume)
+    (checkpoints / "state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "inputs"}))
+    with pytest.raises(CheckpointError, match="does not record its training images"):
+        train_concept(tiny_pipe, images, resume)
+    (checkpoints / "state.json").write_text(json.dumps(state))
+    assert train_concept(tiny_pipe, images, resume).resumed_from == 2  # the same photos resume
+
+
+def test_the_library_drops_a_checkpoint_on_success_and_on_delete(tiny_pipe, images, tmp_path):
+    from spectral_diffusion.frontends.workflows import TrainRequest, train_into_library
+    from spectral_diffusion.library.store import Library
+
+    library, files = Library(tmp_path / "lib"), sorted(images.iterdir())
+    adapters = SpectralAdapters.from_pipeline(tiny_pipe)
+    facts = {"model": "builtin:tiny", "fingerprint": adapters.fingerprint, "capacity": adapters.capacity(4)}
+    adapters.unpatch()
+    request = TrainRequest("ring", images, rank=4, steps=4, resolution=32, checkpoint_every=1)
+    saved = library.checkpoint_dir("ring")
+    with pytest.raises(TrainingCancelled):
+        train_into_library(library, tiny_pipe, request, files, should_stop=lambda: saved.is_dir(), **facts)
+    assert (saved / "state.json").is_file() and not library.exists("ring")
+    assert library.delete("ring") == ["checkpoint"] and not saved.exists()  # an unfinished training's
+
+    record, _ = train_into_library(library, tiny_pipe, request, files, **facts)
+    assert record.name == "ring" and not saved.exists()  # finished: no checkpoint left to resume
+    saved.mkdir(parents=True)
+    (saved / "state.json").write_text("{}")
+    assert library.delete("ring") == ["concept", "checkpoint"] and not saved.exists()

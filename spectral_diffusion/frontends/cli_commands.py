@@ -240,8 +240,11 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 
 def cmd_delete(args: argparse.Namespace) -> None:
-    _library(args).delete(args.name)
-    emit(f"deleted {args.name}")
+    removed = _library(args).delete(args.name)
+    if removed == ["checkpoint"]:
+        emit(f"deleted the checkpoint of an unfinished training of {args.name}")
+    else:
+        emit(f"deleted {args.name}" + (" and its training checkpoint" if "checkpoint" in removed else ""))
 
 
 def cmd_models(args: argparse.Namespace) -> None:

@@ -16,6 +16,7 @@ from spectral_diffusion.core.tokens import default_token
 from spectral_diffusion.errors import ConfigError, LayoutError, SpectralDiffusionError
 from spectral_diffusion.formats import EXPORT_FORMATS
 from spectral_diffusion.generation.layout import PRESETS, Layout, Region, auto_layout, parse_region, preset_layout
+from spectral_diffusion.library.workdirs import CHECKPOINTS_DIR
 from spectral_diffusion.models.registry import default_rank, training_defaults
 
 MAX_LAYOUT_BYTES = 256 * 1024
@@ -84,7 +85,7 @@ class TrainRequest:
             variant=self.variant, seed=self.seed, mixed_precision=self.mixed_precision,
             checkpoint_every=self.checkpoint_every, resume=self.resume,
             mask_dir=str(self.masks) if self.masks else None,
-            checkpoint_dir=str(Path(library_root) / ".checkpoints" / self.name) if checkpoints else None,
+            checkpoint_dir=str(Path(library_root) / CHECKPOINTS_DIR / self.name) if checkpoints else None,
         )
 
 
@@ -114,7 +115,8 @@ def train_into_library(
 
     ``images`` are the already checked files of the request. ``on_start`` gets the final
     ``TrainConfig`` (slot and steps known) before the first step. A failed or cancelled run leaves the
-    library as it was: the reservation is dropped and nothing is added.
+    library as it was: the reservation is dropped and nothing is added (a checkpoint, with
+    ``checkpoint_every``, stays for ``resume``); a finished one removes the name's checkpoint.
     """
     from spectral_diffusion.training.trainer import train_concept
 
@@ -126,6 +128,7 @@ def train_into_library(
         result = train_concept(pipe, images, config, progress=progress, should_stop=should_stop,
                                svd_cache_dir=svd_cache_dir, base_model_name=model)
         record = library.add(result.adapter, images, result.preview)
+        library.discard_checkpoint(request.name)  # finished: a later --resume must not find this run's state
     return record, result
 
 

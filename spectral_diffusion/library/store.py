@@ -247,18 +247,41 @@ class Library:
         extra = {**data.extra_metadata, **card_metadata(record)}
         return save_adapter(dataclasses.replace(data, extra_metadata=extra), out)
 
-    def delete(self, name: str) -> None:
-        """Remove a concept (even a broken folder of that name) and free its slot."""
+    def delete(self, name: str) -> list[str]:
+        """Remove a concept (even a broken folder of that name), free its slot and drop the resumable
+        checkpoint of a training of that name (kept while that training runs). Returns what was removed:
+        ``"concept"`` and / or ``"checkpoint"`` (an unfinished training's checkpoint alone is deletable too)."""
         name = self.validate_name(name)
         with self._locked():
             folder = self.root / name
-            if not (folder.exists() or folder.is_symlink()):
+            concept = folder.exists() or folder.is_symlink()
+            saved = self.checkpoint_dir(name)
+            checkpoint = saved.is_dir() and not saved.is_symlink() and name not in self._live_reservations()
+            if not (concept or checkpoint):
                 raise self._not_found(name)
             try:
-                workdirs.discard(self.root, name)
+                if concept:
+                    workdirs.discard(self.root, name)
+                if checkpoint:
+                    workdirs.remove_checkpoint(self.root, name)
             except OSError as error:  # a read-only or full library: the concept stays, whole
                 raise (storage_error(error, folder) or error) from error
-        logger.info("deleted concept %s from %s", name, self.root)
+        removed = ["concept"] * concept + ["checkpoint"] * checkpoint
+        logger.info("deleted %s of %s from %s", " and ".join(removed), name, self.root)
+        return removed
+
+    def checkpoint_dir(self, name: str) -> Path:
+        """Where a training of ``name`` keeps its resumable checkpoint (``--checkpoint-every``, ``--resume``)."""
+        return self.root / workdirs.CHECKPOINTS_DIR / self.validate_name(name)
+
+    def discard_checkpoint(self, name: str) -> None:
+        """Remove the checkpoint of a training of ``name``: called by that training once its concept is added
+        (a later ``--resume`` of the name must not find a finished run's state)."""
+        with self._locked():
+            try:
+                workdirs.remove_checkpoint(self.root, self.validate_name(name))
+            except OSError as error:  # the concept is in the library; a stale checkpoint only costs space
+                logger.warning("could not remove the checkpoint of %s: %s", name, error)
 
     def cleanup(self) -> list[str]:
         """Remove what crashed operations left: work folders and stale reservations. Returns their names."""

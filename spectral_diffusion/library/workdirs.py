@@ -85,6 +85,17 @@ def remove_checkpoint_leftovers(root: Path, training: Collection[str]) -> list[s
     return removed
 
 
+def remove_checkpoint(root: Path, name: str) -> bool:
+    """Remove ``.checkpoints/<name>``: its ``state.json`` first (one unlink), so a crash midway leaves no
+    checkpoint that names missing tensors. Whether there was one."""
+    folder = root / CHECKPOINTS_DIR / name
+    if not folder.is_dir() or folder.is_symlink():
+        return False
+    (folder / "state.json").unlink(missing_ok=True)  # training.checkpoint.CHECKPOINT_STATE
+    shutil.rmtree(folder)
+    return True
+
+
 def remove_path(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)

@@ -2,8 +2,10 @@
 
 A checkpoint folder holds one ``checkpoint-<step>.safetensors`` (tensors) and ``state.json`` naming
 it, each written atomically and the JSON last, so a crash leaves the previous checkpoint readable.
-Reading refuses (``CheckpointError``) anything damaged, made on another base model or with other
-settings than the resuming run, before any of it is applied.
+Reading refuses (``CheckpointError``) anything damaged, made on another base model, from other training
+images (or captions, or masks) or with other settings than the resuming run, before any of it is applied:
+``--resume`` continues the very run it names or says why it cannot, it never quietly trains something
+else. The library removes a run's checkpoint once its concept is added, and on ``delete``.
 """
 
 from __future__ import annotations
@@ -90,12 +92,13 @@ class Checkpoints:
     """The checkpoint of one run in ``config.checkpoint_dir``, over the trainer's parameters and optimiser.
 
     ``scaler`` is accelerate's fp16 gradient scaler (None without one); ``fingerprint`` identifies
-    the base model so a checkpoint is never resumed on another one.
+    the base model so a checkpoint is never resumed on another one; ``inputs`` (``{"fingerprint": ...,
+    "images": count}``, from ``ConceptDataset.fingerprint``) the training images, captions and masks.
     """
 
     def __init__(self, config: TrainConfig, fingerprint: str, params: list[torch.Tensor],
-                 optimizer: torch.optim.Optimizer, scaler, device: torch.device):
-        self.config, self.fingerprint = config, fingerprint
+                 optimizer: torch.optim.Optimizer, scaler, device: torch.device, inputs: dict | None = None):
+        self.config, self.fingerprint, self.inputs = config, fingerprint, inputs
         self.params, self.optimizer, self.scaler, self.device = params, optimizer, scaler, device
         self.folder = Path(config.checkpoint_dir) if config.checkpoint_dir else None
 
@@ -117,6 +120,7 @@ class Checkpoints:
             "tensors": name,
             "config": config_for_resume(self.config),
             "base_fingerprint": self.fingerprint,
+            "inputs": self.inputs,
             "losses": losses,
             "eval_losses": {str(k): v for k, v in eval_losses.items()},
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -131,7 +135,7 @@ class Checkpoints:
         """Apply the folder's checkpoint to the parameters, optimiser, RNG and scaler; None if there is none."""
         state_path = self.folder / CHECKPOINT_STATE
         if not state_path.is_file():
-            logger.info("no checkpoint in %s: starting from step 0", self.folder)
+            logger.warning("resume: no checkpoint in %s; training %s from step 0", self.folder, self.config.name)
             return None
         state = self._read_state(state_path)
         try:
@@ -157,11 +161,28 @@ class Checkpoints:
             raise CheckpointError(f"checkpoint state {path} names an invalid tensor file {state.get('tensors')!r}")
         if state.get("base_fingerprint") != self.fingerprint:
             raise CheckpointError(f"checkpoint in {path.parent} was made on another base model; start afresh")
+        self._check_inputs(path, state.get("inputs"))
         self._check_settings(path, state.get("config", {}))
         step = state.get("step")
         if not isinstance(step, int) or not 0 <= step <= self.config.steps:
             raise CheckpointError(f"checkpoint {path} has an invalid step {step!r}")
         return state
+
+    def _check_inputs(self, path: Path, theirs) -> None:
+        if self.inputs is None:  # a caller that does not know its inputs (tests of the file format)
+            return
+        fresh = "train without --resume to start afresh (or delete the checkpoint)"
+        if not isinstance(theirs, dict) or "fingerprint" not in theirs:
+            raise CheckpointError(
+                f"checkpoint in {path.parent} does not record its training images (an earlier version made "
+                f"it), so resuming could continue another concept; {fresh}"
+            )
+        if theirs["fingerprint"] != self.inputs["fingerprint"]:
+            then, now = theirs.get("images", "?"), self.inputs.get("images", "?")
+            raise CheckpointError(
+                f"checkpoint in {path.parent} was made from other training images or captions ({then} images "
+                f"then, {now} now); resume with the same photos, or {fresh}"
+            )
 
     def _check_settings(self, path: Path, theirs: dict) -> None:
         mine = config_for_resume(self.config)

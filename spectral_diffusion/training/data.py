@@ -10,6 +10,7 @@ foreground masks travel with their images through every crop, flip and zoom (``a
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -192,6 +193,20 @@ class ConceptDataset(Dataset):
 
     def example(self, index: int, generator: torch.Generator | None = None) -> dict:
         """Image ``index`` augmented with ``generator``; keys pixel_values, caption, original_size, crop_top_left."""
+    def fingerprint(self) -> str:
+        """A hash of what training reads: every image (its pixels at the training resolution, in order),
+        caption and mask. A checkpoint records it, so a run never resumes from other photos."""
+        digest = hashlib.sha256()
+        for source in self.sources:
+            for part in (source.image, source.mask):
+                if part is None:
+                    digest.update(b"-")
+                    continue
+                digest.update(f"{part.mode} {part.size}".encode())
+                digest.update(part.tobytes())
+            digest.update(f"{source.original_size} {source.caption!r}".encode())
+        return digest.hexdigest()[:16]
+
         source = self.sources[index]
         top, left = self._crop_origin(source, generator)
         size = self.resolution

@@ -71,8 +71,9 @@ class _Trainer:
         self.eval_losses: dict[int, float] = {}
         self._perms: dict[tuple[int, int], torch.Tensor] = {}
         self._setup_models()
+        inputs = {"fingerprint": dataset.fingerprint(), "images": len(dataset)} if config.checkpoint_dir else None
         self.checkpoints = Checkpoints(
-            config, adapters.fingerprint, self.params, self.optimizer, accelerator.scaler, self.device
+            config, adapters.fingerprint, self.params, self.optimizer, accelerator.scaler, self.device, inputs
         )
 
     # -- setup ------------------------------------------------------------------------------------
