@@ -371,3 +371,55 @@ def test_fewer_photos_than_the_minimum_are_refused_before_any_model_loads(tmp_pa
     with pytest.raises(ImageDataError, match="training needs at least 3"):
         service.start_training(TrainRequest("x", sorted((tmp_path / "photos-2").iterdir())))
     assert not service.training and not (tmp_path / "lib").exists()
+
+
+def test_ctrl_c_during_training_keeps_a_checkpoint_and_resume_says_where_it_starts(tmp_path, capsys, caplog,
+                                                                                 models_home, monkeypatch):
+    """Issue 24: Ctrl-C said "nothing was written" while a checkpoint existed; a resume printed no
+    "resumed from step N" and its bar counted the checkpoint's steps as done in no time (1.4M step/s)."""
+    from spectral_diffusion.training import trainer
+
+    lib = tmp_path / "lib"
+    common = ["--library", str(lib), "--model", "builtin:tiny"]
+    photos = _images(tmp_path / "photos", (30, 160, 30))
+    train = ["train", "--images", str(photos), "--name", "dot", "--steps", "4", "--checkpoint-every", "1", *common]
+    real_step = trainer._Trainer.train_step
+
+    def interrupted_at_step_3(self):
+        if self.step == 2:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(trainer._Trainer, "train_step", interrupted_at_step_3)
+    code, out, err = _run(capsys, *train)
+    assert code == 130
+    message = err.strip().splitlines()[-1]
+    assert "nothing was written" not in message
+    assert f"checkpoint at step 2 of 4 is kept in {lib / '.checkpoints' / 'dot'}" in message
+    assert "same command with --resume" in message
+
+    monkeypatch.setattr(trainer._Trainer, "train_step", real_step)
+    code, out, err = _run(capsys, *train, "--resume")
+    assert code == 0, err
+    assert "training dot: resumed from step 2 of 4" in err and "(resumed from step 2)" in out
+    assert not (lib / ".checkpoints" / "dot").exists()  # finished: the checkpoint is gone
+
+    monkeypatch.setattr(trainer._Trainer, "train_step", interrupted_at_step_3)
+    code, out, err = _run(capsys, "train", "--images", str(photos), "--name", "other", "--steps", "4", *common)
+    assert code == 130 and "no checkpoint was written (train with --checkpoint-every N" in err
+    code, out, err = _run(capsys, "train", "--images", str(photos), "--name", "other", "--steps", "2", "--resume",
+                          *common)
+    assert code == 0, err  # --resume without a checkpoint warns and starts afresh
+    assert "resume: no checkpoint in" in caplog.text and "training other from step 0" in caplog.text
+
+
+def test_a_resumed_progress_bar_starts_at_the_checkpoint(capsys):
+    from spectral_diffusion.frontends.cli_commands import _tqdm_progress
+    from spectral_diffusion.training.config import TrainProgress
+
+    progress = _tqdm_progress("training dot")
+    for step in (9, 10):
+        progress(TrainProgress(step, 20, 0.5, 1.0, first_step=8))
+    assert progress.bar.format_dict["initial"] == 9 and progress.bar.n == 10  # the rate counts 1 step, not 10
+    progress.close()
+    assert "training dot: resumed from step 8 of 20" in capsys.readouterr().err

@@ -173,6 +173,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error.strerror}: {error.filename}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
+        print(f"error: {cli_commands.interrupted_message(args)}", file=sys.stderr)
         return 130
     return 0

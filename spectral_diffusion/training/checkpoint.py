@@ -45,6 +45,16 @@ class ResumePoint:
     eval_losses: dict[int, float]
 
 
+def saved_step(folder: str | Path) -> tuple[int, int] | None:
+    """(step, total steps) of the checkpoint in ``folder``, for messages; None if there is none readable."""
+    try:
+        state = json.loads((Path(folder) / CHECKPOINT_STATE).read_text(encoding="utf-8"))
+        step, total = state["step"], state["config"]["steps"]
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError):
+        return None
+    return (step, total) if isinstance(step, int) and isinstance(total, int) else None
+
+
 def config_for_resume(config: TrainConfig) -> dict:
     """The settings a resuming run must share with the checkpointed one."""
     data = config.to_json()

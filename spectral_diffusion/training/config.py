@@ -212,7 +212,8 @@ def default_steps(resolution: int) -> int:
 
 @dataclass
 class TrainProgress:
-    """One finished optimiser step, for progress bars. ``preview`` is set on preview steps only."""
+    """One finished optimiser step, for progress bars. ``preview`` is set on preview steps only;
+    ``first_step`` is where this run started (the checkpoint's step after a resume, else 0)."""
 
     step: int
     total_steps: int
@@ -222,6 +223,7 @@ class TrainProgress:
 
 
 @dataclass
+    first_step: int = 0
 class TrainResult:
     """The trained concept (ready for ``save_adapter``), its preview and the per-step training losses.
 

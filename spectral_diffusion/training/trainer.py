@@ -284,7 +284,7 @@ def _report(trainer: _Trainer, progress, loss: float, started: float, first_step
         return
     done = trainer.step - first_step
     eta = (time.monotonic() - started) / done * (trainer.config.steps - trainer.step)
-    progress(TrainProgress(trainer.step, trainer.config.steps, loss, eta, preview))
+    progress(TrainProgress(trainer.step, trainer.config.steps, loss, eta, preview, first_step))
 
 
 def _loop(trainer: _Trainer, progress, should_stop) -> Image.Image:
