@@ -58,7 +58,7 @@ from app_tabs import (  # noqa: E402
     card_index,
 )
 from spectral_diffusion.frontends.service import Service  # noqa: E402
-from spectral_diffusion.library.store import DEFAULT_LIBRARY  # noqa: E402
+from spectral_diffusion.library.store import LIBRARY_ENV, default_library  # noqa: E402
 from spectral_diffusion.models.registry import DEFAULT_MODEL, default_rank  # noqa: E402
 
 # run as a script this module is __main__: the app's loggers share the name "app" (see app_ui.py)
@@ -265,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Spectral Diffusion web app")
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="builtin:toy (default), builtin:tiny, a Hugging Face model id or a local diffusers folder")
-    parser.add_argument("--library", default=DEFAULT_LIBRARY, help="concept library folder (default: concepts)")
+    parser.add_argument("--library", default=str(default_library()),
+                        help=f"concept library folder (default: %(default)s, from ${LIBRARY_ENV} or the user's data folder)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=None, help="port (default: 7860, or the next free one)")
     parser.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="require this login")

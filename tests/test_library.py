@@ -312,12 +312,22 @@ def test_capacity_exhaustion(maker, lib):
     assert cap == 2
     lib.add(maker("a", 0, rank=16))
     lib.add(maker("b", 1, rank=16))
-    with pytest.raises(SlotConflictError, match="all 2 slots of this base model are taken; delete a concept or use "
-                                                "a smaller rank"):
+    # issue 24 item 11: the advice is what helps; a smaller rank is named only where one still fits
+    with pytest.raises(SlotConflictError) as full:
         lib.allocate_slot(fp, 16, cap)
+    assert str(full.value) == (
+        "all 2 slots of rank 16 of this base model are taken; delete a concept you no longer need (list shows "
+        "them), or keep further concepts in another library (--library DIR)"
+    )
     with pytest.raises(SlotConflictError, match="all 2 slots"):
         try_reserve(lib, "c", fp, 16, cap)
     assert lib.slot_report(fp, 16).free == []
+    lib.delete("b")
+    lib.add(maker("c", 2, rank=8))  # columns 16-23: rank-16 slot 1 is taken, columns 24-31 are free
+    with pytest.raises(SlotConflictError, match=r"another library \(--library DIR\); a concept of rank 8 or less "
+                                                r"still fits \(--rank 8\)$"):
+        lib.allocate_slot(fp, 16, cap)
+    assert lib.allocate_slot(fp, 8, maker.capacity(8)) == 3
     with pytest.raises(SlotConflictError, match="no slot of rank 64"):
         lib.allocate_slot(fp, 64, maker.capacity(64))
 
@@ -414,6 +424,31 @@ def test_import_export_round_trip(maker, lib, tmp_path):
     lib.delete("dog")
     renamed = lib.import_file(exported, name="rex")
     assert renamed.name == "rex" and lib.adapter("rex").info.name == "rex"
+
+
+def test_importing_a_taken_name_says_whether_another_name_would_help(maker, lib, tmp_path):
+    """Issue 24 item 11: "pick another name" was wrong advice when the file's own slot (or token) is taken too."""
+    lib.add(maker("dog", 0))
+    lib.add(maker("cat", 1))
+    again = lib.export_file("dog", tmp_path / "again.safetensors")  # the same concept: same slot, same token
+    with pytest.raises(LibraryError) as same:
+        lib.import_file(again)
+    assert str(same.value) == (
+        "a concept named 'dog' is already in the library, and another name would not help: slot 0 (rank 4), which "
+        "it was trained into, is held by concept 'dog' (slot 0, rank 4); its trigger token <dog> is used by concept "
+        "'dog' (an imported adapter keeps its slot and trigger tokens). Delete 'dog' first to import the file, or "
+        "import it into another library"
+    )
+    elsewhere = save_adapter(maker("dog", 1, seed=3), tmp_path / "dog-1.safetensors")  # slot 1 is cat's
+    with pytest.raises(LibraryError, match=r"held by concept 'cat' .*Delete 'cat' and 'dog' first"):
+        lib.import_file(elsewhere)
+    # its own slot and token free: another name is the answer, and works
+    loose = maker("dog5", 5, seed=4)
+    loose = dataclasses.replace(loose, info=dataclasses.replace(loose.info, name="dog"))
+    free = save_adapter(loose, tmp_path / "dog-5.safetensors")
+    with pytest.raises(LibraryError, match=r"'dog' is already in the library; import the file under another name"):
+        lib.import_file(free)
+    assert lib.import_file(free, name="dog-two").slot == 5
 
 
 def bad_files(maker, tmp_path) -> dict[str, tuple[Path, type, str, dict]]:

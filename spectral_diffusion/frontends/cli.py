@@ -18,7 +18,7 @@ from spectral_diffusion.formats import EXPORT_FORMATS
 from spectral_diffusion.generation.request import DEFAULTS
 from spectral_diffusion.generation.schedulers import SCHEDULERS
 from spectral_diffusion.images import MAX_IMAGES, MIN_IMAGES, RECOMMENDED_IMAGES
-from spectral_diffusion.library.store import DEFAULT_LIBRARY
+from spectral_diffusion.library.store import LIBRARY_ENV, default_library, stray_library_note
 from spectral_diffusion.models.registry import BUILTIN_RANKS, DEFAULT_MODEL, DEFAULT_RANK
 from spectral_diffusion.training.config import MIXED_PRECISION
 
@@ -55,7 +55,8 @@ def _slot(text: str) -> int | None:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="builtin:NAME, a hub id or a diffusers folder")
-    parser.add_argument("--library", default=DEFAULT_LIBRARY, help="concept library folder")
+    parser.add_argument("--library", default=str(default_library()),
+                        help=f"concept library folder (default: %(default)s, from ${LIBRARY_ENV} or the user's data folder)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
 
@@ -164,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_third_party()
     from spectral_diffusion.frontends import cli_commands
 
+    if args.library == str(default_library()):  # concepts of the old default (./concepts) are not lost from view
+        note = stray_library_note(args.library)
+        if note:
+            logger.warning(note)
     try:
         getattr(cli_commands, f"cmd_{args.command}")(args)
     except SpectralDiffusionError as error:

@@ -34,7 +34,6 @@ from spectral_diffusion.generation.request import DEFAULTS
 from spectral_diffusion.images import check_uploads
 from spectral_diffusion.library import ConceptRecord, Library, validate_name
 from spectral_diffusion.library.slotmap import draw_slot_map
-from spectral_diffusion.library.store import DEFAULT_LIBRARY
 from spectral_diffusion.models.registry import DEFAULT_MODEL, default_rank, training_defaults
 
 logger = logging.getLogger(__name__)
@@ -71,7 +70,7 @@ class Service:
     def __init__(
         self,
         model: str = DEFAULT_MODEL,
-        library: str | os.PathLike = DEFAULT_LIBRARY,
+        library: str | os.PathLike | None = None,
         device: str = "cpu",
         output_dir: str | os.PathLike | None = None,
         svd_cache_dir: str | os.PathLike | None = None,

@@ -71,11 +71,22 @@ def pick_slot(owners: Sequence[SlotOwner], rank: int, capacity: int, requested: 
     if requested is not None:
         return _check_requested(owners, free, rank, capacity, requested)
     if not free:
-        raise SlotConflictError(
-            f"all {capacity} slots of this base model are taken; delete a concept or use a smaller rank "
-            f"(slots here are of rank {rank})"
-        )
+        raise SlotConflictError(_full_message(owners, rank, capacity))
     return free[0]
+
+
+def _full_message(owners: Sequence[SlotOwner], rank: int, capacity: int) -> str:
+    """What helps when every slot of ``rank`` is taken: deleting a concept, another library, and a
+    smaller rank only where columns for one are actually free (mixed ranks can leave some)."""
+    message = (
+        f"all {capacity} slots of rank {rank} of this base model are taken; delete a concept you no longer "
+        "need (list shows them), or keep further concepts in another library (--library DIR)"
+    )
+    for smaller in range(rank - 1, 0, -1):
+        fits = (k for k in range(capacity * rank // smaller))
+        if any(slots.first_overlap(owners, slots.columns(k, smaller)) is None for k in fits):
+            return f"{message}; a concept of rank {smaller} or less still fits (--rank {smaller})"
+    return message
 
 
 def _check_requested(owners: Sequence[SlotOwner], free: list[int], rank: int, capacity: int, requested: int) -> int:

@@ -35,6 +35,7 @@ from spectral_diffusion.library import allocation, workdirs
 from spectral_diffusion.library.allocation import SlotOwner, SlotReport
 from spectral_diffusion.library.names import matches_name_pattern, validate_name
 from spectral_diffusion.library.records import (
+    CONCEPT_FILE,
     ConceptRecord,
     card_metadata,
     preview_from_metadata,
@@ -51,7 +52,37 @@ from spectral_diffusion.library.reservations import (
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_LIBRARY = "concepts"  # the default library folder of the CLI, the app and the service
+LIBRARY_ENV = "SPECTRAL_DIFFUSION_LIBRARY"
+
+
+def default_library() -> Path:
+    """The library of the CLI, the app and the service unless one is named: ``$SPECTRAL_DIFFUSION_LIBRARY``,
+    else ``spectral_diffusion/concepts`` in the user's data folder (``$XDG_DATA_HOME``, by default
+    ``~/.local/share``): the same folder whatever the current folder is."""
+    chosen = os.environ.get(LIBRARY_ENV)
+    if chosen:
+        return Path(chosen).expanduser().absolute()
+    data = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(data).expanduser().absolute() / "spectral_diffusion" / "concepts"
+
+
+def stray_library_note(root: str | os.PathLike) -> str | None:
+    """A note when ``./concepts`` holds concepts but ``root`` is elsewhere: ``concepts/`` in the current
+    folder was the default library before it became ``default_library()``."""
+    here = Path("concepts").absolute()
+    if Path(root).expanduser().absolute() == here or not here.is_dir():
+        return None
+    try:
+        count = sum(1 for child in here.iterdir() if (child / CONCEPT_FILE).is_file())
+    except OSError:
+        return None
+    if not count:
+        return None
+    return (f"{here} holds {count} concept(s), but the library in use is {Path(root).expanduser().absolute()}; "
+            f"pass --library {here} to use them (or set {LIBRARY_ENV})")
+
+
+DEFAULT_LIBRARY = str(default_library())  # at import time; prefer default_library(), which reads the environment
 LOCK_FILE = ".library.lock"
 DEFAULT_LOCK_TIMEOUT = 30.0
 
@@ -59,8 +90,9 @@ DEFAULT_LOCK_TIMEOUT = 30.0
 class Library:
     """A folder of concepts. Every mutating operation holds ``root/.library.lock``."""
 
-    def __init__(self, root: str | os.PathLike = DEFAULT_LIBRARY, lock_timeout: float = DEFAULT_LOCK_TIMEOUT):
-        self.root = Path(root).expanduser().absolute()
+    def __init__(self, root: str | os.PathLike | None = None, lock_timeout: float = DEFAULT_LOCK_TIMEOUT):
+        """``root`` None: ``default_library()``."""
+        self.root = default_library() if root is None else Path(root).expanduser().absolute()
         if self.root.exists() and not self.root.is_dir():
             raise LibraryError(f"the concept library {self.root} is a file, not a folder")
         self.lock_timeout = lock_timeout
@@ -345,9 +377,30 @@ class Library:
         known = ", ".join(r.name for r in self.list()) or "none"
         return ConceptNotFoundError(f"no concept named {name!r} in the library {self.root}; known concepts: {known}")
 
-    def _name_taken(self, name: str) -> LibraryError:
+    def _name_taken(self, name: str, data: AdapterData | None = None) -> LibraryError:
+        """The name is taken. For an adapter being imported (``data``), whose slot and trigger tokens cannot
+        change, say whether another name would help at all, and what would."""
         what = "a concept" if self.exists(name) else "a broken concept folder"
-        return LibraryError(f"{what} named {name!r} is already in the library; pick another name or delete it first")
+        taken = f"{what} named {name!r} is already in the library"
+        if data is None:
+            return LibraryError(f"{taken}; pick another name or delete it first")
+        info, obstacles, culprits = data.info, [], []
+        for owner in self._owners(data.base_fingerprint, exclude=None):
+            if slots.overlap(owner.columns, info.columns):
+                obstacles.append(f"slot {info.slot} (rank {info.rank}), which it was trained into, is held by {owner.label}")
+                culprits.append(owner.name)
+        for record in self.list(data.base_fingerprint):
+            for token in sorted(set(record.tokens) & set(info.tokens)):
+                obstacles.append(f"its trigger token {token} is used by concept {record.name!r}")
+                culprits.append(record.name)
+        if not obstacles:
+            return LibraryError(f"{taken}; import the file under another name (import FILE --name NAME) or delete "
+                                f"{name!r} first")
+        names = " and ".join(repr(n) for n in dict.fromkeys(culprits))
+        return LibraryError(
+            f"{taken}, and another name would not help: {'; '.join(obstacles)} (an imported adapter keeps its slot "
+            f"and trigger tokens). Delete {names} first to import the file, or import it into another library"
+        )
 
     def _import_name(self, data: AdapterData, name: str | None) -> str:
         if name is not None:
@@ -436,7 +489,7 @@ class Library:
     def _check_can_add(self, data: AdapterData, overwrite: bool, slot_hint: str) -> None:
         info = data.info
         if (self.root / info.name).exists() and not overwrite:
-            raise self._name_taken(info.name)
+            raise self._name_taken(info.name, data if slot_hint else None)  # an import: its slot is fixed
         held = self._live_reservations().get(info.name)
         if held is not None and not held.is_ours():
             raise LibraryError(f"the name {info.name!r} is reserved by {held.describe()}; pick another name")
