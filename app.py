@@ -65,6 +65,11 @@ from spectral_diffusion.models.registry import DEFAULT_MODEL, default_rank  # no
 logger = logging.getLogger("app")
 
 STARTUP_SECONDS = 180  # how long start-up waits for the page to answer (a loaded machine is slow, not broken)
+# after a success: close the error toasts of earlier failures (gradio keeps them for 10 s, or until closed)
+CLOSE_ERROR_TOASTS = "() => document.querySelectorAll('.toast-body.error [data-testid=toast-close]').forEach(b => b.click())"
+# the prompt box's caret as a character offset, kept when the box loses focus (a concept card is clicked)
+PROMPT_CARET = "() => { const box = document.querySelector('#generate-prompt textarea'); " \
+               "return box ? Array.from(box.value.slice(0, box.selectionStart)).length : -1; }"
 
 
 class PageEvents:
@@ -78,6 +83,10 @@ class PageEvents:
         self.refresh_outputs = [library.slot_maps, library.cards, library.table, library.listing, library.selected,
                                 generate.cards, self.card_names, self.library_names, *generate.row_names]
         self.slot_inputs = [train.rank, train.name]
+        self.selected_image = gr.State(None)  # the index of the generated image clicked last
+        # outputs of events that can fail: each shows a red Error badge until an event updates it again
+        self.error_outputs = [generate.gallery, generate.info, generate.fused_files, library.exported,
+                              library.delete_message, library.listing, library.imported]
 
     def bound(self, handler):
         """``handler`` with the service as its first argument (the API keeps the other parameters' names)."""
@@ -85,6 +94,13 @@ class PageEvents:
         bound.__name__ = handler.__name__  # gradio names an event after its function
         bound.__doc__ = None  # and describes an endpoint with its docstring: partial's would show
         return bound
+
+    def clear_errors(self, event):
+        """Once ``event`` succeeds, nothing of earlier failures stays: their error toasts close and the red
+        Error badges they left on other outputs clear (a no-change update of those outputs ends their
+        error state)."""
+        return event.success(lambda: (gr.skip(),) * len(self.error_outputs), None, self.error_outputs,
+                             js=CLOSE_ERROR_TOASTS, show_progress="hidden", **PRIVATE)
 
     def then_refresh(self, event):
         """Refresh the library views and the slot hint after ``event``, whatever its outcome."""
@@ -106,10 +122,12 @@ class PageEvents:
         tab = self.train
         inputs = [tab.images, tab.name, tab.class_word, tab.variant, tab.rank, tab.steps, *tab.advanced]
         # the page's button: every outcome in the status line, a cancel as a notice (no Error badges)
-        self.then_refresh(tab.train_button.click(
+        trained = tab.train_button.click(
             self.bound(handlers.train_on_page), inputs,
-            [tab.progress, tab.previews, tab.trained, tab.loss_chart, tab.cancel_message],
-            concurrency_limit=None, **PRIVATE))
+            [tab.progress, tab.previews, tab.trained, tab.loss_chart, tab.cancel_message, tab.name],
+            concurrency_limit=None, **PRIVATE)
+        self.clear_errors(trained)
+        self.then_refresh(trained)
         # the API's endpoint (bad input and a cancel are errors for a client) on a button never shown
         self.then_refresh(tab.api_trigger.click(self.bound(handlers.train_concept), inputs,
                                                 [tab.api_status, tab.previews, tab.api_record],
@@ -122,10 +140,11 @@ class PageEvents:
 
     def wire_library(self) -> None:
         tab = self.library
-        tab.refresh_button.click(self.bound(handlers.list_concepts), None, tab.listing, api_name="list_concepts").then(
-            self.bound(handlers.refresh), self.refresh_inputs, self.refresh_outputs, **PRIVATE)
-        tab.export_button.click(self.bound(handlers.export_concept), [tab.selected, tab.export_format], tab.exported,
-                                api_name="export_concept")
+        listed = tab.refresh_button.click(self.bound(handlers.list_concepts), None, tab.listing,
+                                          api_name="list_concepts")
+        listed.then(self.bound(handlers.refresh), self.refresh_inputs, self.refresh_outputs, **PRIVATE)
+        exported = tab.export_button.click(self.bound(handlers.export_concept), [tab.selected, tab.export_format],
+                                           tab.exported, api_name="export_concept")
         deleted = tab.delete_button.click(self.bound(handlers.delete_concept), [tab.selected, tab.sure],
                                           tab.delete_message, api_name="delete_concept")
         self.then_refresh(deleted).then(lambda: False, None, tab.sure, **PRIVATE)
@@ -134,6 +153,8 @@ class PageEvents:
         imported.success(handlers.imported_summary, tab.imported, tab.imported_summary, **PRIVATE)
         imported.failure(lambda: "", None, tab.imported_summary, **PRIVATE)  # no summary of an earlier import
         self.then_refresh(imported)
+        for event in (listed, exported, deleted, imported):
+            self.clear_errors(event)
 
         def select_card(evt: gr.SelectData, names):
             return handlers.select_card(card_index(evt), names)
@@ -143,11 +164,13 @@ class PageEvents:
     def wire_generate(self) -> None:
         tab = self.generate
 
-        def pick_concept(evt: gr.SelectData, names, prompt, *rows):
-            return handlers.pick_concept(self.service, card_index(evt), names, prompt, *rows)
+        def pick_concept(evt: gr.SelectData, names, prompt, cursor, *rows):
+            return handlers.pick_concept(self.service, card_index(evt), names, prompt, cursor, *rows)
 
-        tab.cards.select(pick_concept, [self.card_names, tab.prompt, *tab.row_names], [tab.prompt, *tab.row_names],
-                         **PRIVATE)
+        # a card's token goes in at the prompt's caret: the box remembers it as it loses focus to the click
+        tab.prompt.blur(None, None, tab.prompt_cursor, js=PROMPT_CARET, **PRIVATE)
+        tab.cards.select(pick_concept, [self.card_names, tab.prompt, tab.prompt_cursor, *tab.row_names],
+                         [tab.prompt, tab.prompt_cursor, *tab.row_names], **PRIVATE)
         rows = tab.row_names + tab.row_strengths
         gr.on([row.change for row in rows], handlers.rows_to_spec, rows, tab.concepts, show_progress="hidden",
               **PRIVATE)
@@ -157,8 +180,11 @@ class PageEvents:
                           [tab.prompt, tab.concepts, *tab.settings, tab.layout_text], [tab.gallery, tab.info],
                           api_name="generate", concurrency_limit=1)
         generated.success(handlers.result_overlay, tab.gallery, tab.overlay, **PRIVATE)
-        tab.fused_button.click(self.bound(handlers.export_fused), [tab.concepts, tab.fused_format], tab.fused_files,
-                               api_name="export_fused")
+        generated.success(lambda: None, None, self.selected_image, **PRIVATE)  # new images: none selected
+        self.clear_errors(generated)
+        fused = tab.fused_button.click(self.bound(handlers.export_fused), [tab.concepts, tab.fused_format],
+                                       tab.fused_files, api_name="export_fused")
+        self.clear_errors(fused)
 
     def wire_layout(self) -> None:
         """The layout editor: any change redraws the layout and rewrites the generate endpoint's layout text;
@@ -172,6 +198,14 @@ class PageEvents:
                   tab.layout_mode, *tab.layout_rows[CONCEPT_ROWS:], tab.settings_message]
         tab.settings_file.upload(functools.partial(handlers.load_settings, rows=CONCEPT_ROWS), tab.settings_file,
                                  loaded, **PRIVATE)
+
+        # a generated image's settings back into the form: the image clicked last, else the first
+        def select_image(evt: gr.SelectData):
+            return card_index(evt)
+
+        tab.gallery.select(select_image, None, self.selected_image, **PRIVATE)
+        tab.use_settings.click(functools.partial(handlers.image_settings, rows=CONCEPT_ROWS),
+                               [tab.gallery, self.selected_image], loaded, **PRIVATE)
 
 
 def build_app(service: Service) -> gr.Blocks:

@@ -100,6 +100,7 @@ class ConceptRow:
 @dataclass
 class GenerateTab:
     prompt: gr.Textbox
+    prompt_cursor: gr.Number  # never shown: the prompt's cursor when a concept card is clicked (set in JS)
     generate_button: gr.Button
     cards: gr.Gallery
     rows: list[ConceptRow]
@@ -111,6 +112,7 @@ class GenerateTab:
     settings_message: gr.Markdown
     gallery: gr.Gallery
     info: gr.Markdown
+    use_settings: gr.Button  # the selected image's stored settings into the form
     layout_picture: gr.Image
     overlay: gr.Image
     fused_format: gr.Radio
@@ -157,7 +159,8 @@ def build_train_tab(rank: int, defaults: dict) -> TrainTab:
             images = gr.File(label="Images of the concept (drag and drop 3-20 photos)",
                              file_count="multiple", file_types=["image"], height=150, elem_id="train-images")
             thumbnails = gr.Gallery(label="Uploaded photos", columns=8, height=130, object_fit="contain",
-                                    allow_preview=False, format="png", elem_id="train-thumbnails")
+                                    allow_preview=False, format="png", interactive=False,
+                                    elem_id="train-thumbnails")
             with gr.Row():
                 name = gr.Textbox(label="Name", placeholder="my-dog", elem_id="train-name")
                 class_word = gr.Textbox(label="Class word", placeholder="dog", elem_id="train-class")
@@ -172,13 +175,13 @@ def build_train_tab(rank: int, defaults: dict) -> TrainTab:
             with gr.Row():
                 train_button = gr.Button("Train", variant="primary", elem_id="train-button")
                 cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel-button")
+            cancel_message = gr.Markdown(elem_id="train-cancel")  # under the buttons: where the eye is
             api_trigger = gr.Button(visible=False)
         with gr.Column(scale=2):
             progress = gr.HTML(app_views.progress_html(TrainingStatus(message="no training yet")),
                                label="Progress", elem_id="train-progress")
-            cancel_message = gr.Markdown(elem_id="train-cancel")
             previews = gr.Gallery(label="Previews (their step below each)", columns=4, height="auto", format="png",
-                                  object_fit="contain", elem_id="train-previews")
+                                  object_fit="contain", interactive=False, elem_id="train-previews")
             loss_chart = gr.Image(label="Training loss", type="pil", format="png", interactive=False, height=220,
                                   elem_id="train-loss")
             trained = gr.Markdown(elem_id="train-result")
@@ -250,7 +253,7 @@ def _generate_settings() -> list[gr.components.Component]:
     with gr.Row():
         width = gr.Number(value=0, precision=0, minimum=0, step=8, label="Width (0 = model's)")
         height = gr.Number(value=0, precision=0, minimum=0, step=8, label="Height (0 = model's)")
-        num_images = gr.Slider(1, 8, value=DEFAULTS.num_images, step=1, label="Images")
+        num_images = gr.Slider(1, 8, value=DEFAULTS.num_images, step=1, label="Images", elem_id="gen-images")
         scheduler = gr.Dropdown(SCHEDULERS, value=DEFAULTS.scheduler, label="Scheduler")
     return [negative, seed, steps, guidance, width, height, num_images, scheduler]
 
@@ -265,20 +268,24 @@ def _layout_picker() -> tuple[gr.Radio, gr.Textbox]:
 
 
 def _result_column():
-    gallery = gr.Gallery(label="Images", columns=2, height=400, format="png", object_fit="contain",
-                         type="filepath", elem_id="generate-gallery")
+    gallery = gr.Gallery(label="Images (click one to select it)", columns=2, height=400, format="png",
+                         object_fit="contain", type="filepath", interactive=False, elem_id="generate-gallery")
     info = gr.Markdown(elem_id="generate-info")
+    use_settings = gr.Button("Use the selected image's settings (prompt, seed, concepts, layout)", size="sm",
+                             elem_id="use-settings")
     with gr.Row():
         layout_picture = gr.Image(label="Layout", type="pil", format="png", interactive=False, visible=False,
-                                  height=240, elem_id="layout-picture")
+                                  height=app_views.LAYOUT_WIDGET[1], min_width=app_views.LAYOUT_WIDGET[0],
+                                  elem_id="layout-picture")
         overlay = gr.Image(label="Layout over the first image", type="pil", format="png", interactive=False,
-                           visible=False, height=240, elem_id="layout-overlay")
+                           visible=False, height=app_views.LAYOUT_WIDGET[1], min_width=app_views.LAYOUT_WIDGET[0],
+                           elem_id="layout-overlay")
     with gr.Group():
         fused_format = gr.Radio(list(EXPORT_FORMATS), value="spectral",
                                 label="Download the fused adapter as (global: no layout)")
         fused_button = gr.Button("Download fused adapter")
         fused_files = gr.File(label="Fused files", file_count="multiple", interactive=False, height=110)
-    return gallery, info, layout_picture, overlay, fused_format, fused_button, fused_files
+    return gallery, info, use_settings, layout_picture, overlay, fused_format, fused_button, fused_files
 
 
 def build_generate_tab() -> GenerateTab:
@@ -288,6 +295,7 @@ def build_generate_tab() -> GenerateTab:
                                 scale=5, elem_id="generate-prompt",
                                 placeholder="a photo of <my-dog> and <my-cat> on a sofa")
             generate_button = gr.Button("Generate", variant="primary", scale=1, elem_id="generate-button")
+            prompt_cursor = gr.Number(value=-1, precision=0, visible=False)
         with gr.Row():
             with gr.Column(scale=1):
                 cards = gr.Gallery(label="Your concepts: click one to use it", columns=5, height=170,
@@ -306,7 +314,7 @@ def build_generate_tab() -> GenerateTab:
                     settings_message = gr.Markdown(elem_id="settings-message")
             with gr.Column(scale=1):
                 results = _result_column()
-    return GenerateTab(prompt, generate_button, cards, rows, concepts, layout_mode, layout_text, settings,
+    return GenerateTab(prompt, prompt_cursor, generate_button, cards, rows, concepts, layout_mode, layout_text, settings,
                        settings_file, settings_message, *results)
 
 

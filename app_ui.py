@@ -196,6 +196,7 @@ def train_concept(service: Service, images, name, class_word, variant, rank, ste
 def cancel_training(service: Service) -> str:
     if service.cancel_training():
         return "cancelling: the training stops after its current step"
+    gr.Info("No training is running: there is nothing to cancel")  # the page's toast; API callers get the text
     return "no training is running"
 
 
@@ -237,9 +238,10 @@ def export_concept(service: Service, name, format) -> list[str]:
 
 @user_errors(summary=lambda result: result[1])
 def generate(service: Service, prompt, concepts, negative, seed, steps, guidance, width, height, num_images,
-             scheduler, layout="") -> tuple[list[str], str]:
-    """(image paths, "N image(s), seed S · settings · time"); a negative or empty seed draws a random
-    one. ``layout``: "" (global fusion), ``auto``, a preset name or a layout JSON (regional composition)."""
+             scheduler, layout="") -> tuple[list[tuple[str, str]], str]:
+    """((image path, "seed S") per image, "N image(s), seed S · settings · time"): image k is drawn from
+    seed + k, its caption and stored settings say which. A negative or empty seed draws a random one.
+    ``layout``: "" (global fusion), ``auto``, a preset name or a layout JSON (regional composition)."""
     started = time.monotonic()
     seed_value = None if seed is None or seed == "" or real("seed", seed) < 0 else whole("seed", seed)
     chosen = parse_concepts(concepts or "")
@@ -261,7 +263,8 @@ def generate(service: Service, prompt, concepts, negative, seed, steps, guidance
     used = images[0].info.get("seed", seed_value) if images else seed_value
     paths = service.save_images(images, stem=f"seed{used}")
     size = images[0].size if images else None
-    return [str(p) for p in paths], app_values.info_line(
+    captions = [f"seed {image.info.get('seed', '?')}" for image in images]
+    return list(zip(map(str, paths), captions, strict=True)), app_values.info_line(
         len(paths), used, size, steps, guidance, scheduler, chosen, layout, time.monotonic() - started)
 
 
@@ -279,8 +282,10 @@ def export_fused(service: Service, concepts, format) -> list[str]:
 def train_on_page(service: Service, *values):
     """The Train button: like ``train_concept`` but for the page, so nothing ends as an Error badge.
 
-    Yields (progress, previews, record, loss chart, cancel line). A cancel is a neutral notice and the
-    previews stay; bad input is one message in the status line; the cancel line is cleared at the end.
+    Yields (progress, previews, trained line, loss chart, cancel line, name). A cancel is a neutral notice
+    and the previews stay; bad input is one message in the status line; the cancel line is cleared at the
+    end. A success says what was trained and empties the name box: the name is taken now, and the slot
+    line shows where the next concept goes (not "Name taken" for the concept just trained).
     """
     started, name = time.monotonic(), (values[1] if len(values) > 1 else "") or ""
     run = None
@@ -293,13 +298,14 @@ def train_on_page(service: Service, *values):
             if len(run.losses) != chart_points[0]:
                 chart_points[0] = len(run.losses)
                 chart = run.chart()
-            return progress_html(status), previews, gr.skip(), chart, gr.skip()
+            return progress_html(status), previews, gr.skip(), chart, gr.skip(), gr.skip()
 
+        yield progress_html(service.status), gr.skip(), "", gr.skip(), gr.skip(), gr.skip()  # no earlier result
         record = yield from run.follow(shown)
     except TrainingCancelled:
         logger.info("train %s: cancelled at step %d (%.1f s)", name, service.status.step, time.monotonic() - started)
         gr.Info(f"Training of {name} cancelled: nothing was added to the library")
-        yield progress_html(service.status), gr.skip(), gr.skip(), run.chart(), ""
+        yield progress_html(service.status), gr.skip(), "", run.chart(), "", gr.skip()
         return
     except Exception as error:  # noqa: BLE001 - every outcome is shown in the status line
         message = _user_message(error) if isinstance(error, USER_ERRORS) else INTERNAL_ERROR
@@ -307,11 +313,11 @@ def train_on_page(service: Service, *values):
             logger.info("train %s refused: %s", name, message)
         else:
             logger.error("train %s: internal error", name, exc_info=error)
-        yield problem_html(message), gr.skip(), gr.skip(), gr.skip(), ""
+        yield problem_html(message), gr.skip(), "", gr.skip(), "", gr.skip()
         return
     _log_done(f"train {name}", started, f"trained into slot {record.slot}")
     yield (progress_html(service.status), run.previews(), app_views.record_summary(record_json(record), "Trained"),
-           run.chart(), "")
+           run.chart(), "", "")
 
 
 def upload_thumbnails(files) -> list[str]:
@@ -370,23 +376,41 @@ def select_card(index: int, names: Sequence[str]):
 # ----- Generate tab (page only) ---------------------------------------------------------------------
 
 
-def pick_concept(service: Service, index: int, names: Sequence[str], prompt, *rows):
-    """Clicking concept card ``index``: its trigger token goes into the prompt, the concept into a free row.
-    Returns (prompt, *rows)."""
+def insert_token(prompt: str, token: str, cursor) -> tuple[str, int]:
+    """``prompt`` with ``token`` inserted at character ``cursor`` (None, negative or past the end: at the
+    end), a space either side where it would touch other text; returns (prompt, cursor after the token)."""
+    prompt = prompt or ""
+    try:
+        at = int(cursor)
+    except (TypeError, ValueError):
+        at = -1
+    if not 0 <= at <= len(prompt):
+        at = len(prompt)
+    before, after = prompt[:at], prompt[at:]
+    if at == len(prompt):
+        before = before.rstrip()
+    before += " " if before and not before[-1].isspace() else ""
+    after = (" " if after and not after[0].isspace() else "") + after
+    return before + token + after, len(before) + len(token)
+
+
+def pick_concept(service: Service, index: int, names: Sequence[str], prompt, cursor, *rows):
+    """Clicking concept card ``index``: its trigger token goes into the prompt at the cursor (the prompt
+    box's last caret position, -1: the end), the concept into a free row. Returns (prompt, cursor, *rows)."""
     if not names or index >= len(names):
-        return (gr.skip(),) * (1 + len(rows))
+        return (gr.skip(),) * (2 + len(rows))
     name = names[index]
     record = next((r for r in service.concepts() if r.name == name), None)
     token = record.token if record else f"<{name}>"
-    prompt = prompt or ""
+    prompt, after = prompt or "", gr.skip()
     if token not in prompt:
-        prompt = f"{prompt.rstrip()} {token}".strip()
+        prompt, after = insert_token(prompt, token, cursor)
     values = list(rows)
     if name not in values:
         free = next((i for i, v in enumerate(values) if not v), None)
         if free is not None:
             values[free] = name
-    return (prompt, *values)
+    return (prompt, after, *values)
 
 
 def rows_to_spec(*values) -> str:
@@ -423,10 +447,7 @@ def result_overlay(gallery):
 
 
 def _overlay_picture(gallery):
-    items = gallery or []
-    first = items[0] if items else None
-    path = first[0] if isinstance(first, (list, tuple)) else first
-    path = (file_paths(path) or [None])[0]
+    path = gallery_path(gallery, 0)
     if not path:
         return None
     try:
@@ -439,6 +460,29 @@ def _overlay_picture(gallery):
             return app_views.overlay_layout(image.convert("RGB"), Layout.from_json(settings["layout"]))
     except USER_ERRORS:
         return None
+
+
+def gallery_path(gallery, index) -> str | None:
+    """The file of gallery item ``index`` (the first when ``index`` is None or out of range)."""
+    items = list(gallery or [])
+    if not items:
+        return None
+    item = items[index] if isinstance(index, int) and 0 <= index < len(items) else items[0]
+    path = item[0] if isinstance(item, (list, tuple)) else item
+    return (file_paths(path) or [None])[0]
+
+
+def image_settings(gallery, index, rows: int):
+    """The "Use the selected image's settings" button: ``load_settings`` of the gallery's selected image
+    (the first when none is selected)."""
+    path = gallery_path(gallery, index)
+    if path is None:
+        gr.Info("Nothing to use yet: generate an image first")
+        count = 8 + 2 * rows + 1 + app_values.BOX_FIELDS * rows + rows
+        return (*(gr.skip(),) * count, gr.skip())
+    fields = load_settings(path, rows)
+    gr.Info(fields[-1].replace("**", ""))  # a toast (HTML, escaped): the message's own place may be folded
+    return fields
 
 
 def load_settings(file, rows: int):

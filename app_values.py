@@ -235,8 +235,13 @@ def describe_layout(spec: str) -> str:
 
 def info_line(count: int, seed, size: tuple[int, int] | None, steps: int, guidance: float, scheduler: str,
               concepts: Mapping[str, float], layout: str, seconds: float) -> str:
-    """What the Generate tab says after a generation: the seed used, the settings, the time taken."""
-    parts = [f"{count} image(s), seed {seed}"]
+    """What the Generate tab says after a generation: the seeds used (image k: ``seed`` + k), the settings,
+    the time taken."""
+    try:
+        seeds = f"seeds {int(seed)}-{int(seed) + count - 1}" if count > 1 else f"seed {seed}"
+    except (TypeError, ValueError):
+        seeds = f"seed {seed}"
+    parts = [f"{count} image(s), {seeds}"]
     if size:
         parts.append(f"{size[0]}×{size[1]}")
     parts += [f"{steps} steps", f"guidance {guidance:g}", f"scheduler {scheduler}",

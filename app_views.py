@@ -16,7 +16,12 @@ from spectral_diffusion.generation.layout import Layout
 # one colour per region, in region order (distinct on white and over photos)
 COLOURS = [(230, 80, 70), (60, 130, 230), (60, 170, 90), (240, 170, 40), (160, 90, 210), (30, 180, 190),
            (220, 90, 170), (120, 120, 120)]
-CANVAS_LONG_SIDE = 384  # a layout is drawn at this size (the image's aspect ratio): big enough to read names
+# The layout pictures are shown in widgets of this box (CSS px: app_tabs.py gives them this height and this
+# minimum width; side by side in the result column at 1280 px each is about this wide). They are drawn at
+# PICTURE_SCALE times it, so that labels of LABEL_PX on the page are crisp on high-density screens too.
+LAYOUT_WIDGET = (290, 240)
+PICTURE_SCALE = 2
+LABEL_PX = 16  # the labels' font size on the page (CSS px)
 CONTEXT_FILL = (244, 245, 248)
 TABLE_HEADERS = ["name", "trigger token", "slot", "variant", "rank", "class word", "images", "base model", "created"]
 
@@ -28,11 +33,20 @@ def _font(size: int) -> ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
-def canvas_size(width: int, height: int, long_side: int = CANVAS_LONG_SIDE) -> tuple[int, int]:
-    """The drawing size of a ``width`` x ``height`` image (its aspect ratio, the long side ``long_side``)."""
+def canvas_size(width: int, height: int) -> tuple[int, int]:
+    """The drawing size of a ``width`` x ``height`` image: its aspect ratio, fitted into the layout widget's
+    box times ``PICTURE_SCALE`` (so the page shows it at 1 / PICTURE_SCALE, whatever its shape)."""
     width, height = max(int(width), 1), max(int(height), 1)
-    scale = long_side / max(width, height)
+    scale = min(LAYOUT_WIDGET[0] * PICTURE_SCALE / width, LAYOUT_WIDGET[1] * PICTURE_SCALE / height)
     return max(round(width * scale), 1), max(round(height * scale), 1)
+
+
+def shown_scale(size: tuple[int, int]) -> float:
+    """How much smaller a picture of ``size`` appears in a layout widget (object-fit: contain)."""
+    return min(LAYOUT_WIDGET[0] / size[0], LAYOUT_WIDGET[1] / size[1], 1.0)
+
+
+LABEL_FONT = LABEL_PX * PICTURE_SCALE  # the labels' font size on a canvas
 
 
 def region_label(layout: Layout, index: int) -> str:
@@ -47,8 +61,8 @@ def _draw_boxes(image: Image.Image, layout: Layout, fill_alpha: int) -> Image.Im
     overlay = Image.new("RGBA", base.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(overlay)
     width, height = base.size
-    line = max(2, round(min(width, height) / 96))
-    font = _font(max(10, round(min(width, height) / 22)))
+    line = 2 * PICTURE_SCALE
+    font = _font(LABEL_FONT)
     for index, region in enumerate(layout.regions):
         colour = COLOURS[index % len(COLOURS)]
         x0, y0, x1, y1 = region.box
@@ -60,7 +74,7 @@ def _draw_boxes(image: Image.Image, layout: Layout, fill_alpha: int) -> Image.Im
         left = (box[0] + box[2] - (size[2] - size[0])) // 2
         top = (box[1] + box[3] - (size[3] - size[1])) // 2
         bounds = draw.textbbox((left, top), label, font=font)
-        draw.rectangle((bounds[0] - 2, bounds[1] - 1, bounds[2] + 2, bounds[3] + 1), fill=(*colour, 230))
+        draw.rectangle((bounds[0] - 4, bounds[1] - 2, bounds[2] + 4, bounds[3] + 2), fill=(*colour, 230))
         draw.text((left, top), label, fill=(255, 255, 255, 255), font=font)
     return Image.alpha_composite(base, overlay).convert("RGB")
 
@@ -79,17 +93,19 @@ def draw_layout(layout: Layout, width: int, height: int) -> Image.Image:
     size = canvas_size(width, height)
     canvas = Image.new("RGB", size, CONTEXT_FILL)
     draw = ImageDraw.Draw(canvas)
-    font = _font(max(10, size[1] // 28))
-    context = _fit(draw, f"context: {layout.prompt}", font, size[0] - 8)
-    draw.text((4, size[1] - font.size - 6), context, fill=(90, 90, 100), font=font)
+    font = _font(LABEL_FONT)
+    context = _fit(draw, f"context: {layout.prompt}", font, size[0] - 16)
+    draw.text((8, size[1] - font.size - 12), context, fill=(90, 90, 100), font=font)
     return _draw_boxes(canvas, layout, fill_alpha=90)
 
 
 def overlay_layout(image: Image.Image, layout: Layout) -> Image.Image:
-    """The generated ``image`` with the layout's boxes over it (scaled up first when it is tiny, so the
-    labels stay readable; pixel-art scaling keeps the picture's own pixels)."""
-    if max(image.size) < CANVAS_LONG_SIDE:
-        image = image.resize(canvas_size(*image.size), Image.Resampling.NEAREST)
+    """The generated ``image`` with the layout's boxes over it, at the size of ``canvas_size`` (labels of the
+    same size whatever the image's; a tiny image is scaled up pixel by pixel, keeping its own pixels)."""
+    size = canvas_size(*image.size)
+    if image.size != size:
+        smaller = size[0] < image.size[0]
+        image = image.resize(size, Image.Resampling.LANCZOS if smaller else Image.Resampling.NEAREST)
     return _draw_boxes(image, layout, fill_alpha=40)
 
 
@@ -123,21 +139,24 @@ def loss_chart(losses: Sequence[tuple[int, float]], width: int = 480, height: in
     return chart
 
 
-def message_picture(text: str, width: int = 384, height: int = 96) -> Image.Image:
-    """A small picture that says why there is no layout to draw."""
-    canvas = Image.new("RGB", (width, height), CONTEXT_FILL)
-    draw = ImageDraw.Draw(canvas)
-    font = _font(14)
-    words, lines, line = text.split(), [], ""
-    for word in words:
-        if draw.textlength(f"{line} {word}".strip(), font=font) > width - 16 and line:
+def message_picture(text: str) -> Image.Image:
+    """A picture that says why there is no layout to draw: a layout widget's width, its labels' size, as
+    tall as the text (at most the widget)."""
+    width, most = LAYOUT_WIDGET[0] * PICTURE_SCALE, LAYOUT_WIDGET[1] * PICTURE_SCALE
+    font, pitch, margin = _font(LABEL_FONT), round(LABEL_FONT * 1.25), 8 * PICTURE_SCALE
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines, line = [], ""
+    for word in text.split():
+        if measure.textlength(f"{line} {word}".strip(), font=font) > width - 2 * margin and line:
             lines.append(line)
             line = word
         else:
             line = f"{line} {word}".strip()
-    lines.append(line)
-    for row, text_line in enumerate(lines[: (height - 8) // 18]):
-        draw.text((8, 8 + 18 * row), text_line, fill=(150, 60, 50), font=font)
+    lines = [*lines, line][: (most - 2 * margin) // pitch]
+    canvas = Image.new("RGB", (width, 2 * margin + pitch * len(lines)), CONTEXT_FILL)
+    draw = ImageDraw.Draw(canvas)
+    for row, text_line in enumerate(lines):
+        draw.text((margin, margin + pitch * row), text_line, fill=(150, 60, 50), font=font)
     return canvas
 
 

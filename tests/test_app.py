@@ -195,12 +195,23 @@ def test_a_second_training_is_told_to_wait(dog, server):
 
 
 def test_import_then_generate_with_two_concepts(cat, client):
+    import gradio as gr
+
     assert cat["name"] == "cat" and cat["slot"] == 1 and cat["token"] == "<whiskers>"
     names = [c["name"] for c in client.predict(api_name="/list_concepts")]
     assert names == ["dog", "cat"]
     images, info = client.predict("a photo of <dog> and <whiskers>", "dog,cat:0.8", "blurry", 3, 2, 7.5, 0, 0, 2,
                                   "euler-a", api_name="/generate")
-    assert len(images) == 2 and "seed 3" in info
+    assert len(images) == 2 and info.startswith("2 image(s), seeds 3-4 · ")
+    assert [item["caption"] for item in images] == ["seed 3", "seed 4"]  # each image its own seed (image k: 3 + k)
+    # "Use the selected image's settings": the image clicked (else the first) fills the Generate form
+    import app
+    import app_ui
+
+    gallery = [(item["image"], item["caption"]) for item in images]
+    assert app_ui.image_settings(gallery, 1, app.CONCEPT_ROWS)[:3] == ("a photo of <dog> and <whiskers>", "blurry", 4)
+    assert app_ui.image_settings(gallery, None, app.CONCEPT_ROWS)[2] == 3
+    assert app_ui.image_settings([], None, app.CONCEPT_ROWS)[0] == gr.skip()  # nothing generated yet
     for item in images:
         with Image.open(item["image"]) as image:
             assert image.size == (64, 64)
@@ -496,14 +507,26 @@ def test_handlers_check_their_input_before_calling_the_service():
 def test_concept_cards_fill_the_prompt_and_the_rows():
     from types import SimpleNamespace
 
+    import gradio as gr
+
     import app_ui
 
     service = SimpleNamespace(concepts=lambda: [SimpleNamespace(name="cat", token="<whiskers>")])
     names = ["dog", "cat"]
-    assert app_ui.pick_concept(service, 1, names, "a photo of", "dog", None, None) == (
-        "a photo of <whiskers>", "dog", "cat", None)
-    assert app_ui.pick_concept(service, 1, names, "<whiskers>", "cat", None) == ("<whiskers>", "cat", None)
-    assert app_ui.pick_concept(service, 0, names, "", None) == ("<dog>", "dog")  # unknown record: <name>
+    # no caret (-1): at the end; the caret after the token comes back for the next click
+    assert app_ui.pick_concept(service, 1, names, "a photo of", -1, "dog", None, None) == (
+        "a photo of <whiskers>", 21, "dog", "cat", None)
+    assert app_ui.pick_concept(service, 1, names, "<whiskers>", 3, "cat", None) == (
+        "<whiskers>", gr.skip(), "cat", None)  # already there: unchanged
+    assert app_ui.pick_concept(service, 0, names, "", -1, None) == ("<dog>", 5, "dog")  # unknown record: <name>
+    # at the caret, not at the end: spaces added only where the token would touch a word
+    assert app_ui.pick_concept(service, 0, names, "a photo of on the beach", 11, None) == (
+        "a photo of <dog> on the beach", 16, "dog")
+    assert app_ui.insert_token("a photo of on the beach", "<dog>", 10) == ("a photo of <dog> on the beach", 16)
+    assert app_ui.insert_token("a photoof", "<dog>", 7) == ("a photo <dog> of", 13)
+    assert app_ui.insert_token("on the beach", "<dog>", 0) == ("<dog> on the beach", 5)
+    assert app_ui.insert_token("a photo of  ", "<dog>", 99) == ("a photo of <dog>", 16)  # past the end: the end
+    assert app_ui.insert_token("a photo", "<dog>", None) == ("a photo <dog>", 13)
     assert app_ui.select_card(1, names) == "cat"
     assert app_ui.rows_to_spec("dog", None, "cat", 1.0, 0.5, 0.8) == "dog,cat:0.8"
 
@@ -584,7 +607,7 @@ def test_generate_with_a_layout_and_load_its_settings_back(pair, client):
     assert fields[9 + 6 * rows:9 + 7 * rows][:2] == ("", "a cat") and "Loaded the settings" in fields[-1]
     # the result with its boxes drawn over it
     overlay = app_ui.result_overlay([(images[0]["image"], None)])
-    assert overlay["visible"] and overlay["value"].size == (384, 384)
+    assert overlay["visible"] and overlay["value"].size == (480, 480)
     assert "no Spectral Diffusion settings" in app_ui.load_settings(ROOT / "docs" / "app-screenshot.png", rows)[-1]
 
 
@@ -597,19 +620,53 @@ def test_layout_editor_draws_presets_and_custom_boxes(pair, server):
     spec, picture, *shown = app_ui.layout_editor(service, "none", "p", "", 0, 0, *empty_rows)
     assert spec == "" and not picture["visible"] and not any(s["visible"] for s in shown)
     spec, picture, *_ = app_ui.layout_editor(service, "thirds", "<dog> and <whiskers>", "", 0, 0, *empty_rows)
-    assert spec == "thirds" and picture["visible"] and picture["value"].size == (384, 384)
+    assert spec == "thirds" and picture["visible"] and picture["value"].size == (480, 480)
     rows = ["dog", "cat", 0, 0, 0.5, 1, 0.5, 0, 1, 1, "", "a cat"]
     spec, picture, *shown = app_ui.layout_editor(service, "custom", "<dog> <whiskers>", "ugly", 128, 64, *rows)
     layout = json.loads(spec)
     assert layout["prompt"] == "<dog> <whiskers>" and layout["negative"] == "ugly"
     assert layout["regions"] == [{"concept": "dog", "box": [0, 0, 0.5, 1]},
                                  {"concept": "cat", "box": [0.5, 0, 1, 1], "prompt": "a cat"}]
-    assert picture["value"].size == (384, 192) and [s["visible"] for s in shown] == [True, True]
+    assert picture["value"].size == (580, 290) and [s["visible"] for s in shown] == [True, True]
     # a bad box is drawn as the reason instead, and the same reason refuses the generation
     rows[4] = 1.5
     spec, picture, *_ = app_ui.layout_editor(service, "custom", "<dog>", "", 0, 0, *rows)
-    assert json.loads(spec)["regions"][0]["box"] == [0, 0, 1.5, 1] and picture["value"].size == (384, 96)
+    assert json.loads(spec)["regions"][0]["box"] == [0, 0, 1.5, 1] and picture["value"].size[0] == 580
     assert app_values.describe_layout(spec) == "custom layout (2 regions)"
+
+
+def _text_rows(picture, colour) -> int:
+    """How many pixel rows of ``picture`` hold ``colour`` (the height of text drawn in that colour)."""
+    import numpy as np
+
+    pixels = np.asarray(picture.convert("RGB"), dtype=np.int32)
+    rows = np.flatnonzero((np.abs(pixels - np.array(colour)).max(axis=2) <= 24).any(axis=1))  # antialiased edges
+    return int(rows[-1] - rows[0] + 1) if rows.size else 0
+
+
+def test_layout_labels_are_readable_at_the_size_the_page_shows_them():
+    """The labels were drawn ~10 px high and shown at 6-10 px: at least 14 px on the page, whatever the shape."""
+    from PIL import Image
+
+    import app_views
+    from spectral_diffusion.generation.layout import Layout
+
+    layout = Layout.from_json({"prompt": "a dog and a cat on a beach", "regions": [
+        {"concept": "dog", "box": [0, 0, 0.5, 1]}, {"concept": "cat", "box": [0.5, 0, 1, 0.5]}]})
+    for width, height in ((512, 512), (768, 512), (512, 768), (1024, 512), (64, 64)):
+        picture = app_views.draw_layout(layout, width, height)
+        scale = app_views.shown_scale(picture.size)
+        w, h = picture.size
+        dog, cat, context = (0, 0, w // 2, h), (w // 2, 0, w, h // 2), (w // 2, h // 2, w, h)
+        # a label from the top of "d" to the bottom of "g", white on its box; "cat": ascender to baseline
+        assert _text_rows(picture.crop(dog), (255, 255, 255)) * scale >= 14, (width, height)
+        assert _text_rows(picture.crop(cat), (255, 255, 255)) * scale >= 10, (width, height)
+        assert _text_rows(picture.crop(context), (90, 90, 100)) * scale >= 10, (width, height)  # "...beach"
+        over = app_views.overlay_layout(Image.new("RGB", (width, height), (0, 0, 0)), layout)
+        assert over.size == picture.size and _text_rows(over.crop(dog), (255, 255, 255)) * scale >= 14
+    message = app_views.message_picture("This layout cannot be used yet: a box leaves the image")
+    first_line = message.crop((0, 0, message.width, 8 * app_views.PICTURE_SCALE + app_views.LABEL_FONT * 5 // 4))
+    assert _text_rows(first_line, (150, 60, 50)) * app_views.shown_scale(message.size) >= 14
 
 
 def test_page_training_cancel_is_a_notice_and_bad_input_one_message(dog, server, tmp_path, monkeypatch):
@@ -628,13 +685,22 @@ def test_page_training_cancel_is_a_notice_and_bad_input_one_message(dog, server,
         outputs = next(run)
     assert app_ui.cancel_training(service).startswith("cancelling")
     outputs = [outputs, *run][-1]  # the run ends without raising: no Error toast, no Error badges
-    progress, previews, record, chart, cancel_line = outputs
+    progress, previews, record, chart, cancel_line, name = outputs
     assert "Cancelled pagey at step" in progress and "library is unchanged" in progress
     assert previews == gr.skip()  # the previews stay as they were
-    assert cancel_line == "" and chart.size == (480, 200) and notices and "cancelled" in notices[0]
+    assert cancel_line == "" and record == "" and name == gr.skip() and chart.size == (480, 200)
+    assert notices and "cancelled" in notices[0]
     assert not (server["library"] / "pagey").exists()
+    # a success says what was trained and empties the name box (no "Name taken" for the concept just trained)
+    *_, outputs = app_ui.train_on_page(service, images, "pagey", "", "additive", 4, 2)
+    assert outputs[2].startswith("**Trained pagey**: trigger token `<pagey>`, slot ") and outputs[5] == ""
+    assert "will take **slot" in app_ui.slot_info(service, 4, outputs[5])
+    service.delete_concept("pagey")
+    # Cancel with nothing running says so, as a toast too
+    notices.clear()
+    assert app_ui.cancel_training(service) == "no training is running" and "No training is running" in notices[0]
     # bad input: one message in the status line, no raise
-    (outputs,) = list(app_ui.train_on_page(service, images, "dog", "", "additive", 4, 2))
+    *_, outputs = app_ui.train_on_page(service, images, "dog", "", "additive", 4, 2)
     assert "already in the library" in outputs[0] and "sd-problem" in outputs[0]
     (outputs,) = list(app_ui.train_on_page(service, [], "x", "", "additive", 4, 2))
     assert "upload the concept&#x27;s images" in outputs[0]

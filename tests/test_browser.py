@@ -92,14 +92,23 @@ def set_number(page, selector: str, value) -> None:
     box.press("Tab")
 
 
+def errors_shown(page) -> int:
+    """Red Error badges on widgets and error toasts on the page."""
+    return page.locator("[data-testid=toast-text], .error:not([class*=toast]):not(.timer)").count()
+
+
 def test_upload_train_pick_and_generate_in_the_browser(page):
     from playwright.sync_api import expect
+
+    import app_views
 
     page, base = page
     expect.set_options(timeout=60_000)  # the first request loads the model
     started = time.monotonic()
     # ----- Train tab: thumbnails of the upload, the name checked as typed, Advanced settings, loss chart
     expect(page.locator("#train-slot")).to_contain_text("slot 0")
+    page.click("#cancel-button")  # nothing running: it says so, under the buttons
+    expect(page.locator("#train-cancel")).to_contain_text("no training is running")
     images = make_images(base / "images")
     page.locator("#train-images input[type=file]").set_input_files([str(p) for p in images])
     expect(page.locator("#train-images tr")).to_have_count(len(images))  # uploaded and listed
@@ -118,10 +127,14 @@ def test_upload_train_pick_and_generate_in_the_browser(page):
     expect(page.locator("#train-status-text")).to_contain_text("slot 0")
     expect(page.locator("#train-previews img").first).to_be_visible()
     expect(page.locator("#train-previews")).to_contain_text("step")  # previews carry their step
-    expect(page.locator("#train-slot")).to_contain_text("Name taken")  # the name in the field is now taken
-    page.locator("#train-name textarea, #train-name input").first.fill("")
-    expect(page.locator("#train-slot")).to_contain_text("slot 1")  # the next concept's slot
-    expect(page.locator(".error, [data-testid=error]")).to_have_count(0)  # no Error badges anywhere
+    # the trained concept in words (not JSON); the name box emptied: the slot line shows the next slot
+    expect(page.locator("#train-result")).to_contain_text("Trained my-dog: trigger token <my-dog>, slot 0")
+    expect(page.locator("#train-name textarea, #train-name input").first).to_have_value("")
+    expect(page.locator("#train-slot")).to_contain_text("slot 1")
+    expect(page.locator("#train-slot")).not_to_contain_text("Name taken")
+    assert errors_shown(page) == 0  # no Error badges anywhere
+    # output galleries take no uploads
+    assert page.locator("#train-thumbnails input[type=file], #train-previews input[type=file]").count() == 0
     shot(page, "browser-1-trained.png", "app-train.png")
 
     # ----- Library tab: slot map, concept card, the table (readable at 1280 px)
@@ -133,22 +146,49 @@ def test_upload_train_pick_and_generate_in_the_browser(page):
     assert slot_header.bounding_box()["width"] >= 40, "the slot column is squashed"
     shot(page, "browser-2-library.png", "app-library.png")
 
-    # ----- Generate tab: clicking the concept puts its token in the prompt and selects it; a layout
+    # ----- Generate tab: a concept card puts its token at the prompt's caret and selects the concept
     page.get_by_role("tab", name="Generate").click()
+    prompt = page.locator("#generate-prompt textarea")
+    prompt.fill("a photo of on the beach")
+    prompt.click()
+    prompt.press("End")
+    for _ in range(len("on the beach")):
+        prompt.press("ArrowLeft")
     page.locator("#generate-cards img").first.click()
-    expect(page.locator("#generate-prompt textarea")).to_have_value("<my-dog>")
+    expect(prompt).to_have_value("a photo of <my-dog> on the beach")
     expect(page.locator("#generate-concepts textarea, #generate-concepts input").first).to_have_value("my-dog")
-    page.locator("#generate-prompt textarea").fill("a photo of <my-dog> on the beach")
+    # an error keeps its text in angle brackets; the next success clears its toast and Error badges
+    prompt.fill("a photo of <heart>")
     set_number(page, "#gen-steps", 2)
+    page.click("#generate-button")
+    expect(page.locator("[data-testid=toast-text]").first).to_contain_text("prompt uses <heart>")
+    expect(page.locator("#generate-gallery .error").first).to_be_visible()
+    prompt.fill("a photo of <my-dog> on the beach")
     set_number(page, "#seed", 7)
+    set_number(page, "#gen-images", 2)
     page.locator("#layout-mode").get_by_text("custom", exact=True).click()
     expect(page.locator("#box-0-x1 input[type=number]")).to_be_visible()  # the row's box editor
     expect(page.locator("#layout-picture img").first).to_be_visible()  # the layout drawn
     page.click("#generate-button")
-    expect(page.locator("#generate-info")).to_contain_text("seed 7", timeout=TIMEOUT_MS)
+    expect(page.locator("#generate-info")).to_contain_text("2 image(s), seeds 7-8", timeout=TIMEOUT_MS)
     expect(page.locator("#generate-info")).to_contain_text("custom layout (1 region)")
-    expect(page.locator("#generate-gallery img").first).to_be_visible()
+    expect(page.locator("#generate-gallery")).to_contain_text("seed 7")  # each image captioned with its seed
+    expect(page.locator("#generate-gallery")).to_contain_text("seed 8")
     expect(page.locator("#layout-overlay img").first).to_be_visible()  # the boxes over the result
+    expect(page.locator("[data-testid=toast-text]")).to_have_count(0)
+    assert errors_shown(page) == 0
+    assert page.locator("#generate-gallery input[type=file]").count() == 0  # output only
+    # the layout pictures are shown at 1 / PICTURE_SCALE: their labels at LABEL_PX on the page
+    for widget in ("#layout-picture img", "#layout-overlay img"):
+        natural, shown = page.locator(widget).first.evaluate("i => [i.naturalWidth, i.clientWidth]")
+        assert app_views.LABEL_FONT * shown / natural >= 14, (widget, natural, shown)
     shot(page, "browser-3-generated.png", "app-generate.png")
     shot(page, "browser-3-generated.png", "app-screenshot.png")
+    # the second image's settings back into the form
+    page.locator("#generate-gallery img").nth(1).click()
+    set_number(page, "#seed", 0)
+    prompt.fill("something else")
+    page.click("#use-settings")
+    expect(prompt).to_have_value("a photo of <my-dog> on the beach")
+    expect(page.locator("#seed input[type=number]")).to_have_value("8")
     assert time.monotonic() - started < 400
