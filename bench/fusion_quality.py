@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from bench import regional_quality  # noqa: E402
+from bench import fusion_regional as regional_quality  # noqa: E402
 from bench.lora_concept import fused_pipeline, train_lora_concept  # noqa: E402
 from spectral_diffusion.core.model import SpectralAdapters  # noqa: E402
 from spectral_diffusion.formats.adapter_file import install_adapter  # noqa: E402

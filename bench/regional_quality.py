@@ -1,0 +1,330 @@
+"""Multi-concept pictures the way a user makes them, on ``builtin:toy``: ``python bench/regional_quality.py``.
+
+Everything goes through the path the CLI and the app take: concepts are trained by the ``train`` command
+with its defaults (5 photos each from ``write_concept_images``), layouts are built by the same
+``build_layout`` from what a user types (``--layout auto``, ``--layout left-right``, ``--region`` with and
+without prompts), and images come from ``Studio.generate`` with the one set of generation defaults.
+
+Rows, per path, over every pair of the four concepts (a on the left, b on the right) and ``--seeds`` seeds:
+
+* both placed: the scene classifier sees concept a on the left and b on the right (each the most likely
+  shape at its position, and something there);
+* identity: the classifier's probability of each concept's shape, relative to that concept alone (only
+  its slot on) on the same prompt;
+* bleeding: how likely the classifier finds the *other* concept of the pair at each concept's position;
+* time per image.
+
+A baseline the ecosystem already has (ComfyUI's hooked LoRAs with masked conditioning, A1111 Regional
+Prompter's latent mode): every concept exported as its exact LoRA, one full UNet pass per region with only
+that LoRA on (text encoder included) and the region's prompt, the noise predictions blended by the same
+masks. And a concept alone: at positions, colours and sizes its photos never showed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+from spectral_diffusion import GenerationRequest, Library, Studio  # noqa: E402
+from spectral_diffusion.frontends import cli  # noqa: E402
+from spectral_diffusion.frontends.workflows import build_layout  # noqa: E402
+from spectral_diffusion.generation.layout import region_masks  # noqa: E402
+from spectral_diffusion.generation.request import DEFAULTS  # noqa: E402
+from spectral_diffusion.models import scenes  # noqa: E402
+from toy import classifier  # noqa: E402
+
+logger = logging.getLogger("bench.regional_quality")
+MODEL = "builtin:toy"
+CONCEPTS = scenes.NOVEL_SHAPES
+SIDES = ("left", "right")
+HALVES = ("0,0,0.5,1", "0.5,0,1,1")
+PATHS = {
+    "global": "no layout (global fusion)",
+    "auto": "--layout auto",
+    "left-right": "--layout left-right",
+    "regions": "--region a:0,0,0.5,1 --region b:0.5,0,1,1 (no region prompts)",
+    "region-prompts": "--region a:0,0,0.5,1:PROMPT_A --region b:0.5,0,1,1:PROMPT_B",
+    "lora-passes": "baseline: exact LoRAs, one UNet pass per region, masks blend the predictions",
+}
+
+
+def token(shape: str) -> str:
+    return f"<{shape}>"
+
+
+def pairs() -> list[dict]:
+    """Each unordered pair of concepts with colours and a background (varied, as a user would vary them)."""
+    colours, backgrounds = list(scenes.COLOURS), list(scenes.BACKGROUNDS)
+    out = []
+    for k, (a, b) in enumerate(itertools.combinations(CONCEPTS, 2)):
+        ca, cb, bg = colours[k % 6], colours[(k + 3) % 6], backgrounds[k % 4]
+        out.append({"concepts": (a, b), "colours": (ca, cb), "background": bg,
+                    "prompt": f"a {ca} {token(a)} on the left and a {cb} {token(b)} on the right on a {bg} background",
+                    "region_prompts": tuple(f"a {c} {token(s)} {scenes.POSITION_PHRASES[side]} on a {bg} background"
+                                            for c, s, side in zip((ca, cb), (a, b), SIDES, strict=True))})
+    return out
+
+
+def regions_for(pair: dict, path: str) -> tuple[str | None, list[str]]:
+    """(``--layout`` value, ``--region`` values) of a path, as a user types them."""
+    a, b = pair["concepts"]
+    if path in ("auto", "left-right"):
+        return path, []
+    if path == "regions":
+        return None, [f"{a}:{HALVES[0]}", f"{b}:{HALVES[1]}"]
+    if path == "region-prompts":
+        return None, [f"{c}:{box}:{text}" for c, box, text in zip((a, b), HALVES, pair["region_prompts"], strict=True)]
+    return None, []
+
+
+# ----- scoring -------------------------------------------------------------------------------------
+
+
+class Tally:
+    """Per path: both placed, identity, bleeding, time per image."""
+
+    def __init__(self):
+        self.placed, self.identity, self.bleed, self.seconds = [], [], [], []
+
+    def add(self, reading: dict, pair: dict, seconds: float, count: int) -> None:
+        a, b = pair["concepts"]
+        for i in range(count):
+            ok = True
+            for side, concept, other in ((0, a, b), (1, b, a)):
+                where = scenes_position(SIDES[side])
+                shape_at = reading["shape_at"][i, where]
+                ok &= bool(reading["where"][i, where] > 0.5) and int(shape_at.argmax()) == scenes.SHAPES.index(concept)
+                self.identity.append(float(reading["shape"][i, scenes.SHAPES.index(concept)]))
+                self.bleed.append(float(shape_at[scenes.SHAPES.index(other)]))
+            self.placed.append(float(ok))
+        self.seconds.append(seconds / count)
+
+    def summary(self) -> dict:
+        return {k: float(np.mean(v)) if v else float("nan") for k, v in self.__dict__.items()}
+
+
+def scenes_position(side: str) -> int:
+    return classifier.POSITION_NAMES.index(side)
+
+
+# ----- generation ----------------------------------------------------------------------------------
+
+
+def generate(studio: Studio, library: Library, pair: dict, path: str, seeds: int, concepts=None) -> list:
+    layout_spec, regions = regions_for(pair, path)
+    layout = build_layout(library, pair["prompt"], "", layout_spec, regions)
+    chosen = concepts if concepts is not None else pair["concepts"]
+    request = GenerationRequest(prompt=layout.prompt if layout else pair["prompt"], concepts=dict.fromkeys(chosen, 1.0),
+                                seed=DEFAULTS.seed, num_images=seeds, layout=layout)
+    return studio.generate(request)
+
+
+class LoraPasses:
+    """The baseline: one UNet pass per region with only that region's LoRA on; predictions blended by mask."""
+
+    def __init__(self, library: Library, studio: Studio, work: Path):
+        from spectral_diffusion.frontends.workflows import export_concept
+        from spectral_diffusion.models.registry import load_pipeline
+
+        self.pipe = load_pipeline(MODEL)
+        self.pipe.set_progress_bar_config(disable=True)
+        for name in CONCEPTS:
+            files = export_concept(library, lambda: studio, name, "lora", work / f"{name}.safetensors")
+            self.pipe.load_lora_weights(str(files[0]), adapter_name=name)
+            self.pipe.load_textual_inversion(str(files[1]), token=token(name))
+
+    @torch.no_grad()
+    def __call__(self, pair: dict, seeds: int) -> list:
+        pipe = self.pipe
+        size = scenes.IMAGE_SIZE
+        latent = size // pipe.vae_scale_factor
+        layout = build_layout(None, pair["prompt"], "", None,
+                              [f"{c}:{box}:{text}" for c, box, text in
+                               zip(pair["concepts"], HALVES, pair["region_prompts"], strict=True)])
+        masks = region_masks(layout, latent, latent)
+        passes = []
+        for region, mask in zip(layout.regions, masks, strict=True):
+            pipe.set_adapters([region.concept], [1.0])
+            positive, negative = pipe.encode_prompt(layout.region_prompt(region), "cpu", 1, True, None)
+            passes.append((region.concept, torch.cat([negative, positive]), mask))
+        images = []
+        for k in range(seeds):
+            images.append(self._sample(passes, DEFAULTS.seed + k, latent))
+        return images
+
+    def _sample(self, passes, seed: int, latent: int) -> Image.Image:
+        pipe, scheduler = self.pipe, self.pipe.scheduler
+        scheduler.set_timesteps(DEFAULTS.steps)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        latents = torch.randn((1, pipe.unet.config.in_channels, latent, latent), generator=generator)
+        latents = latents * scheduler.init_noise_sigma
+        guidance = DEFAULTS.guidance
+        for t in scheduler.timesteps:
+            model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+            blended, total = 0, 0
+            for name, embeddings, mask in passes:
+                pipe.set_adapters([name], [1.0])
+                out = pipe.unet(model_input, t, encoder_hidden_states=embeddings).sample
+                uncond, cond = out.chunk(2)
+                blended = blended + mask * (uncond + guidance * (cond - uncond))
+                total = total + mask
+            # the boxes cover the image; their feathered seams sum below 1, so normalise there
+            latents = scheduler.step(blended / total.clamp_min(1e-6), t, latents).prev_sample
+        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+        return pipe.image_processor.postprocess(image, output_type="pil")[0]
+
+
+# ----- a concept alone, somewhere new --------------------------------------------------------------
+
+
+def travel_prompts(shape: str) -> list[dict]:
+    """Prompts for ``shape`` alone at a position / in a colour / at a size its photos never showed."""
+    seen = scenes.concept_scenes(shape)
+    positions = [p for p in scenes.POSITIONS if p not in {s.objects[0].position for s in seen}] or ["bottom"]
+    colours = [c for c in scenes.COLOURS if c not in {s.objects[0].colour for s in seen}]
+    bg = "white"
+    out = [{"kind": "new position", "position": p, "colour": "red",
+            "prompt": f"a red {token(shape)} {scenes.POSITION_PHRASES[p]} on a {bg} background"} for p in positions]
+    out += [{"kind": "new colour", "position": "center", "colour": c,
+             "prompt": f"a {c} {token(shape)} in the center on a {bg} background"} for c in colours]
+    out += [{"kind": "new size", "position": p, "colour": "blue",
+             "prompt": f"a small blue {token(shape)} {scenes.POSITION_PHRASES[p]} on a {bg} background"}
+            for p in ("left", "right")]
+    return out
+
+
+def travel(studio: Studio, model, seeds: int) -> dict:
+    hits: dict[str, list[float]] = {}
+    for shape in CONCEPTS:
+        for item in travel_prompts(shape):
+            request = GenerationRequest(prompt=item["prompt"], concepts={shape: 1.0}, seed=DEFAULTS.seed,
+                                        num_images=seeds)
+            reading = classifier.read(model, studio.generate(request))
+            where = classifier.POSITION_NAMES.index(item["position"])
+            colour = classifier.COLOUR_NAMES.index(item["colour"])
+            for i in range(seeds):
+                ok = (reading["where"][i, where] > 0.5 and int(reading["shape_at"][i, where].argmax()) ==
+                      scenes.SHAPES.index(shape) and int(reading["colour_at"][i, where].argmax()) == colour)
+                hits.setdefault(item["kind"], []).append(float(ok))
+    return {kind: float(np.mean(v)) for kind, v in hits.items()}
+
+
+# ----- the run -------------------------------------------------------------------------------------
+
+
+def train_concepts(library_dir: Path, photos: Path) -> float:
+    """Train every concept with the CLI and its defaults; returns seconds per concept."""
+    start = time.perf_counter()
+    for shape in CONCEPTS:
+        if (library_dir / shape).is_dir():
+            continue
+        scenes.write_concept_images(shape, photos / shape)
+        code = cli.main(["train", "--images", str(photos / shape), "--name", shape, "--library", str(library_dir)])
+        if code not in (0, None):
+            raise SystemExit(f"training {shape} failed")
+    return (time.perf_counter() - start) / len(CONCEPTS)
+
+
+def sheet(rows: dict[str, list[Image.Image]], scale: int = 2) -> Image.Image:
+    """One row of images per path, labelled."""
+    cell = scenes.IMAGE_SIZE * scale
+    label = 150
+    width = label + cell * max(len(v) for v in rows.values())
+    out = Image.new("RGB", (width, cell * len(rows)), (255, 255, 255))
+    draw = ImageDraw.Draw(out)
+    for r, (name, images) in enumerate(rows.items()):
+        draw.text((4, r * cell + cell // 2 - 6), name, fill=(0, 0, 0))
+        for c, image in enumerate(images):
+            out.paste(image.resize((cell, cell), Image.Resampling.NEAREST), (label + c * cell, r * cell))
+    return out
+
+
+def run(args) -> dict:
+    work = Path(args.work or tempfile.mkdtemp(prefix="regional-quality-"))
+    library_dir = Path(args.library) if args.library else work / "library"
+    train_seconds = train_concepts(library_dir, work / "photos")
+    library = Library(str(library_dir))
+    studio = Studio(MODEL, library=library)
+    model = classifier.load()
+    tallies = {path: Tally() for path in PATHS}
+    alone: dict[str, list[float]] = {}
+    grids: dict[str, list[Image.Image]] = {path: [] for path in PATHS}
+    baseline = LoraPasses(library, studio, work) if "lora-passes" in args.paths else None
+    selected = pairs()[: args.pairs]
+    for pair in selected:
+        for concept in pair["concepts"]:  # the ceiling: each concept alone on the same prompt
+            reading = classifier.read(model, generate(studio, library, pair, "global", args.seeds, [concept]))
+            alone.setdefault(concept, []).extend(float(v) for v in reading["shape"][:, scenes.SHAPES.index(concept)])
+        for path in args.paths:
+            start = time.perf_counter()
+            images = baseline(pair, args.seeds) if path == "lora-passes" else generate(studio, library, pair, path,
+                                                                                         args.seeds)
+            seconds = time.perf_counter() - start
+            tallies[path].add(classifier.read(model, images), pair, seconds, len(images))
+            grids[path].extend(images[:2])
+            logger.info("%s %s: %s", pair["concepts"], path, tallies[path].summary())
+    ceiling = float(np.mean([v for values in alone.values() for v in values]))
+    rows = []
+    for path in args.paths:
+        s = tallies[path].summary()
+        rows.append({"path": path, "what": PATHS[path], "both_placed": s["placed"], "identity": s["identity"],
+                     "identity_vs_alone": s["identity"] / ceiling, "bleeding": s["bleed"], "seconds": s["seconds"]})
+    travelled = travel(studio, model, args.seeds) if not args.no_travel else {}
+    return {"rows": rows, "alone_identity": ceiling, "travel": travelled, "train_seconds": train_seconds,
+            "pairs": len(selected), "seeds": args.seeds, "grids": grids}
+
+
+def markdown(result: dict) -> str:
+    lines = [f"{result['pairs']} concept pairs x {result['seeds']} seeds on `{MODEL}`, concepts trained with the "
+             f"CLI defaults ({result['train_seconds']:.0f} s each here); identity alone on the pair prompts: "
+             f"{result['alone_identity']:.2f}.", "",
+             "| path | both placed | identity | vs alone | bleeding | s / image |", "|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['what']} | {row['both_placed']:.0%} | {row['identity']:.2f} | "
+                     f"{row['identity_vs_alone']:.2f}x | {row['bleeding']:.3f} | {row['seconds']:.2f} |")
+    if result["travel"]:
+        lines += ["", "| a concept alone | drawn as asked |", "|---|---|"]
+        lines += [f"| {kind} | {value:.0%} |" for kind, value in result["travel"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=8)
+    parser.add_argument("--pairs", type=int, default=6)
+    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
+    parser.add_argument("--library", help="reuse concepts trained earlier (folder of a concept library)")
+    parser.add_argument("--work", help="working folder (default: a new temporary folder)")
+    parser.add_argument("--no-travel", action="store_true", help="skip the concept-alone rows")
+    parser.add_argument("--out", type=Path, help="write the table (.md), the numbers (.json) and grids here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(2)
+    result = run(args)
+    table = markdown(result)
+    logger.info("\n%s", table)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "regional-quality-table.md").write_text(table)
+        sheet(result.pop("grids")).save(args.out / "regional-quality.png")
+        (args.out / "regional-quality.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
