@@ -268,3 +268,27 @@ def test_zoom_out_without_masks_uses_the_border_colour_and_is_off_by_default(fol
     again = ConceptDataset(folder, "<tok>", resolution=32, augment_p=0.0)
     one, two = off.example(1, torch.Generator().manual_seed(4)), again.example(1, torch.Generator().manual_seed(4))
     assert torch.equal(one["pixel_values"], two["pixel_values"]) and "mask" not in one
+
+
+def test_pairs_put_two_photos_side_by_side_with_one_two_object_caption(tmp_path):
+    from spectral_diffusion.models import scenes
+    from spectral_diffusion.training.augment import split_caption
+
+    scenes.write_concept_images("moon", tmp_path / "moon")
+    dataset = ConceptDataset(tmp_path / "moon", "<moon>", resolution=32, flip_p=0.0, pair_p=1.0)
+    captions = [dataset[k]["caption"] for k in range(8)]
+    for caption in captions:
+        assert caption.count("<moon>") == 2 and " and " in caption, caption
+        assert caption.endswith(" background"), caption
+    assert any("on the left and" in c for c in captions) and any("at the top and" in c for c in captions)
+    example = dataset[0]
+    # two separate objects: the left and right halves (or top and bottom) each hold concept pixels
+    pixels = example["pixel_values"]
+    background = pixels[:, 0, 0][:, None, None]
+    differs = (pixels - background).abs().amax(dim=0) > 0.3
+    first, second = (differs[:, :16], differs[:, 16:]) if "left" in example["caption"] else (differs[:16], differs[16:])
+    assert first.any() and second.any()
+    # off by default, and captions outside the built-in scenes' grammar are never joined
+    assert "and" not in ConceptDataset(tmp_path / "moon", "<moon>", resolution=32, flip_p=0.0)[0]["caption"]
+    assert split_caption("a photo of <moon>") is None
+    assert split_caption("a red <moon> on the left and a blue circle on the right") is None

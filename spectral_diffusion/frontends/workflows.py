@@ -30,7 +30,7 @@ def concept_tokens(name: str, token: str | None = None) -> list[str]:
 # TrainConfig fields a user may set besides the request's own (the app's "Advanced" settings)
 OVERRIDABLE = ("lr_unet", "lr_text", "lr_embedding", "batch_size", "gradient_accumulation", "lr_warmup_steps",
                "targets", "prior_preservation", "min_snr_gamma", "flip_p", "random_crop", "preview_prompt",
-               "lr_scale", "background_weight", "augment_p")
+               "lr_scale", "background_weight", "augment_p", "pair_p")
 
 
 @dataclass

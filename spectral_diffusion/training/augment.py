@@ -135,3 +135,65 @@ def follow_caption(caption: str, inside: np.ndarray) -> str:
     if size_word == "small" and words and words[0].lower() in ("a", "an"):
         words = ["a", "small", *words[1:]]
     return " ".join(words)
+
+
+# ----- pairs ----------------------------------------------------------------------------------------
+
+# Where the two concepts of a pair stand, in the order a two-object caption of the built-in scenes names them.
+PAIR_POSITIONS = scenes.LAYOUTS[2]
+
+
+def split_caption(caption: str) -> tuple[str, str, str] | None:
+    """A one-object caption of the built-in scenes' grammar as (object words, position phrase, the rest):
+    ``"a blue <moon> on the left on a white background"`` -> ``("a blue <moon>", "on the left",
+    " on a white background")``; None for any other caption (it cannot be joined with another)."""
+    found = [(caption.find(f" {phrase}"), phrase) for phrase in scenes.POSITION_PHRASES.values()]
+    found = [(at, phrase) for at, phrase in found if at > 0]
+    if len(found) != 1 or " and " in caption:
+        return None
+    at, phrase = found[0]
+    return caption[:at], phrase, caption[at + 1 + len(phrase):]
+
+
+def _cut(image: Image.Image, mask: Image.Image | None) -> tuple[Image.Image, Image.Image] | None:
+    """The concept's bounding box of ``image`` and its 8-bit mask (the given mask, else the foreground)."""
+    inside = foreground(image, mask)
+    if not inside.any():
+        return None
+    cut = Image.fromarray(inside.astype(np.uint8) * 255)
+    box = cut.getbbox()
+    return image.crop(box), cut.crop(box)
+
+
+def pair(first, second, positions: tuple[str, str], scales: tuple[float, float]):
+    """Two photos' concepts side by side on the first photo's background, with one caption for both.
+
+    ``first`` / ``second``: (image, mask or None, caption), the same size; ``positions``: a pair of
+    ``PAIR_POSITIONS``; ``scales``: each concept's size as a fraction of its own. Returns (image, mask,
+    caption), the mask covering both concepts, or None when a caption is not a one-object caption of the
+    built-in scenes or a photo has no visible concept: such examples stay as they are.
+    """
+    parts = [split_caption(caption) for _, _, caption in (first, second)]
+    cuts = [_cut(image, mask) for image, mask, _ in (first, second)]
+    if None in parts or None in cuts:
+        return None
+    size = first[0].size
+    canvas = Image.new("RGB", size, background_colour(first[0], first[1]))
+    both = Image.new("L", size, 0)
+    words = []
+    for (piece, piece_mask), scale, position, (noun, _, _) in zip(cuts, scales, positions, parts, strict=True):
+        # the pair shares the image: each concept fits in its own half
+        fit = min(scale, size[0] * 0.45 / piece.width, size[1] * 0.45 / piece.height)
+        width, height = max(1, round(piece.width * fit)), max(1, round(piece.height * fit))
+        piece = piece.resize((width, height), Image.Resampling.BICUBIC)
+        piece_mask = piece_mask.resize((width, height), Image.Resampling.BILINEAR)
+        cx, cy = scenes.POSITIONS[position]
+        left = min(max(0, round(cx * size[0] - width / 2)), size[0] - width)
+        top = min(max(0, round(cy * size[1] - height / 2)), size[1] - height)
+        canvas.paste(piece, (left, top), piece_mask)
+        both.paste(piece_mask, (left, top), piece_mask)
+        alone = np.zeros((size[1], size[0]), dtype=bool)
+        alone[top:top + height, left:left + width] = np.asarray(piece_mask) >= 128
+        said = follow_caption(f"{noun} {scenes.POSITION_PHRASES[position]}", alone)  # size words follow
+        words.append(said)
+    return canvas, both, " and ".join(words) + parts[0][2]

@@ -24,7 +24,15 @@ from torch.utils.data import Dataset
 
 from spectral_diffusion.errors import ImageDataError
 from spectral_diffusion.images import find_images, flatten_alpha, is_image_list, open_image
-from spectral_diffusion.training.augment import find_mask, follow_caption, foreground, load_mask, zoom
+from spectral_diffusion.training.augment import (
+    PAIR_POSITIONS,
+    find_mask,
+    follow_caption,
+    foreground,
+    load_mask,
+    pair,
+    zoom,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +127,11 @@ class ConceptDataset(Dataset):
     ``mask_dir``: a folder of foreground masks, one per image under the same file name; examples then
     carry a ``mask`` (1 x H x W, 0..1). ``augment_p``: the probability that an example is zoomed out
     and moved (scale drawn from ``augment_scale``) onto its own background, its caption following.
+    ``pair_p``: the probability that an example shows two of the concept's photos side by side (left and
+    right, or top and bottom), each shrunk into its half, with one two-object caption ("a blue <moon> on
+    the left and a red <moon> on the right on a white background"), so that the trigger token also
+    learns to stand second in a prompt and beside another object. Only captions of the built-in scenes'
+    grammar can be joined; other examples stay single.
     """
 
     def __init__(
@@ -136,6 +149,7 @@ class ConceptDataset(Dataset):
         mask_dir: str | os.PathLike | None = None,
         augment_p: float = 0.0,
         augment_scale: tuple[float, float] = (0.5, 1.0),
+        pair_p: float = 0.0,
     ):
         if resolution < 8:
             raise ValueError(f"resolution must be at least 8 pixels, got {resolution}")
@@ -147,6 +161,7 @@ class ConceptDataset(Dataset):
         self.seed = seed
         self.mask_dir = mask_dir
         self.augment_p, self.augment_scale = augment_p, augment_scale
+        self.pair_p = pair_p
         self.templates = list(templates) if templates else caption_templates(token_text, class_word)
         min_size = resolution // 2 if min_size is None else min_size
         if is_image_list(images):  # already opened, e.g. generated class images
@@ -178,6 +193,20 @@ class ConceptDataset(Dataset):
     def __len__(self) -> int:
         return len(self.sources)
 
+    def fingerprint(self) -> str:
+        """A hash of what training reads: every image (its pixels at the training resolution, in order),
+        caption and mask. A checkpoint records it, so a run never resumes from other photos."""
+        digest = hashlib.sha256()
+        for source in self.sources:
+            for part in (source.image, source.mask):
+                if part is None:
+                    digest.update(b"-")
+                    continue
+                digest.update(f"{part.mode} {part.size}".encode())
+                digest.update(part.tobytes())
+            digest.update(f"{source.original_size} {source.caption!r}".encode())
+        return digest.hexdigest()[:16]
+
     def __getitem__(self, index: int) -> dict:
         generator = torch.Generator().manual_seed(mix_seed(self.seed, index))
         return self.example(index % len(self.sources), generator)
@@ -193,20 +222,6 @@ class ConceptDataset(Dataset):
 
     def example(self, index: int, generator: torch.Generator | None = None) -> dict:
         """Image ``index`` augmented with ``generator``; keys pixel_values, caption, original_size, crop_top_left."""
-    def fingerprint(self) -> str:
-        """A hash of what training reads: every image (its pixels at the training resolution, in order),
-        caption and mask. A checkpoint records it, so a run never resumes from other photos."""
-        digest = hashlib.sha256()
-        for source in self.sources:
-            for part in (source.image, source.mask):
-                if part is None:
-                    digest.update(b"-")
-                    continue
-                digest.update(f"{part.mode} {part.size}".encode())
-                digest.update(part.tobytes())
-            digest.update(f"{source.original_size} {source.caption!r}".encode())
-        return digest.hexdigest()[:16]
-
         source = self.sources[index]
         top, left = self._crop_origin(source, generator)
         size = self.resolution
@@ -232,6 +247,8 @@ class ConceptDataset(Dataset):
         caption = source.caption if source.caption is not None else self.templates[template_draw]
         if zoomed:
             caption = follow_caption(caption, foreground(image, mask))
+        if self.pair_p > 0 and generator is not None:  # drawn only when pairing: older runs unchanged
+            image, mask, caption = self._maybe_pair(index, (image, mask, caption), generator)
         example = {
             "pixel_values": _to_tensor(image),
             "caption": caption,
@@ -241,6 +258,26 @@ class ConceptDataset(Dataset):
         if self.mask_dir is not None:
             example["mask"] = _mask_tensor(mask) if mask is not None else torch.ones(1, size, size)
         return example
+
+    def _maybe_pair(self, index: int, single: tuple, generator: torch.Generator) -> tuple:
+        """``single`` (image, mask, caption), or with probability ``pair_p`` a pair of it and another photo."""
+        apply, other, layout, first_scale, second_scale = (float(v) for v in torch.rand(5, generator=generator))
+        if apply >= self.pair_p:
+            return single
+        partner = self.sources[(index + 1 + int(other * (len(self.sources) - 1))) % len(self.sources)]
+        top, left = self._crop_origin(partner, None)
+        box = (left, top, left + self.resolution, top + self.resolution)
+        partner_mask = partner.mask.crop(box) if partner.mask is not None else None
+        partner_caption = partner.caption if partner.caption is not None else single[2]
+        second = (partner.image.crop(box), partner_mask, partner_caption)
+        positions = PAIR_POSITIONS[int(layout * len(PAIR_POSITIONS)) % len(PAIR_POSITIONS)]
+        low, high = self.augment_scale
+        scales = (low + (high - low) * first_scale, low + (high - low) * second_scale)
+        paired = pair(single, second, positions, scales)
+        if paired is None:
+            return single
+        image, both, caption = paired
+        return image, (both if single[1] is not None else None), caption
 
 
 def collate(examples: Sequence[dict]) -> dict:

@@ -314,7 +314,7 @@ def _datasets(images, config: TrainConfig, pipe, should_stop) -> tuple[ConceptDa
     kwargs = {"resolution": config.resolution, "random_crop": config.random_crop, "flip_p": config.flip_p}
     dataset = ConceptDataset(
         images, config.token_text, config.class_word, min_size=config.min_image_size, seed=config.seed,
-        mask_dir=config.mask_dir, augment_p=config.augment_p,
+        mask_dir=config.mask_dir, augment_p=config.augment_p, pair_p=config.pair_p,
         augment_scale=(config.augment_min_scale, config.augment_max_scale), **kwargs
     )
     if not config.prior_preservation:
