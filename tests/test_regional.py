@@ -16,6 +16,7 @@ from spectral_diffusion.generation.layout import (
     region_masks,
 )
 from spectral_diffusion.generation.regional import (
+    OWN_PROMPT_CONTEXT_SHARE,
     RegionalContext,
     RegionInput,
     encode_layout,
@@ -370,6 +371,15 @@ def test_regional_attention_blends_only_inside_the_region_at_the_block(tiny_pipe
     inside = left.reshape(-1).bool()
     torch.testing.assert_close(regional[:, ~inside], plain[:, ~inside], rtol=0, atol=1e-6)
     torch.testing.assert_close(regional[:, inside], with_other[:, inside], rtol=0, atol=1e-5)
+    share = 1.0 - OWN_PROMPT_CONTEXT_SHARE
+    with torch.no_grad(), regional_attention(tiny_pipe.unet, RegionalContext([RegionInput(other, left, share=share)])):
+        shared = block(hidden, states)
+    # out = W_o(ctx + share * (region - ctx)) + b: linear in the attention outputs, so the blend carries through
+    torch.testing.assert_close(shared[:, inside], plain[:, inside] + share * (with_other - plain)[:, inside],
+                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(shared[:, ~inside], plain[:, ~inside], rtol=0, atol=1e-6)
+    with pytest.raises(RoutingError, match="share"):
+        RegionalContext([RegionInput(other, left, share=1.5)])
     too_many = RegionalContext([RegionInput(other.repeat(2, 1, 1), left)])
     with pytest.raises(RoutingError, match="batch"), torch.no_grad(), regional_attention(tiny_pipe.unet, too_many):
         block(hidden, states)
@@ -407,6 +417,8 @@ def test_encoded_layout_runs_the_pipeline_and_context_only_regions_match_plain(f
     layout = Layout(prompt, (Region("dog", (0, 0, 0.5, 1), "a photo of <dog>"), Region("cat", (0.5, 0, 1, 1))))
     masks = region_masks(layout, *LATENT)
     context, embeds = encode_layout(pipe, layout, masks, adapters.text_only, 2, True)
+    # a region with a prompt of its own shares its box with the context; one without is the context already
+    assert [r.share for r in context.regions] == [1.0 - OWN_PROMPT_CONTEXT_SHARE, 1.0]
     concept_masks = {r.concept: m for r, m in zip(layout.regions, masks, strict=True) if r.concept}
     with adapters.routed(concept_masks), regional_attention(pipe.unet, context):
         images = run(**embeds)
