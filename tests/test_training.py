@@ -548,3 +548,19 @@ def test_the_library_drops_a_checkpoint_on_success_and_on_delete(tiny_pipe, imag
     saved.mkdir(parents=True)
     (saved / "state.json").write_text("{}")
     assert library.delete("ring") == ["concept", "checkpoint"] and not saved.exists()
+
+
+def test_previews_draw_the_first_photos_own_caption(tmp_path):
+    from spectral_diffusion.models import scenes
+    from spectral_diffusion.training.data import ConceptDataset
+    from spectral_diffusion.training.trainer import preview_prompt
+
+    scenes.write_concept_images("heart", tmp_path / "heart")
+    captioned = ConceptDataset(tmp_path / "heart", "<heart>", resolution=32)
+    settings = TrainConfig(name="heart", class_word="shape")
+    first = (tmp_path / "heart" / "heart-0.txt").read_text().strip().replace("{token}", "<heart>")
+    assert preview_prompt(captioned, settings) == first  # e.g. "a blue <heart> on the left on a white background"
+    for sidecar in (tmp_path / "heart").glob("*.txt"):
+        sidecar.unlink()
+    plain = ConceptDataset(tmp_path / "heart", "<heart>", resolution=32)
+    assert preview_prompt(plain, settings) == "a photo of <heart> shape"

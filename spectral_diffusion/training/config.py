@@ -92,7 +92,7 @@ class TrainConfig:
     class_inference_steps: int = 25
     min_snr_gamma: float | None = None
     preview_every: int = 0  # 0: only the final preview
-    preview_prompt: str | None = None  # None: "a photo of <token> <class word>"
+    preview_prompt: str | None = None  # None: the first photo's caption, else "a photo of <token> <class word>"
     preview_steps: int = 25
     guidance_scale: float = 7.5
     checkpoint_every: int = 0

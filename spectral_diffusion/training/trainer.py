@@ -246,7 +246,7 @@ class _Trainer:
 
     def preview(self) -> Image.Image:
         config = self.config
-        prompt = config.preview_prompt or f"{caption_templates(config.token_text, config.class_word)[0]}"
+        prompt = config.preview_prompt or preview_prompt(self.dataset, config)
         self._train_mode(False)
         with self.accelerator.autocast():
             image = generate(self.pipe, prompt, 1, config.resolution, config.preview_steps, config.guidance_scale,
@@ -266,6 +266,13 @@ class _Trainer:
             return False
         self.step, self.losses, self.eval_losses = resumed.step, resumed.losses, resumed.eval_losses
         return True
+
+
+def preview_prompt(dataset, config: TrainConfig) -> str:
+    """What previews draw: the first photo's own caption when it has one (a prompt the model has seen the
+    concept with), else the first caption template ("a photo of <tok> dog")."""
+    captions = [source.caption for source in getattr(dataset, "sources", ()) if source.caption]
+    return captions[0] if captions else caption_templates(config.token_text, config.class_word)[0]
 
 
 # ----- the run ------------------------------------------------------------------------------------
