@@ -10,7 +10,8 @@ Rows, per path, over every pair of the four concepts (a on the left, b on the ri
 * both placed: the scene classifier sees concept a on the left and b on the right (each the most likely
   shape at its position, and something there);
 * identity: the classifier's probability of each concept's shape, relative to that concept alone (only
-  its slot on) on the same prompt;
+  its slot on) on its own half's prompt ("a red <heart> on the left on a white background": a prompt may
+  not name a concept that is not selected);
 * bleeding: how likely the classifier finds the *other* concept of the pair at each concept's position;
 * time per image.
 
@@ -268,8 +269,10 @@ def run(args) -> dict:
     baseline = LoraPasses(library, studio, work) if "lora-passes" in args.paths else None
     selected = pairs()[: args.pairs]
     for pair in selected:
-        for concept in pair["concepts"]:  # the ceiling: each concept alone on the same prompt
-            reading = classifier.read(model, generate(studio, library, pair, "global", args.seeds, [concept]))
+        for concept, text in zip(pair["concepts"], pair["region_prompts"], strict=True):
+            # the ceiling: each concept alone (only its slot on), same colour, position and background
+            alone_pair = {**pair, "prompt": text}
+            reading = classifier.read(model, generate(studio, library, alone_pair, "global", args.seeds, [concept]))
             alone.setdefault(concept, []).extend(float(v) for v in reading["shape"][:, scenes.SHAPES.index(concept)])
         for path in args.paths:
             start = time.perf_counter()

@@ -72,8 +72,11 @@ def default_rank(model: str) -> int:
 # transfers is the per-direction step lr x mean(s_k) of the slot, which lr_scale="spectrum" makes the
 # configured number; toy's slots have s_k ~ 1, so its rates are already per-direction steps.
 BUILTIN_TRAINING: dict[str, dict] = {
+    # Half the examples zoomed out and moved (captions follow), 3 in 10 two photos side by side: a concept
+    # learned from 5 photos is then drawn where, how large and second in a prompt as asked
+    # (bench/regional_quality.py, docs/fusion-quality.md).
     "builtin:toy": {"steps": 300, "batch_size": 4, "lr_unet": 3e-3, "lr_text": 1e-4, "lr_embedding": 1e-2,
-                    "flip_p": 0.0},
+                    "flip_p": 0.0, "augment_p": 0.5, "pair_p": 0.3},
 }
 
 
