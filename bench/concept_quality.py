@@ -103,6 +103,24 @@ ROWS = (
     Row("c_off", "spectral, lr_unet 3e-3, c not trained", _at_best(train_c=False)),
     Row("text_off", "spectral, lr_unet 3e-3, no text-encoder slot (lr_text 0)", _at_best(lr_text=0.0)),
     Row("rotational", "spectral rotational, lr_unet 3e-3", _at_best(variant="rotational")),
+    Row("rotational_1e-2", "spectral rotational, lr_unet 1e-2", {"variant": "rotational", "lr_unet": 1e-2}),
+    Row("rotational_3e-2", "spectral rotational, lr_unet 3e-2", {"variant": "rotational", "lr_unet": 3e-2}),
+    Row("rotational_1e-1", "spectral rotational, lr_unet 1e-1", {"variant": "rotational", "lr_unet": 1e-1}),
+    Row("rotational_1e-3", "spectral rotational, lr_unet 1e-3", {"variant": "rotational", "lr_unet": 1e-3}),
+    Row("rotational_emb_3e-2", "spectral rotational, lr_unet 3e-3, lr_embedding 3e-2",
+        _at_best(variant="rotational", lr_embedding=3e-2)),
+    Row("rotational_text_1e-3", "spectral rotational, lr_unet 3e-3, lr_text 1e-3",
+        _at_best(variant="rotational", lr_text=1e-3)),
+    Row("rotational_600", "spectral rotational, lr_unet 3e-3, 600 steps", _at_best(variant="rotational", steps=600)),
+    Row("rotational_1e-3_600", "spectral rotational, lr_unet 1e-3, 600 steps",
+        {"variant": "rotational", "lr_unet": 1e-3, "steps": 600}),
+    Row("rotational_3e-4_600", "spectral rotational, lr_unet 3e-4, 600 steps",
+        {"variant": "rotational", "lr_unet": 3e-4, "steps": 600}),
+    Row("rotational_1e-3_1000", "spectral rotational, lr_unet 1e-3, 1000 steps",
+        {"variant": "rotational", "lr_unet": 1e-3, "steps": 1000}),
+    Row("rotational_rank_16", "spectral rotational, lr_unet 3e-3, rank 16", _at_best(variant="rotational", rank=16)),
+    Row("rotational_rank_16_1e-3", "spectral rotational, lr_unet 1e-3, rank 16",
+        {"variant": "rotational", "lr_unet": 1e-3, "rank": 16}),
     Row("masked", "spectral, lr_unet 3e-3, masked loss (background 0.1)", _at_best(background_weight=0.1),
         masks=True),
     Row("augment", "spectral, lr_unet 3e-3, zoom-out/shift p 0.5 (masks, exact)", _at_best(augment_p=0.5),
@@ -146,13 +164,14 @@ def _score(pipe, model, shape: str, sampling: Sampling) -> tuple[float, float]:
     return float(np.mean(alone)), float(np.mean(pair))
 
 
-def run_row(pipe, model, row: Row, shapes, work: Path, sampling: Sampling, steps: int | None = None) -> dict:
+def run_row(pipe, model, row: Row, shapes, work: Path, sampling: Sampling, steps: int | None = None,
+            train_seed: int = 0) -> dict:
     alone, pair, seconds = [], [], []
     for index, shape in enumerate(shapes):
         folder, masks = work / shape, work / f"{shape}-masks"
         if not folder.is_dir():
             scenes.write_concept_images(shape, folder, mask_folder=masks)
-        config = train_config(shape, index, row.changes, masks if row.masks else None, steps)
+        config = train_config(shape, train_seed + index, row.changes, masks if row.masks else None, steps)
         start = time.perf_counter()
         if row.lora:
             concept = train_lora_concept(pipe, folder, config)
@@ -172,7 +191,7 @@ def run_row(pipe, model, row: Row, shapes, work: Path, sampling: Sampling, steps
         logger.info("%s %s: identity alone %.2f, on pairs %.2f, %.0f s", row.key, shape, *scores, seconds[-1])
     return {"key": row.key, "label": row.label, "shapes": list(shapes), "identity_alone": float(np.mean(alone)),
             "identity_pair": float(np.mean(pair)), "per_shape_alone": alone, "seconds": float(np.mean(seconds)),
-            "changes": row.changes, "seeds": sampling.seeds, "contexts": sampling.contexts,
+            "changes": row.changes, "seeds": sampling.seeds, "contexts": sampling.contexts, "train_seed": train_seed,
             "finished": time.strftime("%Y-%m-%d %H:%M")}
 
 
@@ -207,6 +226,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, default=Sampling.seeds)
     parser.add_argument("--contexts", type=int, default=Sampling.contexts, help="new-context prompts per shape")
     parser.add_argument("--name", default="concept-quality", help="results file stem (several sweeps side by side)")
+    parser.add_argument("--train-seed", type=int, default=0, help="training seed of the first shape (next: +1, ...)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -221,7 +241,7 @@ def main(argv=None) -> None:
         with tempfile.TemporaryDirectory(prefix="concept-quality-") as tmp:
             for row in wanted:
                 results[row.key] = run_row(pipe, model, row, shapes, Path(tmp), Sampling(args.seeds, args.contexts),
-                                           args.steps)
+                                           args.steps, args.train_seed)
                 store.write_text(json.dumps(results, indent=1) + "\n")  # each row kept as soon as it is done
     write_table(results, args.out / f"{args.name}-table.md")
 
