@@ -394,3 +394,17 @@ def test_sdxl_generation_with_a_concept(sdxl_dog):
     np.testing.assert_allclose(baked, live, rtol=0, atol=1e-4)
     assert np.abs(live - base).max() > 1e-3
     assert studio.load_count == 1
+
+
+def test_capacity_of_a_baked_studio_leaves_its_weights_baked(concepts):
+    """Capacity now reads the spectrum (issue 24 item 1), which needs the base weights: the studio computes
+    it under its lock and gives the baked weights back."""
+    studio = Studio("builtin:tiny")
+    for name in ("dog", "cat", "mug"):
+        studio.load_concept(name, concepts[name])
+    studio.activate(FUSED, mode="baked")
+    baked = {key: layer.weight_matrix.clone() for key, layer in studio.adapters.layers.items()}
+    assert studio.adapters.merged and studio.capacity(4) == 8
+    assert studio.adapters.merged
+    for key, layer in studio.adapters.layers.items():
+        torch.testing.assert_close(layer.weight_matrix, baked[key], rtol=0, atol=1e-6)

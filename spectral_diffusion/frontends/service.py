@@ -109,7 +109,7 @@ class Service:
 
     def capacity(self, rank: int) -> int:
         if rank not in self._capacity:
-            self._capacity[rank] = self.studio.adapters.capacity(rank)
+            self._capacity[rank] = self.studio.capacity(rank)
         return self._capacity[rank]
 
     def next_slot(self, rank: int | None = None) -> int:

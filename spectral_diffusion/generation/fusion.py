@@ -126,6 +126,12 @@ class Studio:
                 self._adapters = SpectralAdapters.from_pipeline(self.pipe, self._targets, self.svd_cache)
             return self._adapters
 
+    def capacity(self, rank: int) -> int:
+        """``SpectralAdapters.capacity`` under the studio's lock: the first call computes the spectrum,
+        which needs the base weights unmerged, never in the middle of another thread's baked generation."""
+        with self._lock:
+            return self.adapters.capacity(rank)
+
     @property
     def concepts(self) -> dict[str, ConceptInfo]:
         """Registered concepts (installed or waiting for their slot), by studio name."""
