@@ -127,6 +127,13 @@ def scenes_position(side: str) -> int:
 # ----- generation ----------------------------------------------------------------------------------
 
 
+def layout_key(library: Library, pair: dict, path: str) -> str:
+    """Paths that build the same layout (for two concepts ``auto``, ``left-right`` and ``--region`` boxes
+    without prompts) draw the same pictures: they are drawn once."""
+    layout = build_layout(library, pair["prompt"], "", *regions_for(pair, path))
+    return json.dumps(layout.to_json() if layout else None)
+
+
 def generate(studio: Studio, library: Library, pair: dict, path: str, seeds: int, concepts=None) -> list:
     layout_spec, regions = regions_for(pair, path)
     layout = build_layout(library, pair["prompt"], "", layout_spec, regions)
@@ -201,12 +208,12 @@ def travel_prompts(shape: str) -> list[dict]:
     colours = [c for c in scenes.COLOURS if c not in {s.objects[0].colour for s in seen}]
     bg = "white"
     out = [{"kind": "new position", "position": p, "colour": "red",
-            "prompt": f"a red {token(shape)} {scenes.POSITION_PHRASES[p]} on a {bg} background"} for p in positions]
+            "prompt": f"a red {token(shape)} {scenes.POSITION_PHRASES[p]} on a {bg} background"} for p in positions[:2]]
     out += [{"kind": "new colour", "position": "center", "colour": c,
              "prompt": f"a {c} {token(shape)} in the center on a {bg} background"} for c in colours]
     out += [{"kind": "new size", "position": p, "colour": "blue",
              "prompt": f"a small blue {token(shape)} {scenes.POSITION_PHRASES[p]} on a {bg} background"}
-            for p in ("left", "right")]
+            for p in positions[:1]]
     return out
 
 
@@ -274,11 +281,15 @@ def run(args) -> dict:
             alone_pair = {**pair, "prompt": text}
             reading = classifier.read(model, generate(studio, library, alone_pair, "global", args.seeds, [concept]))
             alone.setdefault(concept, []).extend(float(v) for v in reading["shape"][:, scenes.SHAPES.index(concept)])
+        drawn: dict[str, tuple[list, float]] = {}
         for path in args.paths:
-            start = time.perf_counter()
-            images = baseline(pair, args.seeds) if path == "lora-passes" else generate(studio, library, pair, path,
-                                                                                         args.seeds)
-            seconds = time.perf_counter() - start
+            key = path if path == "lora-passes" else layout_key(library, pair, path)
+            if key not in drawn:
+                start = time.perf_counter()
+                images = baseline(pair, args.seeds) if path == "lora-passes" else generate(studio, library, pair,
+                                                                                             path, args.seeds)
+                drawn[key] = (images, time.perf_counter() - start)
+            images, seconds = drawn[key]
             tallies[path].add(classifier.read(model, images), pair, seconds, len(images))
             grids[path].extend(images[:2])
             logger.info("%s %s: %s", pair["concepts"], path, tallies[path].summary())
