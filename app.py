@@ -89,11 +89,13 @@ class PageEvents:
                               library.delete_message, library.listing, library.imported]
 
     def bound(self, handler):
-        """``handler`` with the service as its first argument (the API keeps the other parameters' names)."""
+        """``handler`` with the service as its first argument (the API keeps the other parameters' names).
+        A plain handler runs in a thread of its own (``handlers.in_own_thread``: no model work on gradio's
+        long-lived threads); a generator only follows a training, which has its own thread."""
         bound = functools.partial(handler, self.service)
         bound.__name__ = handler.__name__  # gradio names an event after its function
         bound.__doc__ = None  # and describes an endpoint with its docstring: partial's would show
-        return bound
+        return bound if inspect.isgeneratorfunction(handler) else handlers.in_own_thread(bound)
 
     def clear_errors(self, event):
         """Once ``event`` succeeds, nothing of earlier failures stays: their error toasts close and the red

@@ -10,10 +10,12 @@ to an endpoint is one line of the server log at INFO.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import html
 import inspect
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -120,6 +122,41 @@ def user_errors(fn: Callable | None = None, *, summary: Callable | None = None) 
             raise _shown_error(error, where) from error
         done(started, result)
         return result
+
+    return wrapper
+
+
+# ----- model work off gradio's worker threads -------------------------------------------------------
+
+
+def in_own_thread(fn: Callable) -> Callable:
+    """``fn`` run in a thread of its own that ends with the call, in the caller's context (gradio's request,
+    its notices); its result or error is the caller's.
+
+    Why: torch's OpenMP runtime (libgomp) gives each thread that runs torch ops a team of helper threads
+    for the rest of that thread's life, and while the live teams hold more threads than there are CPUs it
+    stops spin-waiting between parallel regions: every region then sleeps and wakes. gradio's worker
+    threads live as long as the server, so model work done on them (the page's first refresh loads the
+    model and computes its spectrum; a generation; an export) left a team alive beside the training
+    thread's, and training steps ran 1.4-1.7x slower than the CLI's (README, "Web app"). A thread per call
+    takes its team with it, so a training alone has the CPUs' only team, as the CLI has."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        context, outcome = contextvars.copy_context(), {}
+
+        def run() -> None:
+            try:
+                outcome["result"] = context.run(fn, *args, **kwargs)
+            except BaseException as error:  # noqa: BLE001 - handed to the caller below
+                outcome["error"] = error
+
+        thread = threading.Thread(target=run, name=f"app-{getattr(fn, '__name__', 'call')}", daemon=True)
+        thread.start()
+        thread.join()
+        if "error" in outcome:
+            raise outcome.pop("error")
+        return outcome["result"]
 
     return wrapper
 

@@ -475,6 +475,45 @@ def test_error_text_in_angle_brackets_is_escaped_for_the_page_and_plain_for_api_
     assert shown({}) == "the prompt uses <heart>, which is not selected"  # curl
 
 
+def test_bound_handlers_do_their_model_work_in_a_thread_that_ends():
+    """A torch OpenMP team left on a long-lived gradio thread made training 1.76x slower (libgomp throttles
+    every team while the teams outnumber the CPUs; bench/app_training_threads.py): plain handlers run in a
+    thread of their own, with the caller's context (request, notices); generators are left alone."""
+    import contextvars
+    import inspect
+    import threading
+    from types import SimpleNamespace
+
+    import gradio as gr
+
+    import app
+    import app_ui
+
+    marker = contextvars.ContextVar("marker", default=None)
+    seen = {}
+
+    def handler(service, value):
+        seen.update(thread=threading.current_thread(), marker=marker.get(), service=service)
+        if value == "bad":
+            raise gr.Error("bad value")
+        return value * 2
+
+    service = object()
+    events = SimpleNamespace(service=service)
+    bound = app.PageEvents.bound(events, handler)
+    assert bound.__name__ == "handler" and list(inspect.signature(bound).parameters) == ["value"]
+    token = marker.set("request")
+    try:
+        assert bound(21) == 42
+    finally:
+        marker.reset(token)
+    assert seen["thread"] is not threading.current_thread() and not seen["thread"].is_alive()
+    assert seen["marker"] == "request" and seen["service"] is service
+    with pytest.raises(gr.Error, match="bad value"):
+        bound("bad")
+    assert app.PageEvents.bound(events, app_ui.train_on_page).func is app_ui.train_on_page  # a generator: as is
+
+
 def test_handlers_check_their_input_before_calling_the_service():
     import gradio as gr
 

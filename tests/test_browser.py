@@ -94,7 +94,7 @@ def set_number(page, selector: str, value) -> None:
 
 def errors_shown(page) -> int:
     """Red Error badges on widgets and error toasts on the page."""
-    return page.locator("[data-testid=toast-text], .error:not([class*=toast]):not(.timer)").count()
+    return page.locator(".toast-body.error, .error:not([class*=toast]):not(.timer)").count()
 
 
 def test_upload_train_pick_and_generate_in_the_browser(page):
@@ -175,7 +175,7 @@ def test_upload_train_pick_and_generate_in_the_browser(page):
     expect(page.locator("#generate-gallery")).to_contain_text("seed 7")  # each image captioned with its seed
     expect(page.locator("#generate-gallery")).to_contain_text("seed 8")
     expect(page.locator("#layout-overlay img").first).to_be_visible()  # the boxes over the result
-    expect(page.locator("[data-testid=toast-text]")).to_have_count(0)
+    expect(page.locator(".toast-body.error")).to_have_count(0)
     assert errors_shown(page) == 0
     assert page.locator("#generate-gallery input[type=file]").count() == 0  # output only
     # the layout pictures are shown at 1 / PICTURE_SCALE: their labels at LABEL_PX on the page
