@@ -7,10 +7,11 @@ weight (one product ``W [V_1 ... V_c]``), not once per concept.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
+from spectral_diffusion.core.config import StoredConcept
 from spectral_diffusion.core.svd import Triplets
 from spectral_diffusion.errors import BaseModelMismatchError
 
@@ -35,25 +36,25 @@ def check_layer_set(layers, layer_tensors: Mapping[str, object], model_name: str
             f"{len(missing)} missing (e.g. {missing[:2]}), {len(extra)} unknown (e.g. {extra[:2]})"
         )
 
-def compatible_triplets(layers, concepts, model_name: str) -> list[dict[str, Triplets]]:
+def compatible_triplets(layers, concepts: Sequence[StoredConcept], model_name: str) -> list[dict[str, Triplets]]:
     """Per concept its float32 triplets per layer, once every one passed the base-model check."""
     found: list[dict[str, Triplets]] = [{} for _ in concepts]
     with torch.no_grad():
         for key, layer in layers.items():
             trips = []
-            for (info, layer_tensors, _, _), out in zip(concepts, found, strict=True):
-                tensors = layer_tensors[key]
+            for concept, out in zip(concepts, found, strict=True):
+                tensors = concept.layer_tensors[key]
                 trip = Triplets(tensors["U"].float(), tensors["s"].float(), tensors["V"].float())
-                _check_shape(layer, key, trip, info.rank, model_name)
+                _check_shape(layer, key, trip, concept.info.rank, model_name)
                 out[key] = trip
                 trips.append(trip)
             # one pass over the weight for all concepts: W [V_1 ... V_c], then U_i^T (W V_i) each
             weight_v = layer.weight_matrix.float() @ torch.cat([trip.V for trip in trips], dim=1)
             start = 0
-            for (_, _, _, tolerance), trip in zip(concepts, trips, strict=True):
+            for concept, trip in zip(concepts, trips, strict=True):
                 projected = trip.U.T @ weight_v[:, start:start + trip.k]
                 start += trip.k
-                _check_projection(key, layer, trip, projected, tolerance, model_name)
+                _check_projection(key, layer, trip, projected, concept.tolerance, model_name)
     return found
 
 def _check_shape(layer, key: str, trip: Triplets, rank: int, model_name: str) -> None:

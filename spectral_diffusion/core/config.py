@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from spectral_diffusion.core import slots
 from spectral_diffusion.core.tokens import validate_token
 from spectral_diffusion.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 VARIANTS = ("additive", "rotational")
 
@@ -83,6 +87,21 @@ class ConceptInfo:
     @property
     def columns(self) -> range:
         return slots.columns(self.slot, self.rank)
+
+
+@dataclass(frozen=True)
+class StoredConcept:
+    """A concept as stored, ready to install: what ``SpectralAdapters.load_concepts`` takes.
+
+    ``layer_tensors[key]`` holds the slot's base triplets ``U, s, V`` and the trainable tensors of the
+    variant; ``token_vectors[component]`` the trigger tokens' embeddings; ``tolerance`` is the bound of
+    the base-model check (``compatibility_tolerance`` of the dtype the triplets were stored in).
+    """
+
+    info: ConceptInfo
+    layer_tensors: Mapping[str, Mapping[str, torch.Tensor]]
+    token_vectors: Mapping[str, torch.Tensor]
+    tolerance: float
 
 
 class ConceptInfoView:

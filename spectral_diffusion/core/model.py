@@ -8,7 +8,7 @@ them, and gives back the original modules on ``unpatch``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -16,11 +16,11 @@ from torch import nn
 
 from spectral_diffusion.core import compatibility, slots
 from spectral_diffusion.core.compatibility import COMPATIBILITY_TOLERANCE
-from spectral_diffusion.core.config import TEXT_COMPONENTS, TOKENIZER_OF, ConceptInfo, TargetConfig
+from spectral_diffusion.core.config import TEXT_COMPONENTS, TOKENIZER_OF, ConceptInfo, StoredConcept, TargetConfig
 from spectral_diffusion.core.layers import SpectralLayer
 from spectral_diffusion.core.routing import Router, token_kind_of
 from spectral_diffusion.core.svd import SvdCache, Triplets, compute_spectrum, weights_fingerprint
-from spectral_diffusion.core.tokens import ConceptTokenEmbedding, TokenError, add_tokens
+from spectral_diffusion.core.tokens import ConceptTokenEmbedding, add_tokens, check_tokens_free
 from spectral_diffusion.errors import BaseModelMismatchError, ConceptNotFoundError, SlotConflictError
 
 logger = logging.getLogger(__name__)
@@ -194,9 +194,7 @@ class SpectralAdapters:
                     f"concept {info.name!r} (slot {info.slot}, rank {info.rank}) overlaps concept "
                     f"{other.name!r} (slot {other.slot}, rank {other.rank}); they cannot be active together"
                 )
-            shared = sorted(set(info.tokens) & set(other.tokens))
-            if shared:
-                raise TokenError(f"trigger token {shared[0]} is already used by concept {other.name!r}")
+        check_tokens_free(info.tokens, {f"concept {other.name!r}": other.tokens for other in self.concepts.values()})
 
     def new_concept(self, info: ConceptInfo, progress=None) -> None:
         """Install a fresh, zero-initialised concept (its output equals the base model's)."""
@@ -241,27 +239,28 @@ class SpectralAdapters:
         the variant; ``token_vectors[component]`` the trigger tokens' embeddings. ``tolerance`` is the
         compatibility bound (``compatibility_tolerance`` of the dtype the triplets were stored in).
         """
-        self.load_concepts([(info, layer_tensors, token_vectors, tolerance)], model_name)
+        self.load_concepts([StoredConcept(info, layer_tensors, token_vectors, tolerance)], model_name)
 
-    def load_concepts(self, concepts, model_name: str = "this base model") -> None:
-        """``load_concept`` for several ``(info, layer_tensors, token_vectors, tolerance)`` at once.
+    def load_concepts(self, concepts: Iterable[StoredConcept], model_name: str = "this base model") -> None:
+        """``load_concept`` for several stored concepts at once.
 
         All of them are checked against the base weights in one pass per layer (one product of the
         weight with their stacked V), then installed in order; on any error none stays installed.
         """
         concepts = list(concepts)
-        for info, layer_tensors, _, _ in concepts:  # against the loaded concepts, before the costly check
-            self._check_slot(info)
-            compatibility.check_layer_set(self.layers, layer_tensors, model_name)
+        for concept in concepts:  # against the loaded concepts, before the costly check
+            self._check_slot(concept.info)
+            compatibility.check_layer_set(self.layers, concept.layer_tensors, model_name)
         triplets = compatibility.compatible_triplets(self.layers, concepts, model_name)
         installed = []
         try:
-            for (info, layer_tensors, token_vectors, _), found in zip(concepts, triplets, strict=True):
+            for concept, found in zip(concepts, triplets, strict=True):
+                info, token_vectors = concept.info, concept.token_vectors
                 self._check_slot(info)  # again: against the ones installed just before it
                 missing_tokens = sorted(set(self.embeddings) - set(token_vectors)) if info.tokens else []
                 if missing_tokens:
                     raise BaseModelMismatchError(f"the adapter has no token embeddings for {missing_tokens}")
-                self._install(info, found, layer_tensors, token_vectors)
+                self._install(info, found, concept.layer_tensors, token_vectors)
                 installed.append(info.name)
         except Exception:
             for name in installed:

@@ -7,7 +7,7 @@ Concepts of different ranks can share a model; two concepts clash when their col
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable, Iterator, Mapping
 from typing import Protocol
 
 
@@ -51,10 +51,25 @@ def clash(a: HasSlot, b: HasSlot) -> str | None:
     if overlap(columns(a.slot, a.rank), columns(b.slot, b.rank)):
         where = f"slot {a.slot}" if (a.slot, a.rank) == (b.slot, b.rank) else "overlapping slot columns"
         return f"both use {where} (rank {a.rank} slot {a.slot}, rank {b.rank} slot {b.slot})"
-    shared = sorted(set(getattr(a, "tokens", ())) & set(getattr(b, "tokens", ())))
+    shared = token_clash(sorted(getattr(a, "tokens", ())), {"": getattr(b, "tokens", ())})
     if shared:
         return f"share the trigger token {shared[0]}"
     return None
+
+
+def token_clashes(tokens: Iterable[Hashable], owners: Mapping[str, Iterable[Hashable]]) -> Iterator[tuple]:
+    """Every (token, owner) where one of ``tokens`` is already one of ``owners``' (owner -> its tokens or
+    token ids): two concepts sharing a trigger token could never be used together, as one prompt word
+    would call both."""
+    for token in tokens:
+        for owner, theirs in owners.items():
+            if token in theirs:
+                yield token, owner
+
+
+def token_clash(tokens: Iterable[Hashable], owners: Mapping[str, Iterable[Hashable]]) -> tuple | None:
+    """The first of ``token_clashes`` as (token, owner), or None."""
+    return next(token_clashes(tokens, owners), None)
 
 
 def first_overlap(owners: Iterable, cols: range):

@@ -8,10 +8,12 @@ receive gradients, and loading or dropping a concept never touches the base tabl
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
 
+from spectral_diffusion.core import slots
 from spectral_diffusion.core.names import NAME_PATTERN
 from spectral_diffusion.errors import ConceptNotFoundError, SpectralDiffusionError
 
@@ -35,6 +37,15 @@ def validate_token(token: str) -> str:
 
 def default_token(name: str) -> str:
     return validate_token(f"<{name}>")
+
+
+def check_tokens_free(tokens: Iterable[str], owners: Mapping[str, Iterable[str]]) -> None:
+    """Refuse a trigger token another concept already uses (``slots.token_clash``); ``owners`` maps a
+    description of each other concept ("concept 'dog'") to its tokens."""
+    found = slots.token_clash(tokens, owners)
+    if found:
+        token, owner = found
+        raise TokenError(f"trigger token {token} is already used by {owner}; pick another token")
 
 
 def add_tokens(tokenizer, tokens: list[str]) -> list[int]:
@@ -82,9 +93,9 @@ class ConceptTokenEmbedding(nn.Module):
                 f"token embeddings of shape {tuple(vectors.shape)} do not fit {len(token_ids)} tokens "
                 f"of dimension {self.embedding_dim}"
             )
-        for other, ids in self.token_ids.items():
-            if set(ids) & set(token_ids):
-                raise TokenError(f"concept {name!r} would share a trigger token with concept {other!r}")
+        shared = slots.token_clash(token_ids, self.token_ids)
+        if shared:
+            raise TokenError(f"concept {name!r} would share a trigger token with concept {shared[1]!r}")
         if any(token_id < self.num_embeddings for token_id in token_ids):
             raise TokenError("trigger tokens must be new tokens, not words of the base vocabulary")
         device = self.base_layer.weight.device

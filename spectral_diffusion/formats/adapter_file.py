@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from spectral_diffusion import __version__
 from spectral_diffusion.atomic import atomic_path
 from spectral_diffusion.core.compatibility import compatibility_tolerance
-from spectral_diffusion.core.config import TEXT_COMPONENTS, VARIANTS, ConceptInfo
+from spectral_diffusion.core.config import TEXT_COMPONENTS, VARIANTS, ConceptInfo, StoredConcept
 from spectral_diffusion.core.model import SpectralAdapters
 from spectral_diffusion.core.tokens import TOKEN_PATTERN
 from spectral_diffusion.errors import AdapterFormatError
@@ -86,6 +86,19 @@ class AdapterData:
             package_version=self.package_version,
         )
         return meta
+
+    def renamed(self, name: str) -> AdapterData:
+        """This adapter with its concept called ``name`` (itself if it already is): a library import under
+        another name, a bundle's or a studio's key."""
+        if name == self.info.name:
+            return self
+        return replace(self, info=replace(self.info, name=name))
+
+    def stored(self) -> StoredConcept:
+        """What ``SpectralAdapters.load_concepts`` installs; the base-model check's bound follows the dtype
+        the triplets were stored in."""
+        tolerance = compatibility_tolerance(TRIPLET_DTYPES.get(self.triplet_dtype, torch.float16))
+        return StoredConcept(self.info, self.layers, self.token_vectors, tolerance)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         if self.triplet_dtype not in TRIPLET_DTYPES:
@@ -354,10 +367,6 @@ def adapter_data_from_tensors(meta: dict[str, str], tensors: dict[str, torch.Ten
     )
 
 
-def _stored_tolerance(data: AdapterData) -> float:
-    return compatibility_tolerance(TRIPLET_DTYPES.get(data.triplet_dtype, torch.float16))
-
-
 def _check_loadable_name(name: str) -> None:
     """A file may carry any name (the library imports it under another one), but a loaded concept's name
     keys torch modules: empty or dotted names cannot be loaded."""
@@ -370,10 +379,10 @@ def install_adapter(
     adapters: SpectralAdapters, data: AdapterData, name: str | None = None, model_name: str = "this base model"
 ) -> ConceptInfo:
     """Load an adapter's concept into a patched model, optionally under another name."""
-    info = data.info if name is None else ConceptInfo(**{**data.info.__dict__, "name": name})
-    _check_loadable_name(info.name)
-    adapters.load_concept(info, data.layers, data.token_vectors, model_name, _stored_tolerance(data))
-    return info
+    concept = (data if name is None else data.renamed(name)).stored()
+    _check_loadable_name(concept.info.name)
+    adapters.load_concepts([concept], model_name)
+    return concept.info
 
 
 def install_adapters(
@@ -383,9 +392,7 @@ def install_adapters(
     on any error none of them stays installed."""
     for data in datas:
         _check_loadable_name(data.info.name)
-    adapters.load_concepts(
-        [(data.info, data.layers, data.token_vectors, _stored_tolerance(data)) for data in datas], model_name
-    )
+    adapters.load_concepts([data.stored() for data in datas], model_name)
     return [data.info for data in datas]
 
 

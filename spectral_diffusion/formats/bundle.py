@@ -7,7 +7,6 @@ as a bundle of one, so anything that loads bundles loads plain adapters too.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -38,13 +37,6 @@ BUNDLE_VERSION = "1"
 MAX_BUNDLE_CONCEPTS = 256
 
 
-def renamed_adapter(data: AdapterData, name: str) -> AdapterData:
-    """``data`` with its concept called ``name`` (the same object if it already is)."""
-    if data.info.name == name:
-        return data
-    return dataclasses.replace(data, info=dataclasses.replace(data.info, name=name))
-
-
 def _check_bundle_name(name: str) -> None:
     # the name prefixes tensor keys as "<name>/...", so it must not contain the separator
     if not isinstance(name, str) or not name or "/" in name or len(name) > 128:
@@ -67,7 +59,7 @@ def write_bundle(
     metas = {}
     for name, data in concepts.items():
         _check_bundle_name(name)
-        data = renamed_adapter(data, name)
+        data = data.renamed(name)
         metas[name] = data.metadata()
         tensors.update({f"{name}/{key}": tensor for key, tensor in data.tensors().items()})
     metadata = {

@@ -37,7 +37,7 @@ from spectral_diffusion.errors import (
 )
 from spectral_diffusion.formats import EXPORT_FORMATS
 from spectral_diffusion.formats.adapter_file import AdapterData, install_adapter
-from spectral_diffusion.formats.bundle import read_bundle_and_strengths, renamed_adapter, write_bundle
+from spectral_diffusion.formats.bundle import read_bundle_and_strengths, write_bundle
 from spectral_diffusion.formats.lora import export_lora
 from spectral_diffusion.generation.compose import run_global, run_regional
 from spectral_diffusion.generation.pnginfo import attach_settings, request_settings
@@ -146,7 +146,7 @@ class Studio:
         return self._mode
 
     def _info(self, name: str) -> ConceptInfo:
-        return renamed_adapter(self._store[name], name).info
+        return self._store[name].renamed(name).info
 
     # ----- registering concepts -----------------------------------------------------------------
 

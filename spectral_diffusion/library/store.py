@@ -28,7 +28,7 @@ from PIL import Image
 
 from spectral_diffusion.atomic import storage_error
 from spectral_diffusion.core import slots
-from spectral_diffusion.core.tokens import TokenError
+from spectral_diffusion.core.tokens import check_tokens_free
 from spectral_diffusion.errors import AdapterFormatError, ConceptNotFoundError, LibraryError, SlotConflictError
 from spectral_diffusion.formats.adapter_file import AdapterData, read_adapter, save_adapter
 from spectral_diffusion.library import allocation, workdirs
@@ -255,7 +255,7 @@ class Library:
                 f"{data.base_fingerprint}), not on this one (fingerprint {base_fingerprint}); import it with "
                 "the model it was trained on"
             )
-        data = _renamed(data, self._import_name(data, name))
+        data = data.renamed(self._import_name(data, name))
         hint = (
             f"; an adapter's slot is baked into its stored singular vectors and cannot be moved: delete the "
             f"other concept first to import {path.name}"
@@ -389,10 +389,10 @@ class Library:
             if slots.overlap(owner.columns, info.columns):
                 obstacles.append(f"slot {info.slot} (rank {info.rank}), which it was trained into, is held by {owner.label}")
                 culprits.append(owner.name)
-        for record in self.list(data.base_fingerprint):
-            for token in sorted(set(record.tokens) & set(info.tokens)):
-                obstacles.append(f"its trigger token {token} is used by concept {record.name!r}")
-                culprits.append(record.name)
+        users = {record.name: record.tokens for record in self.list(data.base_fingerprint)}
+        for token, user in slots.token_clashes(sorted(info.tokens), users):
+            obstacles.append(f"its trigger token {token} is used by concept {user!r}")
+            culprits.append(user)
         if not obstacles:
             return LibraryError(f"{taken}; import the file under another name (import FILE --name NAME) or delete "
                                 f"{name!r} first")
@@ -427,17 +427,13 @@ class Library:
         return owners
 
     def _check_tokens(self, base_fingerprint: str, tokens: Iterable[str], exclude: str | None) -> None:
-        """Two concepts of one base model sharing a trigger token could never be used together."""
-        users = {t: r.name for r in self.list(base_fingerprint) if r.name != exclude for t in r.tokens}
-        for v in self._live_reservations().values():
-            if v.base_fingerprint == base_fingerprint and v.name != exclude:
-                users.update({t: f"{v.name} (training in progress)" for t in v.tokens})
-        for token in tokens:
-            if token in users:
-                raise TokenError(
-                    f"trigger token {token} is already used by concept {users[token]!r} of this base model; "
-                    "pick another token"
-                )
+        """Refuse a trigger token another concept (or training) of this base model uses."""
+        owners = {f"concept {r.name!r} of this base model": r.tokens
+                  for r in self.list(base_fingerprint) if r.name != exclude}
+        owners.update({f"concept {v.name!r} of this base model (training in progress)": v.tokens
+                       for v in self._live_reservations().values()
+                       if v.base_fingerprint == base_fingerprint and v.name != exclude})
+        check_tokens_free(tokens, owners)
 
     def _reservations_dir(self) -> Path:
         return self.root / RESERVATIONS_DIR
@@ -515,9 +511,3 @@ class Library:
         if removed:
             logger.info("library %s: cleaned up %s", self.root, removed)
         return removed
-
-
-def _renamed(data: AdapterData, name: str) -> AdapterData:
-    if name == data.info.name:
-        return data
-    return dataclasses.replace(data, info=dataclasses.replace(data.info, name=name))
