@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bench import bench_layers, report
+from bench.baselines.reference import ReferenceSpectralLinear
 from bench.common import Sample, Timings, run_rounds
-from bench.reference import ReferenceSpectralLinear
+from bench.speed import layers as bench_layers
+from bench.speed import report
 
 
 def test_per_layer_bench_at_one_small_shape():
@@ -79,7 +80,7 @@ def test_peft_lora_wrapper_leaves_the_model_plain():
 
 
 def test_lora_baseline_trains_its_layers_and_token_and_fuses_as_a_weighted_sum(tiny_pipe, tmp_path):
-    from bench.lora_concept import fused_pipeline, train_lora_concept
+    from bench.baselines.lora_concept import fused_pipeline, train_lora_concept
     from spectral_diffusion.models import scenes
     from spectral_diffusion.training.config import TrainConfig
 
@@ -109,7 +110,7 @@ def test_lora_baseline_trains_its_layers_and_token_and_fuses_as_a_weighted_sum(t
 
 
 def test_gpu_bench_runs_every_path_on_cpu_in_tiny_mode():
-    from bench import gpu
+    from bench.speed import gpu
 
     lines = []
     results = gpu.main(["--device", "cpu", "--tiny", "--dtype", "float32", "--models", "sd15,sdxl"], log=lines.append)
@@ -123,7 +124,7 @@ def test_gpu_bench_runs_every_path_on_cpu_in_tiny_mode():
 def test_quick_run_does_not_write_the_docs_and_heavy_load_is_not_a_miss():
     import argparse
 
-    from bench import run
+    from bench.speed import run
 
     quick = argparse.Namespace(quick=True, no_write=False, write_docs=False)
     assert not run.should_write_docs(quick)
@@ -137,7 +138,7 @@ def test_quick_run_does_not_write_the_docs_and_heavy_load_is_not_a_miss():
 
 
 def test_memory_item_runs_one_process_per_variant_and_reports_the_os_peak():
-    from bench import bench_memory
+    from bench.speed import memory as bench_memory
 
     result = bench_memory.run(quick=True, threads=1, size="tiny", variants=("lora", "additive"), log=lambda *_: None)
     assert set(result.runs) == {"lora", "additive"} and result.steps == bench_memory.QUICK_STEPS
@@ -163,7 +164,7 @@ def test_report_keeps_the_hand_written_profiling_section():
             "background_during": "0.00 cores", "machine": {"cpu": "cpu", "cores": "1", "memory": "1 GiB",
                                                            "python": "3", "torch": "t", "diffusers": "d",
                                                            "transformers": "t", "peft": "p"}}
-    sizes = __import__("bench.bench_files", fromlist=["FileSizes"]).FileSizes(
+    sizes = __import__("bench.speed.files", fromlist=["FileSizes"]).FileSizes(
         bytes={"ours, additive, fp16 triplets": 151, "PEFT LoRA": 100})
     text = report.markdown({"meta": meta, "sizes": sizes}, None, kept)
     assert "shares 40%" in text

@@ -72,7 +72,7 @@ def photos(folder):
 def test_cli_training_beside_a_running_app(tmp_path, models_home, monkeypatch):
     from gradio_client import Client, handle_file
 
-    from bench.reliability import start_app
+    from bench.reliability.run import start_app
 
     root = tmp_path / "concepts"
     Library(root).add(make_adapter("resident", 0))

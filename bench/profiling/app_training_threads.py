@@ -1,6 +1,6 @@
 """Why training in the web app ran 1.4-1.7x slower than the CLI (issue 24), measured.
 
-    python bench/app_training_threads.py [--steps 40] [--model builtin:toy] [--json OUT]
+    python -m bench.profiling.app_training_threads [--steps 40] [--model builtin:toy] [--json OUT]
 
 The same training (previews off) three ways, each in a fresh process, reporting the median seconds per
 optimiser step and the training thread's voluntary context switches per step:
@@ -33,8 +33,8 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.support import ROOT
+
 VARIANTS = ("cli", "app-before", "app-now")
 
 
@@ -132,10 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         for variant in VARIANTS:
             load = os.getloadavg()[0]
             out = subprocess.run(
-                [sys.executable, __file__, "--variant", variant, "--model", args.model, "--steps", str(args.steps)],
+                [sys.executable, "-m", "bench.profiling.app_training_threads", "--variant", variant, "--model", args.model, "--steps", str(args.steps)],
                 capture_output=True,
                 text=True,
                 check=True,
+                cwd=ROOT,
             ).stdout
             runs.append({**json.loads(out.strip().splitlines()[-1]), "load1_before": round(load, 2)})
             print(json.dumps(runs[-1]), file=sys.stderr, flush=True)

@@ -7,7 +7,7 @@ item 5 does (``save_adapter``; the LoRA file as bench_files writes it, and as di
 the 8-byte length prefix, the JSON header's tensor entries, its ``__metadata__``, its padding, and the
 data of each kind of tensor. The parts add up to the file size exactly.
 
-    python -m bench.file_bytes [--rank 8]
+    python -m bench.profiling.file_bytes [--rank 8]
 """
 
 from __future__ import annotations

@@ -96,7 +96,7 @@ def _fmt(value: float) -> str:
 
 
 def size_excess_note(half: dict, lora: dict) -> str:
-    """Which bytes make an fp16-triplet additive file more than 1.5x a LoRA file (bench.file_bytes parts)."""
+    """Which bytes make an fp16-triplet additive file more than 1.5x a LoRA file (bench.profiling.file_bytes parts)."""
     total_half, total_lora = sum(half.values()), sum(lora.values())
     excess = total_half - 1.5 * total_lora
     payload = sum(v for k, v in half.items() if k.split()[1] in ("U", "V", "A", "B"))
@@ -110,12 +110,12 @@ def size_excess_note(half: dict, lora: dict) -> str:
             f"{payload / lora_payload:.4f}x LoRA's A, B exactly; the excess is the safetensors header's tensor "
             f"entries ({header:,.0f} bytes over 1.5x LoRA's: 6 tensors per layer against 2), the s (fp16) and c "
             f"(fp32) vectors ({vectors:,} bytes), the metadata ({meta:,.0f} bytes) and {rest:,.0f} bytes of "
-            "prefix and padding (`python -m bench.file_bytes`).")
+            "prefix and padding (`python -m bench.profiling.file_bytes`).")
 
 
 def notes(results: dict) -> list[str]:
     """The analysis under the tables: why each figure is what it is, and why a missed goal is missed."""
-    from bench import report
+    from bench.speed import report
 
     out: list[str] = []
     meta = results["meta"]
@@ -154,7 +154,7 @@ def notes(results: dict) -> list[str]:
                 f"with singular values within {svd.max_sv_error:.0e} of it.")
         if svd.speedup < report.SVD_GOAL:
             text += (f" The {report.SVD_GOAL:.0f}x goal is missed; the profile in \"Why the missed goals are "
-                     "missed\" (`python -m bench.why_missed svd`) says why: at K = 64 the block-Krylov basis is "
+                     "missed\" (`python -m bench.profiling.why_missed svd`) says why: at K = 64 the block-Krylov basis is "
                      "360-432 columns, a third to a half of the smaller side, so its QRs and the float64 "
                      "Rayleigh-Ritz eigh cost about what the exact Gram eigh costs; and on layers whose spectrum "
                      "has a small gap at k (s_k+1 / s_k = 0.985 for the power-law weights, 0.998 for flat random "

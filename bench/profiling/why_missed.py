@@ -1,7 +1,7 @@
 """Profiles of the missed goals, as shares of the total (meaningful on a shared core, unlike seconds).
 
-    python -m bench.why_missed svd     # SVD prep: where the top-K time goes, which layers fall back and why
-    python -m bench.why_missed live    # 4 live concepts: thin products vs base linears vs the rest
+    python -m bench.profiling.why_missed svd     # SVD prep: where the top-K time goes, which layers fall back and why
+    python -m bench.profiling.why_missed live    # 4 live concepts: thin products vs base linears vs the rest
 
 ``svd`` rebuilds item 3's comparison sample (every 2nd of the 176 default targets of the SD1.5 UNet and
 the CLIP ViT-L text encoder, by sorted name; shapes from the configs on the meta device) with the same
@@ -105,7 +105,7 @@ def krylov_check(W: torch.Tensor, k: int, block: int, depth: int) -> tuple[float
 
 
 def svd_profile(kind: str, log=print) -> dict:
-    from bench.bench_svd import power_law_copy
+    from bench.speed.svd import power_law_copy
     from spectral_diffusion.core import svd
 
     shapes = sample_shapes()

@@ -1,9 +1,9 @@
 """How well does one spectral slot learn a new concept alone? Cheap diagnostic runs on ``builtin:toy``.
 
-    python bench/concept_quality.py                 # all rows, about 25 minutes on one CPU core
-    python bench/concept_quality.py --rows lora,default --shapes heart
-    python bench/concept_quality.py --report        # only rewrite the table from the JSON
-    python bench/concept_quality.py --rows lora,unet_3e-3 --seeds 4 --contexts 4 --name concept-quality-confirm
+    python -m bench.quality.concept_quality                 # all rows, about 25 minutes on one CPU core
+    python -m bench.quality.concept_quality --rows lora,default --shapes heart
+    python -m bench.quality.concept_quality --report        # only rewrite the table from the JSON
+    python -m bench.quality.concept_quality --rows lora,unet_3e-3 --seeds 4 --contexts 4 --name concept-quality-confirm
 
 Each row trains one or two novel shapes (heart, moon by default) alone from their 5 captioned photos
 with one change from the product's settings, then scores what the concept draws by itself:
@@ -16,7 +16,7 @@ with one change from the product's settings, then scores what the concept draws 
   a two-object prompt of the fusion benchmark with the other concept replaced by a shape the model
   knows ("a red <heart> on the left and a blue square on the right ..."), which tests whether it
   carries over to scenes unlike its photos;
-* *time*: seconds per concept, and the ratio to the PEFT LoRA row (``bench/lora_concept.py``: same
+* *time*: seconds per concept, and the ratio to the PEFT LoRA row (``bench/baselines/lora_concept.py``: same
   layers, rank, steps, data, loss) measured in the same invocation. The machine is shared, so
   absolute times are under background load; compare ratios.
 
@@ -31,33 +31,27 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from bench.baselines.lora_concept import fused_pipeline, train_lora_concept
+from bench.quality.fusion_quality import pair_prompts, single_prompts, token
+from bench.support import ROOT
+from spectral_diffusion.core.model import SpectralAdapters
+from spectral_diffusion.formats.adapter_file import install_adapter
+from spectral_diffusion.generation.diffusion import generate
+from spectral_diffusion.models import scenes
+from spectral_diffusion.models.registry import default_rank, load_pipeline, training_defaults
+from spectral_diffusion.training.config import TrainConfig
+from spectral_diffusion.training.trainer import train_concept
+from toy import classifier
 
-from bench.fusion_quality import pair_prompts, single_prompts, token  # noqa: E402
-from bench.lora_concept import fused_pipeline, train_lora_concept  # noqa: E402
-from spectral_diffusion.core.model import SpectralAdapters  # noqa: E402
-from spectral_diffusion.formats.adapter_file import install_adapter  # noqa: E402
-from spectral_diffusion.generation.diffusion import generate  # noqa: E402
-from spectral_diffusion.models import scenes  # noqa: E402
-from spectral_diffusion.models.registry import default_rank, load_pipeline, training_defaults  # noqa: E402
-from spectral_diffusion.training.config import TrainConfig  # noqa: E402
-from spectral_diffusion.training.trainer import train_concept  # noqa: E402
-from toy import classifier  # noqa: E402
-
-logger = logging.getLogger("bench.concept_quality")
+logger = logging.getLogger("bench.quality.concept_quality")
 
 MODEL = "builtin:toy"
 INFERENCE_STEPS, GUIDANCE = 25, 5.0

@@ -1,11 +1,11 @@
 """Do concepts survive fusion? Spectral slots vs the reference fusion vs PEFT LoRA, on ``builtin:toy``.
 
-    python bench/fusion_quality.py            # about 20 minutes on 2 CPU cores; writes docs/fusion-quality.*
-    python bench/fusion_quality.py --quick    # fewer steps, seeds and prompts: a smoke run (a few minutes)
+    python -m bench.quality.fusion_quality            # about 20 minutes on 2 CPU cores; writes docs/fusion-quality.*
+    python -m bench.quality.fusion_quality --quick    # fewer steps, seeds and prompts: a smoke run (a few minutes)
 
 Four new concepts, shapes ``builtin:toy`` never saw (heart, moon, cross, ring), are each trained alone
 from 5 captioned photos, once as a spectral slot (slots 0-3) and once as a PEFT LoRA of the same rank,
-on the same layers, data, steps and learning rates (``bench/lora_concept.py``). Then images are drawn
+on the same layers, data, steps and learning rates (``bench/baselines/lora_concept.py``). Then images are drawn
 for single-concept prompts (the concept in a new colour / background / position) and pair prompts
 ("a blue <heart> on the left and a red <moon> on the right ..."), over fixed seeds, under:
 
@@ -26,33 +26,28 @@ import itertools
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
+from bench.baselines.lora_concept import fused_pipeline, train_lora_concept
+from bench.quality import fusion_regional as regional_quality
+from bench.support import ROOT
+from spectral_diffusion.core.model import SpectralAdapters
+from spectral_diffusion.formats.adapter_file import install_adapter
+from spectral_diffusion.generation.diffusion import generate
+from spectral_diffusion.models import scenes
+from spectral_diffusion.models.registry import default_rank, load_pipeline, training_defaults
+from spectral_diffusion.training.config import TrainConfig
+from spectral_diffusion.training.trainer import train_concept
+from toy import classifier
 
-from bench import fusion_regional as regional_quality  # noqa: E402
-from bench.lora_concept import fused_pipeline, train_lora_concept  # noqa: E402
-from spectral_diffusion.core.model import SpectralAdapters  # noqa: E402
-from spectral_diffusion.formats.adapter_file import install_adapter  # noqa: E402
-from spectral_diffusion.generation.diffusion import generate  # noqa: E402
-from spectral_diffusion.models import scenes  # noqa: E402
-from spectral_diffusion.models.registry import default_rank, load_pipeline, training_defaults  # noqa: E402
-from spectral_diffusion.training.config import TrainConfig  # noqa: E402
-from spectral_diffusion.training.trainer import train_concept  # noqa: E402
-from toy import classifier  # noqa: E402
-
-logger = logging.getLogger("bench.fusion_quality")
+logger = logging.getLogger("bench.quality.fusion_quality")
 
 MODEL = "builtin:toy"
 CONCEPTS = scenes.NOVEL_SHAPES

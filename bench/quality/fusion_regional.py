@@ -1,5 +1,5 @@
-"""Regional rows of the fusion-quality benchmark (imported by ``bench/fusion_quality.py``): a side path that
-calls the regional machinery directly; what users get is measured by ``bench/regional_quality.py``.
+"""Regional rows of the fusion-quality benchmark (imported by ``bench/quality/fusion_quality.py``): a side path that
+calls the regional machinery directly; what users get is measured by ``bench/quality/regional_quality.py``.
 
 Pair prompts put concept a on the left half and b on the right half. Methods:
 

@@ -1,4 +1,4 @@
-"""Multi-concept pictures the way a user makes them, on ``builtin:toy``: ``python bench/regional_quality.py``.
+"""Multi-concept pictures the way a user makes them, on ``builtin:toy``: ``python -m bench.quality.regional_quality``.
 
 Everything goes through the path the CLI and the app take: concepts are trained by the ``train`` command
 with its defaults (5 photos each from ``write_concept_images``), layouts are built by the same
@@ -27,30 +27,23 @@ import argparse
 import itertools
 import json
 import logging
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
+from spectral_diffusion import GenerationRequest, Library, Studio
+from spectral_diffusion.frontends import cli
+from spectral_diffusion.frontends.workflows import build_layout
+from spectral_diffusion.generation.layout import region_masks
+from spectral_diffusion.generation.request import DEFAULTS
+from spectral_diffusion.models import scenes
+from toy import classifier
 
-from spectral_diffusion import GenerationRequest, Library, Studio  # noqa: E402
-from spectral_diffusion.frontends import cli  # noqa: E402
-from spectral_diffusion.frontends.workflows import build_layout  # noqa: E402
-from spectral_diffusion.generation.layout import region_masks  # noqa: E402
-from spectral_diffusion.generation.request import DEFAULTS  # noqa: E402
-from spectral_diffusion.models import scenes  # noqa: E402
-from toy import classifier  # noqa: E402
-
-logger = logging.getLogger("bench.regional_quality")
+logger = logging.getLogger("bench.quality.regional_quality")
 MODEL = "builtin:toy"
 CONCEPTS = scenes.NOVEL_SHAPES
 SIDES = ("left", "right")

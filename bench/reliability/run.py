@@ -1,7 +1,7 @@
 """Reliability at scale (issue 17): fuzzed adapter files and hostile uploads, and the app soak.
 
-    python bench/reliability.py fuzz [--long] [--files N] [--uploads N] [--json OUT]
-    python bench/reliability.py soak [--long] [--seconds S] [--clients N] [--json OUT]
+    python -m bench.reliability.run fuzz [--long] [--files N] [--uploads N] [--json OUT]
+    python -m bench.reliability.run soak [--long] [--seconds S] [--clients N] [--json OUT]
 
 ``fuzz`` generates adapter files (random bytes, truncated, bit-flipped, shape- and metadata-mangled,
 huge declared sizes, valid but foreign, NaN/inf written into tensors) and passes every one through
@@ -42,9 +42,9 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-logger = logging.getLogger("bench.reliability")
+from bench.support import ROOT
+
+logger = logging.getLogger("bench.reliability.run")
 
 CALL_LIMIT_S = 5.0
 HEADROOM_MB = 1024

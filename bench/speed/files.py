@@ -36,7 +36,7 @@ BASE_MODEL = "bench:sd15-size-random"
 class FileSizes:
     bytes: dict = field(default_factory=dict)  # label -> bytes on disk
     reference_computed: bool = False  # reference size computed from shapes (no full SVD in --quick)
-    parts: dict = field(default_factory=dict)  # label -> bytes by part (bench.file_bytes.byte_breakdown)
+    parts: dict = field(default_factory=dict)  # label -> bytes by part (bench.profiling.file_bytes.byte_breakdown)
 
 
 def _reference_bytes(ctx) -> int:
@@ -50,8 +50,8 @@ def _reference_bytes(ctx) -> int:
 
 def file_sizes(ctx, out_dir: Path, rank: int = 8) -> FileSizes:
     """Sizes on disk; ``ctx`` holds rank-``rank`` spectral concepts (bench_train.install_rank)."""
-    from bench.bench_train import SPECTRAL, concept_name, ensure_peft
-    from bench.file_bytes import byte_breakdown
+    from bench.profiling.file_bytes import byte_breakdown
+    from bench.speed.train import SPECTRAL, concept_name, ensure_peft
 
     out_dir.mkdir(parents=True, exist_ok=True)
     sizes = FileSizes()

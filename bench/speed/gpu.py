@@ -1,7 +1,7 @@
 """GPU benchmark: SD1.5- and SDXL-size UNets built from configs (no downloads), fp16/bf16.
 
-    bash bench/gpu.sh                         # on a GPU machine: both sizes, bf16, a few minutes
-    python bench/gpu.py --device cpu --tiny   # a seconds-long smoke run of every code path
+    bash bench/speed/gpu.sh                         # on a GPU machine: both sizes, bf16, a few minutes
+    python -m bench.speed.gpu --device cpu --tiny   # a seconds-long smoke run of every code path
 
 Per model it prints: the training step (forward, loss, backward, AdamW) of PEFT LoRA and of an additive
 spectral slot at the same rank and their ratio; UNet evaluations and images/s (at 30 denoising steps,
@@ -13,25 +13,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
 
-import torch  # noqa: E402
+from bench.common import UNET_TARGETS, get_modules, peft_lora_modules, randomize, set_modules, target_paths
+from spectral_diffusion.core import svd
+from spectral_diffusion.core.config import ConceptInfo, TargetConfig
+from spectral_diffusion.core.model import SpectralAdapters
 
-from bench.common import UNET_TARGETS, get_modules, peft_lora_modules, randomize, set_modules, target_paths  # noqa: E402
-from spectral_diffusion.core import svd  # noqa: E402
-from spectral_diffusion.core.config import ConceptInfo, TargetConfig  # noqa: E402
-from spectral_diffusion.core.model import SpectralAdapters  # noqa: E402
-
-logger = logging.getLogger("bench.gpu")
+logger = logging.getLogger("bench.speed.gpu")
 DENOISING_STEPS = 30
 SD15 = {"cross_attention_dim": 768, "sample_size": 64}
 SDXL = {

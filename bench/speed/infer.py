@@ -55,7 +55,7 @@ def run(unet, plain, adapters, layers, lives=(1, 2, 4, 8), baked=(1, 4, 8), roun
 
 def profile(unet, plain, adapters, layers, live: int = 4, seed: int = 0, log=print) -> dict[str, str]:
     """Operator profiles of one base step and one step with ``live`` concepts live."""
-    from bench.profiles import inference_profiles
+    from bench.profiling.profiles import inference_profiles
 
     names = sorted(adapters.concepts, key=lambda n: adapters.concept(n).slot)
     generator = torch.Generator().manual_seed(seed)

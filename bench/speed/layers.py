@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from bench.baselines.reference import ReferenceSpectralLinear
 from bench.common import Timings, peft_lora_modules, randomize, run_rounds
-from bench.reference import ReferenceSpectralLinear
 from spectral_diffusion.core.layers import SpectralLayer
 from spectral_diffusion.core.svd import top_k_svd
 

@@ -15,9 +15,9 @@ whole UNet: a small launcher (this module, run with ``launch``; it imports only 
 spawns them one after the other and reports their rusage. The worker also reports its own ``VmRSS``
 / ``VmHWM`` (``/proc/self/status``) after every phase, which says where the memory goes.
 
-    python -m bench.bench_memory                 # all four variants, 4 steps each, 1 thread
-    python -m bench.bench_memory --steps 2       # what bench/run.py --quick runs
-    python -m bench.bench_memory worker lora     # one worker (prints its phases as JSON)
+    python -m bench.speed.memory                 # all four variants, 4 steps each, 1 thread
+    python -m bench.speed.memory --steps 2       # what bench/speed/run.py --quick runs
+    python -m bench.speed.memory worker lora     # one worker (prints its phases as JSON)
 
 Memory does not depend on the machine's load, so this figure is stable on a shared machine.
 """
@@ -32,9 +32,9 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.support import ROOT
+
 VARIANTS = ("base", "lora", "additive", "rotational")
 LABELS = {
     "base": "frozen base (fwd + bwd to the latents)",
@@ -151,7 +151,7 @@ def _spawn(variant: str, steps: int, threads: int, size: str, log) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    cmd = [sys.executable, "-m", "bench.bench_memory", "worker", variant, "--steps", str(steps),
+    cmd = [sys.executable, "-m", "bench.speed.memory", "worker", variant, "--steps", str(steps),
            "--threads", str(threads), "--size", size]
     with tempfile.TemporaryFile(mode="w+") as out, tempfile.TemporaryFile(mode="w+") as err:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err)
@@ -174,7 +174,7 @@ def launch(steps: int, threads: int, size: str = "sd15", variants=VARIANTS, log=
     return [_spawn(v, steps, threads, size, log) for v in variants]
 
 
-# ----- called by bench/run.py (a big process): go through the launcher ----------------------------
+# ----- called by bench/speed/run.py (a big process): go through the launcher ----------------------------
 
 
 @dataclass
@@ -205,7 +205,7 @@ def run(quick: bool = False, threads: int = 1, size: str = "sd15", variants=VARI
     """Spawn the small launcher, which spawns one worker per variant; results from its JSON."""
     steps = QUICK_STEPS if quick else STEPS
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    cmd = [sys.executable, "-m", "bench.bench_memory", "launch", "--steps", str(steps), "--threads", str(threads),
+    cmd = [sys.executable, "-m", "bench.speed.memory", "launch", "--steps", str(steps), "--threads", str(threads),
            "--size", size, "--variants", ",".join(variants), "--json"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     for line in proc.stdout.splitlines():

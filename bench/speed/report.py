@@ -18,7 +18,7 @@ FUSE_GOAL = 1.0
 MEMORY_GOAL = 1.05  # issue 18: peak RSS of a training run, ours / PEFT LoRA (OS accounting, one process each)
 FILE_GOAL = 1.5  # issue 18: additive adapter file (fp16 triplets) / LoRA file
 # Hand-written sections of docs/benchmarks.md that a benchmark run keeps (they come from separate
-# profiling runs with their own command and date, see bench/why_missed.py).
+# profiling runs with their own command and date, see bench/profiling/why_missed.py).
 KEPT_SECTIONS = ("Why the missed goals are missed",)
 WHY_ANCHOR = "#why-the-missed-goals-are-missed"
 # Other processes' load (os.getloadavg, 1 min) per core above which a run's timings say little: the
@@ -472,13 +472,13 @@ def markdown(r: dict, plot_name: str | None, kept: dict[str, str] | None = None)
 
 
 def memory_section(memory) -> list[str]:
-    """The "Memory of a training run" section (bench/bench_memory.py)."""
-    from bench.bench_memory import TABLE_HEADER, table
+    """The "Memory of a training run" section (bench/speed/memory.py)."""
+    from bench.speed.memory import TABLE_HEADER, table
 
     out = [
         "## Memory of a training run",
         "",
-        "One fresh process per variant (`bench/bench_memory.py`): build the SD1.5-size UNet from its config (random",
+        "One fresh process per variant (`bench/speed/memory.py`): build the SD1.5-size UNet from its config (random",
         "weights), adapt the 128 attention linears at rank 8 (PEFT LoRA; ours through `SpectralAdapters` +",
         "`new_concept`, so the top-K SVD of every target runs in the process, from a cold SVD cache), then "
         f"{memory.steps} training",

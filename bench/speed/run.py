@@ -1,7 +1,7 @@
 """Run every benchmark, print a table, write docs/benchmarks.md (+ plot), end with the RATIO line.
 
-    python bench/run.py            # full run (about 15 minutes on 2 CPU cores)
-    python bench/run.py --quick    # a few minutes: fewer rounds and shapes, no rank sweep, no reference step
+    python -m bench.speed.run            # full run (about 15 minutes on 2 CPU cores)
+    python -m bench.speed.run --quick    # a few minutes: fewer rounds and shapes, no rank sweep, no reference step
                                    # (prints only; add --write-docs to write docs/benchmarks.md anyway)
 """
 
@@ -17,26 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-import torch  # noqa: E402
-
-from bench import (  # noqa: E402
-    bench_files,
-    bench_infer,
-    bench_layers,
-    bench_memory,
-    bench_svd,
-    bench_train,
-    profiles,
-    report,
-)
-from bench.common import (  # noqa: E402
+from bench.common import (
     METRIC,
     TEXT_TARGETS,
     THREADS,
@@ -52,6 +35,15 @@ from bench.common import (  # noqa: E402
     setup_torch,
     target_paths,
 )
+from bench.profiling import profiles
+from bench.speed import files as bench_files
+from bench.speed import infer as bench_infer
+from bench.speed import layers as bench_layers
+from bench.speed import memory as bench_memory
+from bench.speed import report
+from bench.speed import svd as bench_svd
+from bench.speed import train as bench_train
+from bench.support import ROOT
 
 GPU_NOTE = "none (no GPU machine was available to this session through the device tool, so there is no GPU run)"
 
@@ -115,7 +107,7 @@ def main(argv=None) -> int:
     run_start = cpu_snapshot()
     meta = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": "python bench/run.py" + (" " + shlex.join(argv if argv is not None else sys.argv[1:])).rstrip(),
+        "command": "python -m bench.speed.run" + (" " + shlex.join(argv if argv is not None else sys.argv[1:])).rstrip(),
         "quick": quick,
         "threads": threads,
         "threads_note": threads_note,

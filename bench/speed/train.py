@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
+from bench.baselines.reference import ReferenceSpectralLinear
 from bench.common import (
     UNET_TARGETS,
     Timings,
@@ -29,7 +30,6 @@ from bench.common import (
     set_modules,
     target_paths,
 )
-from bench.reference import ReferenceSpectralLinear
 from spectral_diffusion.core.config import ConceptInfo, TargetConfig
 from spectral_diffusion.core.model import SpectralAdapters
 from spectral_diffusion.core.svd import SvdCache

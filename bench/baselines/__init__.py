@@ -1,0 +1,1 @@
+"""What the benchmarks compare against: the dense reference layer and a PEFT LoRA concept."""

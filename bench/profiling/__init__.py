@@ -1,0 +1,1 @@
+"""Where time and bytes go: operator profiles, file byte breakdowns, thread diagnoses."""

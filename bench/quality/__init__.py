@@ -1,0 +1,1 @@
+"""Image quality on ``builtin:toy``: one concept alone, several fused, multi-concept layouts."""

@@ -1,0 +1,1 @@
+"""Reliability at scale: fuzzed adapter files, hostile uploads, the app soak."""
