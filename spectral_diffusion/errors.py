@@ -36,7 +36,8 @@ class StorageError(SpectralDiffusionError, OSError):
 
 
 class ConfigError(SpectralDiffusionError, ValueError):
-    """A setting is out of range or unknown (training settings, adapter targets, a concept's slot or rank)."""
+    """A setting is out of range or unknown (training settings, adapter targets, a concept's slot or rank,
+    an export format)."""
 
 
 class ImageDataError(SpectralDiffusionError, ValueError):

@@ -22,10 +22,10 @@ from PIL import Image
 
 from spectral_diffusion.atomic import storage_error
 from spectral_diffusion.errors import SpectralDiffusionError, TrainingCancelled
+from spectral_diffusion.formats import check_export_format
 from spectral_diffusion.frontends.workflows import (
     TrainRequest,
     build_layout,
-    check_export_format,
     export_concept,
     train_into_library,
 )

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spectral_diffusion.core.tokens import default_token
-from spectral_diffusion.errors import ConfigError, LayoutError, SpectralDiffusionError
-from spectral_diffusion.formats import EXPORT_FORMATS
+from spectral_diffusion.errors import ConfigError, LayoutError
+from spectral_diffusion.formats import check_export_format
 from spectral_diffusion.generation.layout import PRESETS, Layout, Region, auto_layout, parse_region, preset_layout
 from spectral_diffusion.library.workdirs import CHECKPOINTS_DIR
 from spectral_diffusion.models.registry import default_rank, training_defaults
@@ -130,11 +130,6 @@ def train_into_library(
         record = library.add(result.adapter, images, result.preview)
         library.discard_checkpoint(request.name)  # finished: a later --resume must not find this run's state
     return record, result
-
-
-def check_export_format(format: str) -> None:
-    if format not in EXPORT_FORMATS:
-        raise SpectralDiffusionError(f"unknown format {format!r}; use one of {EXPORT_FORMATS}")
 
 
 def export_concept(library, studio: Callable[[], object], name: str, format: str, out: str | os.PathLike) -> list[Path]:

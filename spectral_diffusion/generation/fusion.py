@@ -35,7 +35,7 @@ from spectral_diffusion.errors import (
     RequestError,
     SlotConflictError,
 )
-from spectral_diffusion.formats import EXPORT_FORMATS
+from spectral_diffusion.formats import check_export_format
 from spectral_diffusion.formats.adapter_file import AdapterData, install_adapter
 from spectral_diffusion.formats.bundle import read_bundle_and_strengths, write_bundle
 from spectral_diffusion.formats.lora import export_lora
@@ -406,8 +406,7 @@ class Studio:
 
         Returns the paths written, the main file first. The active set is left as it was.
         """
-        if format not in EXPORT_FORMATS:
-            raise ValueError(f"unknown export format {format!r}; use one of {EXPORT_FORMATS}")
+        check_export_format(format)
         strengths = {name: s for name, s in normalize_strengths(names_with_strengths).items() if s != 0.0}
         if not strengths:
             raise FusionError("name at least one concept with a non-zero strength to export")
