@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 from PIL import Image
 
-from spectral_diffusion.atomic import storage_error
+from spectral_diffusion.atomic import TMP_PREFIX, atomic_dir, discard_dir, storage_error
 from spectral_diffusion.core import slots
 from spectral_diffusion.core.tokens import check_tokens_free
 from spectral_diffusion.errors import AdapterFormatError, ConceptNotFoundError, LibraryError, SlotConflictError
@@ -293,7 +292,7 @@ class Library:
                 raise self._not_found(name)
             try:
                 if concept:
-                    workdirs.discard(self.root, name)
+                    discard_dir(folder)
                 if checkpoint:
                     workdirs.remove_checkpoint(self.root, name)
             except OSError as error:  # a read-only or full library: the concept stays, whole
@@ -466,18 +465,8 @@ class Library:
             data = dataclasses.replace(data, created_at=utc_timestamp())
         with self._locked():
             self._check_can_add(data, overwrite, slot_hint)
-            try:
-                work = workdirs.make_workdir(self.root, workdirs.TMP_PREFIX, name)
-                try:
-                    write_concept(work, data, images, preview)
-                    workdirs.move_into_place(self.root, work, name)
-                finally:
-                    shutil.rmtree(work, ignore_errors=True)  # gone already after a successful rename
-            except Exception as error:  # a full disk gets one clear message; the library is unchanged
-                clear = storage_error(error, self.root / name)
-                if clear is None:
-                    raise
-                raise clear from error
+            with atomic_dir(self.root / name) as work:  # a full disk: one clear message, the library unchanged
+                write_concept(work, data, images, preview)
             record = ConceptRecord.from_folder(self.root / name)
         logger.info("added concept %s (slot %d, rank %d) to %s", name, record.slot, record.rank, self.root)
         return record
@@ -504,7 +493,7 @@ class Library:
                 path.unlink(missing_ok=True)
                 removed.append(f"{RESERVATIONS_DIR}/{path.name}")
         if self._reservations_dir().is_dir():
-            for stray in self._reservations_dir().glob(f"{workdirs.TMP_PREFIX}*"):
+            for stray in self._reservations_dir().glob(f"{TMP_PREFIX}*"):
                 workdirs.remove_path(stray)  # an atomic write of a reservation file killed midway
                 removed.append(f"{RESERVATIONS_DIR}/{stray.name}")
         removed += workdirs.remove_checkpoint_leftovers(self.root, self._live_reservations())

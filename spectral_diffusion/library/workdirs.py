@@ -1,8 +1,8 @@
-"""Work folders: how a concept folder appears, is replaced or vanishes in one rename.
+"""Work folders of the library: what crashed writes leave, and how it is cleared.
 
-A concept is built in ``.tmp-<name>-*`` and renamed into place only once complete; an overwrite
-moves the old concept aside into ``.old-<name>-*`` first (a directory cannot be replaced by a
-rename); a delete renames it into ``.trash-<name>-*``. A crash therefore leaves only work folders,
+A concept folder appears, is replaced or vanishes in one rename (``atomic.atomic_dir`` builds it in
+``.tmp-<name>-*``, an overwrite moves the old one aside into ``.old-<name>-*`` first;
+``atomic.discard_dir`` renames it into ``.trash-<name>-*``). A crash therefore leaves only work folders,
 which ``remove_leftovers`` clears, putting back a concept an interrupted overwrite had moved aside.
 The caller holds the library lock.
 """
@@ -12,53 +12,15 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Collection
 from pathlib import Path
 
-from spectral_diffusion.atomic import fsync_path
+from spectral_diffusion.atomic import OLD_PREFIX, TMP_PREFIX, WORK_PREFIXES
 from spectral_diffusion.library.names import matches_name_pattern
 
 logger = logging.getLogger(__name__)
 
-TMP_PREFIX = ".tmp-"
-TRASH_PREFIX = ".trash-"
-OLD_PREFIX = ".old-"  # a concept moved aside by an overwrite; restored by cleanup if the swap died
-WORK_PREFIXES = (TMP_PREFIX, TRASH_PREFIX, OLD_PREFIX)
 CHECKPOINTS_DIR = ".checkpoints"  # resumable training state, one folder per concept name
-
-
-def make_workdir(root: Path, prefix: str, name: str) -> Path:
-    work = Path(tempfile.mkdtemp(prefix=f"{prefix}{name}-", dir=root))
-    work.chmod(0o755)  # mkdtemp makes it private; a concept folder is ordinary data
-    return work
-
-
-def move_into_place(root: Path, work: Path, name: str) -> None:
-    """Rename the complete folder ``work`` to ``root/name``, replacing a concept already there."""
-    target = root / name
-    if not (target.exists() or target.is_symlink()):
-        os.replace(work, target)
-        fsync_path(root)
-        return
-    # A directory cannot be replaced by rename: move the old one aside, then swap in the new one.
-    old = make_workdir(root, OLD_PREFIX, name)
-    os.replace(target, old / name)
-    try:
-        os.replace(work, target)
-    except OSError:
-        os.replace(old / name, target)
-        raise
-    fsync_path(root)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def discard(root: Path, name: str) -> None:
-    """Remove ``root/name``; it vanishes in one rename, the slow removal comes after."""
-    trash = make_workdir(root, TRASH_PREFIX, name)
-    os.replace(root / name, trash / name)
-    fsync_path(root)
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def remove_leftovers(root: Path) -> list[str]:

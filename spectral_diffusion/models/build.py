@@ -10,12 +10,12 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from filelock import FileLock
 
+from spectral_diffusion.atomic import atomic_dir, discard_dir, work_dirs_of
 from spectral_diffusion.models.bpe import write_clip_vocab
 
 logger = logging.getLogger(__name__)
@@ -52,20 +52,13 @@ def _save_pipeline(pipe, folder: Path) -> None:
             write_clip_vocab(folder / sub)
 
 
-def _discard(folder: Path) -> None:
-    """Remove ``folder`` by first renaming it aside: no reader sees it half-deleted."""
-    trash = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-    os.replace(folder, trash / folder.name)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
 def _clear_destination(path: Path) -> None:
     """Make room for a fresh build, refusing to delete anything that is not ours."""
     if not path.exists():
         return
     if path.is_dir() and ((path / MARKER_FILE).exists() or not any(path.iterdir())):
         logger.info("replacing outdated build in %s", path)
-        _discard(path)
+        discard_dir(path)
         return
     raise FileExistsError(
         f"{path} exists and is not a built-in model folder; "
@@ -75,13 +68,13 @@ def _clear_destination(path: Path) -> None:
 
 def _remove_stale_temporaries(path: Path) -> None:
     """Delete what crashed builds left beside ``path`` (only called under the lock)."""
-    for pattern in (f".{path.name}.tmp-*", f".{path.name}.old-*"):
-        for stale in path.parent.glob(pattern):
-            shutil.rmtree(stale, ignore_errors=True)
+    legacy = [*path.parent.glob(f".{path.name}.tmp-*"), *path.parent.glob(f".{path.name}.old-*")]  # earlier versions named them so
+    for stale in work_dirs_of(path) + legacy:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def build_atomically(path, name: str, make_pipeline: Callable[[], object]) -> Path:
-    """Build into a temporary sibling, then rename into place, under a sibling lock.
+    """Build into a temporary sibling, then rename into place (``atomic.atomic_dir``), under a sibling lock.
 
     Concurrent builders (two app workers, the CLI) wait on the lock; the later one finds
     the marker and returns.  A crash never leaves a half model at ``path``; its stray
@@ -95,12 +88,7 @@ def build_atomically(path, name: str, make_pipeline: Callable[[], object]) -> Pa
         _clear_destination(path)
         _remove_stale_temporaries(path)
         logger.info("building %s into %s", name, path)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is ordinary data
-        try:
+        with atomic_dir(path) as tmp:
             _save_pipeline(make_pipeline(), tmp)
-            _write_marker(tmp, name)
-            os.replace(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _write_marker(tmp, name)  # last: its presence means the build is complete
     return path
