@@ -8,6 +8,8 @@ import os
 import pytest
 import torch
 
+from bench.support import randomize_concept, trained_looking_adapter  # noqa: F401 - the tests' makers
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -43,21 +45,6 @@ def tiny_sdxl_pipe(models_home):
     return pipe
 
 
-def randomize_concept(adapters, name, seed=0, scale=0.05):
-    """Give a concept non-zero parameters, as if it had been trained."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in adapters.layers.values():
-            adapter = layer.concept(name)
-            for pname in adapter.trainable_names():
-                param = getattr(adapter, pname)
-                param.copy_(torch.randn(param.shape, generator=generator) * scale)
-        for wrapper in adapters.embeddings.values():
-            if name in wrapper.vectors:
-                vec = wrapper.vectors[name]
-                vec.add_(torch.randn(vec.shape, generator=generator) * scale)
-
-
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models gain nothing from a second thread, while OpenMP's spin-waiting makes two threads
@@ -81,19 +68,6 @@ def unet_inputs(pipe, seed=0):
 def unet_output(pipe, inputs):
     with torch.no_grad():
         return pipe.unet(*inputs).sample
-
-
-def trained_looking_adapter(adapters, name, slot, rank, variant="additive", seed=0, base_model="builtin:tiny"):
-    """AdapterData of a concept with random (non-zero) parameters in ``slot``; the concept is removed again."""
-    from spectral_diffusion.core.config import ConceptInfo
-    from spectral_diffusion.formats.adapter_file import adapter_from_model
-
-    adapters.new_concept(ConceptInfo(name, slot, rank, variant, [f"<{name}>"], "dog"))
-    randomize_concept(adapters, name, seed=seed)
-    try:
-        return adapter_from_model(adapters, name, base_model, {"steps": 1})
-    finally:
-        adapters.remove_concept(name)
 
 
 def rewrite_safetensors(src, dst, edit_tensors=None, edit_meta=None):

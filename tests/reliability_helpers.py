@@ -9,8 +9,6 @@ docs/reliability.md come from such a run. Without the variable nothing is writte
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
 import json
 import os
 import socket
@@ -18,9 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RANK = 4
-LEFTOVER_PREFIXES = (".tmp-", ".trash-", ".old-")
+from bench.support import ROOT, leftovers, make_adapter, rss_mb, snapshot, tiny_adapters  # noqa: F401 - shared
+
+RANK = 4  # make_adapter's default rank
 
 
 def record_stats(section: str, **numbers) -> None:
@@ -32,30 +30,13 @@ def record_stats(section: str, **numbers) -> None:
         handle.write(json.dumps({"section": section, "time": time.time(), **numbers}) + "\n")
 
 
-@functools.cache
-def _tiny_adapters():
-    """One patched builtin:tiny per test process (needs the ``models_home`` fixture to have run)."""
-    from spectral_diffusion.core.model import SpectralAdapters
-    from spectral_diffusion.models.registry import load_pipeline
-
-    pipe = load_pipeline("builtin:tiny")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, SpectralAdapters.from_pipeline(pipe)
-
-
 def tiny_pipeline():
-    return _tiny_adapters()[0]
-
-
-def make_adapter(name: str, slot: int, rank: int = RANK, variant: str = "additive", seed: int = 0):
-    """AdapterData of a trained-looking concept of builtin:tiny in ``slot``."""
-    from .conftest import trained_looking_adapter
-
-    return trained_looking_adapter(_tiny_adapters()[1], name, slot, rank, variant, seed)
+    """The process's patched builtin:tiny (needs the ``models_home`` fixture to have run)."""
+    return tiny_adapters()[0]
 
 
 def tiny_fingerprint_and_capacity(rank: int = RANK) -> tuple[str, int]:
-    _, adapters = _tiny_adapters()
+    _, adapters = tiny_adapters()
     return adapters.fingerprint, adapters.capacity(rank)
 
 
@@ -64,35 +45,10 @@ def renamed(data, name: str):
     return dataclasses.replace(data, info=info)
 
 
-def snapshot(root: Path) -> dict[str, str]:
-    """Every path under ``root`` with a hash of its bytes: equal snapshots = byte-for-byte unchanged."""
-    if not root.exists():
-        return {}
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-        for p in sorted(root.rglob("*"))
-    }
-
-
-def leftovers(root: Path) -> list[str]:
-    """Work files of interrupted operations anywhere under ``root`` (.tmp-*, .trash-*, .old-*)."""
-    if not root.exists():
-        return []
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.name.startswith(LEFTOVER_PREFIXES))
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process, from /proc (MB)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 def child_env(**extra: str) -> dict[str, str]:

@@ -54,7 +54,7 @@ def test_report_renders_whatever_was_measured(tmp_path):
     rows = bench_layers.run(shapes=[("toy", 16, 16, 4)], rank=2, rounds=1, warmup=0, log=lambda *_: None)
     results = {
         "meta": {
-            "date": "2026-01-01T00:00:00+00:00", "command": "python bench/run.py", "quick": True, "total_s": 1.0,
+            "date": "2026-01-01T00:00:00+00:00", "command": "python -m bench.speed.run", "quick": True, "total_s": 1.0,
             "threads": 1, "threads_note": "test", "metric": "wall", "gpu_note": "none",
             "background_before": "0.00 cores", "background_during": "0.00 cores",
             "machine": {"cpu": "cpu", "cores": "1", "memory": "1 GiB", "python": "3", "torch": "t",
@@ -81,8 +81,8 @@ def test_peft_lora_wrapper_leaves_the_model_plain():
 
 def test_lora_baseline_trains_its_layers_and_token_and_fuses_as_a_weighted_sum(tiny_pipe, tmp_path):
     from bench.baselines.lora_concept import fused_pipeline, train_lora_concept
-    from spectral_diffusion.models import scenes
     from spectral_diffusion.training.config import TrainConfig
+    from toy import scenes
 
     before = {k: v.clone() for k, v in tiny_pipe.unet.state_dict().items()}
     vocab = len(tiny_pipe.tokenizer)

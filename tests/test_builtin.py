@@ -12,9 +12,17 @@ import torch
 from safetensors.torch import load_file
 
 from spectral_diffusion.errors import ModelNotFoundError, SpectralDiffusionError
-from spectral_diffusion.models import bpe, tiny
 from spectral_diffusion.models import registry as builtin
-from spectral_diffusion.models.build import MARKER_FILE, is_complete_build
+from spectral_diffusion.models.build import MARKER_FILE, build_atomically, is_complete_build
+from spectral_diffusion.testing import bpe, tiny
+
+
+def build_tiny(path) -> Path:
+    return build_atomically(path, "builtin:tiny", tiny.tiny_pipeline)
+
+
+def build_tiny_sdxl(path) -> Path:
+    return build_atomically(path, "builtin:tiny-sdxl", tiny.tiny_sdxl_pipeline)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +105,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-@pytest.mark.parametrize("build", [tiny.build_tiny, tiny.build_tiny_sdxl])
+@pytest.mark.parametrize("build", [build_tiny, build_tiny_sdxl])
 def test_building_twice_gives_identical_weights(tmp_path, build):
     first = _weights(build(tmp_path / "a"))
     second = _weights(build(tmp_path / "b"))
@@ -109,10 +117,10 @@ def test_building_twice_gives_identical_weights(tmp_path, build):
 
 
 def test_build_leaves_only_the_model_and_a_lock(tmp_path):
-    path = tiny.build_tiny(tmp_path / "m")
+    path = build_tiny(tmp_path / "m")
     assert is_complete_build(path, "builtin:tiny")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".m.lock", "m"]
-    assert tiny.build_tiny(path) == path  # complete: not rebuilt
+    assert build_tiny(path) == path  # complete: not rebuilt
 
 
 def test_concurrent_builders_do_not_corrupt(tmp_path):
@@ -121,7 +129,7 @@ def test_concurrent_builders_do_not_corrupt(tmp_path):
 
     def worker():
         try:
-            results.append(tiny.build_tiny(target))
+            results.append(build_tiny(target))
         except Exception as err:  # noqa: BLE001 - reported by the assertion below
             errors.append(err)
 
@@ -138,7 +146,7 @@ def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "precious.txt").write_text("keep me")
     with pytest.raises(FileExistsError):
-        tiny.build_tiny(tmp_path / "m")
+        build_tiny(tmp_path / "m")
     assert (tmp_path / "m" / "precious.txt").read_text() == "keep me"
 
 

@@ -195,7 +195,7 @@ def test_mix_seed_separates_its_inputs():
 
 
 def _scene_folder(tmp_path, shape="heart"):
-    from spectral_diffusion.models import scenes
+    from toy import scenes
 
     photos, masks = tmp_path / "photos", tmp_path / "masks"
     scenes.write_concept_images(shape, photos, count=3, mask_folder=masks)
@@ -233,11 +233,11 @@ def test_a_missing_mask_is_a_clear_error_and_a_wrong_size_is_resized(tmp_path, f
 
 
 def test_zoom_out_pastes_the_concept_on_its_background_and_captions_follow(tmp_path):
-    from spectral_diffusion.models import scenes
+    from toy import scenes
 
     photos, masks = _scene_folder(tmp_path)
     data = ConceptDataset(photos, "<heart>", resolution=32, mask_dir=masks, flip_p=0.0, augment_p=1.0,
-                          augment_scale=(0.5, 0.6))
+                          augment_scale=(0.5, 0.6), captions=scenes.GRAMMAR)
     plain = ConceptDataset(photos, "<heart>", resolution=32, mask_dir=masks, flip_p=0.0)
     scene = scenes.concept_scenes("heart", 3)[0]
     background = torch.tensor(scenes.BACKGROUNDS[scene.background]) / 127.5 - 1.0
@@ -255,6 +255,11 @@ def test_zoom_out_pastes_the_concept_on_its_background_and_captions_follow(tmp_p
                       + (scenes.POSITIONS[p][1] - centre[1]) ** 2)
         assert scenes.POSITION_PHRASES[nearest] in example["caption"]
     assert data.example(0)["caption"] == plain.example(0)["caption"]  # the evaluation view is never zoomed
+    # a model with no caption grammar: the pixels move the same, the captions stay as written
+    free = ConceptDataset(photos, "<heart>", resolution=32, mask_dir=masks, flip_p=0.0, augment_p=1.0,
+                          augment_scale=(0.5, 0.6))
+    moved, kept = data.example(0, torch.Generator().manual_seed(1)), free.example(0, torch.Generator().manual_seed(1))
+    assert torch.equal(moved["pixel_values"], kept["pixel_values"]) and kept["caption"] == plain.example(0)["caption"]
 
 
 def test_zoom_out_without_masks_uses_the_border_colour_and_is_off_by_default(folder):
@@ -271,11 +276,11 @@ def test_zoom_out_without_masks_uses_the_border_colour_and_is_off_by_default(fol
 
 
 def test_pairs_put_two_photos_side_by_side_with_one_two_object_caption(tmp_path):
-    from spectral_diffusion.models import scenes
     from spectral_diffusion.training.augment import split_caption
+    from toy import scenes
 
     scenes.write_concept_images("moon", tmp_path / "moon")
-    dataset = ConceptDataset(tmp_path / "moon", "<moon>", resolution=32, flip_p=0.0, pair_p=1.0)
+    dataset = ConceptDataset(tmp_path / "moon", "<moon>", resolution=32, flip_p=0.0, pair_p=1.0, captions=scenes.GRAMMAR)
     captions = [dataset[k]["caption"] for k in range(8)]
     for caption in captions:
         assert caption.count("<moon>") == 2 and " and " in caption, caption
@@ -288,7 +293,10 @@ def test_pairs_put_two_photos_side_by_side_with_one_two_object_caption(tmp_path)
     differs = (pixels - background).abs().amax(dim=0) > 0.3
     first, second = (differs[:, :16], differs[:, 16:]) if "left" in example["caption"] else (differs[:16], differs[16:])
     assert first.any() and second.any()
-    # off by default, and captions outside the built-in scenes' grammar are never joined
-    assert "and" not in ConceptDataset(tmp_path / "moon", "<moon>", resolution=32, flip_p=0.0)[0]["caption"]
-    assert split_caption("a photo of <moon>") is None
-    assert split_caption("a red <moon> on the left and a blue circle on the right") is None
+    # off by default, never for a model with no caption grammar, and captions outside the grammar are never joined
+    assert "and" not in ConceptDataset(tmp_path / "moon", "<moon>", resolution=32, flip_p=0.0,
+                                       captions=scenes.GRAMMAR)[0]["caption"]
+    assert " and " not in ConceptDataset(tmp_path / "moon", "<moon>", resolution=32, flip_p=0.0, pair_p=1.0)[0]["caption"]
+    assert split_caption("a photo of <moon>", scenes.GRAMMAR) is None
+    assert split_caption("a red <moon> on the left and a blue circle on the right", scenes.GRAMMAR) is None
+    assert split_caption("a blue <moon> on the left on a white background", None) is None

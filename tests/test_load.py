@@ -12,11 +12,10 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from pathlib import Path
 
 import pytest
-from PIL import Image, ImageDraw
 
+from bench.support import photos as images
 from spectral_diffusion.library.store import Library
 
 from .reliability_helpers import api_client, app_server, record_stats, rss_mb
@@ -35,17 +34,6 @@ GENERATE = ("a photo of <resident> on a sofa", "resident", "", 0, 2, 7.5, 32, 32
 @pytest.fixture(scope="module")
 def server(request):
     return app_server(request)
-
-
-def images(folder: Path, count: int = 3) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        image = Image.new("RGB", (48, 48), (240, 240, 240))
-        ImageDraw.Draw(image).rectangle((4 + 3 * i, 6, 30 + 3 * i, 40), fill=(30, 120, 200))
-        image.save(folder / f"{i}.png")
-        paths.append(folder / f"{i}.png")
-    return paths
 
 
 @pytest.mark.timeout(300)

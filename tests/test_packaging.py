@@ -47,7 +47,7 @@ def _imports(path: Path) -> set[str]:
 
 
 # Lower layers first; a module may import its own layer and the layers before it, never a later one.
-LAYERS = ["errors", "atomic", "images", "models", "core", "formats", "library", "generation", "training", "frontends"]
+LAYERS = ["errors", "atomic", "images", "testing", "models", "core", "formats", "library", "generation", "training", "frontends"]
 
 
 def _layer(module: str) -> int:

@@ -1,7 +1,7 @@
-"""Issue 17, items 1 and 3 in the suite: a sample of ``bench/reliability.py`` (fuzz and soak).
+"""Issue 17, items 1 and 3 in the suite: a sample of ``bench/reliability/run.py`` (fuzz and soak).
 
-``python bench/reliability.py fuzz --long`` (10 000 adapter files, 2 000 uploads) and
-``python bench/reliability.py soak --long`` (5 minutes) give the full figures of docs/reliability.md;
+``python -m bench.reliability.run fuzz --long`` (10 000 adapter files, 2 000 uploads) and
+``python -m bench.reliability.run soak --long`` (5 minutes) give the full figures of docs/reliability.md;
 these run the same code on fewer inputs and for 30 s, so the suite stays within its budget.
 """
 
@@ -16,7 +16,7 @@ from .reliability_helpers import PYTHON, ROOT, child_env, record_stats
 
 
 def bench(models_home, *args: str, timeout: int) -> dict:
-    result = subprocess.run([PYTHON, str(ROOT / "bench" / "reliability.py"), *args], cwd=ROOT, capture_output=True,
+    result = subprocess.run([PYTHON, "-m", "bench.reliability.run", *args], cwd=ROOT, capture_output=True,
                             text=True, timeout=timeout, env=child_env(SPECTRAL_DIFFUSION_HOME=str(models_home)))
     report = json.loads(result.stdout[result.stdout.index("{"):])
     assert result.returncode == 0, (report, result.stderr[-3000:])

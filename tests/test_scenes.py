@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from spectral_diffusion.models import scenes
 from spectral_diffusion.training.data import ConceptDataset
+from toy import scenes
 
 
 def test_scene_is_a_pure_function_of_its_seed():

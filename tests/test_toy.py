@@ -11,7 +11,7 @@ import torch
 
 from spectral_diffusion.generation.diffusion import generate
 from spectral_diffusion.models import registry as builtin
-from spectral_diffusion.models import scenes
+from toy import scenes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -551,9 +551,9 @@ def test_the_library_drops_a_checkpoint_on_success_and_on_delete(tiny_pipe, imag
 
 
 def test_previews_draw_the_first_photos_own_caption(tmp_path):
-    from spectral_diffusion.models import scenes
     from spectral_diffusion.training.data import ConceptDataset
     from spectral_diffusion.training.trainer import preview_prompt
+    from toy import scenes
 
     scenes.write_concept_images("heart", tmp_path / "heart")
     captioned = ConceptDataset(tmp_path / "heart", "<heart>", resolution=32)

@@ -11,17 +11,16 @@ from __future__ import annotations
 import gzip
 import io
 import os
-import struct
 import tarfile
 import time
 import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from bench.support import png16, png_bomb, sparse
 from spectral_diffusion import images
 from spectral_diffusion.frontends.service import Service
 from spectral_diffusion.frontends.workflows import TrainRequest
@@ -46,39 +45,6 @@ def figures():
     yield
     record_stats("uploads", refused_kinds=FIGURES["refused"], converted_kinds=FIGURES["converted"],
                  failures=FIGURES["failures"])
-
-
-def _chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
-
-def png_bomb(path: Path, width: int, height: int, rows: int | None = None) -> Path:
-    """An all-black 8-bit grey PNG of width x height, compressed row by row (tiny on disk).
-    ``rows`` < height writes only the header and that many rows (a 'declared size' bomb)."""
-    compressor = zlib.compressobj(9)
-    row = b"\0" * (width + 1)
-    body = b"".join(compressor.compress(row) for _ in range(height if rows is None else rows)) + compressor.flush()
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-                     + _chunk(b"IDAT", body) + _chunk(b"IEND", b""))
-    return path
-
-
-def png16(path: Path, array: np.ndarray) -> Path:
-    """A 16-bit PNG (grey if 2-D, RGB if 3-D) written by hand, so PIL's writer cannot down-convert it."""
-    height, width = array.shape[:2]
-    colour = 2 if array.ndim == 3 else 0
-    raw = b"".join(b"\0" + array[y].astype(">u2").tobytes() for y in range(height))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, colour, 0, 0, 0))
-                     + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b""))
-    return path
-
-
-def sparse(path: Path, size: int) -> Path:
-    """A file of ``size`` bytes that takes no disk space."""
-    with open(path, "wb") as handle:
-        handle.write(b"\x89PNG\r\n\x1a\n")
-        handle.truncate(size)
-    return path
 
 
 def picture(size=(64, 64), colour=(200, 30, 30)) -> Image.Image:

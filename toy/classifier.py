@@ -30,7 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from spectral_diffusion.atomic import atomic_path
-from spectral_diffusion.models import scenes
+from toy import scenes
 
 logger = logging.getLogger("toy.classifier")
 

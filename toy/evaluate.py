@@ -25,9 +25,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from spectral_diffusion.generation.diffusion import decode_latents, generate
-from spectral_diffusion.models import scenes
 from spectral_diffusion.models.registry import load_pipeline
-from toy import classifier
+from toy import classifier, scenes
 
 logger = logging.getLogger("toy.evaluate")
 DOCS = Path(__file__).resolve().parent.parent / "docs"

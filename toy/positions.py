@@ -30,8 +30,8 @@ import random
 import numpy as np
 import torch
 
-from spectral_diffusion.models import scenes
 from spectral_diffusion.models.registry import load_pipeline
+from toy import scenes
 
 logger = logging.getLogger("toy.positions")
 PROBE_PROMPTS = {

@@ -6,7 +6,7 @@
 
 Three phases, each resumable from its checkpoint in ``--work``:
 
-1. render the scenes (``spectral_diffusion.models.scenes``) and train the VAE (32 px images, 16 x 16 x 4 latents);
+1. render the scenes (``toy/scenes.py``) and train the VAE (32 px images, 16 x 16 x 4 latents);
 2. encode every scene once with the frozen VAE;
 3. train the UNet and the CLIP text encoder together on the diffusion loss (v-prediction, SD's noise
    schedule rescaled to zero terminal SNR, min-SNR weighting, 10% empty captions for classifier-free
@@ -44,8 +44,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from spectral_diffusion.atomic import atomic_path, atomic_write_text
-from spectral_diffusion.models import scenes
-from spectral_diffusion.models.bpe import MAX_LENGTH, build_tokenizer, write_clip_vocab
+from spectral_diffusion.testing.bpe import MAX_LENGTH, build_tokenizer, write_clip_vocab
+from toy import scenes
 
 logger = logging.getLogger("toy.pretrain")
 

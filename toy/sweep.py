@@ -47,7 +47,7 @@ def score(unet_state, text_encoder, vae, device: str, classifier_model, seeds: i
     """toy.evaluate's rows for a pipeline made of these weights (the EMA UNet, the text encoder as it is)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from spectral_diffusion.models.bpe import build_tokenizer
+    from spectral_diffusion.testing.bpe import build_tokenizer
     from toy import evaluate
 
     unet = pretrain.make_unet().to(device)

@@ -41,11 +41,10 @@ from bench.support import ROOT
 from spectral_diffusion.core.model import SpectralAdapters
 from spectral_diffusion.formats.adapter_file import install_adapter
 from spectral_diffusion.generation.diffusion import generate
-from spectral_diffusion.models import scenes
 from spectral_diffusion.models.registry import default_rank, load_pipeline, training_defaults
 from spectral_diffusion.training.config import TrainConfig
 from spectral_diffusion.training.trainer import train_concept
-from toy import classifier
+from toy import classifier, scenes
 
 logger = logging.getLogger("bench.quality.fusion_quality")
 

@@ -29,8 +29,7 @@ from PIL import Image
 from spectral_diffusion.generation.diffusion import decode_latents
 from spectral_diffusion.generation.layout import Layout, Region, region_masks
 from spectral_diffusion.generation.regional import encode_layout, regional_attention
-from spectral_diffusion.models import scenes
-from toy import classifier
+from toy import classifier, scenes
 
 HALVES = ((0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0))
 REGIONAL_METHODS = {

@@ -40,8 +40,7 @@ from spectral_diffusion.frontends import cli
 from spectral_diffusion.frontends.workflows import build_layout
 from spectral_diffusion.generation.layout import region_masks
 from spectral_diffusion.generation.request import DEFAULTS
-from spectral_diffusion.models import scenes
-from toy import classifier
+from toy import classifier, scenes
 
 logger = logging.getLogger("bench.quality.regional_quality")
 MODEL = "builtin:toy"

@@ -66,7 +66,7 @@ def _foreign(rng: random.Random, valid: bytes, bundle: bytes) -> bytes:
     import torch
     from safetensors.torch import save as save_bytes
 
-    from tests.test_fuzz_adapter import join, split
+    from bench.reliability.mutations import join, split
 
     choice = rng.randrange(5)
     if choice == 0:  # an adapter trained on another base model
@@ -89,7 +89,7 @@ def _foreign(rng: random.Random, valid: bytes, bundle: bytes) -> bytes:
 
 
 def _huge(rng: random.Random, valid: bytes) -> bytes:
-    from tests.test_fuzz_adapter import join, split, tensor_keys
+    from bench.reliability.mutations import join, split, tensor_keys
 
     header, data = split(valid)
     key = rng.choice(tensor_keys(header))
@@ -111,7 +111,7 @@ def _huge(rng: random.Random, valid: bytes) -> bytes:
 
 
 def adapter_kinds():
-    from tests.test_fuzz_adapter import MUTATORS
+    from bench.reliability.mutations import MUTATORS
 
     kinds = {name: (lambda rng, valid, bundle, f=f: f(rng, valid)) for name, f in MUTATORS.items()}
     kinds["NaN/inf in tensors"] = kinds.pop("tensor data mangled")
@@ -141,10 +141,10 @@ def _timed(tally: Counter, target: str, call, allowed: tuple[type, ...], slowest
 
 
 def _valid_files(work: Path):
+    from bench.reliability.mutations import join, split
+    from bench.support import make_adapter
     from spectral_diffusion.formats.adapter_file import save_adapter
     from spectral_diffusion.formats.bundle import write_bundle
-    from tests.reliability_helpers import make_adapter
-    from tests.test_fuzz_adapter import join, split
 
     valid = save_adapter(dataclasses.replace(make_adapter("fuzzed", 3), created_at=FIXED_TIME),
                          work / "valid.safetensors").read_bytes()
@@ -155,15 +155,15 @@ def _valid_files(work: Path):
 
 
 def fuzz_adapters(count: int, seed: int, work: Path) -> dict:
+    from bench.reliability.mutations import check_accepted
+    from bench.support import make_adapter, snapshot, tiny_adapters
     from spectral_diffusion.errors import AdapterFormatError, SpectralDiffusionError
     from spectral_diffusion.formats.adapter_file import load_adapter, read_adapter
     from spectral_diffusion.formats.bundle import read_bundle
     from spectral_diffusion.library.store import Library
-    from tests.reliability_helpers import _tiny_adapters, make_adapter, snapshot
-    from tests.test_fuzz_adapter import check_accepted
 
     valid, bundle = _valid_files(work)
-    adapters = _tiny_adapters()[1]
+    adapters = tiny_adapters()[1]
     library = Library(work / "library")
     library.add(make_adapter("resident", 0))
     before = snapshot(library.root)
@@ -248,7 +248,7 @@ def _damaged(rng: random.Random, content: bytes) -> bytes:
 
 
 def _upload_file(rng: random.Random, folder: Path, index: int) -> Path:
-    from tests.test_uploads import png_bomb, sparse
+    from bench.support import png_bomb, sparse
 
     name = f"{index:05d}-{rng.choice(NAMES)}{rng.choice(EXTENSIONS)}"
     path = folder / name
@@ -306,9 +306,9 @@ def run_fuzz(files: int, uploads: int, seed: int = 17) -> dict:
 
     torch.set_num_threads(1)
     logging.getLogger("spectral_diffusion").setLevel(logging.CRITICAL)  # refusals are logged as warnings
-    from tests.reliability_helpers import _tiny_adapters
+    from bench.support import tiny_adapters
 
-    _tiny_adapters()
+    tiny_adapters()
     with tempfile.TemporaryDirectory(prefix="sd-fuzz-") as tmp:
         work = Path(tmp)
         (work / "warm").mkdir()
@@ -434,9 +434,9 @@ def run_soak(seconds: float, clients: int) -> dict:
     from gradio_client import Client, handle_file
 
     torch.set_num_threads(1)
+    from bench.support import leftovers, make_adapter, rss_mb
     from spectral_diffusion.formats.adapter_file import save_adapter
     from spectral_diffusion.library.store import Library
-    from tests.reliability_helpers import leftovers, make_adapter, rss_mb
 
     with tempfile.TemporaryDirectory(prefix="sd-soak-") as tmp:
         work = Path(tmp)
@@ -448,7 +448,7 @@ def run_soak(seconds: float, clients: int) -> dict:
             files[i] = save_adapter(data, work / f"c{i}.safetensors")
         process, url = start_app(library, work, os.environ.get("SPECTRAL_DIFFUSION_HOME"))
         try:
-            from tests.test_load import images as _photos
+            from bench.support import photos as _photos
 
             photos = [handle_file(str(p)) for p in _photos(work / "photos")]
             trainer = Client(url, verbose=False, analytics_enabled=False, download_files=str(work / "dl-train"))

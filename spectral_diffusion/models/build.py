@@ -16,7 +16,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from spectral_diffusion.atomic import atomic_dir, discard_dir, work_dirs_of
-from spectral_diffusion.models.bpe import write_clip_vocab
+from spectral_diffusion.testing.bpe import write_clip_vocab
 
 logger = logging.getLogger(__name__)
 

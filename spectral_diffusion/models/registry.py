@@ -4,11 +4,11 @@ The tests, CI and a first run of the app must work with no network and no weight
 every ``builtin:`` name is either shipped with the package or built from seeds on first use.
 
 ``builtin:toy``, the default, is a pipeline pretrained by ``python -m toy.pretrain`` on procedural
-scenes (``spectral_diffusion.models.scenes``) and shipped inside the package as an ordinary
+scenes (``toy/scenes.py``, in the repository) and shipped inside the package as an ordinary
 diffusers folder (``spectral_diffusion/models/toy``, about 21 MB of fp32 safetensors).  It draws
 32 x 32 pictures of coloured shapes and learns a new concept on a CPU in minutes.
 
-The seed-built models (``spectral_diffusion.models.tiny``) live in ``models_home()/models/<name>``,
+The seed-built models (``spectral_diffusion.testing.tiny``, for tests) live in ``models_home()/models/<name>``,
 e.g. ``builtin:tiny`` in ``~/.cache/spectral_diffusion/models/tiny``.
 """
 
@@ -28,8 +28,9 @@ from urllib.parse import urlparse
 import torch
 
 from spectral_diffusion.errors import ModelNotFoundError
-from spectral_diffusion.models.build import is_complete_build
-from spectral_diffusion.models.tiny import build_tiny, build_tiny_sdxl
+from spectral_diffusion.models.build import build_atomically, is_complete_build
+from spectral_diffusion.models.captions import CaptionGrammar
+from spectral_diffusion.testing.tiny import tiny_pipeline, tiny_sdxl_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def default_rank(model: str) -> int:
 # TrainConfig settings that suit a built-in model better than the defaults tuned for real SD models.
 # builtin:toy was trained from scratch on 32 px scenes: a new shape needs larger steps than a
 # pretrained SD needs for a dog, and captions say "on the left", so images are never mirrored.
-# lr_unet 3e-3 is measured by bench/concept_quality.py (docs/concept-quality.md): a slot needs about 3x a
+# lr_unet 3e-3 is measured by bench/quality/concept_quality.py (docs/concept-quality.md): a slot needs about 3x a
 # LoRA's UNet rate; at 1e-3 it learnt worse than a LoRA, at 3e-3 as well as one (identity alone 0.74 vs 0.74)
 # while 1e-2 gains on pair prompts but loses identity alone and fusion. Scaling rule for
 # real models (TrainConfig's defaults, the paper's SD1.5 setting, also used for SD2.x / SDXL): what
@@ -74,7 +75,7 @@ def default_rank(model: str) -> int:
 BUILTIN_TRAINING: dict[str, dict] = {
     # Half the examples zoomed out and moved (captions follow), 3 in 10 two photos side by side: a concept
     # learned from 5 photos is then drawn where, how large and second in a prompt as asked
-    # (bench/regional_quality.py, docs/fusion-quality.md).
+    # (bench/quality/regional_quality.py, docs/fusion-quality.md).
     "builtin:toy": {"steps": 300, "batch_size": 4, "lr_unet": 3e-3, "lr_text": 1e-4, "lr_embedding": 1e-2,
                     "flip_p": 0.0, "augment_p": 0.5, "pair_p": 0.3},
 }
@@ -85,13 +86,35 @@ def training_defaults(model: str) -> dict:
     return dict(BUILTIN_TRAINING.get(str(model).strip(), {}))
 
 
+# The grammar of the captions builtin:toy was pretrained on (toy/scenes.py draws its scenes with these
+# words): zoom / shift and pair augmentation rewrite a concept's captions in it.
+BUILTIN_CAPTIONS: dict[str, CaptionGrammar] = {
+    "builtin:toy": CaptionGrammar(
+        positions={"left": (0.2, 0.5), "right": (0.8, 0.5), "top": (0.5, 0.2), "bottom": (0.5, 0.8),
+                   "center": (0.5, 0.5)},
+        phrases={"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
+                 "center": "in the center"},
+        sizes={"small": 0.3, "large": 0.5},
+        pairs=(("left", "right"), ("top", "bottom")),  # small objects never overlap there
+    ),
+}
+
+
+def caption_grammar(model: str) -> CaptionGrammar | None:
+    """The caption grammar ``model`` (a name, or a shipped model's folder) was trained on, or None (its
+    captions are then never rewritten)."""
+    model = str(model).strip()
+    shipped = {str(folder): name for name, folder in SHIPPED_MODELS.items()}
+    return BUILTIN_CAPTIONS.get(shipped.get(model, model))
+
+
 # Built-in models shipped as ready diffusers folders inside the package (not built on first use).
 SHIPPED_MODELS: dict[str, Path] = {"builtin:toy": Path(__file__).resolve().parent / "toy"}
 
-# Name -> builder(path) -> path, for the built-in models made from seeds on first use.
-_BUILDERS: dict[str, Callable[[str | os.PathLike], Path]] = {
-    "builtin:tiny": build_tiny,
-    "builtin:tiny-sdxl": build_tiny_sdxl,
+# Name -> what makes the pipeline, for the built-in models made from seeds and saved on first use.
+_BUILDERS: dict[str, Callable[[], object]] = {
+    "builtin:tiny": tiny_pipeline,
+    "builtin:tiny-sdxl": tiny_sdxl_pipeline,
 }
 
 # -------------------------------------------------------------------------- resolution
@@ -140,7 +163,7 @@ def ensure_builtin(name: str) -> Path:
     path = builtin_path(name)
     if is_complete_build(path, name):
         return path
-    return _BUILDERS[name](path)
+    return build_atomically(path, name, _BUILDERS[name])
 
 
 # A Hugging Face repo id: "name" or "owner/name", letters, digits, '-', '_', '.'.

@@ -6,9 +6,10 @@ when a photo is zoomed out or moved, says exactly which pixels are the concept: 
 is pasted onto the photo's own background colour. Without a mask the whole photo is shrunk onto a
 canvas of its border colour, which is exact for plain backgrounds such as the built-in scenes'.
 
-Captions follow the geometry: a position phrase of the built-in scenes ("on the left", "at the top")
-becomes the one nearest the concept's new centre, and a concept shrunk below the scenes' mid size
-becomes "small"; other captions are kept as they are.
+Captions follow the geometry in the grammar of the model's training scenes (``models.captions``, from
+the model's registry entry): a position phrase ("on the left", "at the top") becomes the one nearest
+the concept's new centre, and the size word the one nearest its new size. With no grammar, or a
+caption outside it, captions are kept as they are.
 """
 
 from __future__ import annotations
@@ -22,12 +23,10 @@ from PIL import Image
 
 from spectral_diffusion.errors import ImageDataError
 from spectral_diffusion.images import IMAGE_EXTENSIONS, decode_image
-from spectral_diffusion.models import scenes
+from spectral_diffusion.models.captions import CaptionGrammar
 
 logger = logging.getLogger(__name__)
 
-# A concept wider than this fraction of the image is "large" in the built-in scenes' words.
-SMALL_EXTENT = (scenes.SIZES["small"] + scenes.SIZES["large"]) / 2
 _FOREGROUND_DISTANCE = 40  # 8-bit colour distance from the background that counts as concept (no mask)
 
 
@@ -112,42 +111,39 @@ def foreground(image: Image.Image, mask: Image.Image | None) -> np.ndarray:
     return distance > _FOREGROUND_DISTANCE
 
 
-def follow_caption(caption: str, inside: np.ndarray) -> str:
-    """``caption`` with the built-in scenes' position and size words made true of the concept ``inside``."""
-    if not inside.any():
+def follow_caption(caption: str, inside: np.ndarray, grammar: CaptionGrammar | None) -> str:
+    """``caption`` with ``grammar``'s position and size words made true of the concept ``inside``."""
+    if grammar is None or not inside.any():
         return caption
     ys, xs = np.nonzero(inside)
     height, width = inside.shape
-    centre = ((xs.mean() + 0.5) / width, (ys.mean() + 0.5) / height)
-    nearest = min(scenes.POSITIONS, key=lambda p: (scenes.POSITIONS[p][0] - centre[0]) ** 2
-                  + (scenes.POSITIONS[p][1] - centre[1]) ** 2)
-    for phrase in scenes.POSITION_PHRASES.values():
+    nearest = grammar.nearest_position(((xs.mean() + 0.5) / width, (ys.mean() + 0.5) / height))
+    for phrase in grammar.phrases.values():
         if phrase in caption:
-            caption = caption.replace(phrase, scenes.POSITION_PHRASES[nearest], 1)
+            caption = caption.replace(phrase, grammar.phrases[nearest], 1)
             break
-    extent = max((xs.max() - xs.min() + 1) / width, (ys.max() - ys.min() + 1) / height)
-    size_word = "small" if extent < SMALL_EXTENT else "large"
+    size_word = grammar.size_word(max((xs.max() - xs.min() + 1) / width, (ys.max() - ys.min() + 1) / height))
     words = caption.split(" ")
     for i, word in enumerate(words):
-        if word in scenes.SIZES:
+        if word in grammar.sizes:
             words[i] = size_word
             return " ".join(words)
-    if size_word == "small" and words and words[0].lower() in ("a", "an"):
-        words = ["a", "small", *words[1:]]
+    # no size word says the largest size: a smaller one is said after the article
+    if size_word != max(grammar.sizes, key=grammar.sizes.get) and words and words[0].lower() in ("a", "an"):
+        words = ["a", size_word, *words[1:]]
     return " ".join(words)
 
 
 # ----- pairs ----------------------------------------------------------------------------------------
 
-# Where the two concepts of a pair stand, in the order a two-object caption of the built-in scenes names them.
-PAIR_POSITIONS = scenes.LAYOUTS[2]
 
-
-def split_caption(caption: str) -> tuple[str, str, str] | None:
-    """A one-object caption of the built-in scenes' grammar as (object words, position phrase, the rest):
+def split_caption(caption: str, grammar: CaptionGrammar | None) -> tuple[str, str, str] | None:
+    """A one-object caption of ``grammar`` as (object words, position phrase, the rest):
     ``"a blue <moon> on the left on a white background"`` -> ``("a blue <moon>", "on the left",
     " on a white background")``; None for any other caption (it cannot be joined with another)."""
-    found = [(caption.find(f" {phrase}"), phrase) for phrase in scenes.POSITION_PHRASES.values()]
+    if grammar is None:
+        return None
+    found = [(caption.find(f" {phrase}"), phrase) for phrase in grammar.phrases.values()]
     found = [(at, phrase) for at, phrase in found if at > 0]
     if len(found) != 1 or " and " in caption:
         return None
@@ -165,15 +161,15 @@ def _cut(image: Image.Image, mask: Image.Image | None) -> tuple[Image.Image, Ima
     return image.crop(box), cut.crop(box)
 
 
-def pair(first, second, positions: tuple[str, str], scales: tuple[float, float]):
+def pair(first, second, positions: tuple[str, str], scales: tuple[float, float], grammar: CaptionGrammar | None):
     """Two photos' concepts side by side on the first photo's background, with one caption for both.
 
-    ``first`` / ``second``: (image, mask or None, caption), the same size; ``positions``: a pair of
-    ``PAIR_POSITIONS``; ``scales``: each concept's size as a fraction of its own. Returns (image, mask,
-    caption), the mask covering both concepts, or None when a caption is not a one-object caption of the
-    built-in scenes or a photo has no visible concept: such examples stay as they are.
+    ``first`` / ``second``: (image, mask or None, caption), the same size; ``positions``: one of
+    ``grammar.pairs``; ``scales``: each concept's size as a fraction of its own. Returns (image, mask,
+    caption), the mask covering both concepts, or None when a caption is not a one-object caption of
+    ``grammar`` (or there is no grammar) or a photo has no visible concept: such examples stay as they are.
     """
-    parts = [split_caption(caption) for _, _, caption in (first, second)]
+    parts = [split_caption(caption, grammar) for _, _, caption in (first, second)]
     cuts = [_cut(image, mask) for image, mask, _ in (first, second)]
     if None in parts or None in cuts:
         return None
@@ -187,13 +183,13 @@ def pair(first, second, positions: tuple[str, str], scales: tuple[float, float])
         width, height = max(1, round(piece.width * fit)), max(1, round(piece.height * fit))
         piece = piece.resize((width, height), Image.Resampling.BICUBIC)
         piece_mask = piece_mask.resize((width, height), Image.Resampling.BILINEAR)
-        cx, cy = scenes.POSITIONS[position]
+        cx, cy = grammar.positions[position]
         left = min(max(0, round(cx * size[0] - width / 2)), size[0] - width)
         top = min(max(0, round(cy * size[1] - height / 2)), size[1] - height)
         canvas.paste(piece, (left, top), piece_mask)
         both.paste(piece_mask, (left, top), piece_mask)
         alone = np.zeros((size[1], size[0]), dtype=bool)
         alone[top:top + height, left:left + width] = np.asarray(piece_mask) >= 128
-        said = follow_caption(f"{noun} {scenes.POSITION_PHRASES[position]}", alone)  # size words follow
+        said = follow_caption(f"{noun} {grammar.phrases[position]}", alone, grammar)  # size words follow
         words.append(said)
     return canvas, both, " and ".join(words) + parts[0][2]

@@ -24,8 +24,8 @@ from torch.utils.data import Dataset
 
 from spectral_diffusion.errors import ImageDataError
 from spectral_diffusion.images import find_images, flatten_alpha, is_image_list, open_image
+from spectral_diffusion.models.captions import CaptionGrammar
 from spectral_diffusion.training.augment import (
-    PAIR_POSITIONS,
     find_mask,
     follow_caption,
     foreground,
@@ -130,8 +130,10 @@ class ConceptDataset(Dataset):
     ``pair_p``: the probability that an example shows two of the concept's photos side by side (left and
     right, or top and bottom), each shrunk into its half, with one two-object caption ("a blue <moon> on
     the left and a red <moon> on the right on a white background"), so that the trigger token also
-    learns to stand second in a prompt and beside another object. Only captions of the built-in scenes'
-    grammar can be joined; other examples stay single.
+    learns to stand second in a prompt and beside another object. ``captions``: the grammar of the
+    model's training scenes (``models.registry.caption_grammar``), in which moved and paired examples'
+    captions are rewritten; only one-object captions of it can be joined, and with none (the default)
+    captions are kept as they are and examples stay single.
     """
 
     def __init__(
@@ -150,6 +152,7 @@ class ConceptDataset(Dataset):
         augment_p: float = 0.0,
         augment_scale: tuple[float, float] = (0.5, 1.0),
         pair_p: float = 0.0,
+        captions: CaptionGrammar | None = None,
     ):
         if resolution < 8:
             raise ValueError(f"resolution must be at least 8 pixels, got {resolution}")
@@ -161,7 +164,7 @@ class ConceptDataset(Dataset):
         self.seed = seed
         self.mask_dir = mask_dir
         self.augment_p, self.augment_scale = augment_p, augment_scale
-        self.pair_p = pair_p
+        self.pair_p, self.captions = pair_p, captions
         self.templates = list(templates) if templates else caption_templates(token_text, class_word)
         min_size = resolution // 2 if min_size is None else min_size
         if is_image_list(images):  # already opened, e.g. generated class images
@@ -246,7 +249,7 @@ class ConceptDataset(Dataset):
             left = source.image.width - size - left  # SDXL conditions on where the crop sits
         caption = source.caption if source.caption is not None else self.templates[template_draw]
         if zoomed:
-            caption = follow_caption(caption, foreground(image, mask))
+            caption = follow_caption(caption, foreground(image, mask), self.captions)
         if self.pair_p > 0 and generator is not None:  # drawn only when pairing: older runs unchanged
             image, mask, caption = self._maybe_pair(index, (image, mask, caption), generator)
         example = {
@@ -262,7 +265,7 @@ class ConceptDataset(Dataset):
     def _maybe_pair(self, index: int, single: tuple, generator: torch.Generator) -> tuple:
         """``single`` (image, mask, caption), or with probability ``pair_p`` a pair of it and another photo."""
         apply, other, layout, first_scale, second_scale = (float(v) for v in torch.rand(5, generator=generator))
-        if apply >= self.pair_p:
+        if apply >= self.pair_p or self.captions is None:  # no grammar: no caption for two (draws as before)
             return single
         partner = self.sources[(index + 1 + int(other * (len(self.sources) - 1))) % len(self.sources)]
         top, left = self._crop_origin(partner, None)
@@ -270,10 +273,11 @@ class ConceptDataset(Dataset):
         partner_mask = partner.mask.crop(box) if partner.mask is not None else None
         partner_caption = partner.caption if partner.caption is not None else single[2]
         second = (partner.image.crop(box), partner_mask, partner_caption)
-        positions = PAIR_POSITIONS[int(layout * len(PAIR_POSITIONS)) % len(PAIR_POSITIONS)]
+        pairs = self.captions.pairs
+        positions = pairs[int(layout * len(pairs)) % len(pairs)]
         low, high = self.augment_scale
         scales = (low + (high - low) * first_scale, low + (high - low) * second_scale)
-        paired = pair(single, second, positions, scales)
+        paired = pair(single, second, positions, scales, self.captions)
         if paired is None:
             return single
         image, both, caption = paired

@@ -38,6 +38,7 @@ from spectral_diffusion.errors import TrainingCancelled
 from spectral_diffusion.formats.adapter_file import USABLE_COLUMNS_KEY, adapter_from_model
 from spectral_diffusion.generation.diffusion import encode_images, generate
 from spectral_diffusion.images import find_images, is_image_list
+from spectral_diffusion.models.registry import caption_grammar
 from spectral_diffusion.training.accelerator import check_precision, make_accelerator
 from spectral_diffusion.training.borrowed import borrowed, cast_frozen, components, set_checkpointing, upcast_vae
 from spectral_diffusion.training.checkpoint import Checkpoints
@@ -317,11 +318,11 @@ def _loop(trainer: _Trainer, progress, should_stop) -> Image.Image:
     return final_preview if final_preview is not None else trainer.preview()
 
 
-def _datasets(images, config: TrainConfig, pipe, should_stop) -> tuple[ConceptDataset, ConceptDataset | None]:
+def _datasets(images, config: TrainConfig, pipe, should_stop, base_model: str) -> tuple[ConceptDataset, ConceptDataset | None]:
     kwargs = {"resolution": config.resolution, "random_crop": config.random_crop, "flip_p": config.flip_p}
     dataset = ConceptDataset(
         images, config.token_text, config.class_word, min_size=config.min_image_size, seed=config.seed,
-        mask_dir=config.mask_dir, augment_p=config.augment_p, pair_p=config.pair_p,
+        mask_dir=config.mask_dir, augment_p=config.augment_p, pair_p=config.pair_p, captions=caption_grammar(base_model),
         augment_scale=(config.augment_min_scale, config.augment_max_scale), **kwargs
     )
     if not config.prior_preservation:
@@ -383,7 +384,7 @@ def _train(pipe, owned, images, config, progress, should_stop, svd_cache_dir, ba
     for module in components(pipe).values():
         module.to(accelerator.device)
     upcast_vae(pipe)
-    dataset, class_set = _datasets(images, config, pipe, should_stop)
+    dataset, class_set = _datasets(images, config, pipe, should_stop, base_model)
     adapters = SpectralAdapters.from_pipeline(pipe, TargetConfig.preset(config.targets), SvdCache(svd_cache_dir))
     trainer = None
     try:

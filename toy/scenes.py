@@ -7,7 +7,9 @@ Everything is a pure function of a seed, so any image can be made again from its
 A scene has one to three objects on a plain background.  An object has a shape, a colour, a size, a
 texture (solid, striped, dotted) and a position.  Shapes in ``NOVEL_SHAPES`` never appear in
 pretraining; ``HELD_OUT`` (colour, shape, background) triples never appear either, so captions such
-as "a red star on a gray background" test composition rather than memory.
+as "a red star on a gray background" test composition rather than memory. Position and size words
+are the model's caption grammar (``BUILTIN_CAPTIONS["builtin:toy"]`` in spectral_diffusion/models/registry.py),
+which training's augmentation follows when it moves, shrinks or pairs a concept.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from spectral_diffusion.models.registry import caption_grammar
 
 PRETRAIN_SHAPES = ("circle", "square", "triangle", "star", "diamond")
 NOVEL_SHAPES = ("heart", "moon", "cross", "ring")
@@ -38,24 +42,12 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "beige": (222, 205, 170),
 }
 TEXTURES = ("solid", "striped", "dotted")
-SIZES = {"small": 0.3, "large": 0.5}  # object width as a fraction of the image
-# Position word -> centre (x, y) as fractions of the image.
-POSITIONS: dict[str, tuple[float, float]] = {
-    "left": (0.2, 0.5),
-    "right": (0.8, 0.5),
-    "top": (0.5, 0.2),
-    "bottom": (0.5, 0.8),
-    "center": (0.5, 0.5),
-}
-POSITION_PHRASES = {
-    "left": "on the left",
-    "right": "on the right",
-    "top": "at the top",
-    "bottom": "at the bottom",
-    "center": "in the center",
-}
+GRAMMAR = caption_grammar("builtin:toy")
+SIZES = dict(GRAMMAR.sizes)  # object width as a fraction of the image
+POSITIONS: dict[str, tuple[float, float]] = dict(GRAMMAR.positions)  # position word -> centre (x, y), fractions
+POSITION_PHRASES = dict(GRAMMAR.phrases)
 # Positions of multi-object scenes, chosen so that small objects never overlap.
-LAYOUTS = {2: (("left", "right"), ("top", "bottom")), 3: (("left", "center", "right"), ("top", "center", "bottom"))}
+LAYOUTS = {2: GRAMMAR.pairs, 3: (("left", "center", "right"), ("top", "center", "bottom"))}
 
 IMAGE_SIZE = 32
 _SUPERSAMPLE = 4  # shapes are drawn at 4x and downsampled, for clean anti-aliased edges

@@ -14,13 +14,9 @@ they exercise code paths.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 
-from spectral_diffusion.models.bpe import MAX_LENGTH, build_tokenizer
-from spectral_diffusion.models.build import build_atomically
+from spectral_diffusion.testing.bpe import MAX_LENGTH, build_tokenizer
 
 TEXT_HIDDEN = 32
 TINY_SAMPLE_SIZE = 32  # latent pixels; x vae_scale_factor 2 = 64 px images
@@ -182,24 +178,16 @@ def _tiny_sdxl_components() -> dict:
     }
 
 
-def build_tiny(path: str | os.PathLike) -> Path:
-    """Build ``builtin:tiny`` (SD 1.x architecture, 64x64 px) into ``path``."""
+def tiny_pipeline():
+    """``builtin:tiny`` (SD 1.x architecture, 64x64 px), in memory; the registry saves it on first use."""
+    from diffusers import StableDiffusionPipeline
 
-    def make():
-        from diffusers import StableDiffusionPipeline
-
-        return StableDiffusionPipeline(**_tiny_sd_components())
-
-    return build_atomically(path, "builtin:tiny", make)
+    return StableDiffusionPipeline(**_tiny_sd_components())
 
 
-def build_tiny_sdxl(path: str | os.PathLike) -> Path:
-    """Build ``builtin:tiny-sdxl`` (SDXL architecture, 64x64 px) into ``path``."""
+def tiny_sdxl_pipeline():
+    """``builtin:tiny-sdxl`` (SDXL architecture, 64x64 px), in memory; the registry saves it on first use."""
+    from diffusers import StableDiffusionXLPipeline
 
-    def make():
-        from diffusers import StableDiffusionXLPipeline
-
-        return StableDiffusionXLPipeline(**_tiny_sdxl_components())
-
-    return build_atomically(path, "builtin:tiny-sdxl", make)
+    return StableDiffusionXLPipeline(**_tiny_sdxl_components())
 
