@@ -1,4 +1,5 @@
-"""The web app through its API: gradio_client against app.py launched in-process on 127.0.0.1."""
+"""The web app through its API: gradio_client against the app (``webapp``, what app.py runs) launched in-process on
+127.0.0.1."""
 
 from __future__ import annotations
 
@@ -73,10 +74,10 @@ def snapshot(folder: Path) -> dict[str, bytes | None]:
 
 
 def start_app(service, auth: str | None = None):
-    import app
+    from webapp.main import build_app, launch
 
-    demo = app.build_app(service)
-    app.launch(demo, host="127.0.0.1", port=free_port(), auth=auth, prevent_thread_lock=True, quiet=True)
+    demo = build_app(service)
+    launch(demo, host="127.0.0.1", port=free_port(), auth=auth, prevent_thread_lock=True, quiet=True)
     return demo
 
 
@@ -177,14 +178,13 @@ def test_train_concept_lists_it_with_its_slot(dog, client):
 
 
 def test_trained_and_imported_concepts_are_summarised_in_words_on_the_page(cat):
-    import app_ui
-    import app_views
+    from webapp import page, render
 
-    line = app_ui.imported_summary(cat)
+    line = page.imported_summary(cat)
     assert line.startswith("**Imported cat**: trigger token `<whiskers>`, slot 1 of `builtin:tiny` (rank 4, rotational)")
     assert "class word “cat”" in line and "{" not in line
-    assert app_ui.imported_summary(None) == ""
-    foreign = app_views.record_summary({**cat, "this_model": False, "class_word": "<b>", "image_count": 1}, "Trained")
+    assert page.imported_summary(None) == ""
+    foreign = render.record_summary({**cat, "this_model": False, "class_word": "<b>", "image_count": 1}, "Trained")
     assert "another base model" in foreign and "&lt;b&gt;" in foreign and ", 1 photo." in foreign
 
 
@@ -195,8 +195,6 @@ def test_a_second_training_is_told_to_wait(dog, server):
 
 
 def test_import_then_generate_with_two_concepts(cat, client):
-    import gradio as gr
-
     assert cat["name"] == "cat" and cat["slot"] == 1 and cat["token"] == "<whiskers>"
     names = [c["name"] for c in client.predict(api_name="/list_concepts")]
     assert names == ["dog", "cat"]
@@ -205,13 +203,13 @@ def test_import_then_generate_with_two_concepts(cat, client):
     assert len(images) == 2 and info.startswith("2 image(s), seeds 3-4 · ")
     assert [item["caption"] for item in images] == ["seed 3", "seed 4"]  # each image its own seed (image k: 3 + k)
     # "Use the selected image's settings": the image clicked (else the first) fills the Generate form
-    import app
-    import app_ui
+    from webapp import page
 
     gallery = [(item["image"], item["caption"]) for item in images]
-    assert app_ui.image_settings(gallery, 1, app.CONCEPT_ROWS)[:3] == ("a photo of <dog> and <whiskers>", "blurry", 4)
-    assert app_ui.image_settings(gallery, None, app.CONCEPT_ROWS)[2] == 3
-    assert app_ui.image_settings([], None, app.CONCEPT_ROWS)[0] == gr.skip()  # nothing generated yet
+    fields = page.image_settings(gallery, 1)
+    assert (fields["prompt"], fields["negative"], fields["seed"]) == ("a photo of <dog> and <whiskers>", "blurry", 4)
+    assert page.image_settings(gallery, None)["seed"] == 3
+    assert page.image_settings([], None) == {}  # nothing generated yet: nothing changes
     for item in images:
         with Image.open(item["image"]) as image:
             assert image.size == (64, 64)
@@ -396,11 +394,11 @@ def test_parse_concepts():
 
 
 def test_cli_flags():
-    import app
+    from webapp.main import main, parse_auth
 
     with pytest.raises(SystemExit):
-        app.main(["--auth", "no-colon"])
-    assert app.parse_auth("ada:pa:ss") == ("ada", "pa:ss")
+        main(["--auth", "no-colon"])
+    assert parse_auth("ada:pa:ss") == ("ada", "pa:ss")
 
 
 # ----- the handlers without a server ----------------------------------------------------------------
@@ -409,11 +407,12 @@ def test_cli_flags():
 def test_user_errors_show_bad_input_and_hide_bugs(caplog):
     import gradio as gr
 
-    import app_ui
     from spectral_diffusion.errors import LibraryError
+    from webapp import calls
+    from webapp.forms import InputError
 
     def raising(error):
-        @app_ui.user_errors
+        @calls.user_errors
         def handler():
             raise error
 
@@ -422,7 +421,7 @@ def test_user_errors_show_bad_input_and_hide_bugs(caplog):
     with pytest.raises(gr.Error, match="name taken"):
         raising(LibraryError("name taken"))()
     with pytest.raises(gr.Error, match="rank must be"):
-        raising(app_ui.InputError("rank must be a whole number"))()
+        raising(InputError("rank must be a whole number"))()
     with pytest.raises(gr.Error, match="pick one") as shown:
         raising(gr.Error("pick one"))()
     assert shown.value.message == "pick one"
@@ -430,10 +429,10 @@ def test_user_errors_show_bad_input_and_hide_bugs(caplog):
     for bug in (ValueError("math domain error"), KeyError("oops"), RuntimeError("boom")):
         with pytest.raises(gr.Error) as shown:
             raising(bug)()
-        assert shown.value.message == app_ui.INTERNAL_ERROR, bug
+        assert shown.value.message == calls.INTERNAL_ERROR, bug
     assert [r.exc_info[0] for r in caplog.records] == [ValueError, KeyError, RuntimeError]
 
-    @app_ui.user_errors
+    @calls.user_errors
     def steps():
         yield 1
         raise ValueError("a bug in a generator")
@@ -442,7 +441,7 @@ def test_user_errors_show_bad_input_and_hide_bugs(caplog):
     assert next(progress) == 1
     with pytest.raises(gr.Error) as shown:
         next(progress)
-    assert shown.value.message == app_ui.INTERNAL_ERROR
+    assert shown.value.message == calls.INTERNAL_ERROR
 
 
 def test_error_text_in_angle_brackets_is_escaped_for_the_page_and_plain_for_api_clients():
@@ -452,10 +451,10 @@ def test_error_text_in_angle_brackets_is_escaped_for_the_page_and_plain_for_api_
     import gradio as gr
     from gradio.context import LocalContext
 
-    import app_ui
     from spectral_diffusion.errors import RequestError
+    from webapp.calls import user_errors
 
-    @app_ui.user_errors
+    @user_errors
     def handler():
         raise RequestError("the prompt uses <heart>, which is not selected")
 
@@ -477,7 +476,7 @@ def test_error_text_in_angle_brackets_is_escaped_for_the_page_and_plain_for_api_
 
 def test_bound_handlers_do_their_model_work_in_a_thread_that_ends():
     """A torch OpenMP team left on a long-lived gradio thread made training 1.76x slower (libgomp throttles
-    every team while the teams outnumber the CPUs; bench/app_training_threads.py): plain handlers run in a
+    every team while the teams outnumber the CPUs; bench/profiling/app_training_threads.py): plain handlers run in a
     thread of their own, with the caller's context (request, notices); generators are left alone."""
     import contextvars
     import inspect
@@ -486,8 +485,8 @@ def test_bound_handlers_do_their_model_work_in_a_thread_that_ends():
 
     import gradio as gr
 
-    import app
-    import app_ui
+    from webapp import page
+    from webapp.events import PageEvents
 
     marker = contextvars.ContextVar("marker", default=None)
     seen = {}
@@ -500,7 +499,7 @@ def test_bound_handlers_do_their_model_work_in_a_thread_that_ends():
 
     service = object()
     events = SimpleNamespace(service=service)
-    bound = app.PageEvents.bound(events, handler)
+    bound = PageEvents.bound(events, handler)
     assert bound.__name__ == "handler" and list(inspect.signature(bound).parameters) == ["value"]
     token = marker.set("request")
     try:
@@ -511,13 +510,38 @@ def test_bound_handlers_do_their_model_work_in_a_thread_that_ends():
     assert seen["marker"] == "request" and seen["service"] is service
     with pytest.raises(gr.Error, match="bad value"):
         bound("bad")
-    assert app.PageEvents.bound(events, app_ui.train_on_page).func is app_ui.train_on_page  # a generator: as is
+    assert PageEvents.bound(events, page.train_on_page).func is page.train_on_page  # a generator: as is
+
+
+def test_page_events_read_and_write_widgets_by_name():
+    """A page handler gets its inputs as keyword arguments and returns its outputs as a dict, both named
+    after the widgets; a name may stand for a list of widgets (the concept rows; a row's box numbers)."""
+    import gradio as gr
+
+    from webapp.events import Widgets, by_name
+
+    with gr.Blocks():
+        prompt, first, second = gr.Textbox(), gr.Dropdown(), gr.Dropdown()
+        boxes = [[gr.Number(), gr.Number()], [gr.Number(), gr.Number()]]
+    widgets = Widgets(prompt=prompt, row_names=[first, second], row_boxes=boxes)
+    assert widgets.components() == [prompt, first, second, *boxes[0], *boxes[1]]
+    values = dict(zip(widgets.components(), ["a cat", "dog", None, 0, 1, 2, 3], strict=True))
+    assert widgets.read(values) == {"prompt": "a cat", "row_names": ["dog", None], "row_boxes": [[0, 1], [2, 3]]}
+    assert widgets.updates({"row_names": ["cat", "dog"], "prompt": "p"}) == {first: "cat", second: "dog", prompt: "p"}
+    assert widgets.updates({}) == gr.skip()  # nothing named: every widget stays as it is
+
+    def shout(prompt, row_names, row_boxes):
+        return {"prompt": prompt.upper()}
+
+    event = by_name(shout, widgets, Widgets(prompt=prompt))
+    assert event["inputs"] == set(widgets.components()) and event["outputs"] == [prompt]
+    assert event["fn"](values) == {prompt: "A CAT"} and event["fn"].__name__ == "shout"
 
 
 def test_handlers_check_their_input_before_calling_the_service():
     import gradio as gr
 
-    import app_ui
+    from webapp import handlers
 
     class NoService:
         def __getattr__(self, name):
@@ -528,53 +552,53 @@ def test_handlers_check_their_input_before_calling_the_service():
 
     service = NoService()
     with pytest.raises(gr.Error, match="upload"):
-        next(app_ui.train_concept(service, [], "dog", "", "additive", 4, 4))
+        next(handlers.train_concept(service, [], "dog", "", "additive", 4, 4))
     with pytest.raises(gr.Error, match="give the concept a name"):
-        next(app_ui.train_concept(service, ["a.png"], "  ", "", "additive", 4, 4))
+        next(handlers.train_concept(service, ["a.png"], "  ", "", "additive", 4, 4))
     with pytest.raises(gr.Error, match="I am sure"):
-        app_ui.delete_concept(service, "dog", False)
+        handlers.delete_concept(service, "dog", False)
     with pytest.raises(gr.Error, match="one adapter file"):
-        app_ui.import_concept(service, None, "")
+        handlers.import_concept(service, None, "")
     with pytest.raises(gr.Error, match="at least one concept"):
-        app_ui.export_fused(service, "", "spectral")
+        handlers.export_fused(service, "", "spectral")
     with pytest.raises(gr.Error, match="steps must be a whole number of at least 1"):
-        app_ui.generate(service, "p", "", "", 0, 0, 7.5, 0, 0, 1, "default")
+        handlers.generate(service, "p", "", "", 0, 0, 7.5, 0, 0, 1, "default")
     with pytest.raises(gr.Error, match="strength"):
-        app_ui.generate(service, "p", "dog:lots", "", 0, 1, 7.5, 0, 0, 1, "default")
+        handlers.generate(service, "p", "dog:lots", "", 0, 1, 7.5, 0, 0, 1, "default")
 
 
 def test_concept_cards_fill_the_prompt_and_the_rows():
     from types import SimpleNamespace
 
-    import gradio as gr
-
-    import app_ui
+    from webapp import page
 
     service = SimpleNamespace(concepts=lambda: [SimpleNamespace(name="cat", token="<whiskers>")])
     names = ["dog", "cat"]
     # no caret (-1): at the end; the caret after the token comes back for the next click
-    assert app_ui.pick_concept(service, 1, names, "a photo of", -1, "dog", None, None) == (
-        "a photo of <whiskers>", 21, "dog", "cat", None)
-    assert app_ui.pick_concept(service, 1, names, "<whiskers>", 3, "cat", None) == (
-        "<whiskers>", gr.skip(), "cat", None)  # already there: unchanged
-    assert app_ui.pick_concept(service, 0, names, "", -1, None) == ("<dog>", 5, "dog")  # unknown record: <name>
+    assert page.pick_concept(service, 1, names, "a photo of", -1, ["dog", None, None]) == {
+        "prompt": "a photo of <whiskers>", "prompt_cursor": 21, "row_names": ["dog", "cat", None]}
+    assert page.pick_concept(service, 1, names, "<whiskers>", 3, ["cat", None]) == {
+        "row_names": ["cat", None]}  # already there: the prompt and its caret unchanged
+    assert page.pick_concept(service, 0, names, "", -1, [None]) == {  # unknown record: <name>
+        "prompt": "<dog>", "prompt_cursor": 5, "row_names": ["dog"]}
+    assert page.pick_concept(service, 5, names, "", -1, [None]) == {}  # the list moved under the click
     # at the caret, not at the end: spaces added only where the token would touch a word
-    assert app_ui.pick_concept(service, 0, names, "a photo of on the beach", 11, None) == (
-        "a photo of <dog> on the beach", 16, "dog")
-    assert app_ui.insert_token("a photo of on the beach", "<dog>", 10) == ("a photo of <dog> on the beach", 16)
-    assert app_ui.insert_token("a photoof", "<dog>", 7) == ("a photo <dog> of", 13)
-    assert app_ui.insert_token("on the beach", "<dog>", 0) == ("<dog> on the beach", 5)
-    assert app_ui.insert_token("a photo of  ", "<dog>", 99) == ("a photo of <dog>", 16)  # past the end: the end
-    assert app_ui.insert_token("a photo", "<dog>", None) == ("a photo <dog>", 13)
-    assert app_ui.select_card(1, names) == "cat"
-    assert app_ui.rows_to_spec("dog", None, "cat", 1.0, 0.5, 0.8) == "dog,cat:0.8"
+    assert page.pick_concept(service, 0, names, "a photo of on the beach", 11, [None]) == {
+        "prompt": "a photo of <dog> on the beach", "prompt_cursor": 16, "row_names": ["dog"]}
+    assert page.insert_token("a photo of on the beach", "<dog>", 10) == ("a photo of <dog> on the beach", 16)
+    assert page.insert_token("a photoof", "<dog>", 7) == ("a photo <dog> of", 13)
+    assert page.insert_token("on the beach", "<dog>", 0) == ("<dog> on the beach", 5)
+    assert page.insert_token("a photo of  ", "<dog>", 99) == ("a photo of <dog>", 16)  # past the end: the end
+    assert page.insert_token("a photo", "<dog>", None) == ("a photo <dog>", 13)
+    assert page.select_card(1, names) == "cat"
+    assert page.rows_to_spec(["dog", None, "cat"], [1.0, 0.5, 0.8]) == "dog,cat:0.8"
 
 
 def test_generate_is_one_event_for_the_button_and_the_enter_key(models_home, tmp_path):
-    import app
     from spectral_diffusion.frontends.service import Service
+    from webapp.main import build_app
 
-    demo = app.build_app(Service(model="builtin:tiny", library=tmp_path / "library"))
+    demo = build_app(Service(model="builtin:tiny", library=tmp_path / "library"))
     events = [d for d in demo.get_config_file()["dependencies"] if d.get("api_name") == "generate"]
     assert len(events) == 1 and len(events[0]["targets"]) == 2
     named = demo.get_api_info()["named_endpoints"]
@@ -601,12 +625,12 @@ def test_building_the_page_warns_of_nothing(models_home, tmp_path):
     """Start-up printed gradio's col_count deprecation warning (the captions table)."""
     import warnings
 
-    import app
     from spectral_diffusion.frontends.service import Service
+    from webapp.main import build_app
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        demo = app.build_app(Service(model="builtin:tiny", library=tmp_path / "library"))
+        demo = build_app(Service(model="builtin:tiny", library=tmp_path / "library"))
     shown = [f"{w.category.__name__}: {w.message}" for w in caught if not issubclass(w.category, ResourceWarning)]
     assert shown == []
     captions = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "train-captions")
@@ -617,9 +641,8 @@ def test_building_the_page_warns_of_nothing(models_home, tmp_path):
 
 
 def test_generate_with_a_layout_and_load_its_settings_back(pair, client):
-    import app
-    import app_ui
     from spectral_diffusion.generation.pnginfo import read_settings
+    from webapp import page
 
     prompt = "a photo of <dog> and <whiskers>"
     images, info = client.predict(prompt, "dog,cat", "", 5, 2, 7.5, 0, 0, 1, "default", "left-right",
@@ -635,43 +658,46 @@ def test_generate_with_a_layout_and_load_its_settings_back(pair, client):
         client.predict(prompt, "dog,cat", "", 5, 1, 7.5, 0, 0, 1, "default",
                        custom.replace("0.6, 1]", "1.6, 1]", 1), api_name="/generate")
     # the PNG's settings fill the Generate tab's fields: the custom layout comes back as rows with boxes
-    rows = app.CONCEPT_ROWS
-    fields = app_ui.load_settings(images[0]["image"], rows)
-    prompt_out, negative, seed, steps, guidance, width, height, scheduler = fields[:8]
-    assert (prompt_out, seed, steps, guidance, (width, height), scheduler) == (prompt, 5, 2, 7.5, (64, 64), "default")
-    names = [d["value"] for d in fields[8:8 + rows]]
-    assert names[:2] == ["dog", "cat"] and fields[8 + rows:8 + rows + 2] == (1.0, 1.0)
-    mode, boxes = fields[8 + 2 * rows], fields[9 + 2 * rows:9 + 6 * rows]
-    assert mode == "custom" and tuple(boxes[:8]) == (0, 0, 0.6, 1, 0.6, 0, 1, 1)
-    assert fields[9 + 6 * rows:9 + 7 * rows][:2] == ("", "a cat") and "Loaded the settings" in fields[-1]
+    fields = page.load_settings(images[0]["image"])
+    settings = [fields[name] for name in ("prompt", "seed", "steps", "guidance", "width", "height", "scheduler")]
+    assert settings == [prompt, 5, 2, 7.5, 64, 64, "default"] and "num_images" not in fields
+    assert [d["value"] for d in fields["row_names"]][:2] == ["dog", "cat"] and fields["row_strengths"][:2] == [1.0, 1.0]
+    assert fields["layout_mode"] == "custom" and fields["row_boxes"][:2] == [(0, 0, 0.6, 1), (0.6, 0, 1, 1)]
+    assert fields["region_prompts"][:2] == ["", "a cat"] and "Loaded the settings" in fields["settings_message"]
     # the result with its boxes drawn over it
-    overlay = app_ui.result_overlay([(images[0]["image"], None)])
+    overlay = page.result_overlay([(images[0]["image"], None)])
     assert overlay["visible"] and overlay["value"].size == (480, 480)
-    assert "no Spectral Diffusion settings" in app_ui.load_settings(ROOT / "docs" / "app-screenshot.png", rows)[-1]
+    unrelated = page.load_settings(ROOT / "docs" / "app-screenshot.png")
+    assert list(unrelated) == ["settings_message"] and "no Spectral Diffusion settings" in unrelated["settings_message"]
 
 
 def test_layout_editor_draws_presets_and_custom_boxes(pair, server):
-    import app_ui
-    import app_values
+    from webapp import page
+    from webapp.render import describe_layout
 
     service = server["service"]
-    empty_rows = [None] * 2 + [0.0] * 8 + [""] * 2
-    spec, picture, *shown = app_ui.layout_editor(service, "none", "p", "", 0, 0, *empty_rows)
+
+    def editor(mode, prompt, negative, width, height, rows):
+        drawn = page.layout_editor(service, mode, prompt, negative, width, height, **rows)
+        return drawn["layout_text"], drawn["layout_picture"], drawn["box_rows"]
+
+    empty_rows = {"row_names": [None] * 2, "row_boxes": [[0.0] * 4] * 2, "region_prompts": [""] * 2}
+    spec, picture, shown = editor("none", "p", "", 0, 0, empty_rows)
     assert spec == "" and not picture["visible"] and not any(s["visible"] for s in shown)
-    spec, picture, *_ = app_ui.layout_editor(service, "thirds", "<dog> and <whiskers>", "", 0, 0, *empty_rows)
+    spec, picture, _ = editor("thirds", "<dog> and <whiskers>", "", 0, 0, empty_rows)
     assert spec == "thirds" and picture["visible"] and picture["value"].size == (480, 480)
-    rows = ["dog", "cat", 0, 0, 0.5, 1, 0.5, 0, 1, 1, "", "a cat"]
-    spec, picture, *shown = app_ui.layout_editor(service, "custom", "<dog> <whiskers>", "ugly", 128, 64, *rows)
+    rows = {"row_names": ["dog", "cat"], "row_boxes": [[0, 0, 0.5, 1], [0.5, 0, 1, 1]], "region_prompts": ["", "a cat"]}
+    spec, picture, shown = editor("custom", "<dog> <whiskers>", "ugly", 128, 64, rows)
     layout = json.loads(spec)
     assert layout["prompt"] == "<dog> <whiskers>" and layout["negative"] == "ugly"
     assert layout["regions"] == [{"concept": "dog", "box": [0, 0, 0.5, 1]},
                                  {"concept": "cat", "box": [0.5, 0, 1, 1], "prompt": "a cat"}]
     assert picture["value"].size == (580, 290) and [s["visible"] for s in shown] == [True, True]
     # a bad box is drawn as the reason instead, and the same reason refuses the generation
-    rows[4] = 1.5
-    spec, picture, *_ = app_ui.layout_editor(service, "custom", "<dog>", "", 0, 0, *rows)
+    rows["row_boxes"][0][2] = 1.5
+    spec, picture, _ = editor("custom", "<dog>", "", 0, 0, rows)
     assert json.loads(spec)["regions"][0]["box"] == [0, 0, 1.5, 1] and picture["value"].size[0] == 580
-    assert app_values.describe_layout(spec) == "custom layout (2 regions)"
+    assert describe_layout(spec) == "custom layout (2 regions)"
 
 
 def _text_rows(picture, colour) -> int:
@@ -687,89 +713,91 @@ def test_layout_labels_are_readable_at_the_size_the_page_shows_them():
     """The labels were drawn ~10 px high and shown at 6-10 px: at least 14 px on the page, whatever the shape."""
     from PIL import Image
 
-    import app_views
     from spectral_diffusion.generation.layout import Layout
+    from webapp import drawings
 
     layout = Layout.from_json({"prompt": "a dog and a cat on a beach", "regions": [
         {"concept": "dog", "box": [0, 0, 0.5, 1]}, {"concept": "cat", "box": [0.5, 0, 1, 0.5]}]})
     for width, height in ((512, 512), (768, 512), (512, 768), (1024, 512), (64, 64)):
-        picture = app_views.draw_layout(layout, width, height)
-        scale = app_views.shown_scale(picture.size)
+        picture = drawings.draw_layout(layout, width, height)
+        scale = drawings.shown_scale(picture.size)
         w, h = picture.size
         dog, cat, context = (0, 0, w // 2, h), (w // 2, 0, w, h // 2), (w // 2, h // 2, w, h)
         # a label from the top of "d" to the bottom of "g", white on its box; "cat": ascender to baseline
         assert _text_rows(picture.crop(dog), (255, 255, 255)) * scale >= 14, (width, height)
         assert _text_rows(picture.crop(cat), (255, 255, 255)) * scale >= 10, (width, height)
         assert _text_rows(picture.crop(context), (90, 90, 100)) * scale >= 10, (width, height)  # "...beach"
-        over = app_views.overlay_layout(Image.new("RGB", (width, height), (0, 0, 0)), layout)
+        over = drawings.overlay_layout(Image.new("RGB", (width, height), (0, 0, 0)), layout)
         assert over.size == picture.size and _text_rows(over.crop(dog), (255, 255, 255)) * scale >= 14
-    message = app_views.message_picture("This layout cannot be used yet: a box leaves the image")
-    first_line = message.crop((0, 0, message.width, 8 * app_views.PICTURE_SCALE + app_views.LABEL_FONT * 5 // 4))
-    assert _text_rows(first_line, (150, 60, 50)) * app_views.shown_scale(message.size) >= 14
+    message = drawings.message_picture("This layout cannot be used yet: a box leaves the image")
+    first_line = message.crop((0, 0, message.width, 8 * drawings.PICTURE_SCALE + drawings.LABEL_FONT * 5 // 4))
+    assert _text_rows(first_line, (150, 60, 50)) * drawings.shown_scale(message.size) >= 14
 
 
 def test_page_training_cancel_is_a_notice_and_bad_input_one_message(dog, server, tmp_path, monkeypatch):
     import gradio as gr
 
-    import app_ui
+    from webapp import handlers, page
 
     service = server["service"]
     notices = []
     monkeypatch.setattr(gr, "Info", lambda message, *a, **k: notices.append(message))
     images = [str(p) for p in make_images(tmp_path / "page", count=3, seed=4)]
-    run = app_ui.train_on_page(service, images, "pagey", "", "additive", 4, 500, None, None, None, None, 0, 0)
+    form = {"images": images, "name": "pagey", "class_word": "", "variant": "additive", "rank": 4}
+    run = page.train_on_page(service, **form, steps=500, resolution=0, seed=0)
     outputs = next(run)
     deadline = time.monotonic() + 120
     while service.status.step < 2 and time.monotonic() < deadline:
         outputs = next(run)
-    assert app_ui.cancel_training(service).startswith("cancelling")
+    assert handlers.cancel_training(service).startswith("cancelling")
     outputs = [outputs, *run][-1]  # the run ends without raising: no Error toast, no Error badges
-    progress, previews, record, chart, cancel_line, name = outputs
-    assert "Cancelled pagey at step" in progress and "library is unchanged" in progress
-    assert previews == gr.skip()  # the previews stay as they were
-    assert cancel_line == "" and record == "" and name == gr.skip() and chart.size == (480, 200)
+    assert "Cancelled pagey at step" in outputs["progress"] and "library is unchanged" in outputs["progress"]
+    assert "previews" not in outputs and "name" not in outputs  # the previews and the name stay as they were
+    assert outputs["cancel_message"] == "" and outputs["trained"] == "" and outputs["loss_chart"].size == (480, 200)
     assert notices and "cancelled" in notices[0]
     assert not (server["library"] / "pagey").exists()
     # a success says what was trained and empties the name box (no "Name taken" for the concept just trained)
-    *_, outputs = app_ui.train_on_page(service, images, "pagey", "", "additive", 4, 2)
-    assert outputs[2].startswith("**Trained pagey**: trigger token `<pagey>`, slot ") and outputs[5] == ""
-    assert "will take **slot" in app_ui.slot_info(service, 4, outputs[5])
+    *_, outputs = page.train_on_page(service, **form, steps=2)
+    assert outputs["trained"].startswith("**Trained pagey**: trigger token `<pagey>`, slot ") and outputs["name"] == ""
+    assert "will take **slot" in page.slot_info(service, 4, outputs["name"])
     service.delete_concept("pagey")
     # Cancel with nothing running says so, as a toast too
     notices.clear()
-    assert app_ui.cancel_training(service) == "no training is running" and "No training is running" in notices[0]
+    assert handlers.cancel_training(service) == "no training is running" and "No training is running" in notices[0]
     # bad input: one message in the status line, no raise
-    *_, outputs = app_ui.train_on_page(service, images, "dog", "", "additive", 4, 2)
-    assert "already in the library" in outputs[0] and "sd-problem" in outputs[0]
-    (outputs,) = list(app_ui.train_on_page(service, [], "x", "", "additive", 4, 2))
-    assert "upload the concept&#x27;s images" in outputs[0]
+    *_, outputs = page.train_on_page(service, **{**form, "name": "dog"}, steps=2)
+    assert "already in the library" in outputs["progress"] and "sd-problem" in outputs["progress"]
+    (outputs,) = list(page.train_on_page(service, **{**form, "images": []}, steps=2))
+    assert "upload the concept&#x27;s images" in outputs["progress"]
 
 
 def test_the_name_is_checked_as_it_is_typed(dog, server):
-    import app_ui
+    from webapp import page
 
     service = server["service"]
-    assert "Name taken" in app_ui.slot_info(service, 4, "dog")
-    assert "Name not usable" in app_ui.slot_info(service, 4, "../evil")
-    assert "will take **slot" in app_ui.slot_info(service, 4, "fresh-name")
+    assert "Name taken" in page.slot_info(service, 4, "dog")
+    assert "Name not usable" in page.slot_info(service, 4, "../evil")
+    assert "will take **slot" in page.slot_info(service, 4, "fresh-name")
 
 
 def test_advanced_training_settings_override_only_what_changed():
     from types import SimpleNamespace
 
-    import app_values
+    from webapp.forms import InputError, TrainForm, training_settings
 
     service = SimpleNamespace(train_defaults={"batch_size": 4, "lr_unet": 1e-3, "resolution": 32})
-    defaults = app_values.training_settings(service)
+    defaults = training_settings(service)
     assert defaults == {"lr_unet": 1e-3, "lr_text": 1e-5, "lr_embedding": 1e-3, "batch_size": 4, "resolution": 32,
                         "seed": 0}
-    same = app_values.train_request(service, ["a.png"], "dog", "", "additive", 4, 0, *defaults.values())
+    form = {"images": ["a.png"], "name": "dog", "class_word": "", "variant": "additive", "rank": 4, "steps": 0}
+    same = TrainForm(**form, **defaults).request(service)
     assert same.overrides == {} and same.resolution is None and same.seed == 0
-    changed = app_values.train_request(service, ["a.png"], "dog", "", "additive", 4, 0, 3e-3, 1e-5, 1e-2, 1, 64, 7)
+    changed = TrainForm(**form, lr_unet=3e-3, lr_text=1e-5, lr_embedding=1e-2, batch_size=1, resolution=64,
+                        seed=7).request(service)
     assert changed.overrides == {"lr_unet": 3e-3, "lr_embedding": 1e-2, "batch_size": 1}
     assert changed.resolution == 64 and changed.seed == 7
-    with pytest.raises(app_values.InputError, match="batch_size"):
-        app_values.train_request(service, ["a.png"], "dog", "", "additive", 4, 0, None, None, None, 0)
+    with pytest.raises(InputError, match="batch_size"):
+        TrainForm(**form, batch_size=0).request(service)
 
 
 def test_one_log_line_per_request_and_no_traceback_for_bad_input(caplog):
@@ -777,11 +805,11 @@ def test_one_log_line_per_request_and_no_traceback_for_bad_input(caplog):
 
     import gradio as gr
 
-    import app_ui
+    from webapp import handlers
 
-    caplog.set_level(logging.INFO, logger="app")
+    caplog.set_level(logging.INFO, logger="webapp")
     with pytest.raises(gr.Error):
-        app_ui.generate(None, "p", "dog:lots", "", 0, 1, 7.5, 0, 0, 1, "default")
+        handlers.generate(None, "p", "dog:lots", "", 0, 1, 7.5, 0, 0, 1, "default")
     assert [(r.levelname, r.exc_info) for r in caplog.records] == [("INFO", None)]
     assert "generate refused: " in caplog.records[0].getMessage()
 
@@ -806,8 +834,8 @@ def test_the_app_starts_and_answers_with_the_cpu_saturated(models_home, tmp_path
 
 def test_uploaded_masks_travel_with_the_training_request(tmp_path):
     """Masks uploaded beside the photos land in a folder of their own under their file names."""
-    import app_values
     from spectral_diffusion.frontends.service import Service
+    from webapp.forms import TrainForm
 
     service = Service(model="builtin:tiny", library=tmp_path / "lib", output_dir=tmp_path / "out")
     photos, masks = make_images(tmp_path / "photos", 3), []
@@ -816,27 +844,30 @@ def test_uploaded_masks_travel_with_the_training_request(tmp_path):
         mask.parent.mkdir(exist_ok=True)
         Image.new("L", (64, 64), 255).save(mask)
         masks.append(str(mask))
-    request = app_values.train_request(service, photos, "dog", "dog", "additive", 4, 2, masks=masks)
+    form = {"images": photos, "name": "dog", "class_word": "dog", "variant": "additive", "rank": 4, "steps": 2}
+    request = TrainForm(**form, masks=masks).request(service)
     folder = Path(request.masks)
     assert sorted(p.name for p in folder.iterdir()) == sorted(Path(p).name for p in photos)
-    assert app_values.train_request(service, photos, "dog", "dog", "additive", 4, 2).masks is None
+    assert folder.parent == service.output_dir
+    assert TrainForm(**form).request(service).masks is None
 
 
 def test_captions_typed_per_photo_become_caption_files_beside_copies(tmp_path):
-    import app_values
     from spectral_diffusion.frontends.service import Service
     from spectral_diffusion.training.data import read_caption
+    from webapp.forms import TrainForm, caption_rows
 
     service = Service(model="builtin:tiny", library=tmp_path / "lib", output_dir=tmp_path / "out")
     photos = [str(p) for p in make_images(tmp_path / "photos", 3)]
-    rows = app_values.caption_rows(photos, [[Path(photos[1]).name, "a {token} on a beach"]])
+    rows = caption_rows(photos, [[Path(photos[1]).name, "a {token} on a beach"]])
     assert [row[0] for row in rows] == [Path(p).name for p in photos] and rows[1][1] == "a {token} on a beach"
     rows[0][1] = "my dog asleep"
-    request = app_values.train_request(service, photos, "dog", "dog", "additive", 4, 2, captions=rows)
+    form = {"images": photos, "name": "dog", "class_word": "dog", "variant": "additive", "rank": 4, "steps": 2}
+    request = TrainForm(**form, captions=rows).request(service)
     copies = [Path(p) for p in request.images]
     assert all(p.parent != Path(photos[0]).parent for p in copies)
     assert read_caption(copies[1], "<dog>", "dog") == "a <dog> on a beach"
     assert read_caption(copies[0], "<dog>", "dog") == "<dog> dog, my dog asleep"
     assert read_caption(copies[2], "<dog>", "dog") is None  # no caption typed: the templates
-    untouched = app_values.train_request(service, photos, "dog", "dog", "additive", 4, 2, captions=[["x", ""]])
+    untouched = TrainForm(**form, captions=[["x", ""]]).request(service)
     assert untouched.images == photos

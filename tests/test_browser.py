@@ -52,14 +52,14 @@ def page(models_home, tmp_path_factory):
         pytest.skip(reason)
     from playwright.sync_api import sync_playwright
 
-    import app
     from spectral_diffusion.frontends.service import Service
+    from webapp.main import build_app, launch
 
     base = tmp_path_factory.mktemp("browser")
     service = Service(model="builtin:tiny", library=base / "library", output_dir=base / "outputs",
                       train_defaults={"preview_steps": 1})
-    demo = app.build_app(service)
-    app.launch(demo, host="127.0.0.1", port=free_port(), prevent_thread_lock=True, quiet=True)
+    demo = build_app(service)
+    launch(demo, host="127.0.0.1", port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
@@ -100,7 +100,7 @@ def errors_shown(page) -> int:
 def test_upload_train_pick_and_generate_in_the_browser(page):
     from playwright.sync_api import expect
 
-    import app_views
+    from webapp.drawings import LABEL_FONT
 
     page, base = page
     expect.set_options(timeout=60_000)  # the first request loads the model
@@ -181,7 +181,7 @@ def test_upload_train_pick_and_generate_in_the_browser(page):
     # the layout pictures are shown at 1 / PICTURE_SCALE: their labels at LABEL_PX on the page
     for widget in ("#layout-picture img", "#layout-overlay img"):
         natural, shown = page.locator(widget).first.evaluate("i => [i.naturalWidth, i.clientWidth]")
-        assert app_views.LABEL_FONT * shown / natural >= 14, (widget, natural, shown)
+        assert LABEL_FONT * shown / natural >= 14, (widget, natural, shown)
     shot(page, "browser-3-generated.png", "app-generate.png")
     shot(page, "browser-3-generated.png", "app-screenshot.png")
     # the second image's settings back into the form

@@ -35,7 +35,7 @@ def test_console_script_is_the_cli(capsys):
     assert "train" in capsys.readouterr().out
 
 
-def _imports(path: Path) -> set[str]:
+def _all_imports(path: Path) -> set[str]:
     tree = ast.parse(path.read_text())
     names = set()
     for node in ast.walk(tree):
@@ -43,7 +43,11 @@ def _imports(path: Path) -> set[str]:
             names.add(node.module)
         elif isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
-    return {n for n in names if n.startswith("spectral_diffusion.")}
+    return names
+
+
+def _imports(path: Path) -> set[str]:
+    return {n for n in _all_imports(path) if n.startswith("spectral_diffusion.")}
 
 
 # Lower layers first; a module may import its own layer and the layers before it, never a later one.
@@ -70,10 +74,44 @@ def test_imports_point_one_way():
 
 
 def test_no_gradio_in_the_package():
-    """Gradio belongs to app.py alone: the package runs without a web server."""
+    """Gradio belongs to the web app (webapp/) alone: the package runs without a web server."""
     for path in PACKAGE.rglob("*.py"):
         text = path.read_text()
         assert "import gradio" not in text and "from gradio" not in text, path
+
+
+# The web app's modules, lower first: each imports only the ones before it (and any of the package, whose
+# front ends it sits on); the first three hold plain values, text and pictures: testable without gradio.
+APP = ROOT / "webapp"
+APP_LAYERS = ["forms", "render", "drawings", "calls", "handlers", "page", "layout", "layout_generate", "events", "main"]
+WITHOUT_GRADIO = ("forms", "render", "drawings")
+
+
+def _app_modules(path: Path) -> set[str]:
+    """The webapp modules ``path`` imports (``from webapp import page`` counts as ``page``)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module == "webapp":
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("webapp."):
+            names.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            names.update(a.name.split(".")[1] for a in node.names if a.name.startswith("webapp."))
+    return names
+
+
+def test_the_app_sits_on_the_package_and_its_modules_point_one_way():
+    for path in PACKAGE.rglob("*.py"):
+        assert not {n.split(".")[0] for n in _all_imports(path)} & {"webapp", "app"}, path
+    assert sorted(p.stem for p in APP.glob("*.py")) == sorted(["__init__", *APP_LAYERS])
+    wrong = [f"webapp.{name} imports webapp.{imported}" for name in APP_LAYERS
+             for imported in _app_modules(APP / f"{name}.py")
+             if APP_LAYERS.index(imported) >= APP_LAYERS.index(name)]
+    wrong += [f"webapp.{name} imports gradio" for name in WITHOUT_GRADIO
+              if any(n.split(".")[0] == "gradio" for n in _all_imports(APP / f"{name}.py"))]
+    assert not wrong, wrong
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    assert "webapp*" in find["include"], "pip install -e . makes webapp importable (no sys.path edits)"
 
 
 def test_public_api_names_resolve():

@@ -1,6 +1,6 @@
 """Issue 8, item 5: security.
 
-- no pickle loading, ``eval`` or ``exec`` anywhere in the package or app.py (an AST scan), and the
+- no pickle loading, ``eval`` or ``exec`` anywhere in the package, app.py or webapp/ (an AST scan), and the
   dependencies' fallback loaders refuse a pickle that carries code;
 - the server binds 127.0.0.1 by default (argument default, ``launch`` default, and the real listening
   socket of an app started without a host), and ``--auth`` guards every route, uploads and files too;
@@ -114,7 +114,7 @@ def scan_source(path: Path, root: Path = ROOT) -> list[str]:
 
 
 def scanned_files() -> list[Path]:
-    return sorted((ROOT / "spectral_diffusion").rglob("*.py")) + sorted(ROOT.glob("app*.py"))
+    return sorted((ROOT / "spectral_diffusion").rglob("*.py")) + [ROOT / "app.py"] + sorted((ROOT / "webapp").rglob("*.py"))
 
 
 def test_the_scanner_finds_what_it_looks_for(tmp_path):
@@ -168,9 +168,9 @@ def server(request):
 
 
 def test_app_binds_loopback_by_default(server, monkeypatch):
-    import app
+    import webapp.main as app_main
 
-    assert inspect.signature(app.launch).parameters["host"].default == "127.0.0.1"
+    assert inspect.signature(app_main.launch).parameters["host"].default == "127.0.0.1"
     seen = {}
 
     class FakeDemo:
@@ -179,10 +179,10 @@ def test_app_binds_loopback_by_default(server, monkeypatch):
         def block_thread(self):
             return None
 
-    monkeypatch.setattr(app, "Service", lambda **kwargs: None)
-    monkeypatch.setattr(app, "build_app", lambda service: FakeDemo())
-    monkeypatch.setattr(app, "launch", lambda demo, host, port, **kwargs: seen.update(host=host, **kwargs))
-    assert app.main([]) == 0
+    monkeypatch.setattr(app_main, "Service", lambda **kwargs: None)
+    monkeypatch.setattr(app_main, "build_app", lambda service: FakeDemo())
+    monkeypatch.setattr(app_main, "launch", lambda demo, host, port, **kwargs: seen.update(host=host, **kwargs))
+    assert app_main.main([]) == 0
     assert seen["host"] == "127.0.0.1" and seen["share"] is False and seen["auth"] is None
 
     # the real server, started with no host at all, listens on the loopback interface only

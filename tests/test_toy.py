@@ -19,10 +19,10 @@ TOY = builtin.SHIPPED_MODELS["builtin:toy"]
 
 
 def test_toy_is_the_default_model_and_ships_small():
-    import app
+    import webapp.main
     from spectral_diffusion.frontends import cli
 
-    assert cli.DEFAULT_MODEL == app.DEFAULT_MODEL == "builtin:toy"
+    assert cli.DEFAULT_MODEL == webapp.main.DEFAULT_MODEL == "builtin:toy"
     assert builtin.resolve_model("builtin:toy") == str(TOY)
     assert json.loads((TOY / "training.json").read_text())["recipe"] == "v3"
     size = sum(p.stat().st_size for p in TOY.rglob("*") if p.is_file())

@@ -9,7 +9,7 @@ optimiser step and the training thread's voluntary context switches per step:
 - ``app-before``: a long-lived thread (what a gradio worker thread is) first runs the page's refresh
   (the model's fingerprint and spectrum: torch work), then ``Service.train`` trains in its own thread
   while that worker thread lives on, as the app did before this fix;
-- ``app-now``: the same, the refresh run through ``app_ui.in_own_thread``, as ``app.py`` binds every
+- ``app-now``: the same, the refresh run through ``webapp.calls.in_own_thread``, as the app binds every
   plain handler now.
 
 torch's OpenMP runtime (libgomp) gives each thread that runs torch ops a team of helper threads for the
@@ -84,16 +84,17 @@ def _one(variant: str, model: str, steps: int) -> dict:
             progress=on_step,
         )
     else:
-        import app_tabs
-        import app_ui
         from spectral_diffusion.frontends.service import Service
+        from webapp import page
+        from webapp.calls import in_own_thread
+        from webapp.forms import CONCEPT_ROWS
 
         service = Service(model=model, library=work / "library", output_dir=work / "outputs")
-        refresh = app_ui.refresh if variant == "app-before" else app_ui.in_own_thread(app_ui.refresh)
+        refresh = page.refresh if variant == "app-before" else in_own_thread(page.refresh)
         ready, stop = threading.Event(), threading.Event()
 
         def gradio_worker() -> None:  # a worker thread of the server: it outlives every request
-            refresh(service, None, *[None] * app_tabs.CONCEPT_ROWS)
+            refresh(service, None, [None] * CONCEPT_ROWS)
             ready.set()
             stop.wait()
 

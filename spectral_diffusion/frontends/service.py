@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from spectral_diffusion.atomic import storage_error
+from spectral_diffusion.atomic import atomic_write_text, storage_error
 from spectral_diffusion.errors import SpectralDiffusionError, TrainingCancelled
 from spectral_diffusion.formats import check_export_format
 from spectral_diffusion.frontends.workflows import (
@@ -164,10 +165,7 @@ class Service:
         return self.studio.export_fused(concepts, out, format=format)
 
     def _out_path(self, stem: str, format: str) -> Path:
-        try:
-            folder = Path(tempfile.mkdtemp(prefix="export-", dir=self.output_dir))
-        except OSError as error:
-            raise storage_error(error, self.output_dir) or error from None
+        folder = self._new_folder("export-")
         suffix = "" if format == "spectral" else f".{format}"
         return folder / f"{_safe_filename(stem)}{suffix}.safetensors"
 
@@ -211,10 +209,7 @@ class Service:
         return self.studio.generate(request, progress=progress)
 
     def save_images(self, images: Sequence[Image.Image], stem: str = "image") -> list[Path]:
-        try:
-            folder = Path(tempfile.mkdtemp(prefix="generated-", dir=self.output_dir))
-        except OSError as error:
-            raise storage_error(error, self.output_dir) or error from None
+        folder = self._new_folder("generated-")
         paths = []
         for index, image in enumerate(images):
             path = folder / f"{_safe_filename(stem)}-{index}.png"
@@ -224,6 +219,42 @@ class Service:
                 raise storage_error(error, path) or error from None
             paths.append(path)
         return paths
+
+    # ----- uploads ----------------------------------------------------------------------------------
+
+    def _new_folder(self, prefix: str) -> Path:
+        """A new folder of its own under the output folder (a full or read-only disk: ``StorageError``)."""
+        try:
+            return Path(tempfile.mkdtemp(prefix=prefix, dir=self.output_dir))
+        except OSError as error:
+            raise storage_error(error, self.output_dir) or error from None
+
+    def _copy(self, source: str | os.PathLike, target: Path) -> None:
+        try:
+            shutil.copyfile(source, target)
+        except OSError as error:
+            raise storage_error(error, target) or error from None
+
+    def mask_folder(self, masks: Sequence[str | os.PathLike]) -> str:
+        """Uploaded masks copied into a folder of their own under their file names (training pairs each
+        photo with the mask of the same name)."""
+        folder = self._new_folder("masks-")
+        for path in masks:
+            self._copy(path, folder / Path(path).name)
+        return str(folder)
+
+    def captioned_photos(self, photos: Sequence[str | os.PathLike], captions: Mapping[str, str]) -> list[str]:
+        """Uploaded photos copied into a folder of their own, the caption typed for a photo (``captions``, by
+        file name) written beside it as ``photo.txt``: the caption file convention of the CLI's image folders."""
+        folder = self._new_folder("photos-")
+        copies = []
+        for path in photos:
+            copy = folder / Path(path).name
+            self._copy(path, copy)
+            if captions.get(copy.name):
+                atomic_write_text(copy.with_suffix(".txt"), captions[copy.name] + "\n")
+            copies.append(str(copy))
+        return copies
 
     # ----- training ---------------------------------------------------------------------------------
 

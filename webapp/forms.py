@@ -1,8 +1,8 @@
-"""The web app's widget values, without gradio: numbers and files from widgets or API arguments, the
-Train tab's request, the Generate tab's layout editor rows as a layout spec, the info line of a
-generation, and the settings of a generated PNG spread back over the Generate tab's fields.
+"""The web app's forms, without gradio: widget values (or API arguments) checked and turned into requests.
 
-app_ui.py wires these into widgets; keeping them plain makes them testable without a page.
+Numbers and files from widgets, the Train tab's ``TrainForm`` as a ``TrainRequest``, the layout editor's
+rows as the generate endpoint's layout text, and a generated PNG's settings spread back over the
+Generate tab's fields (``LoadedSettings``). Plain values in and out: testable without a page.
 """
 
 from __future__ import annotations
@@ -10,18 +10,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from spectral_diffusion.core.strengths import format_concepts
 from spectral_diffusion.frontends.workflows import TrainRequest
 from spectral_diffusion.generation.layout import PRESETS
 from spectral_diffusion.generation.request import DEFAULTS
 
 ADVANCED = ("lr_unet", "lr_text", "lr_embedding", "batch_size", "resolution", "seed")  # the Train tab's Advanced
+CONCEPT_ROWS = 8  # concept rows on the Generate tab (4 shown, 4 more folded)
+NO_LAYOUT = "none"
+CUSTOM = "custom"
+LAYOUT_MODES = (NO_LAYOUT, "auto", *PRESETS, CUSTOM)
 
 
 class InputError(ValueError):
@@ -68,9 +69,7 @@ def real(label: str, value) -> float:
         raise InputError(f"{label} must be a number, got {value!r}") from None
 
 
-
-
-# ----- the Train tab's values
+# ----- the Train tab --------------------------------------------------------------------------------
 
 
 def training_settings(service) -> dict:
@@ -84,85 +83,70 @@ def training_settings(service) -> dict:
     return defaults
 
 
-def mask_folder(service, masks) -> str | None:
-    """Uploaded masks copied into a folder of their own under their file names (training pairs each photo
-    with the mask of the same name); None without masks."""
-    paths = file_paths(masks)
-    if not paths:
-        return None
-    folder = Path(tempfile.mkdtemp(prefix="masks-", dir=service.output_dir))
-    for path in paths:
-        shutil.copyfile(path, folder / Path(path).name)
-    return str(folder)
-
-
-def _caption_map(captions) -> dict[str, str]:
+def caption_map(captions) -> dict[str, str]:
+    """The caption table's typed captions by photo file name (empty captions left out)."""
     rows = captions.values.tolist() if hasattr(captions, "values") else (captions or [])
     return {str(row[0]): str(row[1]).strip() for row in rows if len(row) >= 2 and row[0] and str(row[1] or "").strip()}
 
 
 def caption_rows(files, current=None) -> list[list[str]]:
     """The caption table for the uploaded photos: (file name, caption), typed captions kept by name."""
-    typed = _caption_map(current)
+    typed = caption_map(current)
     return [[Path(path).name, typed.get(Path(path).name, "")] for path in file_paths(files)]
 
 
-def captioned_photos(service, paths: list[str], captions) -> list[str]:
-    """The photos as they go to training: unchanged without captions; with captions, copied into a
-    folder of their own, each caption written beside its photo as ``photo.txt`` (the caption file
-    convention of the CLI's image folders)."""
-    typed = _caption_map(captions)
-    if not typed:
-        return paths
-    folder = Path(tempfile.mkdtemp(prefix="photos-", dir=service.output_dir))
-    copies = []
-    for path in paths:
-        copy = folder / Path(path).name
-        shutil.copyfile(path, copy)
-        if typed.get(copy.name):
-            copy.with_suffix(".txt").write_text(typed[copy.name] + "\n", encoding="utf-8")
-        copies.append(str(copy))
-    return copies
+@dataclass
+class TrainForm:
+    """The Train tab's values, or the ``train_concept`` endpoint's arguments, as the widgets give them.
+    Its fields are the endpoint's parameters and the Train tab's widget names."""
+
+    images: object = None
+    name: str | None = None
+    class_word: str | None = None
+    variant: str | None = None
+    rank: object = None
+    steps: object = None
+    lr_unet: object = None
+    lr_text: object = None
+    lr_embedding: object = None
+    batch_size: object = None
+    resolution: object = None
+    seed: object = None
+    masks: object = None
+    captions: object = None
+
+    def request(self, service) -> TrainRequest:
+        """The request; Advanced values equal to the defaults (or None) leave the service's own settings in
+        force. Typed captions and uploaded masks are copied into folders of their own (``Service``)."""
+        paths = file_paths(self.images)
+        if not paths:
+            raise InputError("upload the concept's images first (3-20 photos work best)")
+        name = (self.name or "").strip()
+        if not name:
+            raise InputError("give the concept a name, e.g. my-dog (its trigger token will be <my-dog>)")
+        defaults = training_settings(service)
+        chosen = {"lr_unet": self.lr_unet, "lr_text": self.lr_text, "lr_embedding": self.lr_embedding}
+        overrides = {k: real(k, v) for k, v in chosen.items() if v not in (None, "") and real(k, v) != defaults[k]}
+        if self.batch_size not in (None, "") and whole("batch_size", self.batch_size, 1) != defaults["batch_size"]:
+            overrides["batch_size"] = whole("batch_size", self.batch_size, 1)
+        size = whole("resolution", self.resolution)
+        captions = caption_map(self.captions)
+        masks = file_paths(self.masks)
+        return TrainRequest(
+            name=name,
+            images=service.captioned_photos(paths, captions) if captions else paths,
+            class_word=(self.class_word or "").strip(),
+            variant=self.variant or "additive",
+            rank=whole("rank", self.rank) or None,
+            steps=whole("steps", self.steps) or None,
+            resolution=size if size and size != defaults["resolution"] else None,
+            seed=whole("seed", self.seed) if self.seed not in (None, "") else 0,
+            overrides=overrides,
+            masks=service.mask_folder(masks) if masks else None,
+        )
 
 
-def train_request(service, images, name, class_word, variant, rank, steps, lr_unet=None, lr_text=None,
-                  lr_embedding=None, batch_size=None, resolution=None, seed=None, masks=None,
-                  captions=None) -> TrainRequest:
-    """The request of the Train tab's (or the API's) values; Advanced values equal to the defaults (or
-    None) leave the service's own settings in force."""
-    paths = file_paths(images)
-    if not paths:
-        raise InputError("upload the concept's images first (3-20 photos work best)")
-    name = (name or "").strip()
-    if not name:
-        raise InputError("give the concept a name, e.g. my-dog (its trigger token will be <my-dog>)")
-    defaults = training_settings(service)
-    chosen = {"lr_unet": lr_unet, "lr_text": lr_text, "lr_embedding": lr_embedding}
-    overrides = {k: real(k, v) for k, v in chosen.items() if v not in (None, "") and real(k, v) != defaults[k]}
-    if batch_size not in (None, "") and whole("batch_size", batch_size, 1) != defaults["batch_size"]:
-        overrides["batch_size"] = whole("batch_size", batch_size, 1)
-    size = whole("resolution", resolution)
-    return TrainRequest(
-        name=name,
-        images=captioned_photos(service, paths, captions),
-        class_word=(class_word or "").strip(),
-        variant=variant or "additive",
-        rank=whole("rank", rank) or None,
-        steps=whole("steps", steps) or None,
-        resolution=size if size and size != defaults["resolution"] else None,
-        seed=whole("seed", seed) if seed not in (None, "") else 0,
-        overrides=overrides,
-        masks=mask_folder(service, masks),
-    )
-
-
-# ----- the Generate tab's values
-
-
-NO_LAYOUT = "none"
-CUSTOM = "custom"
-LAYOUT_MODES = (NO_LAYOUT, "auto", *PRESETS, CUSTOM)
-BOX_FIELDS = 4  # x0, y0, x1, y1 per concept row
+# ----- the Generate tab's layout editor -------------------------------------------------------------
 
 
 def default_box(row: int) -> tuple[float, float, float, float]:
@@ -174,25 +158,6 @@ def default_box(row: int) -> tuple[float, float, float, float]:
     return 0.0, 0.0, 1.0, 1.0
 
 
-@dataclass
-class LayoutRows:
-    """The layout editor's values: per concept row its name, box and region prompt."""
-
-    names: list
-    boxes: list[tuple]
-    prompts: list
-
-    @classmethod
-    def split(cls, values: Sequence) -> LayoutRows:
-        """From the widget values in wiring order: every row's name, then 4 box numbers per row, then
-        every row's region prompt."""
-        rows = len(values) // (2 + BOX_FIELDS)
-        names = list(values[:rows])
-        numbers = values[rows:rows + BOX_FIELDS * rows]
-        boxes = [tuple(numbers[BOX_FIELDS * i:BOX_FIELDS * (i + 1)]) for i in range(rows)]
-        return cls(names, boxes, list(values[rows + BOX_FIELDS * rows:]))
-
-
 def _number(value):
     """A box value as a number where it is one (the layout's own check reports anything else)."""
     try:
@@ -201,15 +166,17 @@ def _number(value):
         return value
 
 
-def layout_spec(mode: str, prompt: str, negative: str, rows: LayoutRows) -> str:
+def layout_spec(mode: str, prompt: str, negative: str, row_names: Sequence, row_boxes: Sequence[Sequence],
+                region_prompts: Sequence) -> str:
     """The ``layout`` text of the generate endpoint: "" (global fusion), ``auto``, a preset name, or for
-    ``custom`` the layout JSON of the rows that name a concept, with the page's prompt as its context."""
+    ``custom`` the layout JSON of the rows that name a concept (each row: its concept, its box x0, y0, x1,
+    y1 and its region prompt), with the page's prompt as its context."""
     if not mode or mode == NO_LAYOUT:
         return ""
     if mode != CUSTOM:
         return mode
     regions = []
-    for name, box, region_prompt in zip(rows.names, rows.boxes, rows.prompts, strict=True):
+    for name, box, region_prompt in zip(row_names, row_boxes, region_prompts, strict=True):
         if not name:
             continue
         region = {"concept": name, "box": [_number(v) for v in box]}
@@ -219,43 +186,13 @@ def layout_spec(mode: str, prompt: str, negative: str, rows: LayoutRows) -> str:
     return json.dumps({"prompt": prompt or "", "negative": negative or "", "regions": regions})
 
 
-def describe_layout(spec: str) -> str:
-    """A few words for the info line: the preset's name, or how many regions a custom layout has."""
-    spec = (spec or "").strip()
-    if not spec:
-        return ""
-    if not spec.startswith("{"):
-        return f"layout {spec}"
-    try:
-        count = len(json.loads(spec).get("regions", []))
-    except (ValueError, AttributeError, TypeError):
-        return "custom layout"
-    return f"custom layout ({count} region{'s' if count != 1 else ''})"
-
-
-def info_line(count: int, seed, size: tuple[int, int] | None, steps: int, guidance: float, scheduler: str,
-              concepts: Mapping[str, float], layout: str, seconds: float) -> str:
-    """What the Generate tab says after a generation: the seeds used (image k: ``seed`` + k), the settings,
-    the time taken."""
-    try:
-        seeds = f"seeds {int(seed)}-{int(seed) + count - 1}" if count > 1 else f"seed {seed}"
-    except (TypeError, ValueError):
-        seeds = f"seed {seed}"
-    parts = [f"{count} image(s), {seeds}"]
-    if size:
-        parts.append(f"{size[0]}×{size[1]}")
-    parts += [f"{steps} steps", f"guidance {guidance:g}", f"scheduler {scheduler}",
-              f"concepts {format_concepts(dict(concepts))}" if concepts else "no concepts"]
-    described = describe_layout(layout)
-    if described:
-        parts.append(described)
-    parts.append(f"{seconds:.1f} s")
-    return " · ".join(parts)
+# ----- a generated PNG's settings back into the Generate tab ----------------------------------------
 
 
 @dataclass
 class LoadedSettings:
-    """A PNG's settings laid out over the Generate tab's fields (plain values, every field set)."""
+    """A PNG's settings laid out over the Generate tab's fields (plain values, every field set); the
+    field names are the Generate tab's widget names (the image count is not restored)."""
 
     prompt: str
     negative: str
@@ -265,12 +202,12 @@ class LoadedSettings:
     width: int
     height: int
     scheduler: str
-    names: list
-    strengths: list[float]
+    row_names: list
+    row_strengths: list[float]
     layout_mode: str
-    boxes: list[tuple[float, float, float, float]]
+    row_boxes: list[tuple[float, float, float, float]]
     region_prompts: list[str]
-    message: str
+    settings_message: str
 
 
 def _layout_rows(layout: Mapping, names: list, rows: int) -> tuple[list, list, list]:
@@ -295,7 +232,7 @@ def _layout_rows(layout: Mapping, names: list, rows: int) -> tuple[list, list, l
     return boxes, prompts, dropped
 
 
-def loaded_settings(settings: Mapping, rows: int, file_name: str) -> LoadedSettings:
+def loaded_settings(settings: Mapping, file_name: str, rows: int = CONCEPT_ROWS) -> LoadedSettings:
     """The fields for ``settings`` (from ``pnginfo.read_settings``) on a tab with ``rows`` concept rows."""
     concepts = dict(settings.get("concepts") or {})
     names = list(concepts)[:rows]
@@ -319,10 +256,10 @@ def loaded_settings(settings: Mapping, rows: int, file_name: str) -> LoadedSetti
         width=int(settings.get("width") or 0),
         height=int(settings.get("height") or 0),
         scheduler=str(settings.get("scheduler", DEFAULTS.scheduler)),
-        names=names,
-        strengths=strengths,
+        row_names=names,
+        row_strengths=strengths,
         layout_mode=mode,
-        boxes=boxes,
+        row_boxes=boxes,
         region_prompts=prompts,
-        message=" ".join(notes),
+        settings_message=" ".join(notes),
     )

@@ -1,29 +1,26 @@
-"""What the web app shows, without gradio: the training progress line, concept cards, the library
-table, and the pictures drawn with PIL (a regional layout as coloured boxes, the same boxes over a
-generated image). app_ui.py puts these into widgets."""
+"""The web app's pictures, drawn with PIL, without gradio: a regional layout as coloured boxes (alone, or
+over a generated image), the training loss curve, a picture that says why there is no layout, concept
+cards and the library's slot maps stacked. The page shows them in image widgets."""
 
 from __future__ import annotations
 
-import html
 from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from spectral_diffusion.frontends.service import TrainingStatus
 from spectral_diffusion.generation.layout import Layout
 
 # one colour per region, in region order (distinct on white and over photos)
 COLOURS = [(230, 80, 70), (60, 130, 230), (60, 170, 90), (240, 170, 40), (160, 90, 210), (30, 180, 190),
            (220, 90, 170), (120, 120, 120)]
-# The layout pictures are shown in widgets of this box (CSS px: app_tabs.py gives them this height and this
-# minimum width; side by side in the result column at 1280 px each is about this wide). They are drawn at
-# PICTURE_SCALE times it, so that labels of LABEL_PX on the page are crisp on high-density screens too.
+# The layout pictures are shown in widgets of this box (CSS px: webapp/layout_generate.py gives them this
+# height and this minimum width; side by side in the result column at 1280 px each is about this wide).
+# They are drawn at PICTURE_SCALE times it, so that labels of LABEL_PX on the page are crisp on high-density screens too.
 LAYOUT_WIDGET = (290, 240)
 PICTURE_SCALE = 2
 LABEL_PX = 16  # the labels' font size on the page (CSS px)
 CONTEXT_FILL = (244, 245, 248)
-TABLE_HEADERS = ["name", "trigger token", "slot", "variant", "rank", "class word", "images", "base model", "created"]
 
 
 # ----- regional layouts ----------------------------------------------------------------------------
@@ -160,108 +157,11 @@ def message_picture(text: str) -> Image.Image:
     return canvas
 
 
-# ----- the Train and Library tabs ------------------------------------------------------------------
-
-
-def _eta(seconds: float | None) -> str:
-    if seconds is None:
-        return "…"
-    seconds = int(round(seconds))
-    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
-
-
-def progress_html(status: TrainingStatus) -> str:
-    """The Train tab's progress bar: state, step, loss and ETA."""
-    name = html.escape(status.name)
-    if status.state == "done":
-        fraction, text = 1.0, f"Done: {html.escape(status.message)}"
-    elif status.state == "idle":
-        fraction, text = 0.0, html.escape(status.message)
-    elif status.state == "preparing":
-        fraction, text = 0.0, f"{name + ': ' if name else ''}{html.escape(status.message or 'preparing')}…"
-    else:
-        total = max(status.total_steps, 1)
-        fraction = status.step / total
-        loss = "…" if status.loss is None else f"{status.loss:.4f}"
-        text = f"Training {name}: step {status.step}/{total} · loss {loss} · ETA {_eta(status.eta_seconds)}"
-        if status.state == "cancelled":
-            text = f"Cancelled {name} at step {status.step}/{total}: the library is unchanged"
-        elif status.state == "failed":
-            text = f"{name}: {html.escape(status.message)}"
-    return (
-        f'<div class="sd-status"><div class="sd-bar"><div style="width:{fraction * 100:.1f}%"></div></div>'
-        f'<span id="train-status-text">{text}</span></div>'
-    )
-
-
-def problem_html(message: str) -> str:
-    """The Train tab's status line when a training cannot start or fails: the one place it is shown."""
-    return (f'<div class="sd-status"><div class="sd-bar"><div style="width:0%"></div></div>'
-            f'<span id="train-status-text" class="sd-problem">{html.escape(message)}</span></div>')
-
-
-def status_json(status: TrainingStatus, record=None) -> dict:
-    """What the ``train_concept`` endpoint says about a run, as data (the page shows ``progress_html``).
-
-    ``state``: preparing, running, done, cancelled or failed; ``slot`` once reserved; ``token`` (and the
-    final ``slot``) from the library ``record`` once done."""
-    data = {
-        "name": status.name,
-        "state": status.state,
-        "step": status.step,
-        "total_steps": status.total_steps,
-        "loss": None if status.loss is None else float(status.loss),
-        "eta_seconds": None if status.eta_seconds is None else round(float(status.eta_seconds), 1),
-        "slot": status.slot,
-        "token": None,
-        "message": status.message,
-    }
-    if record is not None:
-        data.update(slot=record.slot, token=record.token)
-    return data
-
-
-def record_summary(record: dict, done: str) -> str:
-    """A concept record (``record_json``) as one readable Markdown line; ``done`` says what happened
-    ("Trained", "Imported")."""
-    if not record:
-        return ""
-    tokens = " ".join(f"`{token}`" for token in record.get("tokens") or [record.get("token")])
-    text = f"**{done} {html.escape(str(record.get('name')))}**: trigger token {tokens}, slot {record.get('slot')}"
-    if record.get("base_model"):
-        text += f" of `{record['base_model']}`"
-    text += f" (rank {record.get('rank')}, {record.get('variant')})"
-    if record.get("class_word"):
-        text += f", class word “{html.escape(str(record['class_word']))}”"
-    if record.get("image_count"):
-        text += f", {record['image_count']} photo{'s' if record['image_count'] != 1 else ''}"
-    if record.get("this_model", True):
-        return f"{text}. Write {tokens} in a prompt on the Generate tab to draw it."
-    return f"{text}. It was made for another base model: it cannot be used with this one."
-
-
-def record_json(record, this_model: bool = True) -> dict:
-    """What the API says about one concept (no server paths)."""
-    return {
-        "name": record.name,
-        "token": record.token,
-        "tokens": list(record.tokens),
-        "slot": record.slot,
-        "rank": record.rank,
-        "variant": record.variant,
-        "class_word": record.class_word,
-        "base_model": record.base_model,
-        "base_fingerprint": record.base_fingerprint,
-        "created_at": record.created_at,
-        "image_count": record.image_count,
-        "this_model": this_model,
-    }
+# ----- the Library tab -----------------------------------------------------------------------------
 
 
 def card(record):
     """(image, caption) of a concept's card: its preview, or a grey square when it has none."""
-    from PIL import Image
-
     image = None
     if record.preview_path is not None and Path(record.preview_path).is_file():
         try:
@@ -276,8 +176,6 @@ def card(record):
 
 def stack_images(images):
     """Pictures one under the other on white (the slot maps of several base models as one image)."""
-    from PIL import Image
-
     if not images:
         return None
     width = max(image.width for image in images)
@@ -287,14 +185,3 @@ def stack_images(images):
         out.paste(image, (0, top))
         top += image.height
     return out
-
-
-def _short_date(created_at: str) -> str:
-    """"2025-01-02T03:04:05+00:00" as "2025-01-02 03:04" (the table's column stays narrow)."""
-    text = str(created_at or "")
-    return text[:16].replace("T", " ") if len(text) >= 16 and text[10:11] == "T" else text
-
-
-def table_row(record) -> list:
-    return [record.name, " ".join(record.tokens), record.slot, record.variant, record.rank, record.class_word,
-            record.image_count, record.base_model, _short_date(record.created_at)]
