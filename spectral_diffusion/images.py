@@ -28,7 +28,7 @@ ARCHIVE_EXTENSIONS = (".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".zst", ".7z
 # zip, gzip, bzip2, xz, zstd, 7z, rar signatures (tar: "ustar" at byte 257)
 _ARCHIVE_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd",
                   b"7z\xbc\xaf\x27\x1c", b"Rar!\x1a\x07")
-MAX_IMAGES = 100
+MAX_IMAGES = 100  # training photos per concept (generation.request.MAX_NUM_IMAGES: images per generation)
 MAX_PIXELS = 64 * 1024 * 1024  # 64 megapixels: larger than any camera image, far below a bomb
 MAX_FILE_BYTES = 64 * 1024 * 1024  # one image file; a 64-megapixel JPEG is about 30 MB
 MAX_TOTAL_BYTES = 512 * 1024 * 1024  # all the images of one concept together

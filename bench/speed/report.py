@@ -355,8 +355,9 @@ def markdown(r: dict, plot_name: str | None, kept: dict[str, str] | None = None)
             "## 3. SVD preparation (SD1.5 UNet + CLIP ViT-L text encoder, default targets)",
             "",
             f"{svd.layers} layers: the UNet's 128 attention linears and the text encoder's 48; K = 64 triplets (8 slots",
-            "of rank 8). Ours: `SpectralAdapters(...).spectrum(64)` from a cold cache (eigen-decomposition of the",
-            "smaller Gram matrix, parallel over the cores, written to the SVD cache). Full: `torch.linalg.svd` of",
+            "of rank 8). Ours: `SpectralAdapters(...).spectrum(64)` from a cold cache (block Krylov with an",
+            "a-posteriori check, else the eigen-decomposition of the smaller Gram matrix; one layer after the other,",
+            "each with all of torch's threads; written to the SVD cache). Full: `torch.linalg.svd` of",
             f"every weight{subset}.",
             "",
         ]

@@ -1,7 +1,8 @@
 """Item 3: SVD preparation for all default targets of an SD1.5-size UNet + a CLIP ViT-L text encoder.
 
-"Ours" is the product path, ``SpectralAdapters(...).spectrum(64)`` (top-K eigen path, parallel over the
-cores, written to the SVD cache), from a cold cache. "Full SVD" is ``torch.linalg.svd`` of every
+"Ours" is the product path, ``SpectralAdapters(...).spectrum(64)`` (``core.svd.top_k_svd_many``: block
+Krylov with an a-posteriori check, else the Gram eigen path; one layer after the other, each with all
+of torch's threads; written to the SVD cache), from a cold cache. "Full SVD" is ``torch.linalg.svd`` of every
 weight, one after the other with all threads, what the reference implementation needs. "Reload" is a
 new ``SpectralAdapters`` over the same model and cache (patching, fingerprint, cache read).
 """

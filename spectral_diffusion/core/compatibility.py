@@ -16,7 +16,6 @@ from spectral_diffusion.core.svd import Triplets
 from spectral_diffusion.errors import BaseModelMismatchError
 
 COMPATIBILITY_TOLERANCE = 1e-2
-SPECTRUM_MIN_K = 64
 
 
 def compatibility_tolerance(dtype: torch.dtype) -> float:

@@ -28,7 +28,7 @@ logger = logging.getLogger("spectral_diffusion.frontends.cli")
 
 
 def parse_concepts(text: str) -> dict[str, float]:
-    """``"dog,cat:0.8"`` -> ``{"dog": 1.0, "cat": 0.8}`` (``workflows.parse_concepts``, as an argparse type)."""
+    """``"dog,cat:0.8"`` -> ``{"dog": 1.0, "cat": 0.8}`` (``core.strengths.parse_concepts``, as an argparse type)."""
     from spectral_diffusion.core.strengths import parse_concepts as parse
     from spectral_diffusion.errors import SpectralDiffusionError
 

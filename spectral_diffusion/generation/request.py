@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 # how the concepts are applied: in factored form, or merged into the weights
 MODES = ("live", "baked")
 MAX_STEPS = 200
-MAX_IMAGES = 16
+MAX_NUM_IMAGES = 16  # images per generation request (images.MAX_IMAGES: training photos per concept)
 MAX_SIDE = 4096
 # a model draws sensibly up to this many times its native size per side (SD1.5: 2048 px; builtin:toy: 128 px);
 # beyond it time and memory grow with the square of the side for pictures the model cannot compose
@@ -107,7 +107,7 @@ class GenerationRequest:
             _check_range("seed", self.seed, 0, MAX_SEED)
         _check_side("width", self.width)
         _check_side("height", self.height)
-        _check_range("num_images", self.num_images, 1, MAX_IMAGES)
+        _check_range("num_images", self.num_images, 1, MAX_NUM_IMAGES)
         if self.seed is not None and self.seed + self.num_images - 1 > MAX_SEED:
             raise RequestError(
                 f"seed must be at most {MAX_SEED - self.num_images + 1} for {self.num_images} images "

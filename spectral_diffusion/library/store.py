@@ -81,7 +81,6 @@ def stray_library_note(root: str | os.PathLike) -> str | None:
             f"pass --library {here} to use them (or set {LIBRARY_ENV})")
 
 
-DEFAULT_LIBRARY = str(default_library())  # at import time; prefer default_library(), which reads the environment
 LOCK_FILE = ".library.lock"
 DEFAULT_LOCK_TIMEOUT = 30.0
 

@@ -29,7 +29,8 @@ def _column_scale(s: torch.Tensor) -> torch.Tensor:
 
 
 class StepScale:
-    """Per-column step scales of one concept's slot factors; ``apply`` wraps an optimiser step."""
+    """Per-column step scales of one concept's slot factors: ``before()`` and ``after(before)`` bracket an optimiser
+    step, which ``after`` rescales column by column."""
 
     def __init__(self, adapters, name: str, mode: str):
         self.pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
