@@ -17,6 +17,8 @@ from spectral_diffusion.frontends.workflows import (
     build_layout,
     check_concepts_exist,
     export_concept,
+    prepare_training,
+    slot_overview,
     train_into_library,
 )
 
@@ -116,18 +118,12 @@ def _train_request(args) -> TrainRequest:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from spectral_diffusion.core.model import SpectralAdapters
-    from spectral_diffusion.core.svd import SvdCache
-    from spectral_diffusion.errors import SpectralDiffusionError
-    from spectral_diffusion.images import check_uploads
     from spectral_diffusion.models.registry import load_pipeline
     from spectral_diffusion.training.trainer import train_concept
 
     library = _library(args)
-    library.validate_name(args.name)
     request = _train_request(args)
-    request.config(args.model, args.library)  # every setting checked before the model is loaded
-    images = check_uploads(args.images)
+    images = prepare_training(library, request, args.model)  # everything checked before the model is loaded
     process, world = _distributed_rank()
     if world > 1 and args.slot is None:
         raise SpectralDiffusionError("multi-process training needs an explicit --slot K (all processes must agree)")
@@ -137,14 +133,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         train_concept(pipe, images, config, base_model_name=args.model)
         return
     with tempfile.TemporaryDirectory(prefix="spectral-svd-") as svd_cache:  # the capacity's SVD, reused by training
-        probe = SpectralAdapters.from_pipeline(pipe, svd_cache=SvdCache(svd_cache))
-        fingerprint, capacity = probe.fingerprint, probe.capacity(request.rank_for(args.model))
-        probe.unpatch()
         progress = _tqdm_progress(f"training {args.name}")
         try:
             record, result = train_into_library(
-                library, pipe, request, images, model=args.model, fingerprint=fingerprint, capacity=capacity,
-                progress=progress, svd_cache_dir=svd_cache,
+                library, pipe, request, images, model=args.model, progress=progress, svd_cache_dir=svd_cache,
             )
         finally:
             progress.close()  # an interrupted bar ends its line before the error message
@@ -172,12 +164,11 @@ def cmd_list(args: argparse.Namespace) -> None:
 def _capacity_lines(library, records) -> list[str]:
     """One line per base model: how many slots are taken of how many (at the smallest rank in use)."""
     lines = []
-    shown = {r.base_fingerprint: r.base_model for r in records}
-    for fingerprint, base_model in sorted(shown.items()):
-        rank = min(r.rank for r in records if r.base_fingerprint == fingerprint)
-        report = library.slot_report(fingerprint, rank)
+    for entry in slot_overview(library, base_models={r.base_fingerprint: r.base_model for r in records}):
+        report = entry.report
         total = "?" if report.capacity is None else str(report.capacity)
-        lines.append(f"{base_model} (base {fingerprint}): {len(report.taken)} of {total} slots taken at rank {rank}")
+        lines.append(f"{entry.base_model} (base {report.base_fingerprint}): {len(report.taken)} of {total} slots "
+                     f"taken at rank {report.rank}")
     return lines
 
 

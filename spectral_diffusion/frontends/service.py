@@ -28,12 +28,13 @@ from spectral_diffusion.frontends.workflows import (
     TrainRequest,
     build_layout,
     export_concept,
+    prepare_training,
+    slot_overview,
     train_into_library,
 )
 from spectral_diffusion.generation.pnginfo import save_png
 from spectral_diffusion.generation.request import DEFAULTS
-from spectral_diffusion.images import check_uploads
-from spectral_diffusion.library import ConceptRecord, Library, validate_name
+from spectral_diffusion.library import ConceptRecord, Library
 from spectral_diffusion.library.slotmap import draw_slot_map
 from spectral_diffusion.models.registry import DEFAULT_MODEL, default_rank, training_defaults
 
@@ -132,15 +133,14 @@ class Service:
     def slot_maps(self) -> list[tuple[str, Image.Image]]:
         """One (caption, picture) per base model with concepts in the library, this model first."""
         rank = default_rank(self.model)
-        maps = [(f"{self.model} (this model)", self.slot_map_image(rank))]
-        for fingerprint, base_model in sorted(self.library.base_models().items()):
-            if fingerprint == self.fingerprint:
-                continue
-            unit = min(r.rank for r in self.library.list(fingerprint))
-            report = self.library.slot_report(fingerprint, unit)
+        maps = []
+        for entry in slot_overview(self.library, current=(self.fingerprint, self.model, rank, self.capacity(rank))):
+            report = entry.report
             capacity = report.capacity or (max(report.taken, default=0) + 1)
-            title = f"{base_model}  (base {fingerprint}, rank {unit})"
-            maps.append((base_model, draw_slot_map(report.taken, capacity, title)))
+            title = f"{entry.base_model}  (base {report.base_fingerprint}, rank {report.rank})"
+            this = report.base_fingerprint == self.fingerprint
+            maps.append((f"{self.model} (this model)" if this else entry.base_model,
+                         draw_slot_map(report.taken, capacity, title)))
         return maps
 
     def delete_concept(self, name: str) -> None:
@@ -290,9 +290,7 @@ class Service:
         Bad input (name, images: missing, unreadable, too large) and ``BusyError`` are raised here,
         before anything is written. ``self.status`` follows the run; ``cancel_training`` stops it.
         """
-        validate_name(request.name)
-        paths = check_uploads(request.images)  # refuse bad uploads before any model or library work
-        request.config(self.model, self.library.root, extra=self._extra_config())  # refuse bad settings too
+        paths = prepare_training(self.library, request, self.model, self._extra_config())
         if not self._train_lock.acquire(blocking=False):
             raise BusyError(f"a training ({self.status.name}) is already running; wait for it to finish or cancel it")
         future: Future = Future()

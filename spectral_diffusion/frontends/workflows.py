@@ -1,4 +1,5 @@
-"""What the CLI and the web app both do, written once: train into the library, export, parse concept specs.
+"""What the CLI and the web app both do, written once: check and train into the library, export, build
+layouts, summarise the slots of each base model.
 
 The CLI (``cli_commands``) and the app's service (``service``) turn their inputs into these calls and
 their results into text or widgets; neither repeats a rule that is written here.
@@ -16,6 +17,8 @@ from spectral_diffusion.core.tokens import default_token
 from spectral_diffusion.errors import ConfigError, LayoutError
 from spectral_diffusion.formats import check_export_format
 from spectral_diffusion.generation.layout import PRESETS, Layout, Region, auto_layout, parse_region, preset_layout
+from spectral_diffusion.images import check_uploads
+from spectral_diffusion.library.allocation import SlotReport
 from spectral_diffusion.library.workdirs import CHECKPOINTS_DIR
 from spectral_diffusion.models.registry import default_rank, training_defaults
 
@@ -89,6 +92,27 @@ class TrainRequest:
         )
 
 
+def prepare_training(library, request: TrainRequest, model: str, extra_config: Mapping | None = None) -> list[Path]:
+    """Check a training before any model is loaded or anything is written: the name, every setting and
+    the images (decoded once, ``images.check_uploads``). Returns the checked image files."""
+    library.validate_name(request.name)
+    request.config(model, library.root, extra=extra_config)
+    return check_uploads(request.images)
+
+
+def base_model_facts(pipe, rank: int, svd_cache_dir: str | os.PathLike | None = None) -> tuple[str, int]:
+    """(base fingerprint, slot capacity at ``rank``) of a pipeline no studio has patched: patched to
+    measure, then given back unchanged; the capacity's SVD lands in ``svd_cache_dir`` for the training."""
+    from spectral_diffusion.core.model import SpectralAdapters
+    from spectral_diffusion.core.svd import SvdCache
+
+    probe = SpectralAdapters.from_pipeline(pipe, svd_cache=SvdCache(svd_cache_dir))
+    try:
+        return probe.fingerprint, probe.capacity(rank)
+    finally:
+        probe.unpatch()
+
+
 def _with_previews(config, pipe, preview_every: int | None):
     config = config.resolved(pipe)
     if preview_every is None:
@@ -103,8 +127,8 @@ def train_into_library(
     images: Sequence[Path],
     *,
     model: str,
-    fingerprint: str,
-    capacity: int,
+    fingerprint: str | None = None,
+    capacity: int | None = None,
     extra_config: Mapping | None = None,
     on_start: Callable[[object], None] | None = None,
     progress: Callable | None = None,
@@ -113,7 +137,8 @@ def train_into_library(
 ):
     """Reserve a slot, train the concept into it and add it to the library; returns (record, result).
 
-    ``images`` are the already checked files of the request. ``on_start`` gets the final
+    ``images`` are the files ``prepare_training`` checked. ``fingerprint`` and ``capacity`` (at the
+    request's rank) are measured on ``pipe`` when not given (``base_model_facts``). ``on_start`` gets the final
     ``TrainConfig`` (slot and steps known) before the first step. A failed or cancelled run leaves the
     library as it was: the reservation is dropped and nothing is added (a checkpoint, with
     ``checkpoint_every``, stays for ``resume``); a finished one removes the name's checkpoint.
@@ -121,6 +146,8 @@ def train_into_library(
     from spectral_diffusion.training.trainer import train_concept
 
     config = request.config(model, library.root, extra=extra_config)  # refuse bad settings before reserving
+    if fingerprint is None or capacity is None:
+        fingerprint, capacity = base_model_facts(pipe, config.rank, svd_cache_dir)
     with library.reserve(request.name, fingerprint, config.rank, capacity, request.slot, tokens=config.tokens) as slot:
         config = _with_previews(dataclasses.replace(config, slot=slot), pipe, request.preview_every)
         if on_start is not None:
@@ -186,6 +213,36 @@ def _read_layout_file(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise LayoutError(f"cannot read layout file {path.name} ({error})") from None
+
+
+@dataclass(frozen=True)
+class BaseModelSlots:
+    """The slots of one base model: what the Library tab draws and ``list`` sums up."""
+
+    base_model: str
+    report: SlotReport
+
+
+def slot_overview(
+    library, current: tuple[str, str, int, int] | None = None, base_models: Mapping[str, str] | None = None
+) -> list[BaseModelSlots]:
+    """The slots of every base model with concepts in ``library`` (of ``base_models``, fingerprint -> name,
+    when given), counted at the smallest rank among its concepts, by fingerprint.
+
+    ``current`` (fingerprint, name, rank, capacity): the loaded model, first, at that rank and capacity,
+    whether or not it has concepts yet.
+    """
+    out = []
+    if current is not None:
+        fingerprint, name, rank, capacity = current
+        out.append(BaseModelSlots(name, library.slot_report(fingerprint, rank, capacity)))
+    chosen = library.base_models() if base_models is None else base_models
+    for fingerprint, name in sorted(chosen.items()):
+        if current is not None and fingerprint == current[0]:
+            continue
+        unit = min((r.rank for r in library.list(fingerprint)), default=1)
+        out.append(BaseModelSlots(name, library.slot_report(fingerprint, unit)))
+    return out
 
 
 def check_concepts_exist(library, names) -> None:
