@@ -107,6 +107,22 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+class Stream:
+    """The independent random streams of one training run, each drawn from ``mix_seed(seed, stream, ...)``.
+
+    The numbers only tell the streams apart (any distinct values would do); they stay as they are so that
+    a seed keeps giving the same run. Data streams come as (visiting order per epoch, each example's
+    crop, flip, caption and augmentation).
+    """
+
+    CLASS_IMAGES = 7  # generating the prior-preservation class images (training.prior)
+    INSTANCE_DATA = (10, 11)  # the concept's photos
+    CLASS_DATA = (20, 21)  # the class images
+    NOISE = 30  # each micro-batch's latent sampling, noise and timesteps
+    EVAL = 40  # the evaluation batch's fixed noise
+    PREVIEW = 50  # the previews' generation
+
+
 def mix_seed(*parts: int) -> int:
     """A 63-bit seed from several integers (seed, step, rank...), stable across processes and runs."""
     value = 0x9E3779B97F4A7C15

@@ -17,7 +17,7 @@ from spectral_diffusion.errors import TrainingCancelled
 from spectral_diffusion.generation.diffusion import generate
 from spectral_diffusion.images import IMAGE_EXTENSIONS, open_image
 from spectral_diffusion.training.config import TrainConfig
-from spectral_diffusion.training.data import caption_templates, mix_seed
+from spectral_diffusion.training.data import Stream, caption_templates, mix_seed
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def class_images(pipe, config: TrainConfig, should_stop: Callable[[], bool] | No
         if should_stop is not None and should_stop():
             raise TrainingCancelled(f"training of {config.name!r} cancelled while making class images")
         count = min(batch, wanted - len(images))
-        seed = mix_seed(config.seed, 7, len(images))
+        seed = mix_seed(config.seed, Stream.CLASS_IMAGES, len(images))
         steps, guidance = config.class_inference_steps, config.guidance_scale
         made = generate(pipe, prompt, count, config.resolution, steps, guidance, seed)
         for image in made:

@@ -43,7 +43,7 @@ from spectral_diffusion.training.accelerator import check_precision, make_accele
 from spectral_diffusion.training.borrowed import borrowed, cast_frozen, components, set_checkpointing, upcast_vae
 from spectral_diffusion.training.checkpoint import Checkpoints
 from spectral_diffusion.training.config import TrainConfig, TrainProgress, TrainResult
-from spectral_diffusion.training.data import ConceptDataset, caption_templates, collate, mix_seed
+from spectral_diffusion.training.data import ConceptDataset, Stream, caption_templates, collate, mix_seed
 from spectral_diffusion.training.lr_scale import StepScale
 from spectral_diffusion.training.objective import DenoisingObjective, latent_weights, noise_scheduler, per_example_loss
 from spectral_diffusion.training.prior import class_images, class_prompt
@@ -122,32 +122,34 @@ class _Trainer:
 
     # -- data -------------------------------------------------------------------------------------
 
-    def _permutation(self, tag: int, epoch: int, size: int) -> torch.Tensor:
-        key = (tag, epoch)
+    def _permutation(self, stream: int, epoch: int, size: int) -> torch.Tensor:
+        key = (stream, epoch)
         if key not in self._perms:
             if len(self._perms) > 8:  # only the current epochs are ever asked for again
                 self._perms.clear()
-            generator = torch.Generator().manual_seed(mix_seed(self.config.seed, tag, epoch))
+            generator = torch.Generator().manual_seed(mix_seed(self.config.seed, stream, epoch))
             self._perms[key] = torch.randperm(size, generator=generator)
         return self._perms[key]
 
-    def _examples(self, dataset, tag: int, micro: int) -> dict:
-        """This rank's share of the global batch of micro-step ``micro`` of the current step."""
+    def _examples(self, dataset, streams: tuple[int, int], micro: int) -> dict:
+        """This rank's share of the global batch of micro-step ``micro`` of the current step; ``streams``:
+        (order, views), ``Stream.INSTANCE_DATA`` or ``Stream.CLASS_DATA``."""
+        order, views = streams
         config, acc = self.config, self.accelerator
         first = (self.step * config.gradient_accumulation + micro) * acc.num_processes + acc.process_index
         examples = []
         for j in range(config.batch_size):
             q = first * config.batch_size + j  # global example number: epoch-wise shuffled stream
-            index = int(self._permutation(tag, q // len(dataset), len(dataset))[q % len(dataset)])
-            generator = torch.Generator().manual_seed(mix_seed(config.seed, tag + 1, q))
+            index = int(self._permutation(order, q // len(dataset), len(dataset))[q % len(dataset)])
+            generator = torch.Generator().manual_seed(mix_seed(config.seed, views, q))
             examples.append(dataset.example(index, generator))
         return collate(examples)
 
     def _batch(self, micro: int) -> tuple[dict, int]:
-        batch = self._examples(self.dataset, 10, micro)
+        batch = self._examples(self.dataset, Stream.INSTANCE_DATA, micro)
         if self.class_set is None:
             return batch, 0
-        extra = self._examples(self.class_set, 20, micro)
+        extra = self._examples(self.class_set, Stream.CLASS_DATA, micro)
         merged = {key: batch[key] + extra[key] for key in ("caption", "original_size", "crop_top_left")}
         merged["pixel_values"] = torch.cat([batch["pixel_values"], extra["pixel_values"]])
         if "mask" in batch:  # class images have no masks: all of them counts
@@ -159,7 +161,7 @@ class _Trainer:
     def _micro_loss(self, micro: int) -> torch.Tensor:
         batch, n_class = self._batch(micro)
         rank = self.accelerator.process_index
-        generator = torch.Generator().manual_seed(mix_seed(self.config.seed, 30, self.step, micro, rank))
+        generator = torch.Generator().manual_seed(mix_seed(self.config.seed, Stream.NOISE, self.step, micro, rank))
         latents = encode_images(self.pipe.vae, batch["pixel_values"], generator).to(self.device)
         noise, timesteps = self.objective.sample_noise(latents, generator)
         pred = self.objective.predict(self.unet, self.text_encoders, batch, latents, noise, timesteps)
@@ -221,7 +223,7 @@ class _Trainer:
         count = min(EVAL_IMAGES, len(self.dataset))
         examples = [self.dataset.example(i) for i in range(count) for _ in EVAL_TIMESTEPS]
         batch = collate(examples)
-        generator = torch.Generator().manual_seed(mix_seed(self.config.seed, 40))
+        generator = torch.Generator().manual_seed(mix_seed(self.config.seed, Stream.EVAL))
         latents = encode_images(self.pipe.vae, batch["pixel_values"], None).to(self.device)
         noise = torch.randn(latents.shape, generator=generator).to(self.device)
         steps = self.objective.num_train_timesteps
@@ -251,7 +253,7 @@ class _Trainer:
         self._train_mode(False)
         with self.accelerator.autocast():
             image = generate(self.pipe, prompt, 1, config.resolution, config.preview_steps, config.guidance_scale,
-                             mix_seed(config.seed, 50))[0]
+                             mix_seed(config.seed, Stream.PREVIEW))[0]
         return image
 
     # -- checkpoints ------------------------------------------------------------------------------
