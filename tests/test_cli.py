@@ -73,6 +73,16 @@ def test_round_trip(tmp_path, capsys, models_home):
     assert code == 0, err
     assert lora.exists() and (tmp_path / "fused.red-ball.ti.safetensors").exists()
 
+    # a fused bundle loads back: import adds each of its concepts (into another library here)
+    bundle = tmp_path / "set.safetensors"
+    assert _run(capsys, "fuse", "--concepts", "red-ball,blue-ball:0.5", "--out", str(bundle), *common)[0] == 0
+    other = ["--library", str(tmp_path / "other"), "--model", "builtin:tiny"]
+    code, out, err = _run(capsys, "import", str(bundle), *other)
+    assert code == 0, err
+    assert out.splitlines() == ["imported red-ball (slot 0, token <red-ball>)", "imported blue-ball (slot 1, token <blue-ball>)"]
+    code, out, err = _run(capsys, "import", str(bundle), "--name", "x", "--library", str(tmp_path / "third"))
+    assert code == 2 and "keep their own names" in err
+
     exported = tmp_path / "red.safetensors"
     assert _run(capsys, "export", "red-ball", "--format", "spectral", "--out", str(exported), *common)[0] == 0
     code, out, err = _run(capsys, "delete", "blue-ball", *common)

@@ -24,6 +24,7 @@ from spectral_diffusion.core.model import SpectralAdapters
 from spectral_diffusion.core.tokens import TokenError
 from spectral_diffusion.errors import AdapterFormatError, ConceptNotFoundError, LibraryError, SlotConflictError
 from spectral_diffusion.formats.adapter_file import adapter_from_model, read_adapter, save_adapter
+from spectral_diffusion.formats.bundle import write_bundle
 from spectral_diffusion.library.names import NAME_PATTERN
 from spectral_diffusion.library.records import ConceptRecord
 from spectral_diffusion.library.reservations import Reservation
@@ -449,6 +450,19 @@ def test_importing_a_taken_name_says_whether_another_name_would_help(maker, lib,
     with pytest.raises(LibraryError, match=r"'dog' is already in the library; import the file under another name"):
         lib.import_file(free)
     assert lib.import_file(free, name="dog-two").slot == 5
+
+
+def test_a_fused_bundle_imports_all_its_concepts_or_none(maker, lib, tmp_path):
+    bundle = write_bundle({"dog": maker("dog", 0), "cat": maker("cat", 1)}, tmp_path / "set.safetensors")
+    lib.add(maker("fox", 1))
+    before = snapshot(lib.root)
+    with pytest.raises(SlotConflictError, match="slot 1 .* taken by concept 'fox'"):
+        lib.import_bundle(bundle)  # cat's slot is fox's: dog is not added either
+    assert snapshot(lib.root) == before
+    lib.delete("fox")
+    records = lib.import_bundle(bundle, base_fingerprint=maker.fingerprint)
+    assert [(r.name, r.slot) for r in records] == [("dog", 0), ("cat", 1)]
+    assert [r.name for r in lib.list()] == ["dog", "cat"]
 
 
 def bad_files(maker, tmp_path) -> dict[str, tuple[Path, type, str, dict]]:

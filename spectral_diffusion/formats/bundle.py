@@ -153,6 +153,12 @@ def _read_bundle_header(path: Path) -> tuple[dict | None, dict[str, float]]:
     return concepts, _bundle_strengths(path, meta, concepts)
 
 
+def is_bundle(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a fused bundle (not a single adapter file); reads the header only."""
+    meta = read_safetensors_header(path).get("__metadata__") or {}
+    return meta.get("format") == BUNDLE_FORMAT
+
+
 def read_bundle_and_strengths(path: str | os.PathLike) -> tuple[list[AdapterData], dict[str, float]]:
     """Read and fully validate a bundle (or a single v1 adapter file): its concepts and stored strengths."""
     path = Path(path)

@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=EXPORT_FORMATS, default="spectral")
     export.add_argument("--out", required=True)
 
-    imp = sub.add_parser("import", help="add an adapter file to the library")
+    imp = sub.add_parser("import", help="add an adapter file, or every concept of a fused bundle, to the library")
     imp.add_argument("file")
     imp.add_argument("--name", default=None)
 

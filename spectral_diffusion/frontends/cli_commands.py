@@ -17,6 +17,7 @@ from spectral_diffusion.frontends.workflows import (
     build_layout,
     check_concepts_exist,
     export_concept,
+    import_into_library,
     prepare_training,
     slot_overview,
     train_into_library,
@@ -262,8 +263,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> None:
-    record = _library(args).import_file(args.file, name=args.name)
-    emit(f"imported {record.name} (slot {record.slot}, token {' '.join(record.tokens)})")
+    records = import_into_library(_library(args), args.file, name=args.name)
+    emit("\n".join(f"imported {r.name} (slot {r.slot}, token {' '.join(r.tokens)})" for r in records))
 
 
 def cmd_delete(args: argparse.Namespace) -> None:

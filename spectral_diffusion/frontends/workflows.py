@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spectral_diffusion.core.tokens import default_token
-from spectral_diffusion.errors import ConfigError, LayoutError
+from spectral_diffusion.errors import ConfigError, LayoutError, LibraryError
 from spectral_diffusion.formats import check_export_format
+from spectral_diffusion.formats.bundle import is_bundle
 from spectral_diffusion.generation.layout import PRESETS, Layout, Region, auto_layout, parse_region, preset_layout
 from spectral_diffusion.images import check_uploads
 from spectral_diffusion.library.allocation import SlotReport
@@ -171,6 +172,17 @@ def export_concept(library, studio: Callable[[], object], name: str, format: str
     if name not in fused.concepts:
         fused.load_concept(name, library.adapter(name))
     return fused.export_fused({name: 1.0}, out, format=format)
+
+
+def import_into_library(library, path: str | os.PathLike, name: str | None = None) -> list:
+    """Add an adapter file (optionally under ``name``) or every concept of a fused bundle (``fuse --format
+    spectral``, ``export_fused``; all or none) to the library; returns their records."""
+    if not is_bundle(path):
+        return [library.import_file(path, name=name)]
+    if name:
+        raise LibraryError(f"{Path(path).name} is a fused bundle: its concepts keep their own names; import it "
+                           "without a name")
+    return library.import_bundle(path)
 
 
 LAYOUT_CHOICES = ("auto", *PRESETS)

@@ -20,6 +20,7 @@ import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from itertools import combinations
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -30,6 +31,7 @@ from spectral_diffusion.core import slots
 from spectral_diffusion.core.tokens import check_tokens_free
 from spectral_diffusion.errors import AdapterFormatError, ConceptNotFoundError, LibraryError, SlotConflictError
 from spectral_diffusion.formats.adapter_file import AdapterData, read_adapter, save_adapter
+from spectral_diffusion.formats.bundle import read_bundle
 from spectral_diffusion.library import allocation, workdirs
 from spectral_diffusion.library.allocation import SlotOwner, SlotReport
 from spectral_diffusion.library.names import matches_name_pattern, validate_name
@@ -247,18 +249,42 @@ class Library:
         """
         path = Path(path)
         data = read_adapter(path)
+        self._check_import_base(path, data, base_fingerprint)
+        data = data.renamed(self._import_name(data, name))
+        return self._add(data, (), preview_from_metadata(data), overwrite, slot_hint=_import_hint(path))
+
+    def import_bundle(self, path: str | os.PathLike, base_fingerprint: str | None = None) -> list[ConceptRecord]:
+        """Import every concept of a fused bundle (``formats.bundle``; a single adapter file is a bundle of
+        one) under its own name: all of them, or, on any refusal, none."""
+        path = Path(path)
+        datas = read_bundle(path)
+        for data in datas:
+            self._check_import_base(path, data, base_fingerprint)
+            self._import_name(data, None)
+        for a, b in combinations(datas, 2):
+            why = slots.clash(a.info, b.info)
+            if why:
+                raise LibraryError(f"{path.name}: its concepts {a.info.name!r} and {b.info.name!r} {why}")
+        added: list[ConceptRecord] = []
+        with self._locked():
+            for data in datas:  # every refusal before the first write
+                self._check_can_add(data, False, _import_hint(path))
+            try:
+                for data in datas:
+                    added.append(self._add(data, (), preview_from_metadata(data), False, _import_hint(path)))
+            except BaseException:
+                for record in added:
+                    discard_dir(self.root / record.name)
+                raise
+        return added
+
+    def _check_import_base(self, path: Path, data: AdapterData, base_fingerprint: str | None) -> None:
         if base_fingerprint is not None and data.base_fingerprint != base_fingerprint:
             raise LibraryError(
                 f"{path.name} was trained on another base model ({data.base_model!r}, fingerprint "
                 f"{data.base_fingerprint}), not on this one (fingerprint {base_fingerprint}); import it with "
                 "the model it was trained on"
             )
-        data = data.renamed(self._import_name(data, name))
-        hint = (
-            f"; an adapter's slot is baked into its stored singular vectors and cannot be moved: delete the "
-            f"other concept first to import {path.name}"
-        )
-        return self._add(data, (), preview_from_metadata(data), overwrite, slot_hint=hint)
 
     def export_file(self, name: str, out_path: str | os.PathLike) -> Path:
         """Write the concept's adapter file to ``out_path`` (a file, or a folder to put NAME.safetensors in),
@@ -499,3 +525,10 @@ class Library:
         if removed:
             logger.info("library %s: cleaned up %s", self.root, removed)
         return removed
+
+
+def _import_hint(path: Path) -> str:
+    return (
+        f"; an adapter's slot is baked into its stored singular vectors and cannot be moved: delete the "
+        f"other concept first to import {path.name}"
+    )
