@@ -121,8 +121,12 @@ def png_bomb(path: Path, width: int, height: int, rows: int | None = None) -> Pa
     compressor = zlib.compressobj(9)
     row = b"\0" * (width + 1)
     body = b"".join(compressor.compress(row) for _ in range(height if rows is None else rows)) + compressor.flush()
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-                     + _chunk(b"IDAT", body) + _chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        + _chunk(b"IDAT", body)
+        + _chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -131,8 +135,12 @@ def png16(path: Path, array) -> Path:
     height, width = array.shape[:2]
     colour = 2 if array.ndim == 3 else 0
     raw = b"".join(b"\0" + array[y].astype(">u2").tobytes() for y in range(height))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, colour, 0, 0, 0))
-                     + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, colour, 0, 0, 0))
+        + _chunk(b"IDAT", zlib.compress(raw))
+        + _chunk(b"IEND", b"")
+    )
     return path
 
 

@@ -53,8 +53,9 @@ def storage_error(error: BaseException, target: str | os.PathLike) -> StorageErr
         code = int(found.group(1)) if found else None
     if code in READ_ONLY_ERRNOS:
         return StorageError(
-            code, f"{os.strerror(code)}: cannot write {target}; make its folder writable or use another one "
-            "(nothing was changed)"
+            code,
+            f"{os.strerror(code)}: cannot write {target}; make its folder writable or use another one "
+            "(nothing was changed)",
         )
     if code not in DISK_FULL_ERRNOS:
         return None
@@ -129,7 +130,7 @@ def work_dirs_of(target: str | os.PathLike) -> list[Path]:
     found = []
     for prefix in WORK_PREFIXES:
         start = f"{prefix}{target.name}-"
-        found += [p for p in target.parent.glob(f"{start}*") if "-" not in p.name[len(start):]]
+        found += [p for p in target.parent.glob(f"{start}*") if "-" not in p.name[len(start) :]]
     return sorted(found)
 
 

@@ -26,8 +26,16 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 ARCHIVE_EXTENSIONS = (".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".zst", ".7z", ".rar")
 # zip, gzip, bzip2, xz, zstd, 7z, rar signatures (tar: "ustar" at byte 257)
-_ARCHIVE_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd",
-                  b"7z\xbc\xaf\x27\x1c", b"Rar!\x1a\x07")
+_ARCHIVE_MAGIC = (
+    b"PK\x03\x04",
+    b"PK\x05\x06",
+    b"\x1f\x8b",
+    b"BZh",
+    b"\xfd7zXZ\x00",
+    b"\x28\xb5\x2f\xfd",
+    b"7z\xbc\xaf\x27\x1c",
+    b"Rar!\x1a\x07",
+)
 MAX_IMAGES = 100  # training photos per concept (generation.request.MAX_NUM_IMAGES: images per generation)
 MAX_PIXELS = 64 * 1024 * 1024  # 64 megapixels: larger than any camera image, far below a bomb
 MAX_FILE_BYTES = 64 * 1024 * 1024  # one image file; a 64-megapixel JPEG is about 30 MB
@@ -118,10 +126,10 @@ def find_images(source: str | os.PathLike | Sequence[str | os.PathLike], max_ima
     if not paths:
         archives = [p.name for p in folder.iterdir() if p.suffix.lower() in ARCHIVE_EXTENSIONS] if folder else []
         if archives:
-            raise ImageDataError(f"no images found {where}, only the archive {archives[0]}: upload images, not archives")
-        raise ImageDataError(
-            f"no images found {where}; put {', '.join(IMAGE_EXTENSIONS)} files of the concept there"
-        )
+            raise ImageDataError(
+                f"no images found {where}, only the archive {archives[0]}: upload images, not archives"
+            )
+        raise ImageDataError(f"no images found {where}; put {', '.join(IMAGE_EXTENSIONS)} files of the concept there")
     if len(paths) > max_images:
         raise ImageDataError(
             f"{len(paths)} images found {where}, more than the {max_images} one concept can use; "

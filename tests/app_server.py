@@ -29,8 +29,12 @@ def main() -> int:
     from spectral_diffusion.frontends.service import Service
     from webapp.main import build_app, launch
 
-    service = Service(model="builtin:tiny", library=args.library, output_dir=args.outputs,
-                      train_defaults={"preview_steps": 1, "resolution": 32})
+    service = Service(
+        model="builtin:tiny",
+        library=args.library,
+        output_dir=args.outputs,
+        train_defaults={"preview_steps": 1, "resolution": 32},
+    )
     demo = build_app(service)
     launch(demo, port=args.port, auth=args.auth, prevent_thread_lock=True, quiet=True)
     print(f"READY {demo.local_url}", flush=True)

@@ -23,8 +23,19 @@ from spectral_diffusion.training.trainer import train_concept
 def main(images: str, out: str, steps: int) -> None:
     logging.basicConfig(level=logging.WARNING)
     config = TrainConfig(
-        name="dot", class_word="dog", rank=4, slot=1, steps=steps, resolution=32, batch_size=1, cpu=True,
-        lr_unet=1e-3, lr_text=1e-4, lr_embedding=1e-2, preview_steps=1, seed=5,
+        name="dot",
+        class_word="dog",
+        rank=4,
+        slot=1,
+        steps=steps,
+        resolution=32,
+        batch_size=1,
+        cpu=True,
+        lr_unet=1e-3,
+        lr_text=1e-4,
+        lr_embedding=1e-2,
+        preview_steps=1,
+        seed=5,
     )
     result = train_concept("builtin:tiny", images, config)
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -201,13 +201,17 @@ def _install(point: str, root: Path) -> None:
         "training step": lambda: _nth_call(trainer_module._Trainer, "train_step", 2),
         "final preview render": lambda: _nth_call(trainer_module._Trainer, "preview", 1),
         "reservation write": lambda: _nth_call(reservations_module, "atomic_write_text", 1, _half_atomic_text),
-        "adapter write": lambda: _nth_call(records_module, "save_adapter", 1,
-                                           lambda real, data, path: _half_safetensors(
-                                               lambda t, f, metadata=None: real(data, f), None, path)),
+        "adapter write": lambda: _nth_call(
+            records_module,
+            "save_adapter",
+            1,
+            lambda real, data, path: _half_safetensors(lambda t, f, metadata=None: real(data, f), None, path),
+        ),
         "image copy": lambda: _nth_call(records_module, "_save_png", 1, _half_png),
         "preview write": lambda: _nth_call(records_module, "_save_png", 1, _half_png, named("preview.png")),
-        "concept.json write": lambda: _nth_call(records_module, "fsync_path", 1, _half_file_fsync,
-                                                named("concept.json")),
+        "concept.json write": lambda: _nth_call(
+            records_module, "fsync_path", 1, _half_file_fsync, named("concept.json")
+        ),
         "index rename": lambda: _nth_call(os, "replace", 1, None, publishing),
         "after index rename": lambda: _nth_call(workdirs_module, "fsync_path", 1),
         "reservation drop": lambda: _nth_call(store_module, "drop_reservation", 1),
@@ -236,11 +240,26 @@ def _scenario(command: dict, pipe, facts) -> None:
     if scenario == "train":
         from spectral_diffusion.frontends.workflows import TrainRequest, train_into_library
 
-        request = TrainRequest(command["name"], command["images"], rank=4, steps=3, resolution=32,
-                               checkpoint_every=1, resume=command.get("resume", False))
-        train_into_library(library, pipe, request, sorted(Path(command["images"]).iterdir()), model="builtin:tiny",
-                           fingerprint=facts[0], capacity=facts[1], extra_config={"preview_steps": 1, "cpu": True},
-                           svd_cache_dir=command["svd_cache"])
+        request = TrainRequest(
+            command["name"],
+            command["images"],
+            rank=4,
+            steps=3,
+            resolution=32,
+            checkpoint_every=1,
+            resume=command.get("resume", False),
+        )
+        train_into_library(
+            library,
+            pipe,
+            request,
+            sorted(Path(command["images"]).iterdir()),
+            model="builtin:tiny",
+            fingerprint=facts[0],
+            capacity=facts[1],
+            extra_config={"preview_steps": 1, "cpu": True},
+            svd_cache_dir=command["svd_cache"],
+        )
     elif scenario == "import":
         library.import_file(command["file"], name=command["name"])
     elif scenario == "export":
@@ -249,8 +268,9 @@ def _scenario(command: dict, pipe, facts) -> None:
         library.delete(command["name"])
     elif scenario == "overwrite":
         data = read_adapter(command["file"])
-        data = dataclasses.replace(data, info=dataclasses.replace(data.info, name=command["name"],
-                                                                  tokens=[f"<{command['name']}>"]))
+        data = dataclasses.replace(
+            data, info=dataclasses.replace(data.info, name=command["name"], tokens=[f"<{command['name']}>"])
+        )
         library.add(data, overwrite=True)
     elif scenario == "bundle":
         write_bundle({n: library.adapter(n) for n in command["names"]}, command["out"])
@@ -303,8 +323,16 @@ def serve() -> int:
         elif command["op"] == "wait":
             _, status = os.waitpid(command["pid"], 0)
             signalled = os.WIFSIGNALED(status)
-            print(json.dumps({"pid": command["pid"], "signal": os.WTERMSIG(status) if signalled else None,
-                              "exit": os.WEXITSTATUS(status) if not signalled else None}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "pid": command["pid"],
+                        "signal": os.WTERMSIG(status) if signalled else None,
+                        "exit": os.WEXITSTATUS(status) if not signalled else None,
+                    }
+                ),
+                flush=True,
+            )
     return 0
 
 

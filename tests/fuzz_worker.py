@@ -57,13 +57,17 @@ def main() -> int:
             outcomes[path.name] = f"UNEXPECTED {type(error).__name__}: {str(error)[:200]}"
         slowest = max(slowest, time.perf_counter() - started)
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({
-        "outcomes": outcomes,
-        "peak_rss_growth_mb": (rss_after - rss_before) / 1024,
-        "slowest_s": slowest,
-        "headroom_mb": headroom_mb,
-        "cap_enforced": cap_enforced,
-    }))
+    print(
+        json.dumps(
+            {
+                "outcomes": outcomes,
+                "peak_rss_growth_mb": (rss_after - rss_before) / 1024,
+                "slowest_s": slowest,
+                "headroom_mb": headroom_mb,
+                "cap_enforced": cap_enforced,
+            }
+        )
+    )
     return 0
 
 

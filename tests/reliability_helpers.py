@@ -56,8 +56,13 @@ def child_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")])),
-        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
-        GRADIO_ANALYTICS_ENABLED="False", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        GRADIO_ANALYTICS_ENABLED="False",
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
         **extra,
     )
     return env
@@ -104,15 +109,41 @@ def app_server(request) -> dict:
     log = base / "server.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [PYTHON, str(ROOT / "tests" / "app_server.py"), "--library", str(library), "--outputs", str(outputs),
-             "--port", str(port), "--auth", ":".join(AUTH)],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+            [
+                PYTHON,
+                str(ROOT / "tests" / "app_server.py"),
+                "--library",
+                str(library),
+                "--outputs",
+                str(outputs),
+                "--port",
+                str(port),
+                "--auth",
+                ":".join(AUTH),
+            ],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
             env=child_env(SPECTRAL_DIFFUSION_HOME=str(models_home), GRADIO_TEMP_DIR=str(cache)),
         )
-    ready = wait_for(lambda: [line for line in log.read_text(errors="replace").splitlines()
-                              if line.startswith("READY ")], 180, what="the app server", process=process)
-    _SERVER = {"url": ready[0].split()[1].rstrip("/") + "/", "port": port, "pid": process.pid, "process": process,
-               "base": base, "library": library, "outputs": outputs, "cache": cache, "auth": AUTH, "log": log}
+    ready = wait_for(
+        lambda: [line for line in log.read_text(errors="replace").splitlines() if line.startswith("READY ")],
+        180,
+        what="the app server",
+        process=process,
+    )
+    _SERVER = {
+        "url": ready[0].split()[1].rstrip("/") + "/",
+        "port": port,
+        "pid": process.pid,
+        "process": process,
+        "base": base,
+        "library": library,
+        "outputs": outputs,
+        "cache": cache,
+        "auth": AUTH,
+        "log": log,
+    }
     request.session.addfinalizer(stop_app_server)
     return _SERVER
 
@@ -136,5 +167,10 @@ def api_client(server: dict, downloads: Path | None, auth=AUTH):
     """A gradio_client for the shared server; ``downloads`` None: results name files by URL, unfetched."""
     from gradio_client import Client
 
-    return Client(server["url"], auth=auth, verbose=False, analytics_enabled=False,
-                  download_files=str(downloads) if downloads is not None else False)
+    return Client(
+        server["url"],
+        auth=auth,
+        verbose=False,
+        analytics_enabled=False,
+        download_files=str(downloads) if downloads is not None else False,
+    )

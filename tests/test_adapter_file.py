@@ -31,8 +31,11 @@ def saved(tiny_pipe, tmp_path):
 
 
 def _outputs(adapters, prompt="<dog1> next to <cat1>"):
-    tokenizer, text_encoder, unet = (adapters.tokenizers["tokenizer"], adapters.components["text_encoder"],
-                                     adapters.components["unet"])
+    tokenizer, text_encoder, unet = (
+        adapters.tokenizers["tokenizer"],
+        adapters.components["text_encoder"],
+        adapters.components["unet"],
+    )
     ids = tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids
     g = torch.Generator().manual_seed(0)
     sample = torch.randn(1, 4, 32, 32, generator=g)
@@ -105,7 +108,9 @@ def test_nan_tensor_is_refused(saved, target, tmp_path):
         key = next(k for k in t if k.endswith(".A"))
         t[key][0, 0] = float("nan")
 
-    _assert_refused(target, rewrite_safetensors(saved[1]["dog"], tmp_path / "nan.safetensors", poison), "NaN or infinite")
+    _assert_refused(
+        target, rewrite_safetensors(saved[1]["dog"], tmp_path / "nan.safetensors", poison), "NaN or infinite"
+    )
 
 
 def test_wrong_shape_is_refused(saved, target, tmp_path):
@@ -120,13 +125,19 @@ def test_missing_tensor_is_refused(saved, target, tmp_path):
     def drop(t):
         del t[next(k for k in t if k.endswith(".c"))]
 
-    _assert_refused(target, rewrite_safetensors(saved[1]["dog"], tmp_path / "miss.safetensors", drop), "missing tensors")
+    _assert_refused(
+        target, rewrite_safetensors(saved[1]["dog"], tmp_path / "miss.safetensors", drop), "missing tensors"
+    )
 
 
 def test_unknown_format_version_is_refused(saved, target, tmp_path):
-    path = rewrite_safetensors(saved[1]["dog"], tmp_path / "v2.safetensors", edit_meta=lambda m: m.update(format_version="2"))
+    path = rewrite_safetensors(
+        saved[1]["dog"], tmp_path / "v2.safetensors", edit_meta=lambda m: m.update(format_version="2")
+    )
     _assert_refused(target, path, "format_version '2'.*upgrade")
-    path = rewrite_safetensors(saved[1]["dog"], tmp_path / "other.safetensors", edit_meta=lambda m: m.update(format="lora"))
+    path = rewrite_safetensors(
+        saved[1]["dog"], tmp_path / "other.safetensors", edit_meta=lambda m: m.update(format="lora")
+    )
     _assert_refused(target, path, "is not a spectral adapter")
     path = rewrite_safetensors(saved[1]["dog"], tmp_path / "meta.safetensors", edit_meta=lambda m: m.pop("created_at"))
     _assert_refused(target, path, "missing metadata")

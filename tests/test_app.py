@@ -120,8 +120,7 @@ def dog(server, client):
     assert service.training, "the first training did not start"
     second = make_images(server["base"] / "cat-images", seed=1)
     try:
-        client.predict([handle_file(p) for p in second], "cat-two", "cat", "additive", 4, 4,
-                       api_name="/train_concept")
+        client.predict([handle_file(p) for p in second], "cat-two", "cat", "additive", 4, 4, api_name="/train_concept")
         busy = None
     except AppError as error:
         busy = str(error)
@@ -164,9 +163,17 @@ def test_train_concept_lists_it_with_its_slot(dog, client):
     assert dog["previews"], "the final preview is shown"
     # the API's status is data, not the page's HTML: name, state, steps, slot and token
     status = dog["status"]
-    assert status == {"name": "dog", "state": "done", "step": 4, "total_steps": 4, "loss": status["loss"],
-                      "eta_seconds": status["eta_seconds"], "slot": 0, "token": "<dog>",
-                      "message": "trained dog into slot 0"}
+    assert status == {
+        "name": "dog",
+        "state": "done",
+        "step": 4,
+        "total_steps": 4,
+        "loss": status["loss"],
+        "eta_seconds": status["eta_seconds"],
+        "slot": 0,
+        "token": "<dog>",
+        "message": "trained dog into slot 0",
+    }
     assert isinstance(status["loss"], float)
     running = [update[0] for update in dog["updates"][:-1]]
     assert running and all(isinstance(s, dict) and s["state"] in ("preparing", "running") for s in running)
@@ -181,7 +188,9 @@ def test_trained_and_imported_concepts_are_summarised_in_words_on_the_page(cat):
     from webapp import page, render
 
     line = page.imported_summary(cat)
-    assert line.startswith("**Imported cat**: trigger token `<whiskers>`, slot 1 of `builtin:tiny` (rank 4, rotational)")
+    assert line.startswith(
+        "**Imported cat**: trigger token `<whiskers>`, slot 1 of `builtin:tiny` (rank 4, rotational)"
+    )
     assert "class word “cat”" in line and "{" not in line
     assert page.imported_summary(None) == ""
     foreign = render.record_summary({**cat, "this_model": False, "class_word": "<b>", "image_count": 1}, "Trained")
@@ -198,8 +207,9 @@ def test_import_then_generate_with_two_concepts(cat, client):
     assert cat["name"] == "cat" and cat["slot"] == 1 and cat["token"] == "<whiskers>"
     names = [c["name"] for c in client.predict(api_name="/list_concepts")]
     assert names == ["dog", "cat"]
-    images, info = client.predict("a photo of <dog> and <whiskers>", "dog,cat:0.8", "blurry", 3, 2, 7.5, 0, 0, 2,
-                                  "euler-a", api_name="/generate")
+    images, info = client.predict(
+        "a photo of <dog> and <whiskers>", "dog,cat:0.8", "blurry", 3, 2, 7.5, 0, 0, 2, "euler-a", api_name="/generate"
+    )
     assert len(images) == 2 and info.startswith("2 image(s), seeds 3-4 · ")
     assert [item["caption"] for item in images] == ["seed 3", "seed 4"]  # each image its own seed (image k: 3 + k)
     # "Use the selected image's settings": the image clicked (else the first) fills the Generate form
@@ -214,8 +224,19 @@ def test_import_then_generate_with_two_concepts(cat, client):
         with Image.open(item["image"]) as image:
             assert image.size == (64, 64)
     # JSON works as well as "a,b:0.8"; a fixed seed repeats the image
-    again, _ = client.predict("a photo of <dog> and <whiskers>", '{"dog": 1, "cat": 0.8}', "blurry", 3, 2, 7.5,
-                              0, 0, 2, "euler-a", api_name="/generate")
+    again, _ = client.predict(
+        "a photo of <dog> and <whiskers>",
+        '{"dog": 1, "cat": 0.8}',
+        "blurry",
+        3,
+        2,
+        7.5,
+        0,
+        0,
+        2,
+        "euler-a",
+        api_name="/generate",
+    )
     assert [Path(i["image"]).read_bytes() for i in again] == [Path(i["image"]).read_bytes() for i in images]
     # the concepts change the image: without them the same seed draws something else
     plain, _ = client.predict("a photo of a dog", "", "blurry", 3, 2, 7.5, 0, 0, 2, "euler-a", api_name="/generate")
@@ -288,8 +309,7 @@ def test_cancel_stops_a_training_and_leaves_the_library_unchanged(dog, server, c
     service = server["service"]
     before = snapshot(server["library"])
     images = make_images(tmp_path / "slow", count=3, seed=2)
-    job = client.submit([handle_file(p) for p in images], "slowpoke", "", "additive", 4, 500,
-                        api_name="/train_concept")
+    job = client.submit([handle_file(p) for p in images], "slowpoke", "", "additive", 4, 500, api_name="/train_concept")
     deadline = time.monotonic() + 60
     while not service.training and not job.done() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -576,15 +596,25 @@ def test_concept_cards_fill_the_prompt_and_the_rows():
     names = ["dog", "cat"]
     # no caret (-1): at the end; the caret after the token comes back for the next click
     assert page.pick_concept(service, 1, names, "a photo of", -1, ["dog", None, None]) == {
-        "prompt": "a photo of <whiskers>", "prompt_cursor": 21, "row_names": ["dog", "cat", None]}
+        "prompt": "a photo of <whiskers>",
+        "prompt_cursor": 21,
+        "row_names": ["dog", "cat", None],
+    }
     assert page.pick_concept(service, 1, names, "<whiskers>", 3, ["cat", None]) == {
-        "row_names": ["cat", None]}  # already there: the prompt and its caret unchanged
+        "row_names": ["cat", None]
+    }  # already there: the prompt and its caret unchanged
     assert page.pick_concept(service, 0, names, "", -1, [None]) == {  # unknown record: <name>
-        "prompt": "<dog>", "prompt_cursor": 5, "row_names": ["dog"]}
+        "prompt": "<dog>",
+        "prompt_cursor": 5,
+        "row_names": ["dog"],
+    }
     assert page.pick_concept(service, 5, names, "", -1, [None]) == {}  # the list moved under the click
     # at the caret, not at the end: spaces added only where the token would touch a word
     assert page.pick_concept(service, 0, names, "a photo of on the beach", 11, [None]) == {
-        "prompt": "a photo of <dog> on the beach", "prompt_cursor": 16, "row_names": ["dog"]}
+        "prompt": "a photo of <dog> on the beach",
+        "prompt_cursor": 16,
+        "row_names": ["dog"],
+    }
     assert page.insert_token("a photo of on the beach", "<dog>", 10) == ("a photo of <dog> on the beach", 16)
     assert page.insert_token("a photoof", "<dog>", 7) == ("a photo <dog> of", 13)
     assert page.insert_token("on the beach", "<dog>", 0) == ("<dog> on the beach", 5)
@@ -602,23 +632,57 @@ def test_generate_is_one_event_for_the_button_and_the_enter_key(models_home, tmp
     events = [d for d in demo.get_config_file()["dependencies"] if d.get("api_name") == "generate"]
     assert len(events) == 1 and len(events[0]["targets"]) == 2
     named = demo.get_api_info()["named_endpoints"]
-    assert sorted(named) == ["/cancel_training", "/delete_concept", "/export_concept", "/export_fused", "/generate",
-                             "/import_concept", "/list_concepts", "/train_concept"]
+    assert sorted(named) == [
+        "/cancel_training",
+        "/delete_concept",
+        "/export_concept",
+        "/export_fused",
+        "/generate",
+        "/import_concept",
+        "/list_concepts",
+        "/train_concept",
+    ]
     # the original parameters keep their order; the new ones come last, each with a default (old calls work)
     generate = named["/generate"]["parameters"]
     assert [p["parameter_name"] for p in generate] == [
-        "prompt", "concepts", "negative", "seed", "steps", "guidance", "width", "height", "num_images", "scheduler",
-        "layout"]
+        "prompt",
+        "concepts",
+        "negative",
+        "seed",
+        "steps",
+        "guidance",
+        "width",
+        "height",
+        "num_images",
+        "scheduler",
+        "layout",
+    ]
     assert generate[-1]["parameter_has_default"] and generate[-1]["parameter_default"] == ""
     train = named["/train_concept"]["parameters"]
     assert [p["parameter_name"] for p in train] == [
-        "images", "name", "class_word", "variant", "rank", "steps",
-        "lr_unet", "lr_text", "lr_embedding", "batch_size", "resolution", "seed", "masks", "captions"]
+        "images",
+        "name",
+        "class_word",
+        "variant",
+        "rank",
+        "steps",
+        "lr_unet",
+        "lr_text",
+        "lr_embedding",
+        "batch_size",
+        "resolution",
+        "seed",
+        "masks",
+        "captions",
+    ]
     assert all(p["parameter_has_default"] for p in train[6:])
     # train_concept returns data (status, previews, record), the page's HTML only goes to the page
     returns = named["/train_concept"]["returns"]
     assert [(r["label"], r["component"]) for r in returns] == [
-        ("status", "Json"), ("Previews (their step below each)", "Gallery"), ("record", "Json")]
+        ("status", "Json"),
+        ("Previews (their step below each)", "Gallery"),
+        ("record", "Json"),
+    ]
 
 
 def test_building_the_page_warns_of_nothing(models_home, tmp_path):
@@ -645,18 +709,39 @@ def test_generate_with_a_layout_and_load_its_settings_back(pair, client):
     from webapp import page
 
     prompt = "a photo of <dog> and <whiskers>"
-    images, info = client.predict(prompt, "dog,cat", "", 5, 2, 7.5, 0, 0, 1, "default", "left-right",
-                                  api_name="/generate")
+    images, info = client.predict(
+        prompt, "dog,cat", "", 5, 2, 7.5, 0, 0, 1, "default", "left-right", api_name="/generate"
+    )
     assert "seed 5" in info and "layout left-right" in info
     stored = read_settings(images[0]["image"])
     assert [r["concept"] for r in stored["layout"]["regions"]] == ["dog", "cat"]
-    custom = json.dumps({"prompt": prompt, "negative": "", "regions": [
-        {"concept": "dog", "box": [0, 0, 0.6, 1]}, {"concept": "cat", "box": [0.6, 0, 1, 1], "prompt": "a cat"}]})
+    custom = json.dumps(
+        {
+            "prompt": prompt,
+            "negative": "",
+            "regions": [
+                {"concept": "dog", "box": [0, 0, 0.6, 1]},
+                {"concept": "cat", "box": [0.6, 0, 1, 1], "prompt": "a cat"},
+            ],
+        }
+    )
     images, info = client.predict(prompt, "dog,cat", "", 5, 2, 7.5, 0, 0, 1, "default", custom, api_name="/generate")
     assert "custom layout (2 regions)" in info
     with pytest.raises(AppError, match="leaves the image"):
-        client.predict(prompt, "dog,cat", "", 5, 1, 7.5, 0, 0, 1, "default",
-                       custom.replace("0.6, 1]", "1.6, 1]", 1), api_name="/generate")
+        client.predict(
+            prompt,
+            "dog,cat",
+            "",
+            5,
+            1,
+            7.5,
+            0,
+            0,
+            1,
+            "default",
+            custom.replace("0.6, 1]", "1.6, 1]", 1),
+            api_name="/generate",
+        )
     # the PNG's settings fill the Generate tab's fields: the custom layout comes back as rows with boxes
     fields = page.load_settings(images[0]["image"])
     settings = [fields[name] for name in ("prompt", "seed", "steps", "guidance", "width", "height", "scheduler")]
@@ -690,8 +775,10 @@ def test_layout_editor_draws_presets_and_custom_boxes(pair, server):
     spec, picture, shown = editor("custom", "<dog> <whiskers>", "ugly", 128, 64, rows)
     layout = json.loads(spec)
     assert layout["prompt"] == "<dog> <whiskers>" and layout["negative"] == "ugly"
-    assert layout["regions"] == [{"concept": "dog", "box": [0, 0, 0.5, 1]},
-                                 {"concept": "cat", "box": [0.5, 0, 1, 1], "prompt": "a cat"}]
+    assert layout["regions"] == [
+        {"concept": "dog", "box": [0, 0, 0.5, 1]},
+        {"concept": "cat", "box": [0.5, 0, 1, 1], "prompt": "a cat"},
+    ]
     assert picture["value"].size == (580, 290) and [s["visible"] for s in shown] == [True, True]
     # a bad box is drawn as the reason instead, and the same reason refuses the generation
     rows["row_boxes"][0][2] = 1.5
@@ -716,8 +803,12 @@ def test_layout_labels_are_readable_at_the_size_the_page_shows_them():
     from spectral_diffusion.generation.layout import Layout
     from webapp import drawings
 
-    layout = Layout.from_json({"prompt": "a dog and a cat on a beach", "regions": [
-        {"concept": "dog", "box": [0, 0, 0.5, 1]}, {"concept": "cat", "box": [0.5, 0, 1, 0.5]}]})
+    layout = Layout.from_json(
+        {
+            "prompt": "a dog and a cat on a beach",
+            "regions": [{"concept": "dog", "box": [0, 0, 0.5, 1]}, {"concept": "cat", "box": [0.5, 0, 1, 0.5]}],
+        }
+    )
     for width, height in ((512, 512), (768, 512), (512, 768), (1024, 512), (64, 64)):
         picture = drawings.draw_layout(layout, width, height)
         scale = drawings.shown_scale(picture.size)
@@ -787,13 +878,20 @@ def test_advanced_training_settings_override_only_what_changed():
 
     service = SimpleNamespace(train_defaults={"batch_size": 4, "lr_unet": 1e-3, "resolution": 32})
     defaults = training_settings(service)
-    assert defaults == {"lr_unet": 1e-3, "lr_text": 1e-5, "lr_embedding": 1e-3, "batch_size": 4, "resolution": 32,
-                        "seed": 0}
+    assert defaults == {
+        "lr_unet": 1e-3,
+        "lr_text": 1e-5,
+        "lr_embedding": 1e-3,
+        "batch_size": 4,
+        "resolution": 32,
+        "seed": 0,
+    }
     form = {"images": ["a.png"], "name": "dog", "class_word": "", "variant": "additive", "rank": 4, "steps": 0}
     same = TrainForm(**form, **defaults).request(service)
     assert same.overrides == {} and same.resolution is None and same.seed == 0
-    changed = TrainForm(**form, lr_unet=3e-3, lr_text=1e-5, lr_embedding=1e-2, batch_size=1, resolution=64,
-                        seed=7).request(service)
+    changed = TrainForm(
+        **form, lr_unet=3e-3, lr_text=1e-5, lr_embedding=1e-2, batch_size=1, resolution=64, seed=7
+    ).request(service)
     assert changed.overrides == {"lr_unet": 3e-3, "lr_embedding": 1e-2, "batch_size": 1}
     assert changed.resolution == 64 and changed.seed == 7
     with pytest.raises(InputError, match="batch_size"):

@@ -54,11 +54,26 @@ def test_report_renders_whatever_was_measured(tmp_path):
     rows = bench_layers.run(shapes=[("toy", 16, 16, 4)], rank=2, rounds=1, warmup=0, log=lambda *_: None)
     results = {
         "meta": {
-            "date": "2026-01-01T00:00:00+00:00", "command": "python -m bench.speed.run", "quick": True, "total_s": 1.0,
-            "threads": 1, "threads_note": "test", "metric": "wall", "gpu_note": "none",
-            "background_before": "0.00 cores", "background_during": "0.00 cores",
-            "machine": {"cpu": "cpu", "cores": "1", "memory": "1 GiB", "python": "3", "torch": "t",
-                        "diffusers": "d", "transformers": "t", "peft": "p"},
+            "date": "2026-01-01T00:00:00+00:00",
+            "command": "python -m bench.speed.run",
+            "quick": True,
+            "total_s": 1.0,
+            "threads": 1,
+            "threads_note": "test",
+            "metric": "wall",
+            "gpu_note": "none",
+            "background_before": "0.00 cores",
+            "background_during": "0.00 cores",
+            "machine": {
+                "cpu": "cpu",
+                "cores": "1",
+                "memory": "1 GiB",
+                "python": "3",
+                "torch": "t",
+                "diffusers": "d",
+                "transformers": "t",
+                "peft": "p",
+            },
         },
         "layers": rows,
     }
@@ -90,8 +105,9 @@ def test_lora_baseline_trains_its_layers_and_token_and_fuses_as_a_weighted_sum(t
     config = TrainConfig(name="heart", rank=2, steps=2, batch_size=1, lr_unet=1e-2, lr_text=1e-2, resolution=64)
     heart = train_lora_concept(tiny_pipe, tmp_path / "heart", config)
     scenes.write_concept_images("moon", tmp_path / "moon", count=2, size=64)
-    moon = train_lora_concept(tiny_pipe, tmp_path / "moon", TrainConfig(**{**config.__dict__, "name": "moon",
-                                                                           "tokens": ["<moon>"]}))
+    moon = train_lora_concept(
+        tiny_pipe, tmp_path / "moon", TrainConfig(**{**config.__dict__, "name": "moon", "tokens": ["<moon>"]})
+    )
     # The base pipeline is untouched; every targeted layer learned something.
     assert len(tiny_pipe.tokenizer) == vocab
     assert all(torch.equal(v, tiny_pipe.unet.state_dict()[k]) for k, v in before.items())
@@ -159,13 +175,31 @@ def test_report_keeps_the_hand_written_profiling_section():
     old = "# Benchmarks\n\n## 3. SVD\n\nold\n\n## Why the missed goals are missed\n\nshares 40%\n\n## Notes\n\nx\n"
     kept = report.kept_sections(old)
     assert kept == {"Why the missed goals are missed": "## Why the missed goals are missed\n\nshares 40%\n"}
-    meta = {"date": "d", "command": "c", "quick": True, "total_s": 1.0, "threads": 1, "threads_note": "t",
-            "metric": "wall", "gpu_note": "none", "background_before": "0.00 cores",
-            "background_during": "0.00 cores", "machine": {"cpu": "cpu", "cores": "1", "memory": "1 GiB",
-                                                           "python": "3", "torch": "t", "diffusers": "d",
-                                                           "transformers": "t", "peft": "p"}}
+    meta = {
+        "date": "d",
+        "command": "c",
+        "quick": True,
+        "total_s": 1.0,
+        "threads": 1,
+        "threads_note": "t",
+        "metric": "wall",
+        "gpu_note": "none",
+        "background_before": "0.00 cores",
+        "background_during": "0.00 cores",
+        "machine": {
+            "cpu": "cpu",
+            "cores": "1",
+            "memory": "1 GiB",
+            "python": "3",
+            "torch": "t",
+            "diffusers": "d",
+            "transformers": "t",
+            "peft": "p",
+        },
+    }
     sizes = __import__("bench.speed.files", fromlist=["FileSizes"]).FileSizes(
-        bytes={"ours, additive, fp16 triplets": 151, "PEFT LoRA": 100})
+        bytes={"ours, additive, fp16 triplets": 151, "PEFT LoRA": 100}
+    )
     text = report.markdown({"meta": meta, "sizes": sizes}, None, kept)
     assert "shares 40%" in text
     assert f"**missed** ([why]({report.WHY_ANCHOR}))" in text

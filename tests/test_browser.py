@@ -56,8 +56,9 @@ def page(models_home, tmp_path_factory):
     from webapp.main import build_app, launch
 
     base = tmp_path_factory.mktemp("browser")
-    service = Service(model="builtin:tiny", library=base / "library", output_dir=base / "outputs",
-                      train_defaults={"preview_steps": 1})
+    service = Service(
+        model="builtin:tiny", library=base / "library", output_dir=base / "outputs", train_defaults={"preview_steps": 1}
+    )
     demo = build_app(service)
     launch(demo, host="127.0.0.1", port=free_port(), prevent_thread_lock=True, quiet=True)
     try:

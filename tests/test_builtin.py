@@ -72,9 +72,7 @@ def test_tokenizer_round_trip_and_unknown_words():
     ids = tok(text).input_ids
     assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
     assert tok.unk_token_id not in ids[1:-1]  # unknown words fall back to bytes
-    assert tok.decode(ids, skip_special_tokens=True) == text.replace(",", " ,").replace(
-        "!", " !"
-    )
+    assert tok.decode(ids, skip_special_tokens=True) == text.replace(",", " ,").replace("!", " !")
     padded = tok(text, padding="max_length", max_length=77).input_ids
     assert len(padded) == 77 and padded[-1] == tok.pad_token_id
 
@@ -183,10 +181,7 @@ def test_resolve_builtin_and_local_folder(home):
 
 
 def test_resolve_passes_hub_ids_through(home):
-    assert (
-        builtin.resolve_model("runwayml/stable-diffusion-v1-5")
-        == "runwayml/stable-diffusion-v1-5"
-    )
+    assert builtin.resolve_model("runwayml/stable-diffusion-v1-5") == "runwayml/stable-diffusion-v1-5"
     assert not (home / "models" / "stable-diffusion-v1-5").exists()
 
 
@@ -235,13 +230,8 @@ def test_load_and_generate(home, name, cls, sdxl):
     assert pipe.vae_scale_factor == tiny.VAE_SCALE_FACTOR
     assert pipe.unet.dtype == torch.float32
     assert getattr(pipe, "safety_checker", None) is None
-    assert pipe.text_encoder.get_input_embeddings().num_embeddings == len(
-        pipe.tokenizer
-    )
-    assert (
-        pipe.tokenizer("a photo of a dog").input_ids
-        == bpe.build_tokenizer()("a photo of a dog").input_ids
-    )
+    assert pipe.text_encoder.get_input_embeddings().num_embeddings == len(pipe.tokenizer)
+    assert pipe.tokenizer("a photo of a dog").input_ids == bpe.build_tokenizer()("a photo of a dog").input_ids
     out = pipe(
         "a photo of a red dog on a sofa",
         num_inference_steps=2,

@@ -45,12 +45,24 @@ def test_round_trip(tmp_path, capsys, models_home):
     common = ["--library", lib, "--model", "builtin:tiny"]
     red, blue = _images(tmp_path / "red", (220, 30, 30)), _images(tmp_path / "blue", (30, 30, 220))
 
-    code, out, err = _run(capsys, "train", "--images", str(red), "--name", "red-ball", "--class-word", "ball",
-                          "--steps", "3", *common)
+    code, out, err = _run(
+        capsys, "train", "--images", str(red), "--name", "red-ball", "--class-word", "ball", "--steps", "3", *common
+    )
     assert code == 0, err
     assert "into slot 0" in out
-    code, out, err = _run(capsys, "train", "--images", str(blue), "--name", "blue-ball", "--variant", "rotational",
-                          "--steps", "3", *common)
+    code, out, err = _run(
+        capsys,
+        "train",
+        "--images",
+        str(blue),
+        "--name",
+        "blue-ball",
+        "--variant",
+        "rotational",
+        "--steps",
+        "3",
+        *common,
+    )
     assert code == 0, err
     assert "into slot 1" in out
 
@@ -62,14 +74,26 @@ def test_round_trip(tmp_path, capsys, models_home):
     assert "<red-ball>" in out and "SLOT" in out
 
     image_path = tmp_path / "out.png"
-    code, out, err = _run(capsys, "generate", "--prompt", "<red-ball> next to <blue-ball>",
-                          "--concepts", "red-ball,blue-ball:0.8", "--steps", "2", "--out", str(image_path), *common)
+    code, out, err = _run(
+        capsys,
+        "generate",
+        "--prompt",
+        "<red-ball> next to <blue-ball>",
+        "--concepts",
+        "red-ball,blue-ball:0.8",
+        "--steps",
+        "2",
+        "--out",
+        str(image_path),
+        *common,
+    )
     assert code == 0, err
     assert Image.open(image_path).size == (64, 64)
 
     lora = tmp_path / "fused.safetensors"
-    code, out, err = _run(capsys, "fuse", "--concepts", "red-ball,blue-ball", "--format", "lora",
-                          "--out", str(lora), *common)
+    code, out, err = _run(
+        capsys, "fuse", "--concepts", "red-ball,blue-ball", "--format", "lora", "--out", str(lora), *common
+    )
     assert code == 0, err
     assert lora.exists() and (tmp_path / "fused.red-ball.ti.safetensors").exists()
 
@@ -79,7 +103,10 @@ def test_round_trip(tmp_path, capsys, models_home):
     other = ["--library", str(tmp_path / "other"), "--model", "builtin:tiny"]
     code, out, err = _run(capsys, "import", str(bundle), *other)
     assert code == 0, err
-    assert out.splitlines() == ["imported red-ball (slot 0, token <red-ball>)", "imported blue-ball (slot 1, token <blue-ball>)"]
+    assert out.splitlines() == [
+        "imported red-ball (slot 0, token <red-ball>)",
+        "imported blue-ball (slot 1, token <blue-ball>)",
+    ]
     code, out, err = _run(capsys, "import", str(bundle), "--name", "x", "--library", str(tmp_path / "third"))
     assert code == 2 and "keep their own names" in err
 
@@ -120,7 +147,10 @@ def test_module_entry_point_exit_status(tmp_path, models_home):
     env = dict(os.environ, SPECTRAL_DIFFUSION_HOME=str(models_home))
     result = subprocess.run(
         [sys.executable, "-m", "spectral_diffusion", "delete", "nobody", "--library", str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: ") and "Traceback" not in result.stderr
@@ -153,15 +183,33 @@ def test_regional_generation_from_the_cli(tmp_path, capsys, models_home):
     np.testing.assert_array_equal(pixels["regions"], pixels["preset"])  # the same boxes, three ways
     np.testing.assert_array_equal(pixels["regions"], pixels["auto"])
     layout = tmp_path / "layout.json"
-    layout.write_text(json.dumps({"prompt": prompt, "regions": [{"concept": "red", "box": [0, 0, 0.5, 1]},
-                                                                 {"concept": "blue", "box": [0.5, 0, 1, 1]}]}))
-    code, _, err = _run(capsys, "generate", "--layout", str(layout), "--steps", "2", "--seed", "5",
-                        "--out", str(tmp_path / "file.png"), *common)
+    layout.write_text(
+        json.dumps(
+            {
+                "prompt": prompt,
+                "regions": [{"concept": "red", "box": [0, 0, 0.5, 1]}, {"concept": "blue", "box": [0.5, 0, 1, 1]}],
+            }
+        )
+    )
+    code, _, err = _run(
+        capsys,
+        "generate",
+        "--layout",
+        str(layout),
+        "--steps",
+        "2",
+        "--seed",
+        "5",
+        "--out",
+        str(tmp_path / "file.png"),
+        *common,
+    )
     assert code == 0, err
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "file.png")), pixels["regions"])
     # the PNG carries its settings: --from-png makes the same picture again
-    code, _, err = _run(capsys, "generate", "--from-png", str(outs["regions"]), "--out", str(tmp_path / "again.png"),
-                        *common)
+    code, _, err = _run(
+        capsys, "generate", "--from-png", str(outs["regions"]), "--out", str(tmp_path / "again.png"), *common
+    )
     assert code == 0, err
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "again.png")), pixels["regions"])
     with Image.open(outs["regions"]) as image:
@@ -172,8 +220,21 @@ def test_random_seed_is_printed_and_list_filters_by_model(tmp_path, capsys, mode
     lib = str(tmp_path / "lib")
     common = ["--library", lib, "--model", "builtin:tiny"]
     _train(capsys, tmp_path, "red", (220, 30, 30), common)
-    code, out, err = _run(capsys, "generate", "--prompt", "<red>", "--concepts", "red", "--steps", "2", "--seed", "-1",
-                          "--out", str(tmp_path / "r.png"), *common)
+    code, out, err = _run(
+        capsys,
+        "generate",
+        "--prompt",
+        "<red>",
+        "--concepts",
+        "red",
+        "--steps",
+        "2",
+        "--seed",
+        "-1",
+        "--out",
+        str(tmp_path / "r.png"),
+        *common,
+    )
     assert code == 0, err
     seed = int(err.strip().split()[-1])
     from spectral_diffusion.generation.pnginfo import read_settings
@@ -194,9 +255,14 @@ def test_random_seed_is_printed_and_list_filters_by_model(tmp_path, capsys, mode
         (["generate", "--prompt", "x", "--steps", "0", "--out", "x.png"], "steps"),
         (["train", "--images", ".", "--name", "x", "--rank", "0"], "rank"),
         (["train", "--images", ".", "--name", "x", "--steps", "100000000"], "steps must be at most 20000"),
-        (["generate", "--prompt", "x", "--steps", "100000", "--out", "x.png"], "steps must be a whole number from 1 to"),
-        (["generate", "--prompt", "x", "--out", "m.jpg"], "writes PNG files (they store the settings --from-png "
-                                                          "reads), not a .jpg file; use --out m.png"),
+        (
+            ["generate", "--prompt", "x", "--steps", "100000", "--out", "x.png"],
+            "steps must be a whole number from 1 to",
+        ),
+        (
+            ["generate", "--prompt", "x", "--out", "m.jpg"],
+            "writes PNG files (they store the settings --from-png reads), not a .jpg file; use --out m.png",
+        ),
         (["generate", "--prompt", "x", "--out", "m"], "not a file without an extension; use --out m.png"),
         (["generate", "--prompt", "", "--out", "x.png"], "the prompt is empty"),
         (["generate", "--prompt", "  ", "--out", "x.png"], "the prompt is empty"),
@@ -217,9 +283,22 @@ def test_one_unusable_image_gives_one_line_and_no_warning(tmp_path, models_home)
     (folder / "x.png").write_text("not an image")
     env = dict(os.environ, SPECTRAL_DIFFUSION_HOME=str(models_home))
     result = subprocess.run(
-        [sys.executable, "-m", "spectral_diffusion", "train", "--images", str(folder), "--name", "x",
-         "--library", str(tmp_path / "lib")],
-        capture_output=True, text=True, env=env, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "spectral_diffusion",
+            "train",
+            "--images",
+            str(folder),
+            "--name",
+            "x",
+            "--library",
+            str(tmp_path / "lib"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
@@ -234,12 +313,25 @@ def test_a_region_for_a_concept_not_in_concepts_is_refused_by_every_frontend(tmp
 
     monkeypatch.setattr(registry, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
     common = ["--library", str(tmp_path / "lib"), "--out", str(tmp_path / "x.png")]
-    code, _, err = _run(capsys, "generate", "--prompt", "<a> and <b>", "--concepts", "a", "--region", "a:0,0,0.5,1",
-                        "--region", "b:0.5,0,1,1", *common)
+    code, _, err = _run(
+        capsys,
+        "generate",
+        "--prompt",
+        "<a> and <b>",
+        "--concepts",
+        "a",
+        "--region",
+        "a:0,0,0.5,1",
+        "--region",
+        "b:0.5,0,1,1",
+        *common,
+    )
     assert code == 2 and err.count("\n") == 1
     assert "places concept 'b'" in err and "--concepts a,b" in err
-    layout = {"prompt": "<a> and <b>", "regions": [{"concept": "a", "box": [0, 0, 0.5, 1]},
-                                                    {"concept": "b", "box": [0.5, 0, 1, 1]}]}
+    layout = {
+        "prompt": "<a> and <b>",
+        "regions": [{"concept": "a", "box": [0, 0, 0.5, 1]}, {"concept": "b", "box": [0.5, 0, 1, 1]}],
+    }
     (tmp_path / "layout.json").write_text(json.dumps(layout))
     code, _, err = _run(capsys, "generate", "--layout", str(tmp_path / "layout.json"), "--concepts", "b", *common)
     assert code == 2 and "places concept 'a'" in err
@@ -253,8 +345,19 @@ def test_each_image_of_a_batch_carries_its_own_seed_and_from_png_reproduces_it(t
     from spectral_diffusion.generation.pnginfo import read_settings
 
     common = ["--library", str(tmp_path / "lib"), "--model", "builtin:tiny", "--steps", "2"]
-    code, out, err = _run(capsys, "generate", "--prompt", "a red ball", "--num-images", "4", "--seed", "1",
-                          "--out", str(tmp_path / "batch.png"), *common)
+    code, out, err = _run(
+        capsys,
+        "generate",
+        "--prompt",
+        "a red ball",
+        "--num-images",
+        "4",
+        "--seed",
+        "1",
+        "--out",
+        str(tmp_path / "batch.png"),
+        *common,
+    )
     assert code == 0, err
     paths = [tmp_path / f"batch-{k}.png" for k in range(4)]
     assert out.split() == [str(p) for p in paths]
@@ -262,16 +365,27 @@ def test_each_image_of_a_batch_carries_its_own_seed_and_from_png_reproduces_it(t
     with Image.open(paths[3]) as image:
         assert "Seed: 4," in image.text["parameters"]
     pixels = [np.asarray(Image.open(p), dtype=np.int16) for p in paths]
-    code, _, err = _run(capsys, "generate", "--from-png", str(paths[3]), "--out", str(tmp_path / "again.png"),
-                        "--library", str(tmp_path / "lib"), "--model", "builtin:tiny")
+    code, _, err = _run(
+        capsys,
+        "generate",
+        "--from-png",
+        str(paths[3]),
+        "--out",
+        str(tmp_path / "again.png"),
+        "--library",
+        str(tmp_path / "lib"),
+        "--model",
+        "builtin:tiny",
+    )
     assert code == 0, err
     again = np.asarray(Image.open(tmp_path / "again.png"), dtype=np.int16)
     # the same picture: batched arithmetic rounds a few pixels one level apart from a single image's
     assert np.abs(again - pixels[3]).max() <= 1 and np.abs(again - pixels[3]).mean() < 0.05
     assert np.abs(again - pixels[0]).mean() > 5  # and not image 0's
     # the seed alone gives image k again as well
-    code, _, err = _run(capsys, "generate", "--prompt", "a red ball", "--seed", "3", "--out", str(tmp_path / "k.png"),
-                        *common)
+    code, _, err = _run(
+        capsys, "generate", "--prompt", "a red ball", "--seed", "3", "--out", str(tmp_path / "k.png"), *common
+    )
     assert code == 0, err
     assert np.abs(np.asarray(Image.open(tmp_path / "k.png"), dtype=np.int16) - pixels[2]).max() <= 1
 
@@ -311,18 +425,32 @@ def test_the_last_slot_of_builtin_toy_trains_generates_and_exports(tmp_path, cap
     lib = str(tmp_path / "lib")
     common = ["--library", lib, "--model", "builtin:toy"]
     shapes = _images(tmp_path / "shapes", (220, 30, 30))
-    code, out, err = _run(capsys, "train", "--images", str(shapes), "--name", "last", "--slot", "7",
-                          "--steps", "2", *common)
+    code, out, err = _run(
+        capsys, "train", "--images", str(shapes), "--name", "last", "--slot", "7", "--steps", "2", *common
+    )
     assert code == 0, err
     assert "into slot 7" in out
-    code, out, err = _run(capsys, "generate", "--prompt", "<last>", "--concepts", "last", "--steps", "2",
-                          "--out", str(tmp_path / "out.png"), *common)
+    code, out, err = _run(
+        capsys,
+        "generate",
+        "--prompt",
+        "<last>",
+        "--concepts",
+        "last",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "out.png"),
+        *common,
+    )
     assert code == 0, err
-    code, out, err = _run(capsys, "export", "last", "--format", "lora", "--out", str(tmp_path / "last.safetensors"),
-                          *common)
+    code, out, err = _run(
+        capsys, "export", "last", "--format", "lora", "--out", str(tmp_path / "last.safetensors"), *common
+    )
     assert code == 0, err
-    code, out, err = _run(capsys, "train", "--images", str(shapes), "--name", "beyond", "--slot", "8",
-                          "--steps", "2", *common)
+    code, out, err = _run(
+        capsys, "train", "--images", str(shapes), "--name", "beyond", "--slot", "8", "--steps", "2", *common
+    )
     assert code == 2 and "slot 8 does not exist at rank 8" in err and "8 slots (0-7)" in err
 
 
@@ -332,23 +460,49 @@ def test_sizes_far_beyond_the_models_native_size_are_refused(tmp_path, capsys, m
 
     common = ["--library", str(tmp_path / "lib"), "--model", "builtin:tiny"]  # native 64 x 64 px
     started = time.perf_counter()
-    code, _, err = _run(capsys, "generate", "--prompt", "x", "--width", "4096", "--out", str(tmp_path / "x.png"),
-                        *common)
+    code, _, err = _run(
+        capsys, "generate", "--prompt", "x", "--width", "4096", "--out", str(tmp_path / "x.png"), *common
+    )
     # one error line (a third-party loading bar may precede it when other tests enabled those bars)
     assert code == 2 and err.strip().splitlines()[-1].startswith("error: width 4096 is more than 4x")
     assert "width 4096 is more than 4x this model's native size of 64x64 px; ask for at most 256" in err
     assert time.perf_counter() - started < 60 and not (tmp_path / "x.png").exists()
-    code, _, err = _run(capsys, "generate", "--prompt", "x", "--height", "264", "--steps", "1",
-                        "--out", str(tmp_path / "x.png"), *common)
+    code, _, err = _run(
+        capsys,
+        "generate",
+        "--prompt",
+        "x",
+        "--height",
+        "264",
+        "--steps",
+        "1",
+        "--out",
+        str(tmp_path / "x.png"),
+        *common,
+    )
     assert code == 2 and "ask for at most 256" in err
-    code, _, err = _run(capsys, "generate", "--prompt", "x", "--width", "256", "--height", "128", "--steps", "1",
-                        "--out", str(tmp_path / "ok.png"), *common)
+    code, _, err = _run(
+        capsys,
+        "generate",
+        "--prompt",
+        "x",
+        "--width",
+        "256",
+        "--height",
+        "128",
+        "--steps",
+        "1",
+        "--out",
+        str(tmp_path / "ok.png"),
+        *common,
+    )
     assert code == 0, err
     assert Image.open(tmp_path / "ok.png").size == (256, 128)
     # training: a resolution past 4x the native one is refused before the first step, nothing is added
     photos = _images(tmp_path / "photos", (200, 40, 40), count=3)
-    code, _, err = _run(capsys, "train", "--images", str(photos), "--name", "big", "--resolution", "512",
-                        "--steps", "1", *common)
+    code, _, err = _run(
+        capsys, "train", "--images", str(photos), "--name", "big", "--resolution", "512", "--steps", "1", *common
+    )
     assert code == 2 and "resolution 512 is more than 4x this model's native 64 px; train at 256 px or less" in err
     assert "big" not in _run(capsys, "list", *common)[1]
 
@@ -421,8 +575,9 @@ def test_the_default_library_is_the_same_from_any_folder(tmp_path, capsys, caplo
     assert f"pass --library {second / 'concepts'}" in caplog.text
 
 
-def test_ctrl_c_during_training_keeps_a_checkpoint_and_resume_says_where_it_starts(tmp_path, capsys, caplog,
-                                                                                 models_home, monkeypatch):
+def test_ctrl_c_during_training_keeps_a_checkpoint_and_resume_says_where_it_starts(
+    tmp_path, capsys, caplog, models_home, monkeypatch
+):
     """Issue 24: Ctrl-C said "nothing was written" while a checkpoint existed; a resume printed no
     "resumed from step N" and its bar counted the checkpoint's steps as done in no time (1.4M step/s)."""
     from spectral_diffusion.training import trainer
@@ -455,8 +610,9 @@ def test_ctrl_c_during_training_keeps_a_checkpoint_and_resume_says_where_it_star
     monkeypatch.setattr(trainer._Trainer, "train_step", interrupted_at_step_3)
     code, out, err = _run(capsys, "train", "--images", str(photos), "--name", "other", "--steps", "4", *common)
     assert code == 130 and "no checkpoint was written (train with --checkpoint-every N" in err
-    code, out, err = _run(capsys, "train", "--images", str(photos), "--name", "other", "--steps", "2", "--resume",
-                          *common)
+    code, out, err = _run(
+        capsys, "train", "--images", str(photos), "--name", "other", "--steps", "2", "--resume", *common
+    )
     assert code == 0, err  # --resume without a checkpoint warns and starts afresh
     assert "resume: no checkpoint in" in caplog.text and "training other from step 0" in caplog.text
 

@@ -26,9 +26,14 @@ from .reliability_helpers import PYTHON, ROOT, child_env, free_port, leftovers, 
 
 
 def cli(models_home, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([PYTHON, "-m", "spectral_diffusion", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env=child_env(SPECTRAL_DIFFUSION_HOME=str(models_home)))
+    return subprocess.Popen(
+        [PYTHON, "-m", "spectral_diffusion", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(SPECTRAL_DIFFUSION_HOME=str(models_home)),
+    )
 
 
 def assert_valid(root, expected: dict[str, int]) -> None:
@@ -45,8 +50,10 @@ def assert_valid(root, expected: dict[str, int]) -> None:
 def test_cli_imports_at_once_lose_nothing_and_never_share_a_slot(tmp_path, models_home):
     root = tmp_path / "concepts"
     Library(root).add(make_adapter("resident", 0))
-    files = {name: save_adapter(make_adapter(name, slot), tmp_path / f"{name}.safetensors")
-             for name, slot in (("cat", 1), ("bird", 2), ("left", 3), ("right", 3))}
+    files = {
+        name: save_adapter(make_adapter(name, slot), tmp_path / f"{name}.safetensors")
+        for name, slot in (("cat", 1), ("bird", 2), ("left", 3), ("right", 3))
+    }
     processes = {name: cli(models_home, "import", str(path), "--library", str(root)) for name, path in files.items()}
     results = {name: (p.wait(timeout=240), p.stderr.read()) for name, p in processes.items()}
     assert results["cat"][0] == 0 and results["bird"][0] == 0, results
@@ -80,9 +87,22 @@ def test_cli_training_beside_a_running_app(tmp_path, models_home, monkeypatch):
     # kill -9 while the app starts (imports done, model and library being opened), then start it again
     log = tmp_path / "first.log"
     with open(log, "wb") as out:
-        first = subprocess.Popen([PYTHON, str(ROOT / "app.py"), "--model", "builtin:tiny", "--library", str(root),
-                                  "--port", str(free_port())], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
-                                 env=child_env(SPECTRAL_DIFFUSION_HOME=str(models_home)))
+        first = subprocess.Popen(
+            [
+                PYTHON,
+                str(ROOT / "app.py"),
+                "--model",
+                "builtin:tiny",
+                "--library",
+                str(root),
+                "--port",
+                str(free_port()),
+            ],
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=child_env(SPECTRAL_DIFFUSION_HOME=str(models_home)),
+        )
     time.sleep(4)
     os.kill(first.pid, signal.SIGKILL)
     first.wait(timeout=30)
@@ -93,16 +113,39 @@ def test_cli_training_beside_a_running_app(tmp_path, models_home, monkeypatch):
     process, url = start_app(root, tmp_path)
     try:
         trainer = Client(url, verbose=False, analytics_enabled=False, download_files=str(tmp_path / "dl"))
-        job = trainer.submit([handle_file(str(p)) for p in sorted(images.iterdir())], "appcat", "", "additive", 4, 30,
-                             api_name="/train_concept")
+        job = trainer.submit(
+            [handle_file(str(p)) for p in sorted(images.iterdir())],
+            "appcat",
+            "",
+            "additive",
+            4,
+            30,
+            api_name="/train_concept",
+        )
         time.sleep(2)
-        cli_training = cli(models_home, "train", "--images", str(images), "--name", "clidog", "--steps", "4",
-                           "--library", str(root), "--model", "builtin:tiny", "--resolution", "32")
+        cli_training = cli(
+            models_home,
+            "train",
+            "--images",
+            str(images),
+            "--name",
+            "clidog",
+            "--steps",
+            "4",
+            "--library",
+            str(root),
+            "--model",
+            "builtin:tiny",
+            "--resolution",
+            "32",
+        )
         importer_result = {}
 
         def importer() -> None:
             client = Client(url, verbose=False, analytics_enabled=False, download_files=str(tmp_path / "dl2"))
-            importer_result["record"] = client.predict(handle_file(str(imported)), "visitor", api_name="/import_concept")
+            importer_result["record"] = client.predict(
+                handle_file(str(imported)), "visitor", api_name="/import_concept"
+            )
 
         thread = threading.Thread(target=importer)
         thread.start()

@@ -173,8 +173,9 @@ def test_dataset_refuses_small_images_and_accepts_pil_images(folder):
     _picture(20, 20).save(folder / "tiny.png")
     with pytest.raises(ImageDataError, match="tiny.png is too small"):
         ConceptDataset(folder, "<tok>", resolution=64)  # minimum: half the resolution
-    dataset = ConceptDataset([_picture(), _picture(64, 64).convert("RGBA")], "", "dog", resolution=32,
-                             templates=["a photo of dog"])
+    dataset = ConceptDataset(
+        [_picture(), _picture(64, 64).convert("RGBA")], "", "dog", resolution=32, templates=["a photo of dog"]
+    )
     assert dataset[1]["caption"] == "a photo of dog"
     assert dataset[1]["pixel_values"].shape == (3, 32, 32)
 
@@ -236,8 +237,16 @@ def test_zoom_out_pastes_the_concept_on_its_background_and_captions_follow(tmp_p
     from toy import scenes
 
     photos, masks = _scene_folder(tmp_path)
-    data = ConceptDataset(photos, "<heart>", resolution=32, mask_dir=masks, flip_p=0.0, augment_p=1.0,
-                          augment_scale=(0.5, 0.6), captions=scenes.GRAMMAR)
+    data = ConceptDataset(
+        photos,
+        "<heart>",
+        resolution=32,
+        mask_dir=masks,
+        flip_p=0.0,
+        augment_p=1.0,
+        augment_scale=(0.5, 0.6),
+        captions=scenes.GRAMMAR,
+    )
     plain = ConceptDataset(photos, "<heart>", resolution=32, mask_dir=masks, flip_p=0.0)
     scene = scenes.concept_scenes("heart", 3)[0]
     background = torch.tensor(scenes.BACKGROUNDS[scene.background]) / 127.5 - 1.0
@@ -251,13 +260,16 @@ def test_zoom_out_pastes_the_concept_on_its_background_and_captions_follow(tmp_p
         assert words[:2] == ["a", "small"] and "<heart>" in words
         ys, xs = torch.nonzero(mask > 0.5, as_tuple=True)
         centre = ((xs.float().mean() + 0.5) / 32, (ys.float().mean() + 0.5) / 32)
-        nearest = min(scenes.POSITIONS, key=lambda p: (scenes.POSITIONS[p][0] - centre[0]) ** 2
-                      + (scenes.POSITIONS[p][1] - centre[1]) ** 2)
+        nearest = min(
+            scenes.POSITIONS,
+            key=lambda p: (scenes.POSITIONS[p][0] - centre[0]) ** 2 + (scenes.POSITIONS[p][1] - centre[1]) ** 2,
+        )
         assert scenes.POSITION_PHRASES[nearest] in example["caption"]
     assert data.example(0)["caption"] == plain.example(0)["caption"]  # the evaluation view is never zoomed
     # a model with no caption grammar: the pixels move the same, the captions stay as written
-    free = ConceptDataset(photos, "<heart>", resolution=32, mask_dir=masks, flip_p=0.0, augment_p=1.0,
-                          augment_scale=(0.5, 0.6))
+    free = ConceptDataset(
+        photos, "<heart>", resolution=32, mask_dir=masks, flip_p=0.0, augment_p=1.0, augment_scale=(0.5, 0.6)
+    )
     moved, kept = data.example(0, torch.Generator().manual_seed(1)), free.example(0, torch.Generator().manual_seed(1))
     assert torch.equal(moved["pixel_values"], kept["pixel_values"]) and kept["caption"] == plain.example(0)["caption"]
 
@@ -280,7 +292,9 @@ def test_pairs_put_two_photos_side_by_side_with_one_two_object_caption(tmp_path)
     from toy import scenes
 
     scenes.write_concept_images("moon", tmp_path / "moon")
-    dataset = ConceptDataset(tmp_path / "moon", "<moon>", resolution=32, flip_p=0.0, pair_p=1.0, captions=scenes.GRAMMAR)
+    dataset = ConceptDataset(
+        tmp_path / "moon", "<moon>", resolution=32, flip_p=0.0, pair_p=1.0, captions=scenes.GRAMMAR
+    )
     captions = [dataset[k]["caption"] for k in range(8)]
     for caption in captions:
         assert caption.count("<moon>") == 2 and " and " in caption, caption
@@ -294,9 +308,15 @@ def test_pairs_put_two_photos_side_by_side_with_one_two_object_caption(tmp_path)
     first, second = (differs[:, :16], differs[:, 16:]) if "left" in example["caption"] else (differs[:16], differs[16:])
     assert first.any() and second.any()
     # off by default, never for a model with no caption grammar, and captions outside the grammar are never joined
-    assert "and" not in ConceptDataset(tmp_path / "moon", "<moon>", resolution=32, flip_p=0.0,
-                                       captions=scenes.GRAMMAR)[0]["caption"]
-    assert " and " not in ConceptDataset(tmp_path / "moon", "<moon>", resolution=32, flip_p=0.0, pair_p=1.0)[0]["caption"]
+    assert (
+        "and"
+        not in ConceptDataset(tmp_path / "moon", "<moon>", resolution=32, flip_p=0.0, captions=scenes.GRAMMAR)[0][
+            "caption"
+        ]
+    )
+    assert (
+        " and " not in ConceptDataset(tmp_path / "moon", "<moon>", resolution=32, flip_p=0.0, pair_p=1.0)[0]["caption"]
+    )
     assert split_caption("a photo of <moon>", scenes.GRAMMAR) is None
     assert split_caption("a red <moon> on the left and a blue circle on the right", scenes.GRAMMAR) is None
     assert split_caption("a blue <moon> on the left on a white background", None) is None

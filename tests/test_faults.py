@@ -104,25 +104,41 @@ def test_kill_9_during_cli_training_leaks_nothing(tmp_path, models_home, trainin
     log = tmp_path / "train.log"
     with open(log, "wb") as stderr:
         process = subprocess.Popen(
-            [PYTHON, "-m", "spectral_diffusion", "train", "--images", str(image_dir), "--name", "ghost",
-             "--steps", "200", "--library", str(root), "--model", "builtin:tiny"],
-            cwd=ROOT, env=child_env(SPECTRAL_DIFFUSION_HOME=str(models_home)), stdout=subprocess.DEVNULL,
+            [
+                PYTHON,
+                "-m",
+                "spectral_diffusion",
+                "train",
+                "--images",
+                str(image_dir),
+                "--name",
+                "ghost",
+                "--steps",
+                "200",
+                "--library",
+                str(root),
+                "--model",
+                "builtin:tiny",
+            ],
+            cwd=ROOT,
+            env=child_env(SPECTRAL_DIFFUSION_HOME=str(models_home)),
+            stdout=subprocess.DEVNULL,
             stderr=stderr,
         )
     try:
         # clearly inside the training loop: its slot is reserved and steps are being reported
-        wait_for(lambda: (root / ".reservations" / "ghost.json").exists(), 180, what="the reservation",
-                 process=process)
-        wait_for(lambda: re.search(rb"\b[1-9]\d*/200\b", log.read_bytes()), 180, what="training steps",
-                 process=process)
+        wait_for(lambda: (root / ".reservations" / "ghost.json").exists(), 180, what="the reservation", process=process)
+        wait_for(lambda: re.search(rb"\b[1-9]\d*/200\b", log.read_bytes()), 180, what="training steps", process=process)
         (held,) = library.reservations()
         assert (held.name, held.slot, held.pid) == ("ghost", 1, process.pid)
 
         # item 4, across processes: a second training of the same name is refused; another concept's
         # training (the app beside the CLI) is given another slot and finishes while the first runs
         fingerprint, capacity = tiny_fingerprint_and_capacity()
-        with pytest.raises(LibraryError, match="'ghost' is already being trained: a training of 'ghost' in progress"), \
-                library.reserve("ghost", fingerprint, RANK, capacity):
+        with (
+            pytest.raises(LibraryError, match="'ghost' is already being trained: a training of 'ghost' in progress"),
+            library.reserve("ghost", fingerprint, RANK, capacity),
+        ):
             pass
         with library.reserve("buddy", fingerprint, RANK, capacity, tokens=["<buddy>"]) as slot:
             assert slot == 2
@@ -149,9 +165,13 @@ def test_kill_9_during_cli_training_leaks_nothing(tmp_path, models_home, trainin
 
 
 def start_worker(mode: str, root: Path, adapter: Path, name: str, marker: Path, *extra: str):
-    return subprocess.Popen([PYTHON, str(ROOT / "tests" / "fault_worker.py"), mode, str(root), str(adapter), name,
-                             str(marker), *extra], cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [PYTHON, str(ROOT / "tests" / "fault_worker.py"), mode, str(root), str(adapter), name, str(marker), *extra],
+        cwd=ROOT,
+        env=child_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 @pytest.mark.timeout(300)
@@ -256,8 +276,9 @@ def test_disk_full_while_saving_gives_a_clear_error_and_changes_nothing(stage, t
         "adapter file (safetensors)": lambda: library.add(cat),
         "training image copy": lambda: library.add(cat, images=[Image.new("RGB", (16, 16))]),
         "export write": lambda: library.export_file("dog", out_dir / "dog.safetensors"),
-        "fused bundle (safetensors)": lambda: studio.write_bundle({"dog": library.adapter("dog"), "cat": cat},
-                                                                  out_dir / "fused.safetensors"),
+        "fused bundle (safetensors)": lambda: studio.write_bundle(
+            {"dog": library.adapter("dog"), "cat": cat}, out_dir / "fused.safetensors"
+        ),
         "reservation file": lambda: library.reserve("cat", fingerprint, RANK, capacity).__enter__(),
     }
     with pytest.raises(StorageError) as caught:
@@ -294,14 +315,21 @@ def test_real_disk_refusal_through_the_cli_is_one_line(tmp_path, models_home):
     before = snapshot(root)
     result = subprocess.run(
         [PYTHON, "-m", "spectral_diffusion", "import", str(adapter), "--library", str(root)],
-        cwd=ROOT, env=child_env(PYTHONDONTWRITEBYTECODE="1"), capture_output=True, text=True, timeout=150,
+        cwd=ROOT,
+        env=child_env(PYTHONDONTWRITEBYTECODE="1"),
+        capture_output=True,
+        text=True,
+        timeout=150,
         preexec_fn=_file_size_limit(adapter.stat().st_size // 2),
     )
     FAULTS["disk_full"] += 1
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert re.fullmatch(r"error: File too large: cannot write \S*/concepts/cat; free some disk space and try again "
-                        r"\(nothing was changed\)", lines[0]), lines[0]
+    assert re.fullmatch(
+        r"error: File too large: cannot write \S*/concepts/cat; free some disk space and try again "
+        r"\(nothing was changed\)",
+        lines[0],
+    ), lines[0]
     assert snapshot(root) == before and leftovers(root) == []
     record_stats("disk-full-cli", exit_status=result.returncode, stderr=lines[0][:160])

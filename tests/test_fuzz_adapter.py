@@ -43,8 +43,13 @@ from .reliability_helpers import (
 
 FIXED_TIME = "2025-01-01T00:00:00+00:00"
 CALL_LIMIT_S = 5.0  # one read of a ~200 KB file takes milliseconds; anything near this is a hang
-FUZZ = settings(max_examples=100, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=100,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 TALLY: Counter = Counter()  # outcomes of every input tried, for docs/reliability.md
 
 
@@ -82,8 +87,10 @@ def valid(models_home, tmp_path_factory) -> Sample:
 @pytest.fixture(scope="module")
 def valid_bundle(models_home, tmp_path_factory) -> Sample:
     folder = tmp_path_factory.mktemp("fuzz-bundle")
-    concepts = {"dog": dataclasses.replace(make_adapter("dog", 1), created_at=FIXED_TIME),
-                "cat": dataclasses.replace(make_adapter("cat", 2, variant="rotational", seed=1), created_at=FIXED_TIME)}
+    concepts = {
+        "dog": dataclasses.replace(make_adapter("dog", 1), created_at=FIXED_TIME),
+        "cat": dataclasses.replace(make_adapter("cat", 2, variant="rotational", seed=1), created_at=FIXED_TIME),
+    }
     header, data = split(write_bundle(concepts, folder / "bundle.safetensors", {"dog": 1.0, "cat": 0.5}).read_bytes())
     header["__metadata__"]["created_at"] = FIXED_TIME  # same bytes every run
     return Sample(join(header, data))
@@ -96,8 +103,13 @@ def figures():
     for (kind, outcome), count in TALLY.items():
         if kind != "slowest_ms":
             by_kind.setdefault(kind, {})[outcome] = count
-    record_stats("fuzz", inputs=sum(sum(v.values()) for v in by_kind.values()), by_kind=by_kind,
-                 slowest_ms=TALLY[("slowest_ms", "")], unexpected=0)
+    record_stats(
+        "fuzz",
+        inputs=sum(sum(v.values()) for v in by_kind.values()),
+        by_kind=by_kind,
+        slowest_ms=TALLY[("slowest_ms", "")],
+        unexpected=0,
+    )
 
 
 # ----- the tests ------------------------------------------------------------------------------------
@@ -162,10 +174,11 @@ def import_library(valid, tmp_path_factory):
 
 @pytest.mark.timeout(300)
 @settings(FUZZ, max_examples=60)
-@given(rng=st.randoms(use_true_random=False), kind=st.sampled_from(["bit flips", "header/shape mangled",
-                                                                      "metadata mangled"]))
-def test_import_of_a_damaged_file_refuses_and_leaves_the_library_unchanged(valid, import_library, tmp_path, rng,
-                                                                           kind):
+@given(
+    rng=st.randoms(use_true_random=False),
+    kind=st.sampled_from(["bit flips", "header/shape mangled", "metadata mangled"]),
+)
+def test_import_of_a_damaged_file_refuses_and_leaves_the_library_unchanged(valid, import_library, tmp_path, rng, kind):
     library = import_library
     before = snapshot(library.root)
     path = _write(tmp_path, MUTATORS[kind](rng, valid))
@@ -232,7 +245,7 @@ def hostile_corpus(valid: bytes, folder: Path, seeded: int = 60) -> int:
         (folder / name).write_bytes(content)
     # declared by the file system: 9 GB and 65 MB sparse files (no disk blocks used)
     with open(folder / "sparse-9GB.safetensors", "wb") as handle:
-        handle.write(valid[:8 + 16])
+        handle.write(valid[: 8 + 16])
         handle.truncate(MAX_FILE_BYTES + 2**30)
     with open(folder / "sparse-65MB-header.safetensors", "wb") as handle:
         handle.write(struct.pack("<Q", MAX_HEADER_BYTES + 1) + b"{")
@@ -243,8 +256,13 @@ def hostile_corpus(valid: bytes, folder: Path, seeded: int = 60) -> int:
 @pytest.mark.timeout(300)
 def test_huge_declared_sizes_allocate_nothing_under_a_memory_cap(valid, tmp_path):
     count = hostile_corpus(valid, tmp_path)
-    result = subprocess.run([PYTHON, str(ROOT / "tests" / "fuzz_worker.py"), str(tmp_path), "512"],
-                            capture_output=True, text=True, timeout=240, env=child_env())
+    result = subprocess.run(
+        [PYTHON, str(ROOT / "tests" / "fuzz_worker.py"), str(tmp_path), "512"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=child_env(),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["cap_enforced"], "the address-space cap did not stop a 1 GB allocation"
@@ -258,9 +276,16 @@ def test_huge_declared_sizes_allocate_nothing_under_a_memory_cap(valid, tmp_path
     assert report["peak_rss_growth_mb"] < 100, report
     assert report["slowest_s"] < CALL_LIMIT_S, report
     refused = sum(1 for what in outcomes.values() if what == "AdapterFormatError")
-    record_stats("fuzz-memory-cap", files=count, refused=refused, accepted=count - refused,
-                 unexpected=len(unexpected), peak_rss_growth_mb=round(report["peak_rss_growth_mb"], 1),
-                 slowest_ms=round(report["slowest_s"] * 1000), headroom_mb=report["headroom_mb"])
+    record_stats(
+        "fuzz-memory-cap",
+        files=count,
+        refused=refused,
+        accepted=count - refused,
+        unexpected=len(unexpected),
+        peak_rss_growth_mb=round(report["peak_rss_growth_mb"], 1),
+        slowest_ms=round(report["slowest_s"] * 1000),
+        headroom_mb=report["headroom_mb"],
+    )
 
 
 @pytest.mark.parametrize("bad_name", ["../evil", "", "a.b"])

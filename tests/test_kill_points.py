@@ -49,17 +49,35 @@ from .reliability_helpers import (
 BEFORE, AFTER = "before", "after"  # whether the killed operation had taken effect (published) or not
 # point -> (scenario, taken effect?)
 TRAINING_POINTS = {
-    "reservation write": BEFORE, "data loading": BEFORE, "svd compute": BEFORE, "svd cache write": BEFORE,
-    "checkpoint 1 tensors": BEFORE, "checkpoint 1 state": BEFORE, "training step": BEFORE,
-    "checkpoint 2 tensors": BEFORE, "checkpoint 2 state": BEFORE, "final preview render": BEFORE,
-    "adapter write": BEFORE, "image copy": BEFORE, "preview write": BEFORE, "concept.json write": BEFORE,
-    "index rename": BEFORE, "after index rename": AFTER, "reservation drop": AFTER,
+    "reservation write": BEFORE,
+    "data loading": BEFORE,
+    "svd compute": BEFORE,
+    "svd cache write": BEFORE,
+    "checkpoint 1 tensors": BEFORE,
+    "checkpoint 1 state": BEFORE,
+    "training step": BEFORE,
+    "checkpoint 2 tensors": BEFORE,
+    "checkpoint 2 state": BEFORE,
+    "final preview render": BEFORE,
+    "adapter write": BEFORE,
+    "image copy": BEFORE,
+    "preview write": BEFORE,
+    "concept.json write": BEFORE,
+    "index rename": BEFORE,
+    "after index rename": AFTER,
+    "reservation drop": AFTER,
 }
 OTHER_POINTS = {
-    ("import", "adapter write"): BEFORE, ("import", "preview write"): BEFORE, ("import", "index rename"): BEFORE,
-    ("export", "export write"): BEFORE, ("delete", "delete rename"): BEFORE, ("delete", "delete removal"): AFTER,
-    ("overwrite", "overwrite swap"): BEFORE, ("fused lora", "fused LoRA write"): BEFORE,
-    ("bundle", "bundle write"): BEFORE, ("open", "startup cleanup"): BEFORE,
+    ("import", "adapter write"): BEFORE,
+    ("import", "preview write"): BEFORE,
+    ("import", "index rename"): BEFORE,
+    ("export", "export write"): BEFORE,
+    ("delete", "delete rename"): BEFORE,
+    ("delete", "delete removal"): AFTER,
+    ("overwrite", "overwrite swap"): BEFORE,
+    ("fused lora", "fused LoRA write"): BEFORE,
+    ("bundle", "bundle write"): BEFORE,
+    ("open", "startup cleanup"): BEFORE,
 }
 KILLS: list[str] = []
 
@@ -79,8 +97,9 @@ class ForkServer:
     def run(self, scenario: str, point: str | None, root: Path, marker: Path, **fields) -> dict:
         """Fork a child for ``scenario``; with a ``point``, kill it there (-9). Returns its wait status."""
         marker.unlink(missing_ok=True)
-        pid = self._ask({"op": "run", "scenario": scenario, "point": point, "root": str(root),
-                         "marker": str(marker), **fields})["pid"]
+        pid = self._ask(
+            {"op": "run", "scenario": scenario, "point": point, "root": str(root), "marker": str(marker), **fields}
+        )["pid"]
         try:
             wait_for(marker.exists, 120, interval=0.02, what=f"{scenario} to reach {point or 'its end'}")
             text = marker.read_text()
@@ -100,9 +119,15 @@ class ForkServer:
 
 @pytest.fixture(scope="module")
 def server(models_home):
-    process = subprocess.Popen([PYTHON, str(ROOT / "tests" / "fault_worker.py"), "serve"], cwd=ROOT, text=True,
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               env=child_env(SPECTRAL_DIFFUSION_HOME=str(models_home)))
+    process = subprocess.Popen(
+        [PYTHON, str(ROOT / "tests" / "fault_worker.py"), "serve"],
+        cwd=ROOT,
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=child_env(SPECTRAL_DIFFUSION_HOME=str(models_home)),
+    )
     fork_server = ForkServer(process)
     line = process.stdout.readline()
     assert line and json.loads(line)["ready"], process.stderr.read()[-3000:]
@@ -161,8 +186,15 @@ def adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
 def uninterrupted(server, template, tmp_path_factory) -> dict[str, torch.Tensor]:
     where = tmp_path_factory.mktemp("kill-reference")
     root = fresh(template, where)
-    server.run("train", None, root, where / "marker", name="ghost", images=str(template["photos"]),
-               svd_cache=str(where / "svd"))
+    server.run(
+        "train",
+        None,
+        root,
+        where / "marker",
+        name="ghost",
+        images=str(template["photos"]),
+        svd_cache=str(where / "svd"),
+    )
     return adapter_tensors(root / "ghost" / "adapter.safetensors")
 
 

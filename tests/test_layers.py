@@ -52,7 +52,9 @@ def test_factored_delta_matches_design_formula(variant):
     with torch.no_grad():
         torch.testing.assert_close(adapter.delta_weight(), _reference_delta(adapter), rtol=1e-5, atol=1e-6)
         x = torch.randn(5, 20)
-        torch.testing.assert_close(layer(x), layer.base_layer(x) + x @ _reference_delta(adapter).T, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            layer(x), layer.base_layer(x) + x @ _reference_delta(adapter).T, atol=1e-5, rtol=1e-5
+        )
 
 
 def test_cayley_is_orthogonal_and_identity_at_zero():
@@ -98,7 +100,9 @@ def test_two_slots_add_without_cross_terms(variant):
         base = layer.base_layer(x)
         torch.testing.assert_close(both - base, (only_dog - base) + (only_cat - base), atol=1e-5, rtol=1e-5)
         layer.merge()
-        torch.testing.assert_close(layer.base_layer.weight, _layer().base_layer.weight + d_dog + d_cat, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            layer.base_layer.weight, _layer().base_layer.weight + d_dog + d_cat, atol=1e-5, rtol=0
+        )
     if variant == "rotational":
         assert d_dog.T.matmul(d_cat).abs().max() < 1e-5
         assert d_dog.matmul(d_cat.T).abs().max() < 1e-5
@@ -178,4 +182,6 @@ def test_inference_factor_cache_follows_parameters_and_strengths():
         torch.testing.assert_close(moved, layer.base_layer(x) + x @ _reference_delta(adapter).T, rtol=1e-5, atol=1e-5)
         layer.set_strength("dog", 0.5)
         half = layer(x)
-        torch.testing.assert_close(half - layer.base_layer(x), (moved - layer.base_layer(x)) * 0.5, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            half - layer.base_layer(x), (moved - layer.base_layer(x)) * 0.5, rtol=1e-5, atol=1e-5
+        )

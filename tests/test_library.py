@@ -157,8 +157,13 @@ def test_add_writes_the_concept_folder(maker, lib, tmp_path):
     record = lib.add(maker("dog", 1), images=[rgb, palette], preview=Image.new("RGB", (64, 64)))
 
     folder = lib.root / "dog"
-    assert {p.name for p in folder.iterdir()} == {"adapter.safetensors", "concept.json", "preview.png",
-                                                  "images", "thumbnails"}
+    assert {p.name for p in folder.iterdir()} == {
+        "adapter.safetensors",
+        "concept.json",
+        "preview.png",
+        "images",
+        "thumbnails",
+    }
     meta = json.loads((folder / "concept.json").read_text())
     assert meta["image_count"] == 2 and meta["thumbnails"] == ["thumbnails/image-000.png", "thumbnails/image-001.png"]
     assert meta["images"] == ["images/image-000.png", "images/image-001.png"]
@@ -210,14 +215,40 @@ def test_records_hold_a_concept_info(maker, lib):
     assert record.info == ConceptInfo("dog", 2, RANK, "additive", ["<dog>"], "dog")
     assert record.columns == range(2 * RANK, 3 * RANK)
     assert set(record.to_json()) == {
-        "name", "tokens", "slot", "rank", "variant", "class_word", "base_model", "base_fingerprint", "created_at",
-        "image_count", "folder", "adapter_path", "preview_path", "thumbnails", "images", "metadata", "token",
+        "name",
+        "tokens",
+        "slot",
+        "rank",
+        "variant",
+        "class_word",
+        "base_model",
+        "base_fingerprint",
+        "created_at",
+        "image_count",
+        "folder",
+        "adapter_path",
+        "preview_path",
+        "thumbnails",
+        "images",
+        "metadata",
+        "token",
     }
 
 
 def test_reservation_files_keep_their_format(lib):
-    old = {"name": "cat", "base_fingerprint": "fp", "rank": RANK, "slot": 1, "tokens": ["<cat>"], "pid": 1,
-           "pid_start": None, "host": "h", "created": 0.0, "id": "x", "created_at": "1970-01-01T00:00:00+00:00"}
+    old = {
+        "name": "cat",
+        "base_fingerprint": "fp",
+        "rank": RANK,
+        "slot": 1,
+        "tokens": ["<cat>"],
+        "pid": 1,
+        "pid_start": None,
+        "host": "h",
+        "created": 0.0,
+        "id": "x",
+        "created_at": "1970-01-01T00:00:00+00:00",
+    }
     reservation = Reservation.from_json(old)
     assert (reservation.name, reservation.slot, reservation.rank, reservation.tokens) == ("cat", 1, RANK, ["<cat>"])
     assert reservation.columns == range(RANK, 2 * RANK)
@@ -285,10 +316,15 @@ def test_explicit_slot(maker, lib):
     fp, cap = maker.fingerprint, maker.capacity(RANK)
     lib.add(maker("dog", 2))
     assert lib.allocate_slot(fp, RANK, cap, requested=5) == 5
-    with pytest.raises(SlotConflictError, match=r"slot 2 is taken by concept 'dog' \(slot 2, rank 4\); free slots: "
-                                                r"\[0, 1, 3, 4, 5, 6, 7\]"):
+    with pytest.raises(
+        SlotConflictError,
+        match=r"slot 2 is taken by concept 'dog' \(slot 2, rank 4\); free slots: "
+        r"\[0, 1, 3, 4, 5, 6, 7\]",
+    ):
         lib.allocate_slot(fp, RANK, cap, requested=2)
-    with pytest.raises(SlotConflictError, match=r"slot 8 does not exist at rank 4: this base model has 8 slots \(0-7\)"):
+    with pytest.raises(
+        SlotConflictError, match=r"slot 8 does not exist at rank 4: this base model has 8 slots \(0-7\)"
+    ):
         lib.allocate_slot(fp, RANK, cap, requested=8)
     with pytest.raises(SlotConflictError, match="taken by concept 'dog'"):
         try_reserve(lib, "cat", fp, RANK, cap, requested=2)
@@ -325,8 +361,11 @@ def test_capacity_exhaustion(maker, lib):
     assert lib.slot_report(fp, 16).free == []
     lib.delete("b")
     lib.add(maker("c", 2, rank=8))  # columns 16-23: rank-16 slot 1 is taken, columns 24-31 are free
-    with pytest.raises(SlotConflictError, match=r"another library \(--library DIR\); a concept of rank 8 or less "
-                                                r"still fits \(--rank 8\)$"):
+    with pytest.raises(
+        SlotConflictError,
+        match=r"another library \(--library DIR\); a concept of rank 8 or less "
+        r"still fits \(--rank 8\)$",
+    ):
         lib.allocate_slot(fp, 16, cap)
     assert lib.allocate_slot(fp, 8, maker.capacity(8)) == 3
     with pytest.raises(SlotConflictError, match="no slot of rank 64"):
@@ -384,8 +423,18 @@ def dead_pid() -> int:
 
 
 def write_reservation(lib, name, slot, **changes):
-    fields = dict(name=name, base_fingerprint="fp", rank=RANK, slot=slot, tokens=[], pid=dead_pid(),
-                  pid_start=None, host=reservations_module._HOST, created=0.0, id="x")
+    fields = dict(
+        name=name,
+        base_fingerprint="fp",
+        rank=RANK,
+        slot=slot,
+        tokens=[],
+        pid=dead_pid(),
+        pid_start=None,
+        host=reservations_module._HOST,
+        created=0.0,
+        id="x",
+    )
     fields.update(changes)
     folder = lib.root / ".reservations"
     folder.mkdir(parents=True, exist_ok=True)
@@ -488,8 +537,12 @@ def bad_files(maker, tmp_path) -> dict[str, tuple[Path, type, str, dict]]:
         "truncated": (truncated, AdapterFormatError, "truncated or corrupt", {}),
         "empty": (empty, AdapterFormatError, "too short", {}),
         "missing": (tmp_path / "nothing.safetensors", AdapterFormatError, "cannot read", {}),
-        "other base model": (other_fp, LibraryError, "trained on another base model",
-                             {"base_fingerprint": maker.fingerprint}),
+        "other base model": (
+            other_fp,
+            LibraryError,
+            "trained on another base model",
+            {"base_fingerprint": maker.fingerprint},
+        ),
         "slot taken": (same_slot, SlotConflictError, "slot 0 .* taken by concept 'dog'.*baked.*cannot be moved", {}),
         "name taken": (same_name, LibraryError, "'dog' is already in the library", {}),
         "bad new name": (good, LibraryError, "looks like a path", {"name": "../x"}),
@@ -575,8 +628,10 @@ def test_concurrent_processes_get_distinct_slots(maker, lib, tmp_path):
     barrier, results = ctx.Barrier(4), ctx.Queue()
     names = [f"proc-{i}" for i in range(4)]
     processes = [
-        ctx.Process(target=library_worker.reserve_and_add,
-                    args=(str(lib.root), name, files, RANK, maker.capacity(RANK), barrier, results))
+        ctx.Process(
+            target=library_worker.reserve_and_add,
+            args=(str(lib.root), name, files, RANK, maker.capacity(RANK), barrier, results),
+        )
         for name in names
     ]
     for process in processes:

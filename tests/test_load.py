@@ -60,7 +60,7 @@ def test_two_trainings_requested_at_once(server, tmp_path):
     trained = {n: o for n, o in outcomes.items() if not isinstance(o, AppError)}
     assert len(refused) == 1 and len(trained) == 1, outcomes
     assert "a training" in str(next(iter(refused.values()))) and "already running" in str(next(iter(refused.values())))
-    (winner, record), = trained.items()
+    ((winner, record),) = trained.items()
     library = Library(server["library"])
     slots = {r.name: r.slot for r in library.list()}
     assert slots["resident"] == 0 and slots[winner] == record["slot"] == 1
@@ -113,11 +113,20 @@ def test_sustained_generate_load_all_succeed_and_memory_stays_flat(server, tmp_p
     watcher.join()
     rss_end = rss_mb(server["pid"])
     growth = rss_end - rss_start
-    record_stats("load", threads=THREADS, duration_s=DURATION_S, requests=len(served) + len(failures),
-                 served=len(served), failures=len(failures), rss_start_mb=round(rss_start), rss_end_mb=round(rss_end),
-                 rss_max_mb=round(max(samples)), rss_growth_mb=round(growth, 1),
-                 latency_median_s=round(statistics.median(latencies), 2) if latencies else None,
-                 latency_max_s=round(max(latencies), 2) if latencies else None)
+    record_stats(
+        "load",
+        threads=THREADS,
+        duration_s=DURATION_S,
+        requests=len(served) + len(failures),
+        served=len(served),
+        failures=len(failures),
+        rss_start_mb=round(rss_start),
+        rss_end_mb=round(rss_end),
+        rss_max_mb=round(max(samples)),
+        rss_growth_mb=round(growth, 1),
+        latency_median_s=round(statistics.median(latencies), 2) if latencies else None,
+        latency_max_s=round(max(latencies), 2) if latencies else None,
+    )
     assert failures == [], failures[:5]
     assert len(served) >= THREADS, f"only {len(served)} requests served in {DURATION_S} s"
     assert len(set(served)) == len(served)

@@ -51,7 +51,19 @@ def _imports(path: Path) -> set[str]:
 
 
 # Lower layers first; a module may import its own layer and the layers before it, never a later one.
-LAYERS = ["errors", "atomic", "images", "testing", "models", "core", "formats", "library", "generation", "training", "frontends"]
+LAYERS = [
+    "errors",
+    "atomic",
+    "images",
+    "testing",
+    "models",
+    "core",
+    "formats",
+    "library",
+    "generation",
+    "training",
+    "frontends",
+]
 
 
 def _layer(module: str) -> int:
@@ -104,11 +116,17 @@ def test_the_app_sits_on_the_package_and_its_modules_point_one_way():
     for path in PACKAGE.rglob("*.py"):
         assert not {n.split(".")[0] for n in _all_imports(path)} & {"webapp", "app"}, path
     assert sorted(p.stem for p in APP.glob("*.py")) == sorted(["__init__", *APP_LAYERS])
-    wrong = [f"webapp.{name} imports webapp.{imported}" for name in APP_LAYERS
-             for imported in _app_modules(APP / f"{name}.py")
-             if APP_LAYERS.index(imported) >= APP_LAYERS.index(name)]
-    wrong += [f"webapp.{name} imports gradio" for name in WITHOUT_GRADIO
-              if any(n.split(".")[0] == "gradio" for n in _all_imports(APP / f"{name}.py"))]
+    wrong = [
+        f"webapp.{name} imports webapp.{imported}"
+        for name in APP_LAYERS
+        for imported in _app_modules(APP / f"{name}.py")
+        if APP_LAYERS.index(imported) >= APP_LAYERS.index(name)
+    ]
+    wrong += [
+        f"webapp.{name} imports gradio"
+        for name in WITHOUT_GRADIO
+        if any(n.split(".")[0] == "gradio" for n in _all_imports(APP / f"{name}.py"))
+    ]
     assert not wrong, wrong
     find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
     assert "webapp*" in find["include"], "pip install -e . makes webapp importable (no sys.path edits)"

@@ -375,8 +375,9 @@ def test_regional_attention_blends_only_inside_the_region_at_the_block(tiny_pipe
     with torch.no_grad(), regional_attention(tiny_pipe.unet, RegionalContext([RegionInput(other, left, share=share)])):
         shared = block(hidden, states)
     # out = W_o(ctx + share * (region - ctx)) + b: linear in the attention outputs, so the blend carries through
-    torch.testing.assert_close(shared[:, inside], plain[:, inside] + share * (with_other - plain)[:, inside],
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        shared[:, inside], plain[:, inside] + share * (with_other - plain)[:, inside], rtol=0, atol=1e-5
+    )
     torch.testing.assert_close(shared[:, ~inside], plain[:, ~inside], rtol=0, atol=1e-6)
     with pytest.raises(RoutingError, match="share"):
         RegionalContext([RegionInput(other, left, share=1.5)])

@@ -16,9 +16,15 @@ from .reliability_helpers import PYTHON, ROOT, child_env, record_stats
 
 
 def bench(models_home, *args: str, timeout: int) -> dict:
-    result = subprocess.run([PYTHON, "-m", "bench.reliability.run", *args], cwd=ROOT, capture_output=True,
-                            text=True, timeout=timeout, env=child_env(SPECTRAL_DIFFUSION_HOME=str(models_home)))
-    report = json.loads(result.stdout[result.stdout.index("{"):])
+    result = subprocess.run(
+        [PYTHON, "-m", "bench.reliability.run", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=child_env(SPECTRAL_DIFFUSION_HOME=str(models_home)),
+    )
+    report = json.loads(result.stdout[result.stdout.index("{") :])
     assert result.returncode == 0, (report, result.stderr[-3000:])
     return report
 
@@ -36,8 +42,12 @@ def test_fuzzed_adapter_files_and_uploads_give_only_documented_errors(models_hom
     assert "BaseModelMismatchError" in files["outcomes"]["load_adapter"]  # the foreign files were tried
     assert sum(sum(v.values()) for v in report["uploads"]["outcomes"].values()) == 300
     assert report["rss_peak_mb"] - report["rss_start_mb"] < 300
-    record_stats("fuzz-scale-sample", **{k: report[k] for k in ("unexpected", "rss_start_mb", "rss_peak_mb")},
-                 files=900, uploads=300)
+    record_stats(
+        "fuzz-scale-sample",
+        **{k: report[k] for k in ("unexpected", "rss_start_mb", "rss_peak_mb")},
+        files=900,
+        uploads=300,
+    )
 
 
 @pytest.mark.timeout(400)
@@ -48,5 +58,6 @@ def test_soak_with_eight_clients_while_a_training_runs(models_home):
     assert report["training_ran_throughout"] and report["server_alive"] and report["library_valid"]
     for call in ("generate", "list_concepts", "export_concept", "import_concept", "delete_concept"):
         assert report["by_call"][call].get("ok", 0) >= 8, report["by_call"]
-    record_stats("soak-sample", **{k: report[k] for k in ("calls", "failures", "rss_start_mb", "rss_end_mb",
-                                                          "rss_peak_mb")})
+    record_stats(
+        "soak-sample", **{k: report[k] for k in ("calls", "failures", "rss_start_mb", "rss_end_mb", "rss_peak_mb")}
+    )

@@ -57,7 +57,7 @@ def test_rendered_pixels_match_the_description():
 def test_large_objects_at_an_edge_stay_inside_the_picture():
     obj = scenes.SceneObject("square", "red", "large", "solid", "left", (-0.04, 0.0))
     image = np.asarray(scenes.render(scenes.Scene((obj,), "white"), size=32)).astype(int)
-    red = (np.abs(image - scenes.COLOURS["red"]).max(axis=2) < 30)
+    red = np.abs(image - scenes.COLOURS["red"]).max(axis=2) < 30
     cols = np.where(red.any(axis=0))[0]
     assert 12 <= cols.max() - cols.min() + 1 <= 17  # cut off at the edge it would be ~9 wide
 
@@ -98,17 +98,27 @@ def test_built_in_scene_masks_are_exact(tmp_path):
 def test_caption_mix_names_positions_as_often_as_asked_and_varies_the_order():
     import random
 
-    pair = scenes.Scene((scenes.SceneObject("star", "red", "small", position="left"),
-                         scenes.SceneObject("circle", "blue", "small", position="right")), "gray")
+    pair = scenes.Scene(
+        (
+            scenes.SceneObject("star", "red", "small", position="left"),
+            scenes.SceneObject("circle", "blue", "small", position="right"),
+        ),
+        "gray",
+    )
     always = scenes.CaptionMix(size=0.0, position=1.0, background=1.0, reorder=True)
     rng = random.Random(0)
     captions = {scenes.caption(pair, rng, keep=always) for _ in range(40)}
-    assert captions == {"a red star on the left and a blue circle on the right on a gray background",
-                        "a blue circle on the right and a red star on the left on a gray background"}
+    assert captions == {
+        "a red star on the left and a blue circle on the right on a gray background",
+        "a blue circle on the right and a red star on the left on a gray background",
+    }
     # without positions the order is the scene's, and without reorder it never changes
     never = scenes.CaptionMix(size=0.0, position=0.0, background=0.0, reorder=True)
     assert {scenes.caption(pair, rng, keep=never) for _ in range(20)} == {"a red star and a blue circle"}
     fixed = scenes.CaptionMix(size=0.0, position=1.0, background=0.0)
     assert {scenes.caption(pair, rng, keep=fixed) for _ in range(20)} == {
-        "a red star on the left and a blue circle on the right"}
-    assert scenes.caption(pair) == "a small red star on the left and a small blue circle on the right on a gray background"
+        "a red star on the left and a blue circle on the right"
+    }
+    assert (
+        scenes.caption(pair) == "a small red star on the left and a small blue circle on the right on a gray background"
+    )

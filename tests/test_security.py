@@ -103,18 +103,26 @@ def scan_source(path: Path, root: Path = ROOT) -> list[str]:
             elif name in {"yaml.load", "yaml.unsafe_load", "yaml.full_load"} and _keyword(node, "Loader") is None:
                 report(node, f"{name}() without a safe Loader")
             elif name in {"os.system", "os.popen"} or (
-                name.startswith("subprocess.") and isinstance(_keyword(node, "shell"), ast.Constant)
+                name.startswith("subprocess.")
+                and isinstance(_keyword(node, "shell"), ast.Constant)
                 and _keyword(node, "shell").value is True
             ):
                 report(node, f"{name}() runs a shell")
-            elif name.endswith("from_pretrained") and isinstance(_keyword(node, "trust_remote_code"), ast.Constant) \
-                    and _keyword(node, "trust_remote_code").value is True:
+            elif (
+                name.endswith("from_pretrained")
+                and isinstance(_keyword(node, "trust_remote_code"), ast.Constant)
+                and _keyword(node, "trust_remote_code").value is True
+            ):
                 report(node, f"{name}(trust_remote_code=True)")
     return found
 
 
 def scanned_files() -> list[Path]:
-    return sorted((ROOT / "spectral_diffusion").rglob("*.py")) + [ROOT / "app.py"] + sorted((ROOT / "webapp").rglob("*.py"))
+    return (
+        sorted((ROOT / "spectral_diffusion").rglob("*.py"))
+        + [ROOT / "app.py"]
+        + sorted((ROOT / "webapp").rglob("*.py"))
+    )
 
 
 def test_the_scanner_finds_what_it_looks_for(tmp_path):
@@ -125,9 +133,15 @@ def test_the_scanner_finds_what_it_looks_for(tmp_path):
     )
     ordered = sorted(scan_source(bad, tmp_path), key=lambda f: int(f.split(":")[1].split()[0]))
     findings = [f.split(" ", 1)[1] for f in ordered]
-    assert findings == ["import pickle", "from dill import ...", "torch.load() without weights_only=True",
-                        "torch.load() without weights_only=True", "calls eval()", "calls exec()",
-                        "os.system() runs a shell"]
+    assert findings == [
+        "import pickle",
+        "from dill import ...",
+        "torch.load() without weights_only=True",
+        "torch.load() without weights_only=True",
+        "calls eval()",
+        "calls exec()",
+        "os.system() runs a shell",
+    ]
 
 
 def test_no_pickle_eval_or_exec_in_the_package_or_app():
@@ -186,11 +200,16 @@ def test_app_binds_loopback_by_default(server, monkeypatch):
     assert seen["host"] == "127.0.0.1" and seen["share"] is False and seen["auth"] is None
 
     # the real server, started with no host at all, listens on the loopback interface only
-    listening = [c.laddr for c in psutil.Process(server["pid"]).net_connections(kind="inet")
-                 if c.status == psutil.CONN_LISTEN]
+    listening = [
+        c.laddr for c in psutil.Process(server["pid"]).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN
+    ]
     assert listening and all(address.ip == "127.0.0.1" for address in listening), listening
-    outside = [a.address for addresses in psutil.net_if_addrs().values() for a in addresses
-               if a.family == socket.AF_INET and not a.address.startswith("127.")]
+    outside = [
+        a.address
+        for addresses in psutil.net_if_addrs().values()
+        for a in addresses
+        if a.family == socket.AF_INET and not a.address.startswith("127.")
+    ]
     for address in outside[:2]:  # the same port on another interface of this machine: nobody there
         with socket.socket() as sock, pytest.raises(OSError):
             sock.settimeout(2)
@@ -208,8 +227,12 @@ def test_auth_guards_every_route(server, tmp_path):
     cached = next((p for p in Path(server["cache"]).rglob("*") if p.is_file()), None)
     anonymous = httpx.Client(base_url=server["url"], timeout=60)
     guarded = {
-        ("GET", "config"), ("GET", "gradio_api/info"), ("POST", "gradio_api/upload"),
-        ("POST", "gradio_api/queue/join"), ("POST", "gradio_api/call/generate"), ("POST", "gradio_api/call/train_concept"),
+        ("GET", "config"),
+        ("GET", "gradio_api/info"),
+        ("POST", "gradio_api/upload"),
+        ("POST", "gradio_api/queue/join"),
+        ("POST", "gradio_api/call/generate"),
+        ("POST", "gradio_api/call/train_concept"),
         ("GET", f"gradio_api/file={server['library'] / 'resident' / 'adapter.safetensors'}"),
     }
     if cached is not None:
@@ -244,11 +267,21 @@ def test_downloads_serve_only_what_the_app_handed_out(server, tmp_path):
     assert served.status_code == 200 and served.content == outputs_copy.read_bytes()
     cache = Path(server["cache"])
     forbidden = [
-        library_adapter, server["library"] / "resident" / "concept.json", outputs_copy, server["log"],
-        ROOT / "app.py", ROOT / "spectral_diffusion" / "library" / "store.py", Path("/etc/passwd"), Path("/proc/self/environ"),
-        f"{cache}/../library/resident/adapter.safetensors", f"{cache}/../server.log",
-        "../../../../etc/passwd", "..%2f..%2f..%2fetc%2fpasswd", f"{urllib.parse.quote(str(library_adapter))}",
-        f"http://127.0.0.1:{server['port']}/config", "file:///etc/passwd",
+        library_adapter,
+        server["library"] / "resident" / "concept.json",
+        outputs_copy,
+        server["log"],
+        ROOT / "app.py",
+        ROOT / "spectral_diffusion" / "library" / "store.py",
+        Path("/etc/passwd"),
+        Path("/proc/self/environ"),
+        f"{cache}/../library/resident/adapter.safetensors",
+        f"{cache}/../server.log",
+        "../../../../etc/passwd",
+        "..%2f..%2f..%2fetc%2fpasswd",
+        f"{urllib.parse.quote(str(library_adapter))}",
+        f"http://127.0.0.1:{server['port']}/config",
+        "file:///etc/passwd",
     ]
     refused = 0
     for target in forbidden:
@@ -261,8 +294,18 @@ def test_downloads_serve_only_what_the_app_handed_out(server, tmp_path):
 # ----- names and overwrites -------------------------------------------------------------------------
 
 
-ESCAPING_NAMES = ["../evil", "..", "/tmp/evil", "..\\evil", "%2e%2e%2fevil", ".hidden", "con", "evil\x00",
-                  "resident/../../evil", "~/evil"]
+ESCAPING_NAMES = [
+    "../evil",
+    "..",
+    "/tmp/evil",
+    "..\\evil",
+    "%2e%2e%2fevil",
+    ".hidden",
+    "con",
+    "evil\x00",
+    "resident/../../evil",
+    "~/evil",
+]
 
 
 def test_concept_names_cannot_escape_the_library(server, tmp_path):
@@ -315,8 +358,10 @@ def test_uploads_cannot_overwrite_existing_concepts(server, tmp_path):
             client.predict(*args, api_name=endpoint)
     # a raw upload whose file name tries to climb into the library lands in gradio's cache, renamed
     http = login(server)
-    response = http.post("gradio_api/upload", files={"files": ("../../library/resident/adapter.safetensors",
-                                                               io.BytesIO(b"overwritten?"))})
+    response = http.post(
+        "gradio_api/upload",
+        files={"files": ("../../library/resident/adapter.safetensors", io.BytesIO(b"overwritten?"))},
+    )
     assert response.status_code == 200
     (stored,) = response.json()
     assert Path(stored).resolve().is_relative_to(Path(server["cache"]).resolve()), stored

@@ -79,6 +79,7 @@ class FailingWrites:
                 if writing(mode) and not isinstance(file, int):
                     check("open", file)
                 return real(file, mode, *args, **kwargs)
+
             return patched
 
         def os_open(path, flags, *args, **kwargs):
@@ -89,10 +90,12 @@ class FailingWrites:
         monkeypatch.setattr(builtins, "open", opener(real_open))
         monkeypatch.setattr(io, "open", opener(real_io_open))
         monkeypatch.setattr(os, "open", os_open)
+
         def failing(name, real):
             def patched(path, *args, **kwargs):
                 check(name, path)
                 return real(path, *args, **kwargs)
+
             return patched
 
         for name in ("mkdir", "replace", "rename", "unlink", "remove", "rmdir", "chmod", "truncate"):
@@ -104,8 +107,9 @@ class FailingWrites:
                 self.count += 1
                 if self.count == self.fail_at:
                     self.failed = f"safetensors {filename}"
-                    raise Exception(f"Error while serializing: I/O error: {os.strerror(self.code)} "
-                                    f"(os error {self.code})")
+                    raise Exception(
+                        f"Error while serializing: I/O error: {os.strerror(self.code)} (os error {self.code})"
+                    )
                 return real(tensors, filename, metadata=metadata)
 
             monkeypatch.setattr(module, "save_file", save_file)
@@ -121,8 +125,14 @@ def _pictures():
 def _checkpoint(library: Library, out: Path):
     from spectral_diffusion.training.config import TrainConfig
 
-    config = TrainConfig(name="cat", rank=RANK, slot=1, steps=4, checkpoint_every=1,
-                         checkpoint_dir=str(library.root / ".checkpoints" / "cat"))
+    config = TrainConfig(
+        name="cat",
+        rank=RANK,
+        slot=1,
+        steps=4,
+        checkpoint_every=1,
+        checkpoint_dir=str(library.root / ".checkpoints" / "cat"),
+    )
     param = torch.nn.Parameter(torch.ones(3, 2))
     optimizer = torch.optim.AdamW([param])
     param.grad = torch.ones(3, 2)
@@ -137,8 +147,9 @@ def _fused_lora(library: Library, out: Path):
 
 
 def _svd_cache(library: Library, out: Path):
-    svd_module.SvdCache(out / "svd").save("fp", {"layer": svd_module.Triplets(torch.ones(4, 2), torch.ones(2),
-                                                                            torch.ones(3, 2))})
+    svd_module.SvdCache(out / "svd").save(
+        "fp", {"layer": svd_module.Triplets(torch.ones(4, 2), torch.ones(2), torch.ones(3, 2))}
+    )
 
 
 def _save_images(library: Library, out: Path):
@@ -149,16 +160,24 @@ def _save_images(library: Library, out: Path):
 
 OPERATIONS = {
     # name: (action(library, out folder, cat adapter file), concepts after success, needs "cat" in the library)
-    "add with images and preview": (lambda lib, out, cat: lib.add(make_adapter("cat", 1), _pictures(),
-                                                                    Image.new("RGB", (16, 16))), {"dog": 0, "cat": 1}),
+    "add with images and preview": (
+        lambda lib, out, cat: lib.add(make_adapter("cat", 1), _pictures(), Image.new("RGB", (16, 16))),
+        {"dog": 0, "cat": 1},
+    ),
     "import": (lambda lib, out, cat: lib.import_file(cat), {"dog": 0, "cat": 1}),
-    "overwrite": (lambda lib, out, cat: lib.add(dataclasses.replace(make_adapter("dog", 0, seed=3)), overwrite=True),
-                  {"dog": 0}),
+    "overwrite": (
+        lambda lib, out, cat: lib.add(dataclasses.replace(make_adapter("dog", 0, seed=3)), overwrite=True),
+        {"dog": 0},
+    ),
     "delete": (lambda lib, out, cat: lib.delete("dog"), {}),
     "reservation": (lambda lib, out, cat: lib.reserve("cat", *_fp_rank_capacity()).__enter__(), {"dog": 0}),
     "export": (lambda lib, out, cat: lib.export_file("dog", out / "dog.safetensors"), {"dog": 0}),
-    "fused bundle": (lambda lib, out, cat: bundle_module.write_bundle(
-        {"dog": lib.adapter("dog"), "cat": make_adapter("cat", 1)}, out / "fused.safetensors"), {"dog": 0}),
+    "fused bundle": (
+        lambda lib, out, cat: bundle_module.write_bundle(
+            {"dog": lib.adapter("dog"), "cat": make_adapter("cat", 1)}, out / "fused.safetensors"
+        ),
+        {"dog": 0},
+    ),
     "fused LoRA export": (lambda lib, out, cat: _fused_lora(lib, out), {"dog": 0, "cat": 1}),
     "training checkpoint": (lambda lib, out, cat: _checkpoint(lib, out), {"dog": 0}),
     "SVD cache": (lambda lib, out, cat: _svd_cache(lib, out), {"dog": 0}),
@@ -218,8 +237,9 @@ def _assert_consistent(root: Path, before: dict, expected_after: dict[str, int],
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("operation", list(OPERATIONS))
-def test_every_write_failing_gives_a_clear_error_and_leaves_nothing_half_written(operation, template, tmp_path,
-                                                                                monkeypatch):
+def test_every_write_failing_gives_a_clear_error_and_leaves_nothing_half_written(
+    operation, template, tmp_path, monkeypatch
+):
     action, after = OPERATIONS[operation]
     if operation == "fused LoRA export":
         after = {"dog": 0, "cat": 1}
@@ -252,8 +272,9 @@ def test_every_write_failing_gives_a_clear_error_and_leaves_nothing_half_written
                     assert isinstance(error, SpectralDiffusionError) and error.errno == code
                 except Exception as error:  # noqa: BLE001 - anything else is a failure; say where
                     TALLY["failures"] += 1
-                    raise AssertionError(f"{operation}: {fault} at write {index} ({failing.failed}) gave "
-                                         f"{type(error).__name__}: {error}") from error
+                    raise AssertionError(
+                        f"{operation}: {fault} at write {index} ({failing.failed}) gave {type(error).__name__}: {error}"
+                    ) from error
             TALLY["injected"] += 1
             TALLY["refused" if refused else "succeeded"] += 1
             outcomes.append((index, fault, failing.failed, refused))
@@ -263,7 +284,9 @@ def test_every_write_failing_gives_a_clear_error_and_leaves_nothing_half_written
                     from spectral_diffusion.library.reservations import drop_reservation
 
                     drop_reservation(root / ".reservations", held)
-            _assert_consistent(root, before, after, refused, f"{operation}, {fault} at write {index} ({failing.failed})")
+            _assert_consistent(
+                root, before, after, refused, f"{operation}, {fault} at write {index} ({failing.failed})"
+            )
             if refused:  # with the fault gone, the same operation works
                 action(Library(root), out, template["cat"])
     if operation == "SVD cache":  # only saves time: a failed write is a warning, the work goes on

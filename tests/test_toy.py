@@ -57,9 +57,11 @@ def test_toy_draws_the_colour_shape_and_background_it_is_told(toy_pipe, reader):
         assert images[0].size == (32, 32)
         read = classifier.read(reader, images)
         for i in range(2):
-            hits += (scenes.SHAPES[int(read["shape"][i].argmax())] == shape) + (
-                classifier.COLOUR_NAMES[int(read["colour"][i].argmax())] == colour) + (
-                classifier.BACKGROUND_NAMES[int(read["background"][i].argmax())] == background)
+            hits += (
+                (scenes.SHAPES[int(read["shape"][i].argmax())] == shape)
+                + (classifier.COLOUR_NAMES[int(read["colour"][i].argmax())] == colour)
+                + (classifier.BACKGROUND_NAMES[int(read["background"][i].argmax())] == background)
+            )
     assert hits >= 15  # of 18 readings; a model that ignores its prompt gets about 5
 
 
@@ -85,7 +87,9 @@ def test_an_adapter_trained_on_an_earlier_toy_model_is_refused_by_name(models_ho
     old = read_adapter(Path(__file__).parent / "data" / f"toy-{old_model}-heart.safetensors")
     assert old.base_model == "builtin:toy"
     studio = Studio("builtin:toy")
-    with pytest.raises(BaseModelMismatchError, match="concept 'heart', made for builtin:toy .*cannot be loaded into builtin:toy"):
+    with pytest.raises(
+        BaseModelMismatchError, match="concept 'heart', made for builtin:toy .*cannot be loaded into builtin:toy"
+    ):
         studio.load_concept("heart", old)
     assert "heart" not in studio.adapters.concepts
 
@@ -105,8 +109,22 @@ def test_pretraining_checkpoints_resume_and_export_a_loadable_pipeline(tmp_path)
     from toy import pretrain
 
     work, out = tmp_path / "work", tmp_path / "model"
-    args = ["--work", str(work), "--export", str(out), "--scenes", "48", "--vae-steps", "2", "--threads", "2",
-            "--steps", "6", "--warmup", "2"]
+    args = [
+        "--work",
+        str(work),
+        "--export",
+        str(out),
+        "--scenes",
+        "48",
+        "--vae-steps",
+        "2",
+        "--threads",
+        "2",
+        "--steps",
+        "6",
+        "--warmup",
+        "2",
+    ]
     pretrain.main([*args, "--minutes", "0.001"])  # stops early, after at least one step
     first = json.loads((work / "diffusion" / "state.json").read_text())
     assert 1 <= first["step"] < 6 and json.loads((work / "vae" / "state.json").read_text())["step"] == 2
@@ -123,15 +141,32 @@ def test_pretraining_checkpoints_resume_and_export_a_loadable_pipeline(tmp_path)
 
     # continued elsewhere from the export alone: same VAE and step count, the rate warmed up again
     again = tmp_path / "again"
-    pretrain.main(["--work", str(again), "--export", str(tmp_path / "model2"), "--scenes", "48", "--threads", "2",
-                   "--steps", "8", "--warmup", "2", "--restart-from", str(out)])
+    pretrain.main(
+        [
+            "--work",
+            str(again),
+            "--export",
+            str(tmp_path / "model2"),
+            "--scenes",
+            "48",
+            "--threads",
+            "2",
+            "--steps",
+            "8",
+            "--warmup",
+            "2",
+            "--restart-from",
+            str(out),
+        ]
+    )
     state = json.loads((again / "diffusion" / "state.json").read_text())
     assert state["step"] == 8 and state["restarted_at"] == 6 and state["losses"][:6] == second["losses"]
     record = json.loads((tmp_path / "model2" / "training.json").read_text())
     assert record["restarted_at"] == 6 and record["restarted_from"]["diffusion_steps"] == 6
     vae_before = pipe.vae.state_dict()
-    vae_after = StableDiffusionPipeline.from_pretrained(tmp_path / "model2", local_files_only=True,
-                                                        safety_checker=None).vae.state_dict()
+    vae_after = StableDiffusionPipeline.from_pretrained(
+        tmp_path / "model2", local_files_only=True, safety_checker=None
+    ).vae.state_dict()
     assert all(torch.equal(vae_before[k], vae_after[k]) for k in vae_before)
     with pytest.raises(SystemExit, match="already holds checkpoints"):
         pretrain.main(["--work", str(again), "--export", str(tmp_path / "model3"), "--restart-from", str(out)])
@@ -168,8 +203,11 @@ def test_the_sweep_prefers_finished_variants_and_scales_recipes():
     from toy import pretrain, sweep
 
     def result(name, held, finished):
-        return {"name": name, "finished": finished,
-                "snapshots": [{"held_out": held, "position": 1, "pair_sets": held, "pair_positions": held}]}
+        return {
+            "name": name,
+            "finished": finished,
+            "snapshots": [{"held_out": held, "position": 1, "pair_sets": held, "pair_positions": held}],
+        }
 
     results = {"a": result("a", 0.9, False), "b": result("b", 0.5, True), "c": {"name": "c"}}
     assert sweep.best(results) == "b"

@@ -45,8 +45,17 @@ def make_images(folder: Path, count: int = 4) -> Path:
 
 def config(**changes) -> TrainConfig:
     settings = {
-        "name": "dot", "class_word": "dog", "rank": 4, "slot": 1, "steps": STEPS, "resolution": 32,
-        "lr_unet": 1e-3, "lr_text": 1e-4, "lr_embedding": 1e-2, "preview_steps": 2, "seed": 3,
+        "name": "dot",
+        "class_word": "dog",
+        "rank": 4,
+        "slot": 1,
+        "steps": STEPS,
+        "resolution": 32,
+        "lr_unet": 1e-3,
+        "lr_text": 1e-4,
+        "lr_embedding": 1e-2,
+        "preview_steps": 2,
+        "seed": 3,
     }
     settings.update(changes)
     return TrainConfig(**settings)
@@ -252,8 +261,14 @@ def test_prior_preservation_min_snr_v_prediction_and_accumulation(tiny_pipe, ima
     tiny_pipe.scheduler = DDIMScheduler.from_config(tiny_pipe.scheduler.config, prediction_type="v_prediction")
     class_dir = tmp_path / "class-images"
     run = config(
-        steps=2, prior_preservation=True, num_class_images=2, class_inference_steps=2,
-        class_images_dir=str(class_dir), min_snr_gamma=5.0, gradient_accumulation=2, batch_size=1,
+        steps=2,
+        prior_preservation=True,
+        num_class_images=2,
+        class_inference_steps=2,
+        class_images_dir=str(class_dir),
+        min_snr_gamma=5.0,
+        gradient_accumulation=2,
+        batch_size=1,
     )
     result = train_concept(tiny_pipe, images, run)
     assert sorted(p.name for p in class_dir.iterdir()) == ["class-0000.png", "class-0001.png"]
@@ -342,8 +357,16 @@ def test_two_process_data_parallel_run_gives_identical_adapters(models_home, ima
         "HF_HUB_OFFLINE": "1",
     }
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(REPO / "tests" / "dist_train_worker.py"), str(images), str(tmp_path), "3",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(REPO / "tests" / "dist_train_worker.py"),
+        str(images),
+        str(tmp_path),
+        "3",
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -378,8 +401,7 @@ def test_masked_loss_is_the_plain_loss_with_a_white_mask_and_weights_the_backgro
     error = (pred - target) ** 2
     assert torch.allclose(per_example_loss(pred, target, weights), (error * weights).mean(dim=(1, 2, 3)))
     background_only = torch.zeros(2, 1, 32, 32)
-    assert torch.allclose(per_example_loss(pred, target, latent_weights(background_only, (4, 4), 0.25)),
-                          0.25 * plain)
+    assert torch.allclose(per_example_loss(pred, target, latent_weights(background_only, (4, 4), 0.25)), 0.25 * plain)
 
 
 def test_masks_config_defaults_and_validation(tmp_path):
@@ -387,8 +409,12 @@ def test_masks_config_defaults_and_validation(tmp_path):
     assert config(mask_dir=str(tmp_path)).background_loss_weight == 0.1
     assert config(mask_dir=str(tmp_path), background_weight=0.3).background_loss_weight == 0.3
     assert "mask_dir" not in config(mask_dir=str(tmp_path)).to_json()  # a local path, not recorded
-    for changes, message in (({"background_weight": 2.0}, "background_weight"), ({"augment_p": -1}, "augment_p"),
-                             ({"augment_min_scale": 0.01}, "augment scales"), ({"lr_scale": "x"}, "lr_scale")):
+    for changes, message in (
+        ({"background_weight": 2.0}, "background_weight"),
+        ({"augment_p": -1}, "augment_p"),
+        ({"augment_min_scale": 0.01}, "augment scales"),
+        ({"lr_scale": "x"}, "lr_scale"),
+    ):
         with pytest.raises(ValueError, match=message):
             config(**changes)
 
@@ -484,11 +510,13 @@ def test_a_rank_deficient_layer_takes_its_last_slot_out_of_the_capacity(tiny_pip
     library, files = Library(tmp_path / "lib"), sorted(images.iterdir())
     request = TrainRequest("dot", images, class_word="dog", rank=4, steps=2, resolution=32, slot=7)
     with pytest.raises(SlotConflictError, match="slot 7 does not exist at rank 4: this base model has 7 slots"):
-        train_into_library(library, tiny_pipe, request, files, model="builtin:tiny", fingerprint=fingerprint,
-                           capacity=capacity)
+        train_into_library(
+            library, tiny_pipe, request, files, model="builtin:tiny", fingerprint=fingerprint, capacity=capacity
+        )
     request.slot = 6  # the last usable slot trains, and the library's slot map knows the capacity
-    record, _ = train_into_library(library, tiny_pipe, request, files, model="builtin:tiny",
-                                   fingerprint=fingerprint, capacity=capacity)
+    record, _ = train_into_library(
+        library, tiny_pipe, request, files, model="builtin:tiny", fingerprint=fingerprint, capacity=capacity
+    )
     assert record.slot == 6 and record.metadata["smallest_dim"] == 28
     assert library.slot_report(fingerprint, 4).capacity == 7
     loaded = SpectralAdapters.from_pipeline(tiny_pipe)
@@ -511,8 +539,11 @@ def test_resume_refuses_a_checkpoint_of_other_photos_or_captions(tiny_pipe, imag
 
     resume = config(steps=6, checkpoint_every=1, checkpoint_dir=str(checkpoints), resume=True)
     other = make_images(tmp_path / "other", 3)
-    with pytest.raises(CheckpointError, match=r"other training images or captions \(4 images then, 3 now\).*"
-                                              "without --resume"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"other training images or captions \(4 images then, 3 now\).*"
+        "without --resume",
+    ):
         train_concept(tiny_pipe, other, resume)
     captioned = tmp_path / "captioned"
     captioned.mkdir()

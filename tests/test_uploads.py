@@ -43,8 +43,9 @@ FIGURES = {"refused": 0, "converted": 0, "failures": 0}
 @pytest.fixture(scope="module", autouse=True)
 def figures():
     yield
-    record_stats("uploads", refused_kinds=FIGURES["refused"], converted_kinds=FIGURES["converted"],
-                 failures=FIGURES["failures"])
+    record_stats(
+        "uploads", refused_kinds=FIGURES["refused"], converted_kinds=FIGURES["converted"], failures=FIGURES["failures"]
+    )
 
 
 def picture(size=(64, 64), colour=(200, 30, 30)) -> Image.Image:
@@ -108,14 +109,22 @@ def _refused_inputs(folder: Path) -> dict[str, tuple[list[Path] | Path, str]]:
     (linked / "b.png").symlink_to(secret)
     cases["folder with a symlink leading out"] = (linked, "b.png is a symbolic link to a file outside the image folder")
 
-    cases["header-only bomb 30000x30000"] = ([good, png_bomb(folder / "declared.png", 30000, 30000, rows=2)],
-                                             "enormous size|megapixels")
-    cases["real bomb 10000x10000 (100 MP)"] = ([good, png_bomb(folder / "bomb.png", 10000, 10000)],
-                                               "enormous size|megapixels")
-    cases["70 megapixels"] = ([good, png_bomb(folder / "huge.png", 10000, 7000, rows=2)],
-                              "is 10000x7000, more than 64 megapixels")
-    cases["one file over the size limit"] = ([good, sparse(folder / "big.png", MAX_FILE_BYTES + 2**20)],
-                                             "big.png is 65 MB, more than the 64 MB one image may have")
+    cases["header-only bomb 30000x30000"] = (
+        [good, png_bomb(folder / "declared.png", 30000, 30000, rows=2)],
+        "enormous size|megapixels",
+    )
+    cases["real bomb 10000x10000 (100 MP)"] = (
+        [good, png_bomb(folder / "bomb.png", 10000, 10000)],
+        "enormous size|megapixels",
+    )
+    cases["70 megapixels"] = (
+        [good, png_bomb(folder / "huge.png", 10000, 7000, rows=2)],
+        "is 10000x7000, more than 64 megapixels",
+    )
+    cases["one file over the size limit"] = (
+        [good, sparse(folder / "big.png", MAX_FILE_BYTES + 2**20)],
+        "big.png is 65 MB, more than the 64 MB one image may have",
+    )
     many = [sparse(folder / f"part-{i}.png", 60 * 2**20) for i in range(MAX_TOTAL_BYTES // (60 * 2**20) + 1)]
     cases["total over the size limit"] = (many, "images in the given list add up to 540 MB, more than 512 MB")
     cases["missing file"] = ([good, folder / "missing.png"], "missing.png does not exist")

@@ -47,12 +47,24 @@ class SceneClassifier(nn.Module):
         super().__init__()
 
         def block(cin, cout):
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU(),
-                                 nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU())
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1),
+                nn.GroupNorm(8, cout),
+                nn.SiLU(),
+                nn.Conv2d(cout, cout, 3, padding=1),
+                nn.GroupNorm(8, cout),
+                nn.SiLU(),
+            )
 
         # No global pooling: where an edge is matters for telling a small star from a small diamond.
-        self.features = nn.Sequential(block(3, width), nn.MaxPool2d(2), block(width, 2 * width), nn.MaxPool2d(2),
-                                      block(2 * width, 2 * width), nn.Flatten())
+        self.features = nn.Sequential(
+            block(3, width),
+            nn.MaxPool2d(2),
+            block(width, 2 * width),
+            nn.MaxPool2d(2),
+            block(2 * width, 2 * width),
+            nn.Flatten(),
+        )
         side = scenes.IMAGE_SIZE // 4
         self.hidden = nn.Sequential(nn.Linear(2 * width * side * side, 256), nn.SiLU())
         self.shape_head = nn.Linear(256, len(scenes.SHAPES))
@@ -67,11 +79,15 @@ class SceneClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.hidden(self.features(x))
         slots = len(POSITION_NAMES)
-        return {"shape": self.shape_head(h), "colour": self.colour_head(h), "background": self.background_head(h),
-                "where": self.where_head(h),
-                "shape_at": self.shape_at_head(h).view(-1, slots, len(scenes.SHAPES)),
-                "colour_at": self.colour_at_head(h).view(-1, slots, len(COLOUR_NAMES)),
-                "size_at": self.size_at_head(h).view(-1, slots, len(SIZE_NAMES))}
+        return {
+            "shape": self.shape_head(h),
+            "colour": self.colour_head(h),
+            "background": self.background_head(h),
+            "where": self.where_head(h),
+            "shape_at": self.shape_at_head(h).view(-1, slots, len(scenes.SHAPES)),
+            "colour_at": self.colour_at_head(h).view(-1, slots, len(COLOUR_NAMES)),
+            "size_at": self.size_at_head(h).view(-1, slots, len(SIZE_NAMES)),
+        }
 
 
 def to_input(images) -> torch.Tensor:
@@ -79,8 +95,9 @@ def to_input(images) -> torch.Tensor:
     if isinstance(images, np.ndarray):
         arrays = images
     else:
-        arrays = np.stack([np.asarray(im.convert("RGB").resize((scenes.IMAGE_SIZE,) * 2, Image.BICUBIC))
-                           for im in images])
+        arrays = np.stack(
+            [np.asarray(im.convert("RGB").resize((scenes.IMAGE_SIZE,) * 2, Image.BICUBIC)) for im in images]
+        )
     return torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
@@ -98,13 +115,22 @@ def labels(scene: scenes.Scene) -> dict[str, torch.Tensor]:
         shape_at[slot] = scenes.SHAPES.index(obj.shape)
         colour_at[slot] = COLOUR_NAMES.index(obj.colour)
         size_at[slot] = SIZE_NAMES.index(obj.size)
-    return {"shape": shape, "colour": colour, "background": torch.tensor(BACKGROUND_NAMES.index(scene.background)),
-            "where": where, "shape_at": shape_at, "colour_at": colour_at, "size_at": size_at}
+    return {
+        "shape": shape,
+        "colour": colour,
+        "background": torch.tensor(BACKGROUND_NAMES.index(scene.background)),
+        "where": where,
+        "shape_at": shape_at,
+        "colour_at": colour_at,
+        "size_at": size_at,
+    }
 
 
 def _loosely_placed(scene: scenes.Scene, rng: random.Random) -> scenes.Scene:
-    objects = tuple(replace(o, jitter=(rng.uniform(-READ_JITTER, READ_JITTER), rng.uniform(-READ_JITTER, READ_JITTER)))
-                    for o in scene.objects)
+    objects = tuple(
+        replace(o, jitter=(rng.uniform(-READ_JITTER, READ_JITTER), rng.uniform(-READ_JITTER, READ_JITTER)))
+        for o in scene.objects
+    )
     return replace(scene, objects=objects)
 
 
@@ -118,8 +144,7 @@ def _degrade(image: Image.Image, rng: random.Random) -> np.ndarray:
 
 
 def make_batch(seeds, rng: random.Random):
-    picked = [_loosely_placed(scenes.random_scene(s, shapes=scenes.SHAPES, exclude_held_out=False), rng)
-              for s in seeds]
+    picked = [_loosely_placed(scenes.random_scene(s, shapes=scenes.SHAPES, exclude_held_out=False), rng) for s in seeds]
     images = np.stack([_degrade(scenes.render(s), rng) for s in picked])
     ys = [labels(s) for s in picked]
     return to_input(images), {k: torch.stack([y[k] for y in ys]) for k in ys[0]}
@@ -129,11 +154,13 @@ def loss_fn(out, y):
     def at(name):
         return F.cross_entropy(out[name].flatten(0, 1), y[name].flatten(), ignore_index=-100)
 
-    return (F.binary_cross_entropy_with_logits(out["shape"], y["shape"])
-            + F.binary_cross_entropy_with_logits(out["colour"], y["colour"])
-            + 0.5 * F.cross_entropy(out["background"], y["background"])
-            + F.binary_cross_entropy_with_logits(out["where"], y["where"])
-            + 0.5 * (at("shape_at") + at("colour_at") + at("size_at")))
+    return (
+        F.binary_cross_entropy_with_logits(out["shape"], y["shape"])
+        + F.binary_cross_entropy_with_logits(out["colour"], y["colour"])
+        + 0.5 * F.cross_entropy(out["background"], y["background"])
+        + F.binary_cross_entropy_with_logits(out["where"], y["where"])
+        + 0.5 * (at("shape_at") + at("colour_at") + at("size_at"))
+    )
 
 
 def train(steps: int = 4000, batch: int = 64, lr: float = 2e-3, seed: int = 0) -> SceneClassifier:
@@ -166,14 +193,24 @@ def accuracy(model: SceneClassifier, count: int = 2000, seed: int = 20_000_000) 
     occupied = y["where"] > 0.5
     shape_at_ok = (out["shape_at"].argmax(-1) == y["shape_at"])[occupied].float().mean().item()
     size_at_ok = (out["size_at"].argmax(-1) == y["size_at"])[occupied].float().mean().item()
-    return {"shape_set": shape_ok, "colour_set": colour_ok, "background": background_ok,
-            "positions": where_ok, "shape_at_position": shape_at_ok, "size_at_position": size_at_ok}
+    return {
+        "shape_set": shape_ok,
+        "colour_set": colour_ok,
+        "background": background_ok,
+        "positions": where_ok,
+        "shape_at_position": shape_at_ok,
+        "size_at_position": size_at_ok,
+    }
 
 
 def save(model: SceneClassifier, path: Path, metrics: dict) -> None:
-    meta = {"shapes": json.dumps(scenes.SHAPES), "colours": json.dumps(COLOUR_NAMES),
-            "positions": json.dumps(POSITION_NAMES),
-            "backgrounds": json.dumps(BACKGROUND_NAMES), "metrics": json.dumps(metrics)}
+    meta = {
+        "shapes": json.dumps(scenes.SHAPES),
+        "colours": json.dumps(COLOUR_NAMES),
+        "positions": json.dumps(POSITION_NAMES),
+        "backgrounds": json.dumps(BACKGROUND_NAMES),
+        "metrics": json.dumps(metrics),
+    }
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
 
@@ -184,9 +221,12 @@ def load(path: Path = WEIGHTS) -> SceneClassifier:
         raise FileNotFoundError(f"{path} is missing; train it with: python -m toy.classifier")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
-        if (json.loads(meta.get("shapes", "[]")) != list(scenes.SHAPES)
-                or json.loads(meta.get("positions", "[]")) != list(POSITION_NAMES)):
-            raise ValueError(f"{path} was trained for other shapes or positions; retrain with: python -m toy.classifier")
+        if json.loads(meta.get("shapes", "[]")) != list(scenes.SHAPES) or json.loads(
+            meta.get("positions", "[]")
+        ) != list(POSITION_NAMES):
+            raise ValueError(
+                f"{path} was trained for other shapes or positions; retrain with: python -m toy.classifier"
+            )
         state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
     model = SceneClassifier()
     model.load_state_dict(state)
@@ -199,10 +239,15 @@ def read(model: SceneClassifier, images) -> dict[str, torch.Tensor]:
     ``where`` (independent, N x positions) and, per position, ``shape_at``, ``colour_at`` and ``size_at``
     (softmax, N x positions x classes: what would stand there if something does)."""
     out = model(to_input(images))
-    return {"shape": out["shape"].sigmoid(), "colour": out["colour"].sigmoid(),
-            "background": out["background"].softmax(-1), "where": out["where"].sigmoid(),
-            "shape_at": out["shape_at"].softmax(-1), "colour_at": out["colour_at"].softmax(-1),
-            "size_at": out["size_at"].softmax(-1)}
+    return {
+        "shape": out["shape"].sigmoid(),
+        "colour": out["colour"].sigmoid(),
+        "background": out["background"].softmax(-1),
+        "where": out["where"].sigmoid(),
+        "shape_at": out["shape_at"].softmax(-1),
+        "colour_at": out["colour_at"].softmax(-1),
+        "size_at": out["size_at"].softmax(-1),
+    }
 
 
 def main(argv=None) -> None:

@@ -41,8 +41,13 @@ def single_captions(held: bool) -> list[tuple[str, str, str]]:
 
 
 def _seen_triples() -> list[tuple[str, str, str]]:
-    return [(c, s, b) for s in scenes.PRETRAIN_SHAPES for c in scenes.COLOURS for b in scenes.BACKGROUNDS
-            if not scenes.held_out(c, s, b)]
+    return [
+        (c, s, b)
+        for s in scenes.PRETRAIN_SHAPES
+        for c in scenes.COLOURS
+        for b in scenes.BACKGROUNDS
+        if not scenes.held_out(c, s, b)
+    ]
 
 
 def _name(names, probabilities) -> str:
@@ -58,9 +63,13 @@ def single_scores(model, triples, images_per_caption):
     for (colour, shape, background), images in zip(triples, images_per_caption, strict=True):
         read = classifier.read(model, images)
         for i in range(len(images)):
-            results.append((_name(scenes.SHAPES, read["shape"][i]) == shape,
-                            _name(classifier.COLOUR_NAMES, read["colour"][i]) == colour,
-                            _name(classifier.BACKGROUND_NAMES, read["background"][i]) == background))
+            results.append(
+                (
+                    _name(scenes.SHAPES, read["shape"][i]) == shape,
+                    _name(classifier.COLOUR_NAMES, read["colour"][i]) == colour,
+                    _name(classifier.BACKGROUND_NAMES, read["background"][i]) == background,
+                )
+            )
     return _rates(results, ("shape", "colour", "background"))
 
 
@@ -86,8 +95,10 @@ def position_captions() -> list[tuple[str, str, str, str, str]]:
 
 
 def position_prompts(captions) -> list[str]:
-    return [f"a {size} {colour} {shape} {scenes.POSITION_PHRASES[position]} on a {background} background"
-            for size, colour, shape, position, background in captions]
+    return [
+        f"a {size} {colour} {shape} {scenes.POSITION_PHRASES[position]} on a {background} background"
+        for size, colour, shape, position, background in captions
+    ]
 
 
 def position_scores(model, captions, images_per_caption):
@@ -97,10 +108,14 @@ def position_scores(model, captions, images_per_caption):
         read = classifier.read(model, images)
         slot = classifier.POSITION_NAMES.index(position)
         for i in range(len(images)):
-            results.append((_name(scenes.SHAPES, read["shape"][i]) == shape,
-                            _name(classifier.COLOUR_NAMES, read["colour"][i]) == colour,
-                            _name(classifier.POSITION_NAMES, read["where"][i]) == position,
-                            _name(classifier.SIZE_NAMES, read["size_at"][i, slot]) == size))
+            results.append(
+                (
+                    _name(scenes.SHAPES, read["shape"][i]) == shape,
+                    _name(classifier.COLOUR_NAMES, read["colour"][i]) == colour,
+                    _name(classifier.POSITION_NAMES, read["where"][i]) == position,
+                    _name(classifier.SIZE_NAMES, read["size_at"][i, slot]) == size,
+                )
+            )
     rates = _rates(results, ("shape", "colour", "position", "size"))
     seeds = len(images_per_caption[0])
     rates["position_by_word"] = {
@@ -128,8 +143,11 @@ def pair_captions(count_per_layout: int = 10) -> list[tuple[tuple[str, str, str]
 
 
 def pair_prompts(captions) -> list[str]:
-    return [f"a {ca} {a} {scenes.POSITION_PHRASES[pa]} and a {cb} {b} {scenes.POSITION_PHRASES[pb]}"
-            f" on a {background} background" for (ca, a, pa), (cb, b, pb), background in captions]
+    return [
+        f"a {ca} {a} {scenes.POSITION_PHRASES[pa]} and a {cb} {b} {scenes.POSITION_PHRASES[pb]}"
+        f" on a {background} background"
+        for (ca, a, pa), (cb, b, pb), background in captions
+    ]
 
 
 def pair_scores(model, captions, images_per_caption) -> dict[str, float]:
@@ -139,9 +157,11 @@ def pair_scores(model, captions, images_per_caption) -> dict[str, float]:
         for i in range(len(images)):
             shapes_seen = {s for k, s in enumerate(scenes.SHAPES) if read["shape"][i, k] > 0.5}
             colours_seen = {c for k, c in enumerate(classifier.COLOUR_NAMES) if read["colour"][i, k] > 0.5}
-            placed = all(read["where"][i, classifier.POSITION_NAMES.index(p)] > 0.5
-                         and _name(scenes.SHAPES, read["shape_at"][i, classifier.POSITION_NAMES.index(p)]) == s
-                         for s, p in ((a, pa), (b, pb)))
+            placed = all(
+                read["where"][i, classifier.POSITION_NAMES.index(p)] > 0.5
+                and _name(scenes.SHAPES, read["shape_at"][i, classifier.POSITION_NAMES.index(p)]) == s
+                for s, p in ((a, pa), (b, pb))
+            )
             results.append((shapes_seen == {a, b}, colours_seen == {ca, cb}, placed))
             layouts.append(pa)
     rates = _rates(results, ("shape", "colour", "positions"))
@@ -158,24 +178,37 @@ def draw(pipe, prompts: list[str], seeds: int, steps: int, guidance: float, seed
     ``seeds`` noise latents, the ones ``generate(pipe, prompt, seeds, ..., seed=seed)`` would draw, so the
     images are those of one call per prompt, made several times faster."""
     side = scenes.IMAGE_SIZE // pipe.vae_scale_factor
-    noise = torch.randn((seeds, pipe.unet.config.in_channels, side, side), generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn(
+        (seeds, pipe.unet.config.in_channels, side, side), generator=torch.Generator().manual_seed(seed)
+    )
     out = []
     for start in range(0, len(prompts), chunk):
-        part = prompts[start:start + chunk]
+        part = prompts[start : start + chunk]
         with torch.no_grad():
-            latents = pipe(prompt=part, num_images_per_prompt=seeds, num_inference_steps=steps,
-                           guidance_scale=guidance, height=scenes.IMAGE_SIZE, width=scenes.IMAGE_SIZE,
-                           latents=noise.repeat(len(part), 1, 1, 1).to(pipe.device), output_type="latent").images
+            latents = pipe(
+                prompt=part,
+                num_images_per_prompt=seeds,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                height=scenes.IMAGE_SIZE,
+                width=scenes.IMAGE_SIZE,
+                latents=noise.repeat(len(part), 1, 1, 1).to(pipe.device),
+                output_type="latent",
+            ).images
         images = decode_latents(pipe, latents)
-        out.extend(images[k * seeds:(k + 1) * seeds] for k in range(len(part)))
+        out.extend(images[k * seeds : (k + 1) * seeds] for k in range(len(part)))
     return out
 
 
 def evaluate(pipe, model, seeds: int = 4, steps: int = 25, guidance: float = 5.0) -> tuple[dict, dict]:
     """Every row of the report, and the images of the held-out and positioned captions (for the grids)."""
     settings = (seeds, steps, guidance)
-    held, seen, placed, pairs = (single_captions(held=True), single_captions(held=False), position_captions(),
-                                 pair_captions())
+    held, seen, placed, pairs = (
+        single_captions(held=True),
+        single_captions(held=False),
+        position_captions(),
+        pair_captions(),
+    )
     held_images = draw(pipe, single_prompts(held), *settings)
     placed_images = draw(pipe, position_prompts(placed), *settings)
     report = {
@@ -226,8 +259,7 @@ def scenes_sheet(count: int = 8, scale: int = 4) -> Image.Image:
     for k in range(count):
         scene = scenes.random_scene(k + 3)
         sheet.paste(scenes.render(scene).resize((cell, cell), Image.NEAREST), (k * width, 0))
-        pen.multiline_text((k * width, cell + 2), "\n".join(textwrap.wrap(scene.caption, 22)), fill="black",
-                           spacing=1)
+        pen.multiline_text((k * width, cell + 2), "\n".join(textwrap.wrap(scene.caption, 22)), fill="black", spacing=1)
     return sheet
 
 
@@ -277,14 +309,20 @@ def main(argv=None) -> None:
     rows, grids = evaluate(pipe, model, args.seeds, args.steps, args.guidance)
     report = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, **rows}
     if args.device == "cpu":  # the time that matters is a CPU's
-        report["seconds_per_image"] = {"threads": args.threads, "steps": args.steps,
-                                       "median": seconds_per_image(pipe, args.steps, args.guidance)}
+        report["seconds_per_image"] = {
+            "threads": args.threads,
+            "steps": args.steps,
+            "median": seconds_per_image(pipe, args.steps, args.guidance),
+        }
     (held, held_images), (placed, placed_images) = grids["held"], grids["placed"]
     args.out.mkdir(parents=True, exist_ok=True)
     grid([f"{c} {s} / {b}" for c, s, b in held], held_images).save(args.out / "toy-heldout.png")
     large = [k for k, c in enumerate(placed) if c[0] == "large"]
-    grid([f"{placed[k][2]} {placed[k][3]}" for k in large], [placed_images[k] for k in large],
-         columns=len(scenes.POSITIONS)).save(args.out / "toy-positions.png")
+    grid(
+        [f"{placed[k][2]} {placed[k][3]}" for k in large],
+        [placed_images[k] for k in large],
+        columns=len(scenes.POSITIONS),
+    ).save(args.out / "toy-positions.png")
     scenes_sheet().save(args.out / "toy-scenes.png")
     folder = Path(pipe.name_or_path) if getattr(pipe, "name_or_path", None) else None
     if folder and (folder / "training.json").exists():

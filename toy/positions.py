@@ -56,23 +56,34 @@ def caption_statistics(count: int = 4000, keep: scenes.CaptionMix | None = None)
             pairs += 1
             first = min(said, key=lambda p: text.index(scenes.POSITION_PHRASES[p]))
             pairs_first += first in ("left", "top")
-    return {"objects_with_position_named": named / objects, "named_pairs_listing_left_or_top_first": pairs_first / pairs}
+    return {
+        "objects_with_position_named": named / objects,
+        "named_pairs_listing_left_or_top_first": pairs_first / pairs,
+    }
 
 
 @torch.no_grad()
 def text_encoder_contrast(pipe) -> dict[str, float]:
     """Relative change of the text encoding from swapping the position word vs the colour word."""
+
     def encode(prompt):
-        ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
+        ids = pipe.tokenizer(
+            prompt,
+            padding="max_length",
+            max_length=pipe.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         return pipe.text_encoder(ids)[0][0]
 
     base = encode(PROBE_PROMPTS["left"])
     position = encode(PROBE_PROMPTS["right"])
     colour = encode(PROBE_PROMPTS["left"].replace("red", "blue"))
     scale = base.norm()
-    return {"position_word_swap": float((position - base).norm() / scale),
-            "colour_word_swap": float((colour - base).norm() / scale)}
+    return {
+        "position_word_swap": float((position - base).norm() / scale),
+        "colour_word_swap": float((colour - base).norm() / scale),
+    }
 
 
 @torch.no_grad()
@@ -82,10 +93,13 @@ def layout_left_in_noise(pipe, count: int = 400) -> dict[str, float]:
 
     rng = random.Random(5)
     shapes, colours, backgrounds = scenes.PRETRAIN_SHAPES, list(scenes.COLOURS), list(scenes.BACKGROUNDS)
-    objects = [(rng.choice(shapes), rng.choice(colours), rng.choice(backgrounds), rng.choice(("left", "right")))
-               for _ in range(count)]
-    pictures = [scenes.render(scenes.Scene((scenes.SceneObject(s, c, "large", "solid", p),), b))
-                for s, c, b, p in objects]
+    objects = [
+        (rng.choice(shapes), rng.choice(colours), rng.choice(backgrounds), rng.choice(("left", "right")))
+        for _ in range(count)
+    ]
+    pictures = [
+        scenes.render(scenes.Scene((scenes.SceneObject(s, c, "large", "solid", p),), b)) for s, c, b, p in objects
+    ]
     x = torch.from_numpy(np.stack([np.asarray(im) for im in pictures])).permute(0, 3, 1, 2).float() / 127.5 - 1
     latents = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
     left = torch.tensor([o[3] == "left" for o in objects])
@@ -135,19 +149,33 @@ def _images(pipe, prompt: str, seeds: range, steps: int, guidance: float, first_
     if first_step_only:
         # the first DDIM step's prediction of the clean image (the scheduler exposes it as pred_original_sample)
         pipe.scheduler.set_timesteps(steps)
-        latents = torch.randn((len(seeds), pipe.unet.config.in_channels, pipe.unet.config.sample_size,
-                               pipe.unet.config.sample_size), generator=generator)
+        latents = torch.randn(
+            (len(seeds), pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size),
+            generator=generator,
+        )
         t = pipe.scheduler.timesteps[0]
-        ids = pipe.tokenizer([prompt, ""], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
+        ids = pipe.tokenizer(
+            [prompt, ""],
+            padding="max_length",
+            max_length=pipe.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         cond, uncond = pipe.text_encoder(ids)[0].split(1)
         eps_c = pipe.unet(latents, t, cond.expand(len(seeds), -1, -1)).sample
         eps_u = pipe.unet(latents, t, uncond.expand(len(seeds), -1, -1)).sample
         eps = eps_u + guidance * (eps_c - eps_u)
         x0 = pipe.scheduler.step(eps, t, latents).pred_original_sample
         return decode_latents(pipe, x0)
-    out = pipe(prompt=[prompt] * len(seeds), num_inference_steps=steps, guidance_scale=guidance, height=size,
-               width=size, generator=generator, output_type="latent").images
+    out = pipe(
+        prompt=[prompt] * len(seeds),
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        height=size,
+        width=size,
+        generator=generator,
+        output_type="latent",
+    ).images
     return decode_latents(pipe, out)
 
 
@@ -158,8 +186,9 @@ def prompt_or_noise(pipe, seeds: int = 8, steps: int = 25, guidance: float = 5.0
         centres = {}
         for word, prompt in PROBE_PROMPTS.items():
             # one seed per image, so that image k of every prompt starts from the same noise
-            centres[word] = [object_centre(_images(pipe, prompt, range(s, s + 1), steps, guidance, first)[0])
-                             for s in range(seeds)]
+            centres[word] = [
+                object_centre(_images(pipe, prompt, range(s, s + 1), steps, guidance, first)[0]) for s in range(seeds)
+            ]
         report[stage] = _separation(centres)
     return report
 
@@ -176,10 +205,14 @@ def _separation(centres) -> dict[str, float]:
     horizontal, horizontal_spread = axis(("left", "right"), 0)
     vertical, vertical_spread = axis(("top", "bottom"), 1)
     same_seed = [abs(a[0] - b[0]) for a, b in zip(centres["left"], centres["right"], strict=True) if a and b]
-    return {"left_right_shift": horizontal, "left_right_seed_spread": horizontal_spread,
-            "top_bottom_shift": vertical, "top_bottom_seed_spread": vertical_spread,
-            "named_shift_wanted": 0.5,  # the probe's large objects stand at 0.25 and 0.75 (pushed in from the edge)
-            "same_seed_left_vs_right_distance": float(np.mean(same_seed)) if same_seed else float("nan")}
+    return {
+        "left_right_shift": horizontal,
+        "left_right_seed_spread": horizontal_spread,
+        "top_bottom_shift": vertical,
+        "top_bottom_seed_spread": vertical_spread,
+        "named_shift_wanted": 0.5,  # the probe's large objects stand at 0.25 and 0.75 (pushed in from the edge)
+        "same_seed_left_vs_right_distance": float(np.mean(same_seed)) if same_seed else float("nan"),
+    }
 
 
 def main(argv=None) -> None:
@@ -192,8 +225,12 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
-    report = {"captions_v1": caption_statistics(), "text_encoder": text_encoder_contrast(pipe),
-              "layout_left_in_noise": layout_left_in_noise(pipe), "prompt_or_noise": prompt_or_noise(pipe, args.seeds)}
+    report = {
+        "captions_v1": caption_statistics(),
+        "text_encoder": text_encoder_contrast(pipe),
+        "layout_left_in_noise": layout_left_in_noise(pipe),
+        "prompt_or_noise": prompt_or_noise(pipe, args.seeds),
+    }
     print(json.dumps(report, indent=1))  # noqa: T201 (a command-line report)
 
 

@@ -60,8 +60,15 @@ CAPTION_MIX = scenes.CaptionMix(size=0.7, position=0.85, background=0.8, reorder
 # input is pure noise, so the model learns to place objects from the caption alone. With SD's own schedule
 # a trace of the image survives at t = 999 and v1 learned to read the layout from it, so at sampling time
 # the starting noise decided where an object went (docs/toy.md, "Why positions failed").
-SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                 prediction_type="v_prediction", rescale_betas_zero_snr=True, steps_offset=1)
+SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="v_prediction",
+    rescale_betas_zero_snr=True,
+    steps_offset=1,
+)
 LOSS_CAP = 6.0  # weight of the v loss: 1 at high noise, capped at LOSS_CAP / (snr + 1) at low noise
 
 
@@ -73,15 +80,21 @@ def make_vae():
 
     torch.manual_seed(1)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
-        sample_size=IMAGE_SIZE, scaling_factor=1.0,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=IMAGE_SIZE,
+        scaling_factor=1.0,
     )
     # Start with a near-deterministic posterior (std ~ 0.02): with a light KL term the encoder would
     # otherwise spend its first thousand steps shrinking unit noise before the decoder can learn.
     with torch.no_grad():
-        vae.quant_conv.bias[vae.config.latent_channels:] = -8.0
+        vae.quant_conv.bias[vae.config.latent_channels :] = -8.0
     return vae
 
 
@@ -90,12 +103,17 @@ def make_unet():
 
     torch.manual_seed(0)
     return UNet2DConditionModel(
-        sample_size=LATENT_SIZE, in_channels=4, out_channels=4,
+        sample_size=LATENT_SIZE,
+        in_channels=4,
+        out_channels=4,
         # 16 -> 8 -> 4; cross-attention at 8 x 8 and 4 x 4 (at 16 x 16 it would cost 1.6x per step)
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(64, 128, 128), layers_per_block=1, cross_attention_dim=TEXT_HIDDEN,
-        attention_head_dim=16, norm_num_groups=32,
+        block_out_channels=(64, 128, 128),
+        layers_per_block=1,
+        cross_attention_dim=TEXT_HIDDEN,
+        attention_head_dim=16,
+        norm_num_groups=32,
     )
 
 
@@ -103,12 +121,20 @@ def make_text_encoder(tokenizer):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(2)
-    return CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN,
-        num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=MAX_LENGTH, hidden_act="quick_gelu",
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    ))
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=TEXT_HIDDEN,
+            intermediate_size=4 * TEXT_HIDDEN,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_LENGTH,
+            hidden_act="quick_gelu",
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
 
 
 # -------------------------------------------------------------------------------- data
@@ -160,7 +186,7 @@ def prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     start = prefix + "."
-    return {k[len(start):]: v for k, v in tensors.items() if k.startswith(start)}
+    return {k[len(start) :]: v for k, v in tensors.items() if k.startswith(start)}
 
 
 def adam_tensors(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> dict[str, torch.Tensor]:
@@ -176,9 +202,11 @@ def adam_tensors(optimizer: torch.optim.Optimizer, params: list[torch.nn.Paramet
 def restore_adam(optimizer, params, tensors) -> None:
     for i, p in enumerate(params):
         if f"adam.{i}.step" in tensors:
-            optimizer.state[p] = {"exp_avg": tensors[f"adam.{i}.exp_avg"].clone(),
-                                  "exp_avg_sq": tensors[f"adam.{i}.exp_avg_sq"].clone(),
-                                  "step": tensors[f"adam.{i}.step"].reshape(()).clone()}
+            optimizer.state[p] = {
+                "exp_avg": tensors[f"adam.{i}.exp_avg"].clone(),
+                "exp_avg_sq": tensors[f"adam.{i}.exp_avg_sq"].clone(),
+                "step": tensors[f"adam.{i}.step"].reshape(()).clone(),
+            }
 
 
 # -------------------------------------------------------------------------------- phase 1
@@ -220,8 +248,11 @@ def train_vae(work: Path, images: torch.Tensor, steps: int, batch: int = 16, lr:
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % 500 == 0 or step + 1 == steps:
-            save_checkpoint(ckpt, {**prefixed("vae", vae.state_dict()), **adam_tensors(optimizer, params)},
-                            {"step": step + 1, "loss": loss.item()})
+            save_checkpoint(
+                ckpt,
+                {**prefixed("vae", vae.state_dict()), **adam_tensors(optimizer, params)},
+                {"step": step + 1, "loss": loss.item()},
+            )
     return vae.eval().requires_grad_(False)
 
 
@@ -256,8 +287,9 @@ class CaptionTokens:
     def __call__(self, captions: list[str]) -> torch.Tensor:
         missing = sorted({c for c in captions if c not in self.known})
         if missing:
-            ids = self.tokenizer(missing, padding="max_length", max_length=MAX_LENGTH, truncation=True,
-                                 return_tensors="pt").input_ids
+            ids = self.tokenizer(
+                missing, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
+            ).input_ids
             self.known.update(zip(missing, ids, strict=True))
         return torch.stack([self.known[c] for c in captions])
 
@@ -302,9 +334,17 @@ class Ema:
                 a.copy_(b)
 
 
-def train_diffusion(work: Path, scene_list, latent_mean, latent_std, scaling: float,
-                    recipe: DiffusionRecipe = DiffusionRecipe(), minutes: float | None = None,
-                    device: str = "cpu", on_step: Callable | None = None):
+def train_diffusion(
+    work: Path,
+    scene_list,
+    latent_mean,
+    latent_std,
+    scaling: float,
+    recipe: DiffusionRecipe = DiffusionRecipe(),
+    minutes: float | None = None,
+    device: str = "cpu",
+    on_step: Callable | None = None,
+):
     """Train (or resume) to ``recipe.steps``; ``minutes`` stops this call early (at least one step is made).
     ``on_step(step, ema_unet_state, text_encoder)`` is called after every step, for sweeps that evaluate
     snapshots. Returns the EMA UNet, the text encoder, the tokenizer, the step reached and the losses."""
@@ -339,14 +379,17 @@ def train_diffusion(work: Path, scene_list, latent_mean, latent_std, scaling: fl
     last_save, started, call_started = time.monotonic(), time.monotonic() - elapsed, time.monotonic()
     first_step = step
     # every call makes at least one step, so a resume always moves on, however slow the machine
-    while step < recipe.steps and (step == first_step or minutes is None
-                                   or time.monotonic() - call_started < minutes * 60):
+    while step < recipe.steps and (
+        step == first_step or minutes is None or time.monotonic() - call_started < minutes * 60
+    ):
         for group in optimizer.param_groups:
             group["lr"] = recipe.lr_at(step) * _rewarm(step, restart.get("restarted_at"))
         # random numbers are drawn on the CPU whatever the device, so every device sees the same batches
         idx = torch.randint(len(scene_list), (recipe.batch,), generator=gen)
         noise_in = torch.randn((recipe.batch, *latent_mean.shape[1:]), generator=gen).to(device)
-        captions = [scenes.caption(scene_list[i], rng, keep=CAPTION_MIX) if rng.random() > 0.1 else "" for i in idx.tolist()]
+        captions = [
+            scenes.caption(scene_list[i], rng, keep=CAPTION_MIX) if rng.random() > 0.1 else "" for i in idx.tolist()
+        ]
         noise = torch.randn(noise_in.shape, generator=gen).to(device)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (recipe.batch,), generator=gen).to(device)
         idx = idx.to(device)
@@ -372,12 +415,14 @@ def train_diffusion(work: Path, scene_list, latent_mean, latent_std, scaling: fl
         if on_step is not None:
             on_step(step, ema.shadow, text_encoder)
         if time.monotonic() - last_save > 300:
-            _save_diffusion(ckpt, unet, text_encoder, ema, optimizer, params, step, time.monotonic() - started, losses,
-                            restart)
+            _save_diffusion(
+                ckpt, unet, text_encoder, ema, optimizer, params, step, time.monotonic() - started, losses, restart
+            )
             last_save = time.monotonic()
     if step > first_step or not loaded:  # an export-only run (recipe already done) leaves the checkpoint alone
-        _save_diffusion(ckpt, unet, text_encoder, ema, optimizer, params, step, time.monotonic() - started, losses,
-                            restart)
+        _save_diffusion(
+            ckpt, unet, text_encoder, ema, optimizer, params, step, time.monotonic() - started, losses, restart
+        )
     unet.load_state_dict(ema.shadow)
     return unet.eval().cpu(), text_encoder.eval().cpu(), tokenizer, step, losses
 
@@ -391,8 +436,12 @@ def _rewarm(step: int, restarted_at: int | None) -> float:
 
 
 def _save_diffusion(ckpt, unet, text_encoder, ema, optimizer, params, step, elapsed, losses, restart) -> None:
-    tensors = {**prefixed("unet", unet.state_dict()), **prefixed("text", text_encoder.state_dict()),
-               **prefixed("ema", ema.shadow), **adam_tensors(optimizer, params)}
+    tensors = {
+        **prefixed("unet", unet.state_dict()),
+        **prefixed("text", text_encoder.state_dict()),
+        **prefixed("ema", ema.shadow),
+        **adam_tensors(optimizer, params),
+    }
     save_checkpoint(ckpt, tensors, {"step": step, "elapsed": elapsed, "losses": losses, **restart})
     logger.info("checkpoint at step %d", step)
 
@@ -406,9 +455,17 @@ def export(path: Path, unet, vae, text_encoder, tokenizer, info: dict) -> Path:
 
     # "trailing" spacing starts sampling at t = 999, the pure-noise step the model was trained for
     scheduler = DDIMScheduler(**SCHEDULER, clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing")
-    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   image_encoder=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
     path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
@@ -441,19 +498,36 @@ def restart_from_export(folder: Path, work: Path) -> dict:
     text = load_file(folder / "text_encoder" / "model.safetensors")
     step = info["diffusion_steps"]
     ema = {k: v.clone() for k, v in unet.items()}
-    save_checkpoint(work / "diffusion", {**prefixed("unet", unet), **prefixed("ema", ema), **prefixed("text", text)},
-                    {"step": step, "elapsed": 0.0, "losses": info["losses"], "restarted_at": step,
-                     "restarted_from": {k: v for k, v in info.items() if k != "losses"}})
+    save_checkpoint(
+        work / "diffusion",
+        {**prefixed("unet", unet), **prefixed("ema", ema), **prefixed("text", text)},
+        {
+            "step": step,
+            "elapsed": 0.0,
+            "losses": info["losses"],
+            "restarted_at": step,
+            "restarted_from": {k: v for k, v in info.items() if k != "losses"},
+        },
+    )
     logger.info("seeded %s from %s at diffusion step %d", work, folder, step)
     return info
 
 
-def training_info(scenes_count: int, vae_steps: int, recipe: DiffusionRecipe, steps: int, device: str,
-                  losses: list[float], **extra) -> dict:
+def training_info(
+    scenes_count: int, vae_steps: int, recipe: DiffusionRecipe, steps: int, device: str, losses: list[float], **extra
+) -> dict:
     """What an export's training.json records: the recipe, how far it got, where, and every step's loss."""
-    return {"recipe": RECIPE, "scenes": scenes_count, "vae_steps": vae_steps, "diffusion": asdict(recipe),
-            "diffusion_steps": steps, "device": device, **extra,
-            "final_loss_mean_last_200": float(np.mean(losses[-200:])), "losses": losses}
+    return {
+        "recipe": RECIPE,
+        "scenes": scenes_count,
+        "vae_steps": vae_steps,
+        "diffusion": asdict(recipe),
+        "diffusion_steps": steps,
+        "device": device,
+        **extra,
+        "final_loss_mean_last_200": float(np.mean(losses[-200:])),
+        "losses": losses,
+    }
 
 
 def _restart_record(work: Path) -> dict:
@@ -474,8 +548,9 @@ def recipe_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def recipe_from(args: argparse.Namespace) -> DiffusionRecipe:
-    return DiffusionRecipe(steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup,
-                           schedule=args.schedule, ema=args.ema)
+    return DiffusionRecipe(
+        steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup, schedule=args.schedule, ema=args.ema
+    )
 
 
 def prepare_latents(work: Path, scene_count: int, vae_steps: int, device: str):
@@ -496,13 +571,21 @@ def main(argv=None) -> None:
     parser.add_argument("--scenes", type=int, default=40000, help="number of distinct training scenes")
     parser.add_argument("--vae-steps", type=int, default=4000)
     recipe_arguments(parser)
-    parser.add_argument("--minutes", type=float, default=None,
-                        help="stop this run's diffusion phase after so many minutes (it checkpoints, exports what "
-                             "it has, and the next run resumes)")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="stop this run's diffusion phase after so many minutes (it checkpoints, exports what "
+        "it has, and the next run resumes)",
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--device", default="cpu", help="cpu, or cuda on a machine with a GPU")
-    parser.add_argument("--restart-from", type=Path, default=None,
-                        help="an exported pipeline (its training.json says how far it got) to continue from")
+    parser.add_argument(
+        "--restart-from",
+        type=Path,
+        default=None,
+        help="an exported pipeline (its training.json says how far it got) to continue from",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -512,13 +595,18 @@ def main(argv=None) -> None:
         info = restart_from_export(args.restart_from, args.work)
         args.scenes, args.vae_steps = info["scenes"], info["vae_steps"]
     vae, scene_list, mean, std, scaling = prepare_latents(args.work, args.scenes, args.vae_steps, args.device)
-    unet, text_encoder, tokenizer, steps, losses = train_diffusion(args.work, scene_list, mean, std, scaling, recipe,
-                                                                   args.minutes, args.device)
-    info = training_info(args.scenes, args.vae_steps, recipe, steps, args.device, losses,
-                         **_restart_record(args.work))
+    unet, text_encoder, tokenizer, steps, losses = train_diffusion(
+        args.work, scene_list, mean, std, scaling, recipe, args.minutes, args.device
+    )
+    info = training_info(args.scenes, args.vae_steps, recipe, steps, args.device, losses, **_restart_record(args.work))
     path = export(args.export, unet, vae, text_encoder, tokenizer, info)
-    logger.info("exported to %s: %d of %d diffusion steps, final loss %.4f", path, steps, recipe.steps,
-                info["final_loss_mean_last_200"])
+    logger.info(
+        "exported to %s: %d of %d diffusion steps, final loss %.4f",
+        path,
+        steps,
+        recipe.steps,
+        info["final_loss_mean_last_200"],
+    )
 
 
 if __name__ == "__main__":

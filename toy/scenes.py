@@ -63,9 +63,7 @@ def held_out(colour: str, shape: str, background: str) -> bool:
     return (c + 2 * s) % len(BACKGROUNDS) == b
 
 
-HELD_OUT = tuple(
-    (c, s, b) for s in PRETRAIN_SHAPES for c in COLOURS for b in BACKGROUNDS if held_out(c, s, b)
-)
+HELD_OUT = tuple((c, s, b) for s in PRETRAIN_SHAPES for c in COLOURS for b in BACKGROUNDS if held_out(c, s, b))
 
 
 @dataclass(frozen=True)
@@ -79,8 +77,11 @@ class SceneObject:
 
     def __post_init__(self):
         for value, allowed, what in (
-            (self.shape, SHAPES, "shape"), (self.colour, COLOURS, "colour"), (self.size, SIZES, "size"),
-            (self.texture, TEXTURES, "texture"), (self.position, POSITIONS, "position"),
+            (self.shape, SHAPES, "shape"),
+            (self.colour, COLOURS, "colour"),
+            (self.size, SIZES, "size"),
+            (self.texture, TEXTURES, "texture"),
+            (self.position, POSITIONS, "position"),
         ):
             if value not in allowed:
                 raise ValueError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")
@@ -107,8 +108,10 @@ def _polygon(points, cx, cy, r):
 
 def _star_points(n=5, inner=0.45):
     return [
-        ((1.0 if k % 2 == 0 else inner) * math.sin(math.pi * k / n),
-         -(1.0 if k % 2 == 0 else inner) * math.cos(math.pi * k / n) + 0.08)
+        (
+            (1.0 if k % 2 == 0 else inner) * math.sin(math.pi * k / n),
+            -(1.0 if k % 2 == 0 else inner) * math.cos(math.pi * k / n) + 0.08,
+        )
         for k in range(2 * n)
     ]
 
@@ -129,8 +132,20 @@ _UNIT_POLYGONS = {
     "diamond": [(0.0, -1.0), (0.72, 0.0), (0.0, 1.0), (-0.72, 0.0)],
     "star": _star_points(),
     "heart": _heart_points(),
-    "cross": [(-0.3, -0.95), (0.3, -0.95), (0.3, -0.3), (0.95, -0.3), (0.95, 0.3), (0.3, 0.3), (0.3, 0.95),
-              (-0.3, 0.95), (-0.3, 0.3), (-0.95, 0.3), (-0.95, -0.3), (-0.3, -0.3)],
+    "cross": [
+        (-0.3, -0.95),
+        (0.3, -0.95),
+        (0.3, -0.3),
+        (0.95, -0.3),
+        (0.95, 0.3),
+        (0.3, 0.3),
+        (0.3, 0.95),
+        (-0.3, 0.95),
+        (-0.3, 0.3),
+        (-0.95, 0.3),
+        (-0.95, -0.3),
+        (-0.3, -0.3),
+    ],
 }
 
 
@@ -165,8 +180,10 @@ def _texture(texture: str, colour: tuple[int, int, int], size: int, period: int)
     draw = ImageDraw.Draw(fill)
     if texture == "striped":
         for offset in range(-size, size, period):
-            draw.polygon([(offset, 0), (offset + period // 2, 0), (offset + period // 2 + size, size),
-                          (offset + size, size)], fill=dark)
+            draw.polygon(
+                [(offset, 0), (offset + period // 2, 0), (offset + period // 2 + size, size), (offset + size, size)],
+                fill=dark,
+            )
     elif texture == "dotted":
         dot = period * 0.28
         for y in range(period // 2, size, period):
@@ -210,7 +227,7 @@ def render_mask(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
 
 
 def describe(obj: SceneObject, with_size: bool = True, with_position: bool = True, noun: str | None = None) -> str:
-    """"a small red striped star on the left"; ``noun`` replaces the shape word (a concept token)."""
+    """ "a small red striped star on the left"; ``noun`` replaces the shape word (a concept token)."""
     words = []
     if with_size:
         words.append(obj.size)
@@ -224,8 +241,9 @@ def describe(obj: SceneObject, with_size: bool = True, with_position: bool = Tru
     return " ".join([article, *words])
 
 
-def caption(scene: Scene, rng: random.Random | None = None, nouns: dict[str, str] | None = None,
-            keep: CaptionMix | None = None) -> str:
+def caption(
+    scene: Scene, rng: random.Random | None = None, nouns: dict[str, str] | None = None, keep: CaptionMix | None = None
+) -> str:
     """A caption of ``scene``; with ``rng``, size, position and background words are sometimes left out
     (as often as ``keep`` says), so that short prompts ("a red star") are in the training distribution
     too, and objects whose positions are named are sometimes mentioned in another order."""
@@ -255,8 +273,9 @@ class CaptionMix:
 # ----------------------------------------------------------------------------- sampling
 
 
-def _random_object(rng: random.Random, shapes, position: str, size: str, background: str,
-                   exclude_held_out: bool) -> SceneObject:
+def _random_object(
+    rng: random.Random, shapes, position: str, size: str, background: str, exclude_held_out: bool
+) -> SceneObject:
     while True:
         shape, colour = rng.choice(shapes), rng.choice(list(COLOURS))
         if not (exclude_held_out and shape in PRETRAIN_SHAPES and held_out(colour, shape, background)):
@@ -276,8 +295,9 @@ def random_scene(seed: int, shapes=PRETRAIN_SHAPES, max_objects: int = 3, exclud
     else:
         positions = list(rng.choice(LAYOUTS[count]))
         sizes = ["small"] * count
-    objects = tuple(_random_object(rng, shapes, p, s, background, exclude_held_out)
-                    for p, s in zip(positions, sizes, strict=True))
+    objects = tuple(
+        _random_object(rng, shapes, p, s, background, exclude_held_out) for p, s in zip(positions, sizes, strict=True)
+    )
     scene = Scene(objects, background)
     return Scene(objects, background, caption(scene, rng))
 
@@ -297,8 +317,14 @@ def concept_scenes(shape: str, count: int = 5, seed: int = 0) -> list[Scene]:
     scenes = []
     for k in range(count):
         background = list(BACKGROUNDS)[k % len(BACKGROUNDS)]
-        obj = SceneObject(shape, colours[k % len(colours)], "large", "solid", rng.choice(list(POSITIONS)),
-                          (rng.uniform(-0.03, 0.03), rng.uniform(-0.03, 0.03)))
+        obj = SceneObject(
+            shape,
+            colours[k % len(colours)],
+            "large",
+            "solid",
+            rng.choice(list(POSITIONS)),
+            (rng.uniform(-0.03, 0.03), rng.uniform(-0.03, 0.03)),
+        )
         scenes.append(Scene((obj,), background))
     return scenes
 
@@ -309,8 +335,9 @@ def concept_caption(scene: Scene) -> str:
     return f"{describe(obj, with_size=False, noun='{token}')} on a {scene.background} background"
 
 
-def write_concept_images(shape: str, folder, count: int = 5, seed: int = 0, size: int = IMAGE_SIZE,
-                         mask_folder=None) -> list:
+def write_concept_images(
+    shape: str, folder, count: int = 5, seed: int = 0, size: int = IMAGE_SIZE, mask_folder=None
+) -> list:
     """Save ``count`` photos of ``shape`` as PNGs with caption sidecars (``.txt``) into ``folder``; with
     ``mask_folder``, also their exact foreground masks there, under the same file names."""
     import io

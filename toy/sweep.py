@@ -33,12 +33,17 @@ logger = logging.getLogger("toy.sweep")
 # 1.89x one of batch 32 (docs/toy.md), so 12 000 steps of 32 cost what 6 300 of 64 do.
 _B32 = pretrain.DiffusionRecipe(batch=32, steps=12_000)
 VARIANTS = {
-    "v2-long": (replace(_B32, lr=3e-4, warmup=300, schedule="constant"),
-                "v2's recipe (batch 32, lr 3e-4, constant) for the whole budget: is more steps alone enough?"),
+    "v2-long": (
+        replace(_B32, lr=3e-4, warmup=300, schedule="constant"),
+        "v2's recipe (batch 32, lr 3e-4, constant) for the whole budget: is more steps alone enough?",
+    ),
     "b32-lr1e-3": (_B32, "batch 32, lr 1e-3, cosine decay to zero at the last step"),
     "b32-lr2e-3": (replace(_B32, lr=2e-3), "batch 32, a higher peak learning rate"),
     "b32-lr5e-4": (replace(_B32, lr=5e-4), "batch 32, a lower peak learning rate"),
-    "v3": (pretrain.DiffusionRecipe(), "batch 64, lr 1e-3, cosine: twice the batch, half the steps (the shipped recipe)"),
+    "v3": (
+        pretrain.DiffusionRecipe(),
+        "batch 64, lr 1e-3, cosine: twice the batch, half the steps (the shipped recipe)",
+    ),
 }
 EVAL_FRACTIONS = (1 / 3, 2 / 3, 1.0)
 
@@ -52,21 +57,33 @@ def score(unet_state, text_encoder, vae, device: str, classifier_model, seeds: i
 
     unet = pretrain.make_unet().to(device)
     unet.load_state_dict(unet_state)
-    scheduler = DDIMScheduler(**pretrain.SCHEDULER, clip_sample=False, set_alpha_to_one=False,
-                              timestep_spacing="trailing")
+    scheduler = DDIMScheduler(
+        **pretrain.SCHEDULER, clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing"
+    )
     was_training = text_encoder.training
-    pipe = StableDiffusionPipeline(unet=unet.eval(), vae=vae, text_encoder=text_encoder.eval(),
-                                   tokenizer=build_tokenizer(), scheduler=scheduler, safety_checker=None,
-                                   feature_extractor=None, image_encoder=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        unet=unet.eval(),
+        vae=vae,
+        text_encoder=text_encoder.eval(),
+        tokenizer=build_tokenizer(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     rows, _ = evaluate.evaluate(pipe, classifier_model, seeds)
     text_encoder.train(was_training)
-    return {"held_out": rows["held_out_single"]["shape_and_colour"],
-            "seen": rows["seen_single"]["shape_and_colour"],
-            "position": rows["positioned_single"]["position"],
-            "positioned_shape_colour": rows["positioned_single"]["shape_and_colour"],
-            "pair_sets": rows["pairs"]["shape_and_colour"], "pair_positions": rows["pairs"]["positions"],
-            "rows": rows}
+    return {
+        "held_out": rows["held_out_single"]["shape_and_colour"],
+        "seen": rows["seen_single"]["shape_and_colour"],
+        "position": rows["positioned_single"]["position"],
+        "positioned_shape_colour": rows["positioned_single"]["shape_and_colour"],
+        "pair_sets": rows["pairs"]["shape_and_colour"],
+        "pair_positions": rows["pairs"]["positions"],
+        "rows": rows,
+    }
 
 
 def run_variant(name: str, args) -> None:
@@ -101,16 +118,22 @@ def run_variant(name: str, args) -> None:
     eval_steps = {max(1, round(f * recipe.steps)) for f in EVAL_FRACTIONS}
     minutes = max(0.05, (args.deadline - (time.time() - args.t0)) / 60) if args.deadline else None
     unet, text_encoder, tokenizer, steps, losses = pretrain.train_diffusion(
-        folder, scene_list, mean, std, scaling, recipe, minutes, args.device, on_step)
+        folder, scene_list, mean, std, scaling, recipe, minutes, args.device, on_step
+    )
     results["finished"] = steps >= recipe.steps
     if not any(s["step"] == steps for s in results["snapshots"]):
-        snapshot = {"step": steps, **score(unet.to(args.device).state_dict(), text_encoder.to(args.device), vae,
-                                           args.device, reader, args.seeds)}
+        snapshot = {
+            "step": steps,
+            **score(
+                unet.to(args.device).state_dict(), text_encoder.to(args.device), vae, args.device, reader, args.seeds
+            ),
+        }
         results["snapshots"].append(snapshot)
     info = pretrain.training_info(args.scenes, args.vae_steps, recipe, steps, args.device, losses, variant=name)
     pretrain.export(folder / "model", unet.cpu(), vae.cpu(), text_encoder.cpu(), tokenizer, info)
-    results["losses_per_100"] = [round(sum(losses[i:i + 100]) / len(losses[i:i + 100]), 4)
-                                 for i in range(0, len(losses), 100)]
+    results["losses_per_100"] = [
+        round(sum(losses[i : i + 100]) / len(losses[i : i + 100]), 4) for i in range(0, len(losses), 100)
+    ]
     _write_json(results_file, results)
 
 
@@ -118,8 +141,17 @@ def _fit_to_deadline(recipe, folder, scene_list, mean, std, scaling, args, probe
     """Train ``probe_seconds``, then shorten the recipe to the steps that fit before the deadline (rounded
     down to 500). The probe lies inside the warm-up, where the cosine's length changes the rate by < 0.1%."""
     stamps = []
-    pretrain.train_diffusion(folder, scene_list, mean, std, scaling, recipe, probe_seconds / 60, args.device,
-                             lambda step, *_: stamps.append((step, time.monotonic())))
+    pretrain.train_diffusion(
+        folder,
+        scene_list,
+        mean,
+        std,
+        scaling,
+        recipe,
+        probe_seconds / 60,
+        args.device,
+        lambda step, *_: stamps.append((step, time.monotonic())),
+    )
     (first, t_first), (last, t_last) = stamps[len(stamps) // 4], stamps[-1]
     rate = (last - first) / (t_last - t_first)
     left = args.deadline - (time.time() - args.t0)
@@ -150,6 +182,7 @@ def collect(names, work: Path) -> dict:
 
 def best(results: dict) -> str | None:
     """The variant whose last snapshot scores best on the issue's four prompt rows, finished ones first."""
+
     def total(r):
         last = r["snapshots"][-1]
         return last["held_out"] + last["position"] + last["pair_sets"] + last["pair_positions"]
@@ -170,8 +203,9 @@ def main(argv=None) -> None:
     parser.add_argument("--steps-scale", type=float, default=1.0, help="scale every variant's steps (smoke runs)")
     parser.add_argument("--seeds", type=int, default=4, help="seeds per caption when scoring")
     parser.add_argument("--deadline", type=float, default=None, help="seconds from the start for the whole sweep")
-    parser.add_argument("--fit-deadline", action="store_true",
-                        help="shorten every variant's steps to what fits before --deadline")
+    parser.add_argument(
+        "--fit-deadline", action="store_true", help="shorten every variant's steps to what fits before --deadline"
+    )
     parser.add_argument("--lr", type=float, default=None, help="override every variant's learning rate")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--t0", type=float, default=None, help=argparse.SUPPRESS)
@@ -190,8 +224,22 @@ def main(argv=None) -> None:
         parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     pretrain.prepare_latents(args.work, args.scenes, args.vae_steps, args.device)
     logger.info("shared phases done after %.0f s", time.time() - args.t0)
-    common = ["--work", str(args.work), "--device", args.device, "--scenes", str(args.scenes),
-              "--vae-steps", str(args.vae_steps), "--steps-scale", str(args.steps_scale), "--seeds", str(args.seeds), "--t0", str(args.t0)]
+    common = [
+        "--work",
+        str(args.work),
+        "--device",
+        args.device,
+        "--scenes",
+        str(args.scenes),
+        "--vae-steps",
+        str(args.vae_steps),
+        "--steps-scale",
+        str(args.steps_scale),
+        "--seeds",
+        str(args.seeds),
+        "--t0",
+        str(args.t0),
+    ]
     if args.deadline:
         common += ["--deadline", str(args.deadline)] + (["--fit-deadline"] if args.fit_deadline else [])
     if args.lr:

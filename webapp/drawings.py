@@ -12,8 +12,16 @@ from PIL import Image, ImageDraw, ImageFont
 from spectral_diffusion.generation.layout import Layout
 
 # one colour per region, in region order (distinct on white and over photos)
-COLOURS = [(230, 80, 70), (60, 130, 230), (60, 170, 90), (240, 170, 40), (160, 90, 210), (30, 180, 190),
-           (220, 90, 170), (120, 120, 120)]
+COLOURS = [
+    (230, 80, 70),
+    (60, 130, 230),
+    (60, 170, 90),
+    (240, 170, 40),
+    (160, 90, 210),
+    (30, 180, 190),
+    (220, 90, 170),
+    (120, 120, 120),
+]
 # The layout pictures are shown in widgets of this box (CSS px: webapp/layout_generate.py gives them this
 # height and this minimum width; side by side in the result column at 1280 px each is about this wide).
 # They are drawn at PICTURE_SCALE times it, so that labels of LABEL_PX on the page are crisp on high-density screens too.

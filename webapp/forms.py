@@ -166,8 +166,9 @@ def _number(value):
         return value
 
 
-def layout_spec(mode: str, prompt: str, negative: str, row_names: Sequence, row_boxes: Sequence[Sequence],
-                region_prompts: Sequence) -> str:
+def layout_spec(
+    mode: str, prompt: str, negative: str, row_names: Sequence, row_boxes: Sequence[Sequence], region_prompts: Sequence
+) -> str:
     """The ``layout`` text of the generate endpoint: "" (global fusion), ``auto``, a preset name, or for
     ``custom`` the layout JSON of the rows that name a concept (each row: its concept, its box x0, y0, x1,
     y1 and its region prompt), with the page's prompt as its context."""

@@ -46,8 +46,15 @@ class TrainingRun:
     def previews(self) -> list[tuple]:
         """The previews with their step as caption (the last one of a finished run: "final")."""
         status = self.service.status
-        return [(image, f"step {self.preview_steps[i]}" if i < len(self.preview_steps)
-                 else f"final · step {status.total_steps}") for i, image in enumerate(list(status.previews))]
+        return [
+            (
+                image,
+                f"step {self.preview_steps[i]}"
+                if i < len(self.preview_steps)
+                else f"final · step {status.total_steps}",
+            )
+            for i, image in enumerate(list(status.previews))
+        ]
 
     def chart(self):
         return drawings.loss_chart(list(self.losses))
@@ -74,14 +81,42 @@ def _trained(result) -> str:
 
 
 @user_errors(summary=_trained)
-def train_concept(service: Service, images, name, class_word, variant, rank, steps, lr_unet=None, lr_text=None,
-                  lr_embedding=None, batch_size=None, resolution=None, seed=None, masks=None, captions=None):
+def train_concept(
+    service: Service,
+    images,
+    name,
+    class_word,
+    variant,
+    rank,
+    steps,
+    lr_unet=None,
+    lr_text=None,
+    lr_embedding=None,
+    batch_size=None,
+    resolution=None,
+    seed=None,
+    masks=None,
+    captions=None,
+):
     """Start a training, then yield (status, previews, record) until it ends: the status as data
     (``render.status_json``: state, step, total_steps, loss, eta_seconds, slot, token, message), the
     record (``record_json``) once trained."""
-    form = TrainForm(images=images, name=name, class_word=class_word, variant=variant, rank=rank, steps=steps,
-                     lr_unet=lr_unet, lr_text=lr_text, lr_embedding=lr_embedding, batch_size=batch_size,
-                     resolution=resolution, seed=seed, masks=masks, captions=captions)
+    form = TrainForm(
+        images=images,
+        name=name,
+        class_word=class_word,
+        variant=variant,
+        rank=rank,
+        steps=steps,
+        lr_unet=lr_unet,
+        lr_text=lr_text,
+        lr_embedding=lr_embedding,
+        batch_size=batch_size,
+        resolution=resolution,
+        seed=seed,
+        masks=masks,
+        captions=captions,
+    )
     run = TrainingRun(service, form.request(service))
 
     def shown(status, previews):
@@ -141,8 +176,9 @@ def export_concept(service: Service, name, format) -> list[str]:
 
 
 @user_errors(summary=lambda result: result[1])
-def generate(service: Service, prompt, concepts, negative, seed, steps, guidance, width, height, num_images,
-             scheduler, layout="") -> tuple[list[tuple[str, str]], str]:
+def generate(
+    service: Service, prompt, concepts, negative, seed, steps, guidance, width, height, num_images, scheduler, layout=""
+) -> tuple[list[tuple[str, str]], str]:
     """((image path, "seed S") per image, "N image(s), seed S · settings · time"): image k is drawn from
     seed + k, its caption and stored settings say which. A negative or empty seed draws a random one.
     ``layout``: "" (global fusion), ``auto``, a preset name or a layout JSON (regional composition)."""
@@ -169,7 +205,8 @@ def generate(service: Service, prompt, concepts, negative, seed, steps, guidance
     size = images[0].size if images else None
     captions = [f"seed {image.info.get('seed', '?')}" for image in images]
     return list(zip(map(str, paths), captions, strict=True)), info_line(
-        len(paths), used, size, steps, guidance, scheduler, chosen, layout, time.monotonic() - started)
+        len(paths), used, size, steps, guidance, scheduler, chosen, layout, time.monotonic() - started
+    )
 
 
 @user_errors(summary=lambda files: f"{len(files)} file(s)")

@@ -93,36 +93,76 @@ def _advanced_settings(defaults: dict) -> AdvancedSettings:
             lr_embedding = gr.Number(value=defaults["lr_embedding"], label="Learning rate: token embedding")
         with gr.Row():
             batch_size = gr.Number(value=defaults["batch_size"], precision=0, minimum=1, label="Batch size")
-            resolution = gr.Number(value=defaults["resolution"], precision=0, minimum=0, step=8,
-                                   label="Resolution (0 = the model's)", elem_id="train-resolution")
+            resolution = gr.Number(
+                value=defaults["resolution"],
+                precision=0,
+                minimum=0,
+                step=8,
+                label="Resolution (0 = the model's)",
+                elem_id="train-resolution",
+            )
             seed = gr.Number(value=defaults["seed"], precision=0, minimum=0, label="Seed")
-        masks = gr.File(label="Foreground masks (optional): one per photo, same file name, white = the concept",
-                        file_count="multiple", file_types=["image"], elem_id="train-masks")
-        captions = gr.Dataframe(headers=["photo", "caption"], column_count=2, static_columns=[0], type="array",
-                                interactive=True, wrap=True, elem_id="train-captions",
-                                label="Captions (optional, one per photo; {token} stands for the trigger token; "
-                                      "empty: the built-in templates)")
-    return AdvancedSettings(lr_unet=lr_unet, lr_text=lr_text, lr_embedding=lr_embedding, batch_size=batch_size,
-                            resolution=resolution, seed=seed, masks=masks, captions=captions)
+        masks = gr.File(
+            label="Foreground masks (optional): one per photo, same file name, white = the concept",
+            file_count="multiple",
+            file_types=["image"],
+            elem_id="train-masks",
+        )
+        captions = gr.Dataframe(
+            headers=["photo", "caption"],
+            column_count=2,
+            static_columns=[0],
+            type="array",
+            interactive=True,
+            wrap=True,
+            elem_id="train-captions",
+            label="Captions (optional, one per photo; {token} stands for the trigger token; "
+            "empty: the built-in templates)",
+        )
+    return AdvancedSettings(
+        lr_unet=lr_unet,
+        lr_text=lr_text,
+        lr_embedding=lr_embedding,
+        batch_size=batch_size,
+        resolution=resolution,
+        seed=seed,
+        masks=masks,
+        captions=captions,
+    )
 
 
 def build_train_tab(rank: int, defaults: dict) -> TrainTab:
     with gr.Tab("Train", id="train"), gr.Row():
         with gr.Column(scale=3):
-            images = gr.File(label="Images of the concept (drag and drop 3-20 photos)",
-                             file_count="multiple", file_types=["image"], height=150, elem_id="train-images")
-            thumbnails = gr.Gallery(label="Uploaded photos", columns=8, height=130, object_fit="contain",
-                                    allow_preview=False, format="png", interactive=False,
-                                    elem_id="train-thumbnails")
+            images = gr.File(
+                label="Images of the concept (drag and drop 3-20 photos)",
+                file_count="multiple",
+                file_types=["image"],
+                height=150,
+                elem_id="train-images",
+            )
+            thumbnails = gr.Gallery(
+                label="Uploaded photos",
+                columns=8,
+                height=130,
+                object_fit="contain",
+                allow_preview=False,
+                format="png",
+                interactive=False,
+                elem_id="train-thumbnails",
+            )
             with gr.Row():
                 name = gr.Textbox(label="Name", placeholder="my-dog", elem_id="train-name")
                 class_word = gr.Textbox(label="Class word", placeholder="dog", elem_id="train-class")
             with gr.Row():
-                variant = gr.Radio(list(VARIANTS), value="additive", label="Variant",
-                                   info="rotational: zero interference between concepts")
+                variant = gr.Radio(
+                    list(VARIANTS),
+                    value="additive",
+                    label="Variant",
+                    info="rotational: zero interference between concepts",
+                )
                 rank_box = gr.Number(value=rank, precision=0, minimum=1, label="Rank", elem_id="train-rank")
-                steps = gr.Number(value=0, precision=0, minimum=0, label="Steps (0 = automatic)",
-                                  elem_id="train-steps")
+                steps = gr.Number(value=0, precision=0, minimum=0, label="Steps (0 = automatic)", elem_id="train-steps")
             advanced = _advanced_settings(defaults)
             slot_hint = gr.Markdown(elem_id="train-slot")
             with gr.Row():
@@ -131,19 +171,44 @@ def build_train_tab(rank: int, defaults: dict) -> TrainTab:
             cancel_message = gr.Markdown(elem_id="train-cancel")  # under the buttons: where the eye is
             api_trigger = gr.Button(visible=False)
         with gr.Column(scale=2):
-            progress = gr.HTML(progress_html(TrainingStatus(message="no training yet")),
-                               label="Progress", elem_id="train-progress")
-            previews = gr.Gallery(label="Previews (their step below each)", columns=4, height="auto", format="png",
-                                  object_fit="contain", interactive=False, elem_id="train-previews")
-            loss_chart = gr.Image(label="Training loss", type="pil", format="png", interactive=False, height=220,
-                                  elem_id="train-loss")
+            progress = gr.HTML(
+                progress_html(TrainingStatus(message="no training yet")), label="Progress", elem_id="train-progress"
+            )
+            previews = gr.Gallery(
+                label="Previews (their step below each)",
+                columns=4,
+                height="auto",
+                format="png",
+                object_fit="contain",
+                interactive=False,
+                elem_id="train-previews",
+            )
+            loss_chart = gr.Image(
+                label="Training loss", type="pil", format="png", interactive=False, height=220, elem_id="train-loss"
+            )
             trained = gr.Markdown(elem_id="train-result")
             api_status, api_record = gr.JSON(label="status", visible=False), gr.JSON(label="record", visible=False)
-    return TrainTab(images=images, thumbnails=thumbnails, name=name, class_word=class_word, variant=variant,
-                    rank=rank_box, steps=steps, advanced=advanced, slot_hint=slot_hint, train_button=train_button,
-                    cancel_button=cancel_button, api_trigger=api_trigger, progress=progress, previews=previews,
-                    loss_chart=loss_chart, trained=trained, cancel_message=cancel_message, api_status=api_status,
-                    api_record=api_record)
+    return TrainTab(
+        images=images,
+        thumbnails=thumbnails,
+        name=name,
+        class_word=class_word,
+        variant=variant,
+        rank=rank_box,
+        steps=steps,
+        advanced=advanced,
+        slot_hint=slot_hint,
+        train_button=train_button,
+        cancel_button=cancel_button,
+        api_trigger=api_trigger,
+        progress=progress,
+        previews=previews,
+        loss_chart=loss_chart,
+        trained=trained,
+        cancel_message=cancel_message,
+        api_status=api_status,
+        api_record=api_record,
+    )
 
 
 # ----- the Library tab ------------------------------------------------------------------------------
@@ -175,17 +240,27 @@ def build_library_tab() -> LibraryTab:
         with gr.Row():
             with gr.Column(scale=3):
                 gr.Markdown("**Slot maps**: which singular-vector slots each base model's concepts hold")
-                slot_maps = gr.Image(show_label=False, type="pil", format="png", interactive=False,
-                                     elem_id="slot-maps")
-                cards = gr.Gallery(label="Concepts", columns=6, height=220, format="png", preview=False,
-                                   fit_columns=False, object_fit="contain", elem_id="library-cards")
+                slot_maps = gr.Image(show_label=False, type="pil", format="png", interactive=False, elem_id="slot-maps")
+                cards = gr.Gallery(
+                    label="Concepts",
+                    columns=6,
+                    height=220,
+                    format="png",
+                    preview=False,
+                    fit_columns=False,
+                    object_fit="contain",
+                    elem_id="library-cards",
+                )
             with gr.Column(scale=2):
-                selected = gr.Dropdown(label="Concept", choices=[], allow_custom_value=True,
-                                       elem_id="library-concept")
+                selected = gr.Dropdown(label="Concept", choices=[], allow_custom_value=True, elem_id="library-concept")
                 with gr.Group():
-                    export_format = gr.Radio(list(EXPORT_FORMATS), value="spectral", label="Download as",
-                                             info="spectral: our adapter · lora: diffusers/PEFT · "
-                                                  "kohya: AUTOMATIC1111/ComfyUI (+ textual inversion)")
+                    export_format = gr.Radio(
+                        list(EXPORT_FORMATS),
+                        value="spectral",
+                        label="Download as",
+                        info="spectral: our adapter · lora: diffusers/PEFT · "
+                        "kohya: AUTOMATIC1111/ComfyUI (+ textual inversion)",
+                    )
                     export_button = gr.Button("Download")
                     exported = gr.File(label="Files", file_count="multiple", interactive=False, height=110)
                 with gr.Group():
@@ -193,19 +268,35 @@ def build_library_tab() -> LibraryTab:
                     delete_button = gr.Button("Delete", variant="stop")
                     delete_message = gr.Markdown()
                 with gr.Group():
-                    import_file = gr.File(label="Import an adapter (.safetensors)", file_types=[".safetensors"],
-                                          height=130)
+                    import_file = gr.File(
+                        label="Import an adapter (.safetensors)", file_types=[".safetensors"], height=130
+                    )
                     import_name = gr.Textbox(label="Import under the name (optional)")
                     import_button = gr.Button("Import")
                     imported = gr.JSON(label="record", visible=False)
                     imported_summary = gr.Markdown(elem_id="library-imported")
-        table = gr.Dataframe(headers=TABLE_HEADERS, interactive=False, wrap=False,
-                             column_widths=TABLE_WIDTHS, elem_id="library-table")
+        table = gr.Dataframe(
+            headers=TABLE_HEADERS, interactive=False, wrap=False, column_widths=TABLE_WIDTHS, elem_id="library-table"
+        )
         refresh_button = gr.Button("Refresh", size="sm")
         with gr.Accordion("Library as JSON", open=False):
             listing = gr.JSON(label="list_concepts")
-    return LibraryTab(slot_maps=slot_maps, cards=cards, table=table,
-                      refresh_button=refresh_button, listing=listing, selected=selected, export_format=export_format,
-                      export_button=export_button, exported=exported, sure=sure, delete_button=delete_button,
-                      delete_message=delete_message, import_file=import_file, import_name=import_name,
-                      import_button=import_button, imported=imported, imported_summary=imported_summary)
+    return LibraryTab(
+        slot_maps=slot_maps,
+        cards=cards,
+        table=table,
+        refresh_button=refresh_button,
+        listing=listing,
+        selected=selected,
+        export_format=export_format,
+        export_button=export_button,
+        exported=exported,
+        sure=sure,
+        delete_button=delete_button,
+        delete_message=delete_message,
+        import_file=import_file,
+        import_name=import_name,
+        import_button=import_button,
+        imported=imported,
+        imported_summary=imported_summary,
+    )

@@ -65,8 +65,15 @@ def wait_until_serving(url: str, seconds: float = STARTUP_SECONDS) -> None:
             time.sleep(0.5)
 
 
-def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, auth: str | None = None,
-           share: bool = False, prevent_thread_lock: bool = False, quiet: bool = False):
+def launch(
+    demo: gr.Blocks,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    auth: str | None = None,
+    share: bool = False,
+    prevent_thread_lock: bool = False,
+    quiet: bool = False,
+):
     """Start the server with the app's settings and wait until it answers; returns what ``Blocks.launch``
     returns. Robust under load: see ``_skips_gradio_self_check``."""
     credentials = parse_auth(auth) if auth else None
@@ -114,10 +121,16 @@ def _log_to_stdout() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Spectral Diffusion web app")
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="builtin:toy (default), builtin:tiny, a Hugging Face model id or a local diffusers folder")
-    parser.add_argument("--library", default=str(default_library()),
-                        help=f"concept library folder (default: %(default)s, from ${LIBRARY_ENV} or the user's data folder)")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="builtin:toy (default), builtin:tiny, a Hugging Face model id or a local diffusers folder",
+    )
+    parser.add_argument(
+        "--library",
+        default=str(default_library()),
+        help=f"concept library folder (default: %(default)s, from ${LIBRARY_ENV} or the user's data folder)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=None, help="port (default: 7860, or the next free one)")
     parser.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="require this login")

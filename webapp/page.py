@@ -67,8 +67,12 @@ def train_on_page(service: Service, **form):
     except TrainingCancelled:
         logger.info("train %s: cancelled at step %d (%.1f s)", name, service.status.step, time.monotonic() - started)
         gr.Info(f"Training of {name} cancelled: nothing was added to the library")
-        yield {"progress": progress_html(service.status), "trained": "", "loss_chart": run.chart(),
-               "cancel_message": ""}
+        yield {
+            "progress": progress_html(service.status),
+            "trained": "",
+            "loss_chart": run.chart(),
+            "cancel_message": "",
+        }
         return
     except Exception as error:  # noqa: BLE001 - every outcome is shown in the status line
         message = user_message(error) if isinstance(error, USER_ERRORS) else INTERNAL_ERROR
@@ -79,9 +83,14 @@ def train_on_page(service: Service, **form):
         yield {"progress": problem_html(message), "trained": "", "cancel_message": ""}
         return
     log_done(f"train {name}", started, f"trained into slot {record.slot}")
-    yield {"progress": progress_html(service.status), "previews": run.previews(),
-           "trained": record_summary(record_json(record), "Trained"), "loss_chart": run.chart(),
-           "cancel_message": "", "name": ""}
+    yield {
+        "progress": progress_html(service.status),
+        "previews": run.previews(),
+        "trained": record_summary(record_json(record), "Trained"),
+        "loss_chart": run.chart(),
+        "cancel_message": "",
+        "name": "",
+    }
 
 
 def upload_thumbnails(images) -> list[str]:
@@ -104,8 +113,10 @@ def slot_info(service: Service, rank, name="") -> str:
     except USER_ERRORS as error:
         what = "Name not usable" if name and "name" in str(error) else "No slot available"
         return f"**{what}:** {html.escape(str(error))}"
-    return (f"This concept will take **slot {slot}** of `{service.model}` "
-            f"(rank {rank}: {capacity} slots of singular vectors).")
+    return (
+        f"This concept will take **slot {slot}** of `{service.model}` "
+        f"(rank {rank}: {capacity} slots of singular vectors)."
+    )
 
 
 # ----- the Library tab and the shared refresh -------------------------------------------------------
@@ -163,8 +174,9 @@ def insert_token(prompt: str, token: str, cursor) -> tuple[str, int]:
     return before + token + after, len(before) + len(token)
 
 
-def pick_concept(service: Service, index: int, card_names: Sequence[str], prompt, prompt_cursor,
-                 row_names: Sequence) -> dict:
+def pick_concept(
+    service: Service, index: int, card_names: Sequence[str], prompt, prompt_cursor, row_names: Sequence
+) -> dict:
     """Clicking concept card ``index``: its trigger token goes into the prompt at the cursor (the prompt
     box's last caret position, -1: the end), the concept into a free row. Updates prompt, prompt_cursor
     (after the token) and row_names."""
@@ -190,13 +202,24 @@ def rows_to_spec(row_names: Sequence, row_strengths: Sequence) -> str:
     return format_concepts(chosen)
 
 
-def layout_editor(service: Service, layout_mode, prompt, negative, width, height, row_names: Sequence,
-                  row_boxes: Sequence[Sequence], region_prompts: Sequence) -> dict:
+def layout_editor(
+    service: Service,
+    layout_mode,
+    prompt,
+    negative,
+    width,
+    height,
+    row_names: Sequence,
+    row_boxes: Sequence[Sequence],
+    region_prompts: Sequence,
+) -> dict:
     """The layout editor after any change: the layout text for the generate endpoint, its picture, and
     which rows' box editors show (box_rows: a custom layout's named rows)."""
     spec = forms.layout_spec(layout_mode, prompt, negative, row_names, row_boxes, region_prompts)
-    update = {"layout_text": spec,
-              "box_rows": [gr.update(visible=layout_mode == forms.CUSTOM and bool(name)) for name in row_names]}
+    update = {
+        "layout_text": spec,
+        "box_rows": [gr.update(visible=layout_mode == forms.CUSTOM and bool(name)) for name in row_names],
+    }
     if not spec:
         return {**update, "layout_picture": gr.update(value=None, visible=False)}
     try:

@@ -50,8 +50,10 @@ def progress_html(status: TrainingStatus) -> str:
 
 def problem_html(message: str) -> str:
     """The Train tab's status line when a training cannot start or fails: the one place it is shown."""
-    return (f'<div class="sd-status"><div class="sd-bar"><div style="width:0%"></div></div>'
-            f'<span id="train-status-text" class="sd-problem">{html.escape(message)}</span></div>')
+    return (
+        f'<div class="sd-status"><div class="sd-bar"><div style="width:0%"></div></div>'
+        f'<span id="train-status-text" class="sd-problem">{html.escape(message)}</span></div>'
+    )
 
 
 def status_json(status: TrainingStatus, record=None) -> dict:
@@ -112,16 +114,24 @@ def record_json(record, this_model: bool = True) -> dict:
     }
 
 
-
 def _short_date(created_at: str) -> str:
-    """"2025-01-02T03:04:05+00:00" as "2025-01-02 03:04" (the table's column stays narrow)."""
+    """ "2025-01-02T03:04:05+00:00" as "2025-01-02 03:04" (the table's column stays narrow)."""
     text = str(created_at or "")
     return text[:16].replace("T", " ") if len(text) >= 16 and text[10:11] == "T" else text
 
 
 def table_row(record) -> list:
-    return [record.name, " ".join(record.tokens), record.slot, record.variant, record.rank, record.class_word,
-            record.image_count, record.base_model, _short_date(record.created_at)]
+    return [
+        record.name,
+        " ".join(record.tokens),
+        record.slot,
+        record.variant,
+        record.rank,
+        record.class_word,
+        record.image_count,
+        record.base_model,
+        _short_date(record.created_at),
+    ]
 
 
 # ----- the Generate tab ----------------------------------------------------------------------------
@@ -141,8 +151,17 @@ def describe_layout(spec: str) -> str:
     return f"custom layout ({count} region{'s' if count != 1 else ''})"
 
 
-def info_line(count: int, seed, size: tuple[int, int] | None, steps: int, guidance: float, scheduler: str,
-              concepts: Mapping[str, float], layout: str, seconds: float) -> str:
+def info_line(
+    count: int,
+    seed,
+    size: tuple[int, int] | None,
+    steps: int,
+    guidance: float,
+    scheduler: str,
+    concepts: Mapping[str, float],
+    layout: str,
+    seconds: float,
+) -> str:
     """What the Generate tab says after a generation: the seeds used (image k: ``seed`` + k), the settings,
     the time taken."""
     try:
@@ -152,8 +171,12 @@ def info_line(count: int, seed, size: tuple[int, int] | None, steps: int, guidan
     parts = [f"{count} image(s), {seeds}"]
     if size:
         parts.append(f"{size[0]}×{size[1]}")
-    parts += [f"{steps} steps", f"guidance {guidance:g}", f"scheduler {scheduler}",
-              f"concepts {format_concepts(dict(concepts))}" if concepts else "no concepts"]
+    parts += [
+        f"{steps} steps",
+        f"guidance {guidance:g}",
+        f"scheduler {scheduler}",
+        f"concepts {format_concepts(dict(concepts))}" if concepts else "no concepts",
+    ]
     described = describe_layout(layout)
     if described:
         parts.append(described)

@@ -71,15 +71,27 @@ def train_lora_concept(pipe, images, config: TrainConfig) -> LoraConcept:
     rows[token_id] = 1
     embedding.weight.register_hook(lambda grad: grad * rows)  # only the trigger token's row learns
     groups = [
-        {"params": [p for n, p in unet.named_parameters() if "lora_" in n], "lr": config.lr_unet,
-         "weight_decay": config.weight_decay},
-        {"params": [p for n, p in text_encoder.named_parameters() if "lora_" in n], "lr": config.lr_text,
-         "weight_decay": config.weight_decay},
+        {
+            "params": [p for n, p in unet.named_parameters() if "lora_" in n],
+            "lr": config.lr_unet,
+            "weight_decay": config.weight_decay,
+        },
+        {
+            "params": [p for n, p in text_encoder.named_parameters() if "lora_" in n],
+            "lr": config.lr_text,
+            "weight_decay": config.weight_decay,
+        },
         {"params": [embedding.weight], "lr": config.lr_embedding, "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(groups)
-    dataset = ConceptDataset(images, token, resolution=config.resolution, random_crop=config.random_crop,
-                             flip_p=config.flip_p, seed=config.seed)
+    dataset = ConceptDataset(
+        images,
+        token,
+        resolution=config.resolution,
+        random_crop=config.random_crop,
+        flip_p=config.flip_p,
+        seed=config.seed,
+    )
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     unet.train()
     text_encoder.train()
@@ -117,9 +129,15 @@ def train_lora_concept(pipe, images, config: TrainConfig) -> LoraConcept:
 def fused_pipeline(pipe, concepts: list[LoraConcept], weight: float):
     """A copy of ``pipe`` with ``W + weight * sum_i dW_i`` merged into each layer and every token added:
     ``weight`` 1 is PEFT's summed LoRAs, ``1 / n`` their average."""
-    fused = type(pipe)(**{**pipe.components, "tokenizer": copy.deepcopy(pipe.tokenizer),
-                          "unet": copy.deepcopy(pipe.unet), "text_encoder": copy.deepcopy(pipe.text_encoder)},
-                       requires_safety_checker=False)
+    fused = type(pipe)(
+        **{
+            **pipe.components,
+            "tokenizer": copy.deepcopy(pipe.tokenizer),
+            "unet": copy.deepcopy(pipe.unet),
+            "text_encoder": copy.deepcopy(pipe.text_encoder),
+        },
+        requires_safety_checker=False,
+    )
     ids = add_tokens(fused.tokenizer, [c.token for c in concepts])
     fused.text_encoder.resize_token_embeddings(len(fused.tokenizer))
     table = fused.text_encoder.get_input_embeddings().weight.data

@@ -133,7 +133,17 @@ def main(argv: list[str] | None = None) -> int:
         for variant in VARIANTS:
             load = os.getloadavg()[0]
             out = subprocess.run(
-                [sys.executable, "-m", "bench.profiling.app_training_threads", "--variant", variant, "--model", args.model, "--steps", str(args.steps)],
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.profiling.app_training_threads",
+                    "--variant",
+                    variant,
+                    "--model",
+                    args.model,
+                    "--steps",
+                    str(args.steps),
+                ],
                 capture_output=True,
                 text=True,
                 check=True,

@@ -35,7 +35,7 @@ def byte_breakdown(path: Path) -> dict[str, int]:
     """Bytes of one safetensors file by part; the values sum to the file's size."""
     raw = Path(path).read_bytes()
     (header_len,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + header_len])
+    header = json.loads(raw[8 : 8 + header_len])
     out: dict[str, int] = defaultdict(int)
     out["length prefix"] = 8
     out["header: tensor entries"] = used = 2  # the header's braces
@@ -67,14 +67,24 @@ def write_files(out_dir: Path, rank: int = 8) -> dict[str, Path]:
     gen = torch.Generator().manual_seed(0)
     layers, lora = {}, {}
     for path, (m, n) in shapes.items():
-        layers[f"unet.{path}"] = {"U": torch.randn(m, rank, generator=gen), "s": torch.rand(rank, generator=gen),
-                                  "V": torch.randn(n, rank, generator=gen), "A": torch.randn(m, rank, generator=gen),
-                                  "B": torch.randn(n, rank, generator=gen), "c": torch.randn(rank, generator=gen)}
+        layers[f"unet.{path}"] = {
+            "U": torch.randn(m, rank, generator=gen),
+            "s": torch.rand(rank, generator=gen),
+            "V": torch.randn(n, rank, generator=gen),
+            "A": torch.randn(m, rank, generator=gen),
+            "B": torch.randn(n, rank, generator=gen),
+            "c": torch.randn(rank, generator=gen),
+        }
         lora[f"unet.{path}.lora_A.weight"] = torch.randn(rank, n, generator=gen)
         lora[f"unet.{path}.lora_B.weight"] = torch.randn(m, rank, generator=gen)
-    data = AdapterData(info=ConceptInfo(f"additive-r{rank}", 0, rank, "additive"), layers=layers, token_vectors={},
-                       base_model="bench:sd15-size-random", base_fingerprint="0123456789abcdef",
-                       targets=TargetConfig(unet=UNET_TARGETS, text_encoder=()).to_json())
+    data = AdapterData(
+        info=ConceptInfo(f"additive-r{rank}", 0, rank, "additive"),
+        layers=layers,
+        token_vectors={},
+        base_model="bench:sd15-size-random",
+        base_fingerprint="0123456789abcdef",
+        targets=TargetConfig(unet=UNET_TARGETS, text_encoder=()).to_json(),
+    )
     files = {
         "ours, additive": save_adapter(data, out_dir / "ours.safetensors"),
         "ours, additive, fp16 triplets": save_adapter(data, out_dir / "ours-fp16.safetensors", triplet_dtype="float16"),

@@ -47,8 +47,9 @@ def sample_shapes() -> dict[str, tuple[int, int]]:
         unet = UNet2DConditionModel(**SD15_UNET_OVERRIDES)
         clip = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT))
     shapes = {f"unet.{p}": tuple(unet.get_submodule(p).weight.shape) for p in target_paths(unet, UNET_TARGETS)}
-    shapes.update({f"text_encoder.{p}": tuple(clip.get_submodule(p).weight.shape)
-                   for p in target_paths(clip, TEXT_TARGETS)})
+    shapes.update(
+        {f"text_encoder.{p}": tuple(clip.get_submodule(p).weight.shape) for p in target_paths(clip, TEXT_TARGETS)}
+    )
     names = sorted(shapes)
     return {n: shapes[n] for n in names[::2]}
 
@@ -62,8 +63,11 @@ def classify_svd(name: str, shapes: list, m: int, n: int, path: str) -> str:
     dims = [tuple(s) for s in shapes if s]
     if "eigh" in name or "syevd" in name:
         size = dims[0][0] if dims else 0
-        return "exact path: eigh of the n x n Gram matrix" if size == n and path != "fast" else \
-            "Krylov: Rayleigh-Ritz eigh (small, float64)"
+        return (
+            "exact path: eigh of the n x n Gram matrix"
+            if size == n and path != "fast"
+            else "Krylov: Rayleigh-Ritz eigh (small, float64)"
+        )
     if any(part in name for part in ("qr", "geqrf", "householder", "orgqr")):
         return "Krylov: QR of the blocks and of the basis"
     if name in ("aten::mm", "aten::matmul", "aten::addmm"):
@@ -101,7 +105,7 @@ def krylov_check(W: torch.Tensor, k: int, block: int, depth: int) -> tuple[float
     from spectral_diffusion.core import svd
 
     _, s, _, residual = svd.krylov_ritz(W, k, block, depth)
-    return float(residual.max() / s[0]), float((s[k - 1] - s[k]) / (2 * residual[k - 1:].max()))
+    return float(residual.max() / s[0]), float((s[k - 1] - s[k]) / (2 * residual[k - 1 :].max()))
 
 
 def svd_profile(kind: str, log=print) -> dict:
@@ -112,8 +116,19 @@ def svd_profile(kind: str, log=print) -> dict:
     by_category = defaultdict(float)  # self CPU us, path-qualified
     per_path_time = defaultdict(float)
     path_counts = defaultdict(int)
-    per_shape = defaultdict(lambda: {"paths": defaultdict(int), "why": [], "gap": [], "ratio": [], "res": [],
-                                      "margin": [], "depth": None, "auto_s": 0.0, "exact_s": 0.0})
+    per_shape = defaultdict(
+        lambda: {
+            "paths": defaultdict(int),
+            "why": [],
+            "gap": [],
+            "ratio": [],
+            "res": [],
+            "margin": [],
+            "depth": None,
+            "auto_s": 0.0,
+            "exact_s": 0.0,
+        }
+    )
     for index, shape in enumerate(shapes.values()):
         W = power_law_copy(torch.empty(shape), seed=index) if kind == "power-law" else flat_weight(shape, seed=index)
         t0 = time.process_time()
@@ -146,13 +161,18 @@ def svd_profile(kind: str, log=print) -> dict:
             entry["res"].append(residual)
             entry["margin"].append(gap_margin)
             if path == "fallback":
-                failed = [name for name, bad in (("residual", residual > svd.RESIDUAL_TOLERANCE),
-                                                  ("gap", gap_margin <= 1.0)) if bad]
+                failed = [
+                    name
+                    for name, bad in (("residual", residual > svd.RESIDUAL_TOLERANCE), ("gap", gap_margin <= 1.0))
+                    if bad
+                ]
                 entry["why"].append("+".join(failed) or "non-finite")
     total_us = sum(by_category.values())
     total_s = sum(per_path_time.values())
-    log(f"\n== SVD prep, {kind} weights: {len(shapes)} layers, paths {dict(path_counts)}, K={K}, "
-        f"{torch.get_num_threads()} thread(s)")
+    log(
+        f"\n== SVD prep, {kind} weights: {len(shapes)} layers, paths {dict(path_counts)}, K={K}, "
+        f"{torch.get_num_threads()} thread(s)"
+    )
     log("time of our top-K by the path each layer took (share of ours' CPU time):")
     for path, seconds in sorted(per_path_time.items(), key=lambda kv: -kv[1]):
         log(f"  {path:<9} {path_counts[path]:>3} layers  {100 * seconds / total_s:5.1f}%")
@@ -160,16 +180,20 @@ def svd_profile(kind: str, log=print) -> dict:
     for (path, category), us in sorted(by_category.items(), key=lambda kv: -kv[1]):
         log(f"  {100 * us / total_us:5.1f}%  [{path}] {category}")
     log("per shape (depth = extra Krylov blocks allowed by KRYLOV_MAX_SHARE):")
-    log("  shape (out x in) | layers | paths | depth | gap (s_k - s_k+1)/s_1 | s_k+1/s_k | failed check | "
-        "max residual/s_1 (accepted <= 1e-5) | gap / (2 residual) (accepted > 1) | auto/exact time")
+    log(
+        "  shape (out x in) | layers | paths | depth | gap (s_k - s_k+1)/s_1 | s_k+1/s_k | failed check | "
+        "max residual/s_1 (accepted <= 1e-5) | gap / (2 residual) (accepted > 1) | auto/exact time"
+    )
     for shape, e in sorted(per_shape.items(), key=lambda kv: -kv[0][0] * kv[0][1]):
         gap = f"{statistics.median(e['gap']):.1e}" if e["gap"] else "-"
         ratio = f"{statistics.median(e['ratio']):.4f}" if e["ratio"] else "-"
         why = ", ".join(f"{w} {e['why'].count(w)}" for w in sorted(set(e["why"]))) or "-"
         res = f"{min(e['res']):.1e}-{max(e['res']):.1e}" if e["res"] else "-"
         margin = f"{min(e['margin']):.2g}-{max(e['margin']):.2g}" if e["margin"] else "-"
-        log(f"  {shape[0]} x {shape[1]} | {sum(e['paths'].values())} | {dict(e['paths'])} | {e['depth']} | {gap} | "
-            f"{ratio} | {why} | {res} | {margin} | {e['auto_s'] / e['exact_s']:.2f}")
+        log(
+            f"  {shape[0]} x {shape[1]} | {sum(e['paths'].values())} | {dict(e['paths'])} | {e['depth']} | {gap} | "
+            f"{ratio} | {why} | {res} | {margin} | {e['auto_s'] / e['exact_s']:.2f}"
+        )
     return {"categories": dict(by_category), "per_path": dict(per_path_time), "per_shape": dict(per_shape)}
 
 
@@ -238,14 +262,18 @@ def live_profile(reps: int = 3, live: int = 4, log=print) -> dict:
                 results[config].append(_live_shares(prof.events()))
     finally:
         layers_mod.SpectralLayer.forward = original
-    log(f"\n== inference step, SD1.5 UNet, {torch.get_num_threads()} thread(s), {reps} profiled forwards each "
-        "(median shares of each configuration's own total CPU time)")
+    log(
+        f"\n== inference step, SD1.5 UNet, {torch.get_num_threads()} thread(s), {reps} profiled forwards each "
+        "(median shares of each configuration's own total CPU time)"
+    )
     base_total = statistics.median(r["total"] for r in results["plain"])
     for config, runs in results.items():
         total = statistics.median(r["total"] for r in runs)
         paired = statistics.median(r["total"] / b["total"] for r, b in zip(runs, results["plain"], strict=True))
-        log(f"  {config}: total {total / base_total:.3f}x plain (median of per-round ratios {paired:.3f}x; "
-            "profiled CPU time)")
+        log(
+            f"  {config}: total {total / base_total:.3f}x plain (median of per-round ratios {paired:.3f}x; "
+            "profiled CPU time)"
+        )
         for category in (REST, BASE_LIN, THIN_IN, THIN_OUT, GLUE, PY):
             share = statistics.median(100 * r.get(category, 0.0) / r["total"] for r in runs)
             vs_base = statistics.median(r.get(category, 0.0) for r in runs) / base_total * 100

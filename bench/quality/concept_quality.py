@@ -62,6 +62,8 @@ class Sampling:
 
     seeds: int = 2
     contexts: int = 2
+
+
 PARTNER = "square"  # the other object of a pair prompt: a pretraining shape, so only one concept is loaded
 BEST_UNET_LR = 3e-3  # the diagnostic rows vary one thing at this UNet rate (the lr rows show why)
 
@@ -87,8 +89,11 @@ ROWS = (
     Row("unet_3e-3", "spectral, lr_unet 3e-3 (the new product setting)", {"lr_unet": 3e-3}),
     Row("unet_1e-2", "spectral, lr_unet 1e-2", {"lr_unet": 1e-2}),
     Row("text_1e-3", "spectral, lr_unet 3e-3, lr_text 1e-3", _at_best(lr_text=1e-3)),
-    Row("spectrum_1e-3", "spectral, s_k-independent step (lr_scale spectrum), lr_unet 1e-3",
-        {"lr_unet": 1e-3, "lr_scale": "spectrum"}),
+    Row(
+        "spectrum_1e-3",
+        "spectral, s_k-independent step (lr_scale spectrum), lr_unet 1e-3",
+        {"lr_unet": 1e-3, "lr_scale": "spectrum"},
+    ),
     Row("spectrum_3e-3", "spectral, lr_scale spectrum, lr_unet 3e-3", _at_best(lr_scale="spectrum")),
     Row("slot_3", "spectral, lr_unet 3e-3, slot 3 (lower singular values)", _at_best(slot=3)),
     Row("rank_4", "spectral, lr_unet 3e-3, rank 4", _at_best(rank=4)),
@@ -100,26 +105,41 @@ ROWS = (
     Row("rotational_3e-2", "spectral rotational, lr_unet 3e-2", {"variant": "rotational", "lr_unet": 3e-2}),
     Row("rotational_1e-1", "spectral rotational, lr_unet 1e-1", {"variant": "rotational", "lr_unet": 1e-1}),
     Row("rotational_1e-3", "spectral rotational, lr_unet 1e-3", {"variant": "rotational", "lr_unet": 1e-3}),
-    Row("rotational_emb_3e-2", "spectral rotational, lr_unet 3e-3, lr_embedding 3e-2",
-        _at_best(variant="rotational", lr_embedding=3e-2)),
-    Row("rotational_text_1e-3", "spectral rotational, lr_unet 3e-3, lr_text 1e-3",
-        _at_best(variant="rotational", lr_text=1e-3)),
+    Row(
+        "rotational_emb_3e-2",
+        "spectral rotational, lr_unet 3e-3, lr_embedding 3e-2",
+        _at_best(variant="rotational", lr_embedding=3e-2),
+    ),
+    Row(
+        "rotational_text_1e-3",
+        "spectral rotational, lr_unet 3e-3, lr_text 1e-3",
+        _at_best(variant="rotational", lr_text=1e-3),
+    ),
     Row("rotational_600", "spectral rotational, lr_unet 3e-3, 600 steps", _at_best(variant="rotational", steps=600)),
-    Row("rotational_1e-3_600", "spectral rotational, lr_unet 1e-3, 600 steps",
-        {"variant": "rotational", "lr_unet": 1e-3, "steps": 600}),
-    Row("rotational_3e-4_600", "spectral rotational, lr_unet 3e-4, 600 steps",
-        {"variant": "rotational", "lr_unet": 3e-4, "steps": 600}),
-    Row("rotational_1e-3_1000", "spectral rotational, lr_unet 1e-3, 1000 steps",
-        {"variant": "rotational", "lr_unet": 1e-3, "steps": 1000}),
+    Row(
+        "rotational_1e-3_600",
+        "spectral rotational, lr_unet 1e-3, 600 steps",
+        {"variant": "rotational", "lr_unet": 1e-3, "steps": 600},
+    ),
+    Row(
+        "rotational_3e-4_600",
+        "spectral rotational, lr_unet 3e-4, 600 steps",
+        {"variant": "rotational", "lr_unet": 3e-4, "steps": 600},
+    ),
+    Row(
+        "rotational_1e-3_1000",
+        "spectral rotational, lr_unet 1e-3, 1000 steps",
+        {"variant": "rotational", "lr_unet": 1e-3, "steps": 1000},
+    ),
     Row("rotational_rank_16", "spectral rotational, lr_unet 3e-3, rank 16", _at_best(variant="rotational", rank=16)),
-    Row("rotational_rank_16_1e-3", "spectral rotational, lr_unet 1e-3, rank 16",
-        {"variant": "rotational", "lr_unet": 1e-3, "rank": 16}),
-    Row("masked", "spectral, lr_unet 3e-3, masked loss (background 0.1)", _at_best(background_weight=0.1),
-        masks=True),
-    Row("augment", "spectral, lr_unet 3e-3, zoom-out/shift p 0.5 (masks, exact)", _at_best(augment_p=0.5),
-        masks=True),
-    Row("augment_nomask", "spectral, lr_unet 3e-3, zoom-out p 0.5 (no masks, border colour)",
-        _at_best(augment_p=0.5)),
+    Row(
+        "rotational_rank_16_1e-3",
+        "spectral rotational, lr_unet 1e-3, rank 16",
+        {"variant": "rotational", "lr_unet": 1e-3, "rank": 16},
+    ),
+    Row("masked", "spectral, lr_unet 3e-3, masked loss (background 0.1)", _at_best(background_weight=0.1), masks=True),
+    Row("augment", "spectral, lr_unet 3e-3, zoom-out/shift p 0.5 (masks, exact)", _at_best(augment_p=0.5), masks=True),
+    Row("augment_nomask", "spectral, lr_unet 3e-3, zoom-out p 0.5 (no masks, border colour)", _at_best(augment_p=0.5)),
 )
 
 
@@ -150,15 +170,18 @@ def _prompts(shape: str, contexts: int) -> tuple[list, list]:
 
 def _score(pipe, model, shape: str, sampling: Sampling) -> tuple[float, float]:
     singles, pairs = _prompts(shape, sampling.contexts)
-    draw = lambda p: generate(pipe, p.text, sampling.seeds, scenes.IMAGE_SIZE, INFERENCE_STEPS, GUIDANCE,  # noqa: E731
-                              seed=1234)
+
+    def draw(p):
+        return generate(pipe, p.text, sampling.seeds, scenes.IMAGE_SIZE, INFERENCE_STEPS, GUIDANCE, seed=1234)
+
     alone = [v for p in singles for v in _identity(model, draw(p), shape)]
     pair = [v for p in pairs for v in _identity(model, draw(p), shape)]
     return float(np.mean(alone)), float(np.mean(pair))
 
 
-def run_row(pipe, model, row: Row, shapes, work: Path, sampling: Sampling, steps: int | None = None,
-            train_seed: int = 0) -> dict:
+def run_row(
+    pipe, model, row: Row, shapes, work: Path, sampling: Sampling, steps: int | None = None, train_seed: int = 0
+) -> dict:
     alone, pair, seconds = [], [], []
     for index, shape in enumerate(shapes):
         folder, masks = work / shape, work / f"{shape}-masks"
@@ -182,10 +205,20 @@ def run_row(pipe, model, row: Row, shapes, work: Path, sampling: Sampling, steps
         alone.append(scores[0])
         pair.append(scores[1])
         logger.info("%s %s: identity alone %.2f, on pairs %.2f, %.0f s", row.key, shape, *scores, seconds[-1])
-    return {"key": row.key, "label": row.label, "shapes": list(shapes), "identity_alone": float(np.mean(alone)),
-            "identity_pair": float(np.mean(pair)), "per_shape_alone": alone, "seconds": float(np.mean(seconds)),
-            "changes": row.changes, "seeds": sampling.seeds, "contexts": sampling.contexts, "train_seed": train_seed,
-            "finished": time.strftime("%Y-%m-%d %H:%M")}
+    return {
+        "key": row.key,
+        "label": row.label,
+        "shapes": list(shapes),
+        "identity_alone": float(np.mean(alone)),
+        "identity_pair": float(np.mean(pair)),
+        "per_shape_alone": alone,
+        "seconds": float(np.mean(seconds)),
+        "changes": row.changes,
+        "seeds": sampling.seeds,
+        "contexts": sampling.contexts,
+        "train_seed": train_seed,
+        "finished": time.strftime("%Y-%m-%d %H:%M"),
+    }
 
 
 # ---------------------------------------------------------------------------------- report
@@ -194,8 +227,10 @@ def run_row(pipe, model, row: Row, shapes, work: Path, sampling: Sampling, steps
 def write_table(results: dict, path: Path) -> None:
     """The Markdown table of every row measured so far, in ROWS order; time relative to the LoRA row."""
     lora_seconds = results.get("lora", {}).get("seconds")
-    header = ("| row | identity alone | identity on pair prompts (alone) | per shape (alone) | s / concept | "
-              "time vs LoRA |\n|---|---|---|---|---|---|\n")
+    header = (
+        "| row | identity alone | identity on pair prompts (alone) | per shape (alone) | s / concept | "
+        "time vs LoRA |\n|---|---|---|---|---|---|\n"
+    )
     lines = []
     for row in ROWS:
         r = results.get(row.key)
@@ -203,8 +238,10 @@ def write_table(results: dict, path: Path) -> None:
             continue
         ratio = f"{r['seconds'] / lora_seconds:.2f}x" if lora_seconds else "-"
         per_shape = ", ".join(f"{s} {v:.2f}" for s, v in zip(r["shapes"], r["per_shape_alone"], strict=True))
-        lines.append(f"| {row.label} | {r['identity_alone']:.2f} | {r['identity_pair']:.2f} | {per_shape} | "
-                     f"{r['seconds']:.0f} | {ratio} |")
+        lines.append(
+            f"| {row.label} | {r['identity_alone']:.2f} | {r['identity_pair']:.2f} | {per_shape} | "
+            f"{r['seconds']:.0f} | {ratio} |"
+        )
     path.write_text(header + "\n".join(lines) + "\n")
 
 
@@ -233,8 +270,16 @@ def main(argv=None) -> None:
         shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
         with tempfile.TemporaryDirectory(prefix="concept-quality-") as tmp:
             for row in wanted:
-                results[row.key] = run_row(pipe, model, row, shapes, Path(tmp), Sampling(args.seeds, args.contexts),
-                                           args.steps, args.train_seed)
+                results[row.key] = run_row(
+                    pipe,
+                    model,
+                    row,
+                    shapes,
+                    Path(tmp),
+                    Sampling(args.seeds, args.contexts),
+                    args.steps,
+                    args.train_seed,
+                )
                 store.write_text(json.dumps(results, indent=1) + "\n")  # each row kept as soon as it is done
     write_table(results, args.out / f"{args.name}-table.md")
 

@@ -75,8 +75,9 @@ class Settings:
         options = {**training_defaults(MODEL), "rank": default_rank(MODEL)}
         if self.steps:
             options["steps"] = self.steps
-        return TrainConfig(name=shape, tokens=[token(shape)], slot=slot, resolution=scenes.IMAGE_SIZE, seed=slot,
-                           **options)
+        return TrainConfig(
+            name=shape, tokens=[token(shape)], slot=slot, resolution=scenes.IMAGE_SIZE, seed=slot, **options
+        )
 
 
 QUICK = Settings(steps=20, seeds=2, inference_steps=8, contexts=1)
@@ -100,8 +101,12 @@ def single_prompts(shape: str, count: int) -> list[Prompt]:
     fresh = [(c, b) for b in scenes.BACKGROUNDS for c in scenes.COLOURS if (c, b) not in seen]
     picked = [fresh[(7 * k + len(shape)) % len(fresh)] for k in range(count)]
     positions = itertools.cycle(("left", "right", "top", "center"))
-    return [Prompt(f"a {c} {token(shape)} {scenes.POSITION_PHRASES[next(positions)]} on a {b} background",
-                   (shape,), (c,), b) for c, b in picked]
+    return [
+        Prompt(
+            f"a {c} {token(shape)} {scenes.POSITION_PHRASES[next(positions)]} on a {b} background", (shape,), (c,), b
+        )
+        for c, b in picked
+    ]
 
 
 def pair_prompts(limit: int | None = None) -> list[Prompt]:
@@ -136,8 +141,9 @@ class Scores:
 
 
 def draw(pipe, prompt: Prompt, settings: Settings) -> list[Image.Image]:
-    return generate(pipe, prompt.text, settings.seeds, scenes.IMAGE_SIZE, settings.inference_steps,
-                    settings.guidance, seed=1234)
+    return generate(
+        pipe, prompt.text, settings.seeds, scenes.IMAGE_SIZE, settings.inference_steps, settings.guidance, seed=1234
+    )
 
 
 def train_all(pipe, settings: Settings, work: Path) -> tuple[dict, dict, dict]:
@@ -161,8 +167,14 @@ def evaluate(pipe, spectral, lora, settings: Settings, pairs: list[Prompt], mode
     singles = {shape: single_prompts(shape, settings.contexts) for shape in CONCEPTS}
     # "alone" is the same for both fusions of one kind of adapter, so it is drawn once and shared.
     spectral_alone, lora_alone = Scores(), Scores()
-    results = {m: {"alone": spectral_alone if m.startswith("spectral") else lora_alone, "fused single": Scores(),
-                   "fused pair": Scores()} for m in METHODS}
+    results = {
+        m: {
+            "alone": spectral_alone if m.startswith("spectral") else lora_alone,
+            "fused single": Scores(),
+            "fused pair": Scores(),
+        }
+        for m in METHODS
+    }
     grids, alone_images = {}, {}
     adapters = SpectralAdapters.from_pipeline(pipe)
     try:
@@ -190,12 +202,20 @@ def evaluate(pipe, spectral, lora, settings: Settings, pairs: list[Prompt], mode
             lora_alone.add(classifier.read(model, draw(alone, prompt, settings)), prompt)
     concepts = [lora[s] for s in CONCEPTS]
     for method in ("lora_sum", "lora_half", "lora_mean"):
-        grids[method] = _score_fused(fused_pipeline(pipe, concepts, WEIGHTS[method.split("_")[1]]), singles, pairs, settings,
-                                     results[method], model)
+        grids[method] = _score_fused(
+            fused_pipeline(pipe, concepts, WEIGHTS[method.split("_")[1]]),
+            singles,
+            pairs,
+            settings,
+            results[method],
+            model,
+        )
     lora_pipe = fused_pipeline(pipe, concepts, 1.0)
     for prompt in pairs:
         layout = regional_quality.pair_layout(prompt, token, region_prompts=True)  # the anchors' regional prompts
-        images, seconds = regional_quality.timed(lambda lay=layout: regional_quality.draw_regional(lora_pipe, lay, settings))
+        images, seconds = regional_quality.timed(
+            lambda lay=layout: regional_quality.draw_regional(lora_pipe, lay, settings)
+        )
         regional["regional_lora"].add(model, images, prompt, CONCEPTS, seconds)
     results["regional"] = regional
     return results, grids, alone_images
@@ -211,8 +231,11 @@ def _score_regional_spectral(pipe, adapters, pairs, settings, model) -> dict:
     for prompt in pairs:
         images, seconds = rq.timed(lambda p=prompt: draw(pipe, p, settings))
         scores["global"].add(model, images, prompt, CONCEPTS, seconds)
-        for method, routed, region_prompts in (("regional_global_slots", False, True), ("routed", True, False),
-                                               ("routed_region_prompts", True, True)):
+        for method, routed, region_prompts in (
+            ("regional_global_slots", False, True),
+            ("routed", True, False),
+            ("routed_region_prompts", True, True),
+        ):
             layout = rq.pair_layout(prompt, token, region_prompts)
             images, seconds = rq.timed(lambda lay=layout, r=routed: rq.draw_regional(pipe, lay, settings, adapters, r))
             scores[method].add(model, images, prompt, CONCEPTS, seconds)
@@ -232,9 +255,16 @@ def regional_table(regional: dict) -> list[dict]:
     rows = []
     for key, label in labels.items():
         s = regional[key].summary()
-        rows.append({"method": label, "identity_pair": s["identity"], "placement": s["placement"],
-                     "bleed_pair": s["bleed"], "fidelity_pair": s["fidelity"],
-                     "time_vs_global": s["seconds"] / base_seconds if s["seconds"] == s["seconds"] else float("nan")})
+        rows.append(
+            {
+                "method": label,
+                "identity_pair": s["identity"],
+                "placement": s["placement"],
+                "bleed_pair": s["bleed"],
+                "fidelity_pair": s["fidelity"],
+                "time_vs_global": s["seconds"] / base_seconds if s["seconds"] == s["seconds"] else float("nan"),
+            }
+        )
     return rows
 
 
@@ -257,17 +287,19 @@ def table(results: dict) -> list[dict]:
     rows = []
     for method, label in METHODS.items():  # results["regional"] has its own table
         s = {k: v.summary() for k, v in results[method].items()}
-        rows.append({
-            "method": label,
-            "identity_alone": s["alone"]["identity"],
-            "identity_fused_single": s["fused single"]["identity"],
-            "identity_fused_pair": s["fused pair"]["identity"],
-            "identity_drop": s["alone"]["identity"] - s["fused pair"]["identity"],
-            "fidelity_alone": s["alone"]["fidelity"],
-            "fidelity_fused_single": s["fused single"]["fidelity"],
-            "fidelity_fused_pair": s["fused pair"]["fidelity"],
-            "bleed_fused_single": s["fused single"]["bleed"],
-        })
+        rows.append(
+            {
+                "method": label,
+                "identity_alone": s["alone"]["identity"],
+                "identity_fused_single": s["fused single"]["identity"],
+                "identity_fused_pair": s["fused pair"]["identity"],
+                "identity_drop": s["alone"]["identity"] - s["fused pair"]["identity"],
+                "fidelity_alone": s["alone"]["fidelity"],
+                "fidelity_fused_single": s["fused single"]["fidelity"],
+                "fidelity_fused_pair": s["fused pair"]["fidelity"],
+                "bleed_fused_single": s["fused single"]["bleed"],
+            }
+        )
     return rows
 
 
@@ -302,8 +334,11 @@ def concept_sheet(work: Path, alone_images: dict, scale: int = 2) -> Image.Image
     sheet = Image.new("RGB", (width, 16 + len(CONCEPTS) * (cell + gap)), "white")
     pen = ImageDraw.Draw(sheet)
     pen.text((label_w, 2), "training photos", fill="black")
-    pen.text((label_w + 5 * cell + 2 * gap, 2), "spectral slot alone, new contexts (colour, position, background)",
-             fill="black")
+    pen.text(
+        (label_w + 5 * cell + 2 * gap, 2),
+        "spectral slot alone, new contexts (colour, position, background)",
+        fill="black",
+    )
     for c, shape in enumerate(CONCEPTS):
         y = 16 + c * (cell + gap)
         pen.text((4, y + cell // 2 - 6), token(shape), fill="black")
@@ -317,29 +352,45 @@ def concept_sheet(work: Path, alone_images: dict, scale: int = 2) -> Image.Image
 
 
 def _regional_markdown(rows: list[dict]) -> str:
-    header = ("| method (pair prompts, concept a left, b right) | identity | placement (in its own half) | "
-              "other concepts seen | fidelity | time / image vs global |\n|---|---|---|---|---|---|\n")
+    header = (
+        "| method (pair prompts, concept a left, b right) | identity | placement (in its own half) | "
+        "other concepts seen | fidelity | time / image vs global |\n|---|---|---|---|---|---|\n"
+    )
+
     def cell(value, fmt):
         return "-" if value != value else format(value, fmt)
-    return header + "\n".join(
-        f"| {r['method']} | {cell(r['identity_pair'], '.2f')} | {cell(r['placement'], '.2f')} | "
-        f"{cell(r['bleed_pair'], '.2f')} | {cell(r['fidelity_pair'], '.2f')} | {cell(r['time_vs_global'], '.2f')}x |"
-        for r in rows
-    ) + "\n"
+
+    return (
+        header
+        + "\n".join(
+            f"| {r['method']} | {cell(r['identity_pair'], '.2f')} | {cell(r['placement'], '.2f')} | "
+            f"{cell(r['bleed_pair'], '.2f')} | {cell(r['fidelity_pair'], '.2f')} | {cell(r['time_vs_global'], '.2f')}x |"
+            for r in rows
+        )
+        + "\n"
+    )
 
 
 def write_report(rows, seconds, settings: Settings, out: Path, quick: bool, regional_rows=()) -> None:
-    header = ("| method | identity alone | identity fused, single prompt | identity fused, pair prompt | "
-              "identity drop (alone - pair) | fidelity alone | fidelity fused single | fidelity fused pair | "
-              "other concepts seen (fused single) |\n|---|---|---|---|---|---|---|---|---|\n")
+    header = (
+        "| method | identity alone | identity fused, single prompt | identity fused, pair prompt | "
+        "identity drop (alone - pair) | fidelity alone | fidelity fused single | fidelity fused pair | "
+        "other concepts seen (fused single) |\n|---|---|---|---|---|---|---|---|---|\n"
+    )
     lines = [
         f"| {r['method']} | {r['identity_alone']:.2f} | {r['identity_fused_single']:.2f} | "
         f"{r['identity_fused_pair']:.2f} | {r['identity_drop']:+.2f} | {r['fidelity_alone']:.2f} | "
         f"{r['fidelity_fused_single']:.2f} | {r['fidelity_fused_pair']:.2f} | {r['bleed_fused_single']:.2f} |"
         for r in rows
     ]
-    data = {"settings": settings.__dict__, "train_config": settings.train_config(CONCEPTS[0], 0).to_json(),
-            "quick": quick, "rows": rows, "regional_rows": list(regional_rows), "train_seconds": seconds}
+    data = {
+        "settings": settings.__dict__,
+        "train_config": settings.train_config(CONCEPTS[0], 0).to_json(),
+        "quick": quick,
+        "rows": rows,
+        "regional_rows": list(regional_rows),
+        "train_seconds": seconds,
+    }
     (out / "fusion-quality.json").write_text(json.dumps(data, indent=1) + "\n")
     (out / "fusion-quality-table.md").write_text(header + "\n".join(lines) + "\n")
     if regional_rows:

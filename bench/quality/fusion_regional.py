@@ -60,9 +60,16 @@ def draw_regional(pipe, layout: Layout, settings, adapters=None, routed: bool = 
     routing_scope = adapters.routed(concept_masks) if routed else nullcontext()
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad(), routing_scope, regional_attention(pipe.unet, context):
-        latents = pipe(**embeds, num_images_per_prompt=settings.seeds, num_inference_steps=settings.inference_steps,
-                       guidance_scale=settings.guidance, height=size, width=size,
-                       generator=torch.Generator("cpu").manual_seed(1234), output_type="latent").images
+        latents = pipe(
+            **embeds,
+            num_images_per_prompt=settings.seeds,
+            num_inference_steps=settings.inference_steps,
+            guidance_scale=settings.guidance,
+            height=size,
+            width=size,
+            generator=torch.Generator("cpu").manual_seed(1234),
+            output_type="latent",
+        ).images
     return decode_latents(pipe, latents)
 
 

@@ -67,10 +67,18 @@ def pairs() -> list[dict]:
     out = []
     for k, (a, b) in enumerate(itertools.combinations(CONCEPTS, 2)):
         ca, cb, bg = colours[k % 6], colours[(k + 3) % 6], backgrounds[k % 4]
-        out.append({"concepts": (a, b), "colours": (ca, cb), "background": bg,
-                    "prompt": f"a {ca} {token(a)} on the left and a {cb} {token(b)} on the right on a {bg} background",
-                    "region_prompts": tuple(f"a {c} {token(s)} {scenes.POSITION_PHRASES[side]} on a {bg} background"
-                                            for c, s, side in zip((ca, cb), (a, b), SIDES, strict=True))})
+        out.append(
+            {
+                "concepts": (a, b),
+                "colours": (ca, cb),
+                "background": bg,
+                "prompt": f"a {ca} {token(a)} on the left and a {cb} {token(b)} on the right on a {bg} background",
+                "region_prompts": tuple(
+                    f"a {c} {token(s)} {scenes.POSITION_PHRASES[side]} on a {bg} background"
+                    for c, s, side in zip((ca, cb), (a, b), SIDES, strict=True)
+                ),
+            }
+        )
     return out
 
 
@@ -130,8 +138,13 @@ def generate(studio: Studio, library: Library, pair: dict, path: str, seeds: int
     layout_spec, regions = regions_for(pair, path)
     layout = build_layout(library, pair["prompt"], "", layout_spec, regions)
     chosen = concepts if concepts is not None else pair["concepts"]
-    request = GenerationRequest(prompt=layout.prompt if layout else pair["prompt"], concepts=dict.fromkeys(chosen, 1.0),
-                                seed=DEFAULTS.seed, num_images=seeds, layout=layout)
+    request = GenerationRequest(
+        prompt=layout.prompt if layout else pair["prompt"],
+        concepts=dict.fromkeys(chosen, 1.0),
+        seed=DEFAULTS.seed,
+        num_images=seeds,
+        layout=layout,
+    )
     return studio.generate(request)
 
 
@@ -154,9 +167,16 @@ class LoraPasses:
         pipe = self.pipe
         size = scenes.IMAGE_SIZE
         latent = size // pipe.vae_scale_factor
-        layout = build_layout(None, pair["prompt"], "", None,
-                              [f"{c}:{box}:{text}" for c, box, text in
-                               zip(pair["concepts"], HALVES, pair["region_prompts"], strict=True)])
+        layout = build_layout(
+            None,
+            pair["prompt"],
+            "",
+            None,
+            [
+                f"{c}:{box}:{text}"
+                for c, box, text in zip(pair["concepts"], HALVES, pair["region_prompts"], strict=True)
+            ],
+        )
         masks = region_masks(layout, latent, latent)
         passes = []
         for region, mask in zip(layout.regions, masks, strict=True):
@@ -199,13 +219,33 @@ def travel_prompts(shape: str) -> list[dict]:
     positions = [p for p in scenes.POSITIONS if p not in {s.objects[0].position for s in seen}] or ["bottom"]
     colours = [c for c in scenes.COLOURS if c not in {s.objects[0].colour for s in seen}]
     bg = "white"
-    out = [{"kind": "new position", "position": p, "colour": "red",
-            "prompt": f"a red {token(shape)} {scenes.POSITION_PHRASES[p]} on a {bg} background"} for p in positions[:2]]
-    out += [{"kind": "new colour", "position": "center", "colour": c,
-             "prompt": f"a {c} {token(shape)} in the center on a {bg} background"} for c in colours]
-    out += [{"kind": "new size", "position": p, "colour": "blue",
-             "prompt": f"a small blue {token(shape)} {scenes.POSITION_PHRASES[p]} on a {bg} background"}
-            for p in positions[:1]]
+    out = [
+        {
+            "kind": "new position",
+            "position": p,
+            "colour": "red",
+            "prompt": f"a red {token(shape)} {scenes.POSITION_PHRASES[p]} on a {bg} background",
+        }
+        for p in positions[:2]
+    ]
+    out += [
+        {
+            "kind": "new colour",
+            "position": "center",
+            "colour": c,
+            "prompt": f"a {c} {token(shape)} in the center on a {bg} background",
+        }
+        for c in colours
+    ]
+    out += [
+        {
+            "kind": "new size",
+            "position": p,
+            "colour": "blue",
+            "prompt": f"a small blue {token(shape)} {scenes.POSITION_PHRASES[p]} on a {bg} background",
+        }
+        for p in positions[:1]
+    ]
     return out
 
 
@@ -213,14 +253,18 @@ def travel(studio: Studio, model, seeds: int) -> dict:
     hits: dict[str, list[float]] = {}
     for shape in CONCEPTS:
         for item in travel_prompts(shape):
-            request = GenerationRequest(prompt=item["prompt"], concepts={shape: 1.0}, seed=DEFAULTS.seed,
-                                        num_images=seeds)
+            request = GenerationRequest(
+                prompt=item["prompt"], concepts={shape: 1.0}, seed=DEFAULTS.seed, num_images=seeds
+            )
             reading = classifier.read(model, studio.generate(request))
             where = classifier.POSITION_NAMES.index(item["position"])
             colour = classifier.COLOUR_NAMES.index(item["colour"])
             for i in range(seeds):
-                ok = (reading["where"][i, where] > 0.5 and int(reading["shape_at"][i, where].argmax()) ==
-                      scenes.SHAPES.index(shape) and int(reading["colour_at"][i, where].argmax()) == colour)
+                ok = (
+                    reading["where"][i, where] > 0.5
+                    and int(reading["shape_at"][i, where].argmax()) == scenes.SHAPES.index(shape)
+                    and int(reading["colour_at"][i, where].argmax()) == colour
+                )
                 hits.setdefault(item["kind"], []).append(float(ok))
     return {kind: float(np.mean(v)) for kind, v in hits.items()}
 
@@ -278,8 +322,11 @@ def run(args) -> dict:
             key = path if path == "lora-passes" else layout_key(library, pair, path)
             if key not in drawn:
                 start = time.perf_counter()
-                images = baseline(pair, args.seeds) if path == "lora-passes" else generate(studio, library, pair,
-                                                                                             path, args.seeds)
+                images = (
+                    baseline(pair, args.seeds)
+                    if path == "lora-passes"
+                    else generate(studio, library, pair, path, args.seeds)
+                )
                 drawn[key] = (images, time.perf_counter() - start)
             images, seconds = drawn[key]
             tallies[path].add(classifier.read(model, images), pair, seconds, len(images))
@@ -289,21 +336,43 @@ def run(args) -> dict:
     rows = []
     for path in args.paths:
         s = tallies[path].summary()
-        rows.append({"path": path, "what": PATHS[path], "both_placed": s["placed"], "identity": s["identity"],
-                     "identity_vs_alone": s["identity"] / ceiling, "bleeding": s["bleed"], "seconds": s["seconds"]})
+        rows.append(
+            {
+                "path": path,
+                "what": PATHS[path],
+                "both_placed": s["placed"],
+                "identity": s["identity"],
+                "identity_vs_alone": s["identity"] / ceiling,
+                "bleeding": s["bleed"],
+                "seconds": s["seconds"],
+            }
+        )
     travelled = travel(studio, model, args.seeds) if not args.no_travel else {}
-    return {"rows": rows, "alone_identity": ceiling, "travel": travelled, "train_seconds": train_seconds,
-            "pairs": len(selected), "seeds": args.seeds, "grids": grids}
+    return {
+        "rows": rows,
+        "alone_identity": ceiling,
+        "travel": travelled,
+        "train_seconds": train_seconds,
+        "pairs": len(selected),
+        "seeds": args.seeds,
+        "grids": grids,
+    }
 
 
 def markdown(result: dict) -> str:
-    lines = [f"{result['pairs']} concept pairs x {result['seeds']} seeds on `{MODEL}`, concepts trained with the "
-             f"CLI defaults ({result['train_seconds']:.0f} s each here); identity alone on the pair prompts: "
-             f"{result['alone_identity']:.2f}.", "",
-             "| path | both placed | identity | vs alone | bleeding | s / image |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"{result['pairs']} concept pairs x {result['seeds']} seeds on `{MODEL}`, concepts trained with the "
+        f"CLI defaults ({result['train_seconds']:.0f} s each here); identity alone on the pair prompts: "
+        f"{result['alone_identity']:.2f}.",
+        "",
+        "| path | both placed | identity | vs alone | bleeding | s / image |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in result["rows"]:
-        lines.append(f"| {row['what']} | {row['both_placed']:.0%} | {row['identity']:.2f} | "
-                     f"{row['identity_vs_alone']:.2f}x | {row['bleeding']:.3f} | {row['seconds']:.2f} |")
+        lines.append(
+            f"| {row['what']} | {row['both_placed']:.0%} | {row['identity']:.2f} | "
+            f"{row['identity_vs_alone']:.2f}x | {row['bleeding']:.3f} | {row['seconds']:.2f} |"
+        )
     if result["travel"]:
         lines += ["", "| a concept alone | drawn as asked |", "|---|---|"]
         lines += [f"| {kind} | {value:.0%} |" for kind, value in result["travel"].items()]

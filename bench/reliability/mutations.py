@@ -13,14 +13,73 @@ import struct
 import torch
 
 HOSTILE_VALUES = [
-    None, True, False, 0, -1, 1.5, 2**31, 2**63, 2**64 + 1, -(2**63), float("nan"), float("inf"), "", "F32", "x" * 300,
-    [], {}, [1], [[1]], ["a"], [-1, 4], [2**40, 2**40], [1.0, 4.0], {"a": 1}, [None],
+    None,
+    True,
+    False,
+    0,
+    -1,
+    1.5,
+    2**31,
+    2**63,
+    2**64 + 1,
+    -(2**63),
+    float("nan"),
+    float("inf"),
+    "",
+    "F32",
+    "x" * 300,
+    [],
+    {},
+    [1],
+    [[1]],
+    ["a"],
+    [-1, 4],
+    [2**40, 2**40],
+    [1.0, 4.0],
+    {"a": 1},
+    [None],
 ]
 HOSTILE_STRINGS = [
-    "", " ", "abc", "-1", "0", "1", "2", "4", "8", "999999", "1000001", "1e9", "4.0", " 4", "nan", "inf", "null",
-    "[]", "{}", "[1]", '["<ok>"]', '["bad token"]', '["<a>", "<a>"]', '"text"', "{", "additive", "rotational",
-    "spectral-adapter", "../evil", "a/b", "x" * 5000, "é", "\x00", "<x>", '{"a": 1}', "[" * 5000,
-    '{"unet": ["to_q"]}', "2024-01-01T00:00:00+00:00", "[" * 5000 + "]" * 5000, '{"a":' * 3000 + "1" + "}" * 3000,
+    "",
+    " ",
+    "abc",
+    "-1",
+    "0",
+    "1",
+    "2",
+    "4",
+    "8",
+    "999999",
+    "1000001",
+    "1e9",
+    "4.0",
+    " 4",
+    "nan",
+    "inf",
+    "null",
+    "[]",
+    "{}",
+    "[1]",
+    '["<ok>"]',
+    '["bad token"]',
+    '["<a>", "<a>"]',
+    '"text"',
+    "{",
+    "additive",
+    "rotational",
+    "spectral-adapter",
+    "../evil",
+    "a/b",
+    "x" * 5000,
+    "é",
+    "\x00",
+    "<x>",
+    '{"a": 1}',
+    "[" * 5000,
+    '{"unet": ["to_q"]}',
+    "2024-01-01T00:00:00+00:00",
+    "[" * 5000 + "]" * 5000,
+    '{"a":' * 3000 + "1" + "}" * 3000,
 ]
 JSON_AND_NUMBER_KEYS = ["tokens", "targets", "train_config", "rank", "slot", "variant", "format_version", "name"]
 DTYPES = ["F32", "F16", "BF16", "F64", "I8", "U8", "I64", "BOOL", "F8_E4M3", "F8_E5M2", "", "f32", None, 4]
@@ -31,7 +90,7 @@ DTYPES = ["F32", "F16", "BF16", "F64", "I8", "U8", "I64", "BOOL", "F8_E4M3", "F8
 
 def split(raw: bytes) -> tuple[dict, bytes]:
     (length,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8:8 + length]), raw[8 + length:]
+    return json.loads(raw[8 : 8 + length]), raw[8 + length :]
 
 
 def join(header, data: bytes) -> bytes:
@@ -54,7 +113,7 @@ def random_bytes(rng: random.Random, raw: bytes) -> bytes:
     if choice == 2:  # a JSON-looking header of garbage
         text = b'{"__metadata__": {"format": "spectral-adapter"}, ' + body
         return struct.pack("<Q", len(text)) + text
-    return raw[:8 + rng.randint(0, 64)] + body  # the start of a real file, then garbage
+    return raw[: 8 + rng.randint(0, 64)] + body  # the start of a real file, then garbage
 
 
 def truncated(rng: random.Random, raw: bytes) -> bytes:
@@ -102,10 +161,17 @@ def header_mangled(rng: random.Random, raw: bytes) -> bytes:
         entry["dtype"] = rng.choice(DTYPES)
     elif op == 3:
         start, stop = entry["data_offsets"]
-        entry["data_offsets"] = rng.choice([
-            [start, stop + rng.randint(1, 64)], [start - 4, stop - 4], [stop, start], [0, len(data) + 8],
-            [start, 2**64 - 1], [2**63, 2**63 + stop - start], rng.choice(HOSTILE_VALUES),
-        ])
+        entry["data_offsets"] = rng.choice(
+            [
+                [start, stop + rng.randint(1, 64)],
+                [start - 4, stop - 4],
+                [stop, start],
+                [0, len(data) + 8],
+                [start, 2**64 - 1],
+                [2**63, 2**63 + stop - start],
+                rng.choice(HOSTILE_VALUES),
+            ]
+        )
     elif op == 4:
         del entry[rng.choice(sorted(entry))]
     elif op == 5:
@@ -114,8 +180,16 @@ def header_mangled(rng: random.Random, raw: bytes) -> bytes:
         del header[key]
     elif op == 7:  # renamed: unknown component, unknown part, or another layer
         prefix, _, part = key.rpartition(".")
-        new = rng.choice([f"vae.{key}", f"{prefix}.W", f"{prefix}.G_U", key.replace("0", "9", 1), "token_embeddings",
-                          f"{key.split('.', 1)[0]}.token_embeddings"])
+        new = rng.choice(
+            [
+                f"vae.{key}",
+                f"{prefix}.W",
+                f"{prefix}.G_U",
+                key.replace("0", "9", 1),
+                "token_embeddings",
+                f"{key.split('.', 1)[0]}.token_embeddings",
+            ]
+        )
         header[new] = header.pop(key)
     elif op == 8:  # the whole header is not an object
         return join(rng.choice(HOSTILE_VALUES), data)
@@ -162,7 +236,7 @@ def data_mangled(rng: random.Random, raw: bytes) -> bytes:
     value = rng.choice([float("nan"), float("inf"), -float("inf"), 1e30, -0.0, 3.0])
     offset = start + 4 * rng.randrange(max((stop - start) // 4, 1))
     if stop > start:
-        buffer[offset:offset + 4] = struct.pack("<f", value)
+        buffer[offset : offset + 4] = struct.pack("<f", value)
     return join(header, bytes(buffer))
 
 

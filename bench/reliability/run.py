@@ -76,8 +76,11 @@ def _foreign(rng: random.Random, valid: bytes, bundle: bytes) -> bytes:
     if choice == 1:  # the other container format
         return bundle if rng.random() < 0.5 else valid
     if choice == 2:  # a LoRA file
-        tensors = {f"lora_unet_down_{i}.lora_{side}.weight": torch.randn(4, 8)
-                   for i in range(rng.randint(1, 6)) for side in ("up", "down")}
+        tensors = {
+            f"lora_unet_down_{i}.lora_{side}.weight": torch.randn(4, 8)
+            for i in range(rng.randint(1, 6))
+            for side in ("up", "down")
+        }
         return save_bytes(tensors, metadata={"ss_network_dim": "4"})
     if choice == 3:  # a random safetensors file with spectral metadata
         header, _ = split(valid)
@@ -146,8 +149,9 @@ def _valid_files(work: Path):
     from spectral_diffusion.formats.adapter_file import save_adapter
     from spectral_diffusion.formats.bundle import write_bundle
 
-    valid = save_adapter(dataclasses.replace(make_adapter("fuzzed", 3), created_at=FIXED_TIME),
-                         work / "valid.safetensors").read_bytes()
+    valid = save_adapter(
+        dataclasses.replace(make_adapter("fuzzed", 3), created_at=FIXED_TIME), work / "valid.safetensors"
+    ).read_bytes()
     concepts = {"dog": make_adapter("dog", 1), "cat": make_adapter("cat", 2, variant="rotational", seed=1)}
     header, data = split(write_bundle(concepts, work / "bundle.safetensors", {"dog": 1.0, "cat": 0.5}).read_bytes())
     header["__metadata__"]["created_at"] = FIXED_TIME
@@ -186,14 +190,24 @@ def fuzz_adapters(count: int, seed: int, work: Path) -> dict:
         info = _timed(tally, "load_adapter", lambda: load_adapter(adapters, path), (SpectralDiffusionError,), slowest)
         if info is not None:
             adapters.remove_concept(info.name)
-        record = _timed(tally, "import_file", lambda: library.import_file(path, base_fingerprint=adapters.fingerprint),
-                        (SpectralDiffusionError,), slowest)
+        record = _timed(
+            tally,
+            "import_file",
+            lambda: library.import_file(path, base_fingerprint=adapters.fingerprint),
+            (SpectralDiffusionError,),
+            slowest,
+        )
         if record is not None:
             library.delete(record.name)
         if (index % 97 == 0 or record is not None) and snapshot(library.root) != before:
             tally[("import_file", "UNEXPECTED library changed")] += 1
             before = snapshot(library.root)
-    return {"files": count, "by_kind": dict(by_kind), "outcomes": _nested(tally), "slowest_ms": round(slowest[0] * 1000)}
+    return {
+        "files": count,
+        "by_kind": dict(by_kind),
+        "outcomes": _nested(tally),
+        "slowest_ms": round(slowest[0] * 1000),
+    }
 
 
 def _nested(tally: Counter) -> dict:
@@ -207,8 +221,19 @@ def _nested(tally: Counter) -> dict:
 
 FORMATS = ["PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF"]
 MODES = ["1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I;16", "I", "F", "YCbCr"]
-NAMES = ["photo", "Ünïcödé фото", "with space", "-leading-dash", "x" * 200, "UPPER", "dots.in.name", "emoji-🐶",
-         "semi;colon", "quote'n\"", "tab\tname"]
+NAMES = [
+    "photo",
+    "Ünïcödé фото",
+    "with space",
+    "-leading-dash",
+    "x" * 200,
+    "UPPER",
+    "dots.in.name",
+    "emoji-🐶",
+    "semi;colon",
+    "quote'n\"",
+    "tab\tname",
+]
 EXTENSIONS = [".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".PNG", ".JpG", ".txt", ".zip", ""]
 CONCEPT_NAMES = ["upload", "../evil", "", " ", "a" * 300, "con", ".hidden", "ok-name", "evil\0", "名前"]
 
@@ -289,13 +314,19 @@ def fuzz_uploads(count: int, seed: int, work: Path) -> dict:
         source = folder if rng.random() < 0.2 else files
         name = rng.choice(CONCEPT_NAMES) if rng.random() < 0.3 else f"upload-{index}"
         if rng.random() < 0.5:
-            future = _timed(tally, "start_training",
-                            lambda name=name, source=source: service.start_training(TrainRequest(name, source)),
-                            (SpectralDiffusionError,), slowest)
+            future = _timed(
+                tally,
+                "start_training",
+                lambda name=name, source=source: service.start_training(TrainRequest(name, source)),
+                (SpectralDiffusionError,),
+                slowest,
+            )
             if future is not None:
                 future.result(timeout=30)
         else:
-            _timed(tally, "check_uploads", lambda source=source: check_uploads(source), (SpectralDiffusionError,), slowest)
+            _timed(
+                tally, "check_uploads", lambda source=source: check_uploads(source), (SpectralDiffusionError,), slowest
+            )
     if (work / "upload-library").exists() and any((work / "upload-library").iterdir()):
         tally[("start_training", "UNEXPECTED library written")] += 1
     return {"uploads": count, "outcomes": _nested(tally), "slowest_ms": round(slowest[0] * 1000)}
@@ -326,12 +357,24 @@ def run_fuzz(files: int, uploads: int, seed: int = 17) -> dict:
             cap_enforced = False
         except (MemoryError, RuntimeError):
             cap_enforced = True
-    unexpected = sum(n for part in (adapters, upload_report) for outcomes in part["outcomes"].values()
-                     for outcome, n in outcomes.items() if outcome.startswith("UNEXPECTED"))
-    return {"adapter_files": adapters, "uploads": upload_report, "unexpected": unexpected,
-            "address_space_cap_mb": round(limit / 2**20), "cap_enforced": cap_enforced,
-            "rss_start_mb": round(rss_start), "rss_end_mb": round(_vm_kb("VmRSS") / 1024),
-            "rss_peak_mb": round(_vm_kb("VmHWM") / 1024), "seconds": round(time.perf_counter() - started, 1)}
+    unexpected = sum(
+        n
+        for part in (adapters, upload_report)
+        for outcomes in part["outcomes"].values()
+        for outcome, n in outcomes.items()
+        if outcome.startswith("UNEXPECTED")
+    )
+    return {
+        "adapter_files": adapters,
+        "uploads": upload_report,
+        "unexpected": unexpected,
+        "address_space_cap_mb": round(limit / 2**20),
+        "cap_enforced": cap_enforced,
+        "rss_start_mb": round(rss_start),
+        "rss_end_mb": round(_vm_kb("VmRSS") / 1024),
+        "rss_peak_mb": round(_vm_kb("VmHWM") / 1024),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 # ----- soak ----------------------------------------------------------------------------------------
@@ -351,14 +394,35 @@ def start_app(library: Path, work: Path, models_home: str | None = None):
     import urllib.request
 
     port = _free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
-               GRADIO_ANALYTICS_ENABLED="False", GRADIO_TEMP_DIR=str(work / "gradio-cache"), PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        GRADIO_ANALYTICS_ENABLED="False",
+        GRADIO_TEMP_DIR=str(work / "gradio-cache"),
+        PYTHONUNBUFFERED="1",
+    )
     if models_home:
         env["SPECTRAL_DIFFUSION_HOME"] = models_home
     log = open(work / "app.log", "wb")  # noqa: SIM115 - closed with the process
-    process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", "builtin:tiny", "--library",
-                                str(library), "--port", str(port)], cwd=work, stdout=log, stderr=subprocess.STDOUT,
-                               env=env)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "app.py"),
+            "--model",
+            "builtin:tiny",
+            "--library",
+            str(library),
+            "--port",
+            str(port),
+        ],
+        cwd=work,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
@@ -380,8 +444,17 @@ BUSY = "already running"  # the "one training at a time" answer
 class SoakClient:
     """One user: generates with, exports, imports and deletes concepts of its own, and lists."""
 
-    def __init__(self, index: int, url: str, work: Path, adapter_file: Path, deadline: float, tally: Counter,
-                 failures: list, lock: threading.Lock):
+    def __init__(
+        self,
+        index: int,
+        url: str,
+        work: Path,
+        adapter_file: Path,
+        deadline: float,
+        tally: Counter,
+        failures: list,
+        lock: threading.Lock,
+    ):
         from gradio_client import Client
 
         self.index, self.work, self.adapter_file, self.deadline = index, work, adapter_file, deadline
@@ -497,13 +570,29 @@ def run_soak(seconds: float, clients: int) -> dict:
         final = Library(library)
         names = {r.name: r.slot for r in final.list()}
         slots = list(names.values())
-        valid = (names.get("resident") == 0 and len(set(slots)) == len(slots) and not leftovers(library)
-                 and final.reservations() == [] and all(not n.startswith("c") for n in names))
+        valid = (
+            names.get("resident") == 0
+            and len(set(slots)) == len(slots)
+            and not leftovers(library)
+            and final.reservations() == []
+            and all(not n.startswith("c") for n in names)
+        )
         calls = sum(tally.values())
-    return {"seconds": seconds, "clients": clients, "calls": calls + 1, "by_call": _nested(tally),
-            "failures": len(failures), "failure_samples": failures[:5], "training_ran_throughout": training_running,
-            "server_alive": alive, "library_valid": valid, "library_at_end": names,
-            "rss_start_mb": round(rss[0]), "rss_end_mb": round(rss[-1]), "rss_peak_mb": round(max(rss))}
+    return {
+        "seconds": seconds,
+        "clients": clients,
+        "calls": calls + 1,
+        "by_call": _nested(tally),
+        "failures": len(failures),
+        "failure_samples": failures[:5],
+        "training_ran_throughout": training_running,
+        "server_alive": alive,
+        "library_valid": valid,
+        "library_at_end": names,
+        "rss_start_mb": round(rss[0]),
+        "rss_end_mb": round(rss[-1]),
+        "rss_peak_mb": round(max(rss)),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -525,8 +614,12 @@ def main(argv: list[str] | None = None) -> int:
         ok = report["unexpected"] == 0 and report["cap_enforced"]
     else:
         report = run_soak(args.seconds or (300.0 if args.long else 45.0), args.clients)
-        ok = (report["failures"] == 0 and report["library_valid"] and report["server_alive"]
-              and report["rss_peak_mb"] - report["rss_start_mb"] < SOAK_RSS_GROWTH_LIMIT_MB)
+        ok = (
+            report["failures"] == 0
+            and report["library_valid"]
+            and report["server_alive"]
+            and report["rss_peak_mb"] - report["rss_start_mb"] < SOAK_RSS_GROWTH_LIMIT_MB
+        )
     text = json.dumps(report, indent=1, ensure_ascii=False)
     print(text)
     if args.json:

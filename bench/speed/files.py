@@ -120,8 +120,9 @@ def make_concept_files(adapters: SpectralAdapters, out_dir: Path, n: int = 8, ra
 def fusion(unet, plain: dict, cache_dir, out_dir: Path, n: int = 8, repeats: int = 3, log=print):
     """Returns (FusionResult, adapters holding the n concepts, live and unmerged, its layers by path)."""
     set_modules(unet, plain)
-    adapters = SpectralAdapters({"unet": unet}, targets=TargetConfig(unet=UNET_TARGETS, text_encoder=()),
-                                svd_cache=SvdCache(cache_dir))
+    adapters = SpectralAdapters(
+        {"unet": unet}, targets=TargetConfig(unet=UNET_TARGETS, text_encoder=()), svd_cache=SvdCache(cache_dir)
+    )
     layers = {key.removeprefix("unet."): layer for key, layer in adapters.layers.items()}
     files = make_concept_files(adapters, out_dir, n)
     result = FusionResult(n, files_bytes=sum(f.stat().st_size for f in files))
@@ -160,8 +161,10 @@ def fusion(unet, plain: dict, cache_dir, out_dir: Path, n: int = 8, repeats: int
         result.merge_s.append(t2 - t1)
         result.unmerge_s.append(t3 - t2)
         result.export_s.append(t4 - t3)
-        log(f"  fuse {n}: install {t1 - t0:.2f} s (read {read_s:.2f} s, check {check_s[0]:.2f} s), merge {t2 - t1:.2f} s, unmerge {t3 - t2:.2f} s, "
-            f"LoRA export {t4 - t3:.2f} s")
+        log(
+            f"  fuse {n}: install {t1 - t0:.2f} s (read {read_s:.2f} s, check {check_s[0]:.2f} s), merge {t2 - t1:.2f} s, unmerge {t3 - t2:.2f} s, "
+            f"LoRA export {t4 - t3:.2f} s"
+        )
     compatibility.compatible_triplets = check
     set_modules(unet, plain)
     return result, adapters, layers

@@ -27,18 +27,35 @@ logger = logging.getLogger("bench.speed.gpu")
 DENOISING_STEPS = 30
 SD15 = {"cross_attention_dim": 768, "sample_size": 64}
 SDXL = {
-    "sample_size": 128, "cross_attention_dim": 2048, "block_out_channels": (320, 640, 1280),
+    "sample_size": 128,
+    "cross_attention_dim": 2048,
+    "block_out_channels": (320, 640, 1280),
     "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    "transformer_layers_per_block": (1, 2, 10), "attention_head_dim": (5, 10, 20), "use_linear_projection": True,
-    "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+    "transformer_layers_per_block": (1, 2, 10),
+    "attention_head_dim": (5, 10, 20),
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
     "projection_class_embeddings_input_dim": 2816,
 }
-TINY = {"block_out_channels": (32, 64), "layers_per_block": 1, "attention_head_dim": 4, "norm_num_groups": 8,
-        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"), "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D")}
+TINY = {
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "attention_head_dim": 4,
+    "norm_num_groups": 8,
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+}
 TINY_SD15 = {**TINY, "cross_attention_dim": 32, "sample_size": 8}
-TINY_SDXL = {**TINY, "cross_attention_dim": 64, "sample_size": 8, "addition_embed_type": "text_time",
-             "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 32 + 6 * 8}
+TINY_SDXL = {
+    **TINY,
+    "cross_attention_dim": 64,
+    "sample_size": 8,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 32 + 6 * 8,
+}
 
 
 class Clock:
@@ -92,8 +109,10 @@ def unet_inputs(unet, batch: int, latent: int, dtype, device) -> dict:
     }
     if config.addition_embed_type == "text_time":
         text = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-        inputs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, text, device=device, dtype=dtype),
-                                       "time_ids": torch.randn(batch, 6, device=device, dtype=dtype)}
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, text, device=device, dtype=dtype),
+            "time_ids": torch.randn(batch, 6, device=device, dtype=dtype),
+        }
     return inputs
 
 
@@ -185,15 +204,21 @@ def bench_model(label: str, config: dict, args, log) -> dict:
 def report(r: dict, args, log) -> None:
     per_image = DENOISING_STEPS / args.batch
     log(f"== {r['model']} ({r['layers']} attention linears, {args.dtype}, batch {args.batch}, rank {args.rank})")
-    log(f"  SVD prep (cold, K={args.rank * 8}): {r['svd_s']:.2f} s, paths {r['svd_paths']}, "
-        f"peak {_gb(r['svd_peak_gb'])}")
-    log(f"  training step: LoRA {r['train_lora_s'] * 1e3:.1f} ms, ours {r['train_ours_s'] * 1e3:.1f} ms, "
+    log(
+        f"  SVD prep (cold, K={args.rank * 8}): {r['svd_s']:.2f} s, paths {r['svd_paths']}, "
+        f"peak {_gb(r['svd_peak_gb'])}"
+    )
+    log(
+        f"  training step: LoRA {r['train_lora_s'] * 1e3:.1f} ms, ours {r['train_ours_s'] * 1e3:.1f} ms, "
         f"ours / LoRA {r['train_ours_s'] / r['train_lora_s']:.3f}x; peak {_gb(r['train_lora_peak_gb'])} vs "
-        f"{_gb(r['train_ours_peak_gb'])}")
+        f"{_gb(r['train_ours_peak_gb'])}"
+    )
     for key, label in (("base", "base"), ("live4", "4 live"), ("baked", "4 baked")):
         t = r[f"infer_{key}_s"]
-        log(f"  inference {label}: {t * 1e3:.1f} ms per UNet evaluation, {1 / (t * per_image):.2f} images/s "
-            f"at {DENOISING_STEPS} steps, / base {t / r['infer_base_s']:.3f}x")
+        log(
+            f"  inference {label}: {t * 1e3:.1f} ms per UNet evaluation, {1 / (t * per_image):.2f} images/s "
+            f"at {DENOISING_STEPS} steps, / base {t / r['infer_base_s']:.3f}x"
+        )
     log(f"  inference peak {_gb(r['infer_peak_gb'])}")
 
 

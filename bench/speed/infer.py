@@ -46,8 +46,9 @@ def run(unet, plain, adapters, layers, lives=(1, 2, 4, 8), baked=(1, 4, 8), roun
     for count in baked:
         variants[f"baked {count}"] = forward
         before[f"baked {count}"] = use(count, merge=True)
-    timings: Timings = run_rounds(variants, rounds=rounds, warmup=warmup, before=before, seed=seed,
-                                  progress=lambda msg: log(f"    {msg}"))
+    timings: Timings = run_rounds(
+        variants, rounds=rounds, warmup=warmup, before=before, seed=seed, progress=lambda msg: log(f"    {msg}")
+    )
     adapters.unmerge()
     set_modules(unet, plain)
     return timings

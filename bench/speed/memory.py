@@ -109,8 +109,9 @@ def worker(variant: str, steps: int, threads: int, size: str = "sd15", rank: int
         from spectral_diffusion.core.model import SpectralAdapters
         from spectral_diffusion.core.svd import SvdCache
 
-        adapters = SpectralAdapters({"unet": unet}, targets=TargetConfig(unet=UNET_TARGETS, text_encoder=()),
-                                    svd_cache=SvdCache(scratch.name))
+        adapters = SpectralAdapters(
+            {"unet": unet}, targets=TargetConfig(unet=UNET_TARGETS, text_encoder=()), svd_cache=SvdCache(scratch.name)
+        )
         phase("patched")
         adapters.new_concept(ConceptInfo("concept", 0, rank, variant))  # runs the top-K SVD (cold cache)
         params = [p for group in adapters.trainable_parameters("concept").values() for p in group]
@@ -148,11 +149,27 @@ def worker(variant: str, steps: int, threads: int, size: str = "sd15", rank: int
 
 
 def _spawn(variant: str, steps: int, threads: int, size: str, log) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    cmd = [sys.executable, "-m", "bench.speed.memory", "worker", variant, "--steps", str(steps),
-           "--threads", str(threads), "--size", size]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.speed.memory",
+        "worker",
+        variant,
+        "--steps",
+        str(steps),
+        "--threads",
+        str(threads),
+        "--size",
+        size,
+    ]
     with tempfile.TemporaryFile(mode="w+") as out, tempfile.TemporaryFile(mode="w+") as err:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)  # the OS's accounting of the finished child
@@ -162,11 +179,13 @@ def _spawn(variant: str, steps: int, threads: int, size: str, log) -> dict:
         lines = [line for line in out.read().splitlines() if line.startswith(MARK)]
         if proc.returncode != 0 or not lines:
             raise RuntimeError(f"memory worker {variant} failed (exit {proc.returncode}):\n{err.read()[-4000:]}")
-    data = json.loads(lines[-1][len(MARK):])
+    data = json.loads(lines[-1][len(MARK) :])
     data["ru_maxrss_kib"] = usage.ru_maxrss  # KiB on Linux
     data["cpu_s"] = usage.ru_utime + usage.ru_stime
-    log(f"  {variant}: peak RSS {usage.ru_maxrss / 1024**2:.3f} GiB (ru_maxrss), "
-        f"worker's own VmHWM {data['phases'][-1]['VmHWM'] / 1024**2:.3f} GiB, {data['cpu_s']:.0f} CPU s")
+    log(
+        f"  {variant}: peak RSS {usage.ru_maxrss / 1024**2:.3f} GiB (ru_maxrss), "
+        f"worker's own VmHWM {data['phases'][-1]['VmHWM'] / 1024**2:.3f} GiB, {data['cpu_s']:.0f} CPU s"
+    )
     return data
 
 
@@ -205,8 +224,21 @@ def run(quick: bool = False, threads: int = 1, size: str = "sd15", variants=VARI
     """Spawn the small launcher, which spawns one worker per variant; results from its JSON."""
     steps = QUICK_STEPS if quick else STEPS
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    cmd = [sys.executable, "-m", "bench.speed.memory", "launch", "--steps", str(steps), "--threads", str(threads),
-           "--size", size, "--variants", ",".join(variants), "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.speed.memory",
+        "launch",
+        "--steps",
+        str(steps),
+        "--threads",
+        str(threads),
+        "--size",
+        size,
+        "--variants",
+        ",".join(variants),
+        "--json",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     for line in proc.stdout.splitlines():
         if not line.startswith(MARK):
@@ -214,7 +246,7 @@ def run(quick: bool = False, threads: int = 1, size: str = "sd15", variants=VARI
     lines = [line for line in proc.stdout.splitlines() if line.startswith(MARK)]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"memory launcher failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    runs = json.loads(lines[-1][len(MARK):])
+    runs = json.loads(lines[-1][len(MARK) :])
     return MemoryResult(steps, threads, size, {r["variant"]: r for r in runs})
 
 
@@ -225,19 +257,31 @@ def table(result: MemoryResult) -> list[list[str]]:
     for variant, data in result.runs.items():
         built = result.phase_kib(variant, "model built") * 1024
         setup = result.setup_peak_bytes(variant)
-        rows.append([
-            LABELS[variant], f"{result.peak_bytes(variant) / gib:.3f}",
-            f"{result.ratio(variant, 'lora'):.3f}x" if "lora" in result.runs else "-",
-            f"{result.ratio(variant, 'base'):.3f}x" if "base" in result.runs else "-",
-            f"{built / gib:.3f}", f"{setup / gib:.3f}",
-            f"{(result.peak_bytes(variant) - built) / gib:.3f}",
-            f"{next(p.get('trainable', 0) for p in data['phases'] if p['phase'] == 'adapted'):,}",
-        ])
+        rows.append(
+            [
+                LABELS[variant],
+                f"{result.peak_bytes(variant) / gib:.3f}",
+                f"{result.ratio(variant, 'lora'):.3f}x" if "lora" in result.runs else "-",
+                f"{result.ratio(variant, 'base'):.3f}x" if "base" in result.runs else "-",
+                f"{built / gib:.3f}",
+                f"{setup / gib:.3f}",
+                f"{(result.peak_bytes(variant) - built) / gib:.3f}",
+                f"{next(p.get('trainable', 0) for p in data['phases'] if p['phase'] == 'adapted'):,}",
+            ]
+        )
     return rows
 
 
-TABLE_HEADER = ["variant", "peak RSS GB (OS)", "/ LoRA", "/ frozen base", "RSS after model build GB",
-                "peak before step 1 GB", "peak - model GB", "trainable params"]
+TABLE_HEADER = [
+    "variant",
+    "peak RSS GB (OS)",
+    "/ LoRA",
+    "/ frozen base",
+    "RSS after model build GB",
+    "peak before step 1 GB",
+    "peak - model GB",
+    "trainable params",
+]
 
 
 def main(argv=None) -> int:
@@ -264,8 +308,13 @@ def main(argv=None) -> int:
         for row in table(result):
             print(" | ".join(row))
         for variant, data in result.runs.items():
-            print(f"{variant}: " + ", ".join(f"{p['phase']} {p['VmRSS'] / 1024**2:.3f}/{p['VmHWM'] / 1024**2:.3f}"
-                                             for p in data["phases"]) + " (GiB, VmRSS/VmHWM)")
+            print(
+                f"{variant}: "
+                + ", ".join(
+                    f"{p['phase']} {p['VmRSS'] / 1024**2:.3f}/{p['VmHWM'] / 1024**2:.3f}" for p in data["phases"]
+                )
+                + " (GiB, VmRSS/VmHWM)"
+            )
     return 0
 
 

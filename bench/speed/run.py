@@ -1,8 +1,8 @@
 """Run every benchmark, print a table, write docs/benchmarks.md (+ plot), end with the RATIO line.
 
-    python -m bench.speed.run            # full run (about 15 minutes on 2 CPU cores)
-    python -m bench.speed.run --quick    # a few minutes: fewer rounds and shapes, no rank sweep, no reference step
-                                   # (prints only; add --write-docs to write docs/benchmarks.md anyway)
+python -m bench.speed.run            # full run (about 15 minutes on 2 CPU cores)
+python -m bench.speed.run --quick    # a few minutes: fewer rounds and shapes, no rank sweep, no reference step
+                               # (prints only; add --write-docs to write docs/benchmarks.md anyway)
 """
 
 from __future__ import annotations
@@ -60,9 +60,11 @@ def choose_threads(arg: str, background: float | None) -> tuple[int, str]:
     if background is not None and background >= 0.5:
         free = max(1, round(cores - background))
         if free < want:
-            return free, (f"other processes kept {background:.1f} of {cores} cores busy, and multi-threaded ops "
-                          "stall whenever one of their threads waits for a core, so one thread per free core, at "
-                          "least one")
+            return free, (
+                f"other processes kept {background:.1f} of {cores} cores busy, and multi-threaded ops "
+                "stall whenever one of their threads waits for a core, so one thread per free core, at "
+                "least one"
+            )
     return want, "all cores"
 
 
@@ -84,13 +86,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a short run (fewer rounds, no rank sweep)")
     parser.add_argument("--threads", default="auto", help="torch threads (default: auto = free cores, at most 2)")
-    parser.add_argument("--metric", default="auto", choices=("auto", "wall", "cpu"),
-                        help="clock for the ratios (default: auto = wall, or this process's CPU time when other "
-                        "processes load the machine)")
+    parser.add_argument(
+        "--metric",
+        default="auto",
+        choices=("auto", "wall", "cpu"),
+        help="clock for the ratios (default: auto = wall, or this process's CPU time when other "
+        "processes load the machine)",
+    )
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"), help="markdown report to write")
     parser.add_argument("--no-write", action="store_true", help="print only; do not write the report or plot")
-    parser.add_argument("--write-docs", action="store_true",
-                        help="write the report even for a --quick run (a full run writes it by default)")
+    parser.add_argument(
+        "--write-docs",
+        action="store_true",
+        help="write the report even for a --quick run (a full run writes it by default)",
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     started = time.perf_counter()
@@ -107,7 +116,8 @@ def main(argv=None) -> int:
     run_start = cpu_snapshot()
     meta = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": "python -m bench.speed.run" + (" " + shlex.join(argv if argv is not None else sys.argv[1:])).rstrip(),
+        "command": "python -m bench.speed.run"
+        + (" " + shlex.join(argv if argv is not None else sys.argv[1:])).rstrip(),
         "quick": quick,
         "threads": threads,
         "threads_note": threads_note,
@@ -127,8 +137,10 @@ def main(argv=None) -> int:
     log("\n[2] per-layer forward + backward")
     results["layers"] = bench_layers.run(quick=quick, log=log)
 
-    log(f"\n[5] memory of a training run: one process per variant, {bench_memory.QUICK_STEPS if quick else bench_memory.STEPS}"
-        " steps each (peak RSS from the OS)")
+    log(
+        f"\n[5] memory of a training run: one process per variant, {bench_memory.QUICK_STEPS if quick else bench_memory.STEPS}"
+        " steps each (peak RSS from the OS)"
+    )
     results["memory"] = bench_memory.run(quick=quick, threads=threads, log=log)
 
     log("\n[3] SVD preparation: building an SD1.5-size UNet and a CLIP ViT-L text encoder (random weights) ...")
@@ -137,8 +149,12 @@ def main(argv=None) -> int:
     results["svd"] = bench_svd.run(unet, clip, cache_dir, quick=quick, keep_full_unet=not quick, log=log)
     if results["svd"].speedup < report.SVD_GOAL and not quick:
         log("  goal missed: profiling per weight shape")
-        weights = {f"unet.{p}": m.weight.detach() for p, m in get_modules(unet, target_paths(unet, UNET_TARGETS)).items()}
-        weights.update({f"text.{p}": m.weight.detach() for p, m in get_modules(clip, target_paths(clip, TEXT_TARGETS)).items()})
+        weights = {
+            f"unet.{p}": m.weight.detach() for p, m in get_modules(unet, target_paths(unet, UNET_TARGETS)).items()
+        }
+        weights.update(
+            {f"text.{p}": m.weight.detach() for p, m in get_modules(clip, target_paths(clip, TEXT_TARGETS)).items()}
+        )
         results["svd_profile"] = profiles.svd_profile(weights, log=log)
         del weights
     del clip
@@ -153,8 +169,9 @@ def main(argv=None) -> int:
     results["train"] = train
     if not quick and any(train.timings.ratio(v, "lora") > report.TRAIN_GOAL for v in bench_train.SPECTRAL):
         log("  goal missed: profiling one step of LoRA and of each spectral variant")
-        results["profiles"].update(profiles.train_profiles(train.steps, train.before,
-                                                           names=("lora", *bench_train.SPECTRAL), log=log))
+        results["profiles"].update(
+            profiles.train_profiles(train.steps, train.before, names=("lora", *bench_train.SPECTRAL), log=log)
+        )
     train.steps, train.before = {}, {}
 
     log("\n[5] adapter files")
@@ -175,14 +192,16 @@ def main(argv=None) -> int:
     gc.collect()
 
     log("\n[6] fusion of 8 concepts")
-    fusion, adapters, layers = bench_files.fusion(unet, plain, cache_dir, work / "concepts", repeats=2 if quick else 3,
-                                                  log=log)
+    fusion, adapters, layers = bench_files.fusion(
+        unet, plain, cache_dir, work / "concepts", repeats=2 if quick else 3, log=log
+    )
     results["fusion"] = fusion
 
     log("\n[4] inference per denoising step")
     lives, baked = ((4,), (4,)) if quick else ((1, 2, 4, 8), (1, 4, 8))
-    results["infer"] = bench_infer.run(unet, plain, adapters, layers, lives=lives, baked=baked,
-                                       rounds=2 if quick else 7, log=log)
+    results["infer"] = bench_infer.run(
+        unet, plain, adapters, layers, lives=lives, baked=baked, rounds=2 if quick else 7, log=log
+    )
 
     infer = results["infer"]
     infer_missed = infer.ratio("live 4", "base") > report.LIVE4_GOAL or report.baked_ratio(infer) > report.BAKED_GOAL

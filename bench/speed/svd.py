@@ -69,8 +69,10 @@ def compare(label: str, weights: dict, k: int = K, log=print) -> PrepComparison:
         paths[path] = paths.get(path, 0) + 1
         worst = max(worst, float((trip.s - S[: trip.k]).abs().max() / S[0]))
     result = PrepComparison(label, len(weights), ours_s, exact_s, full_s, paths, worst)
-    log(f"  {label}: {len(weights)} layers, ours {ours_s:.2f} s, exact Gram {exact_s:.2f} s, full SVD {full_s:.2f} s "
-        f"({result.speedup:.1f}x), paths {paths}, max |ds|/s1 {worst:.1e}")
+    log(
+        f"  {label}: {len(weights)} layers, ours {ours_s:.2f} s, exact Gram {exact_s:.2f} s, full SVD {full_s:.2f} s "
+        f"({result.speedup:.1f}x), paths {paths}, max |ds|/s1 {worst:.1e}"
+    )
     return result
 
 
@@ -95,7 +97,9 @@ class SvdResult:
 
 def _adapters(unet, clip, cache_dir):
     cache = SvdCache(cache_dir)
-    sa_unet = SpectralAdapters({"unet": unet}, targets=TargetConfig(unet=UNET_TARGETS, text_encoder=()), svd_cache=cache)
+    sa_unet = SpectralAdapters(
+        {"unet": unet}, targets=TargetConfig(unet=UNET_TARGETS, text_encoder=()), svd_cache=cache
+    )
     sa_text = SpectralAdapters(
         {"text_encoder": clip}, targets=TargetConfig(unet=(), text_encoder=TEXT_TARGETS), svd_cache=cache
     )
@@ -153,8 +157,11 @@ def run(unet, clip, cache_dir, quick: bool = False, keep_full_unet: bool = True,
     log(f"  reload from cache: {t2 - t0:.2f} s (spectrum() alone {t2 - t1:.2f} s)")
     sample = {name: weights[name] for name in (names[::8] if quick else names[::2])}
     comparisons = [
-        compare(f"SD1.5-size, power-law spectrum (alpha {POWER_LAW_ALPHA})",
-                {n: power_law_copy(w, seed=i) for i, (n, w) in enumerate(sample.items())}, log=log),
+        compare(
+            f"SD1.5-size, power-law spectrum (alpha {POWER_LAW_ALPHA})",
+            {n: power_law_copy(w, seed=i) for i, (n, w) in enumerate(sample.items())},
+            log=log,
+        ),
         compare("SD1.5-size, flat random weights", sample, log=log),
     ]
     return SvdResult(

@@ -55,8 +55,9 @@ def build_context(unet, svd_cache_dir, full_svd=None, reference_rank: int = 8, s
     """Patch ``unet`` with our layers (spectrum from the cache when item 3 filled it), then unswap them."""
     paths = target_paths(unet, UNET_TARGETS)
     plain = get_modules(unet, paths)
-    adapters = SpectralAdapters({"unet": unet}, targets=TargetConfig(unet=UNET_TARGETS, text_encoder=()),
-                                svd_cache=SvdCache(svd_cache_dir))
+    adapters = SpectralAdapters(
+        {"unet": unet}, targets=TargetConfig(unet=UNET_TARGETS, text_encoder=()), svd_cache=SvdCache(svd_cache_dir)
+    )
     spectral = {path: adapters.layers[f"unet.{path}"] for path in paths}
     set_modules(unet, plain)
     generator = torch.Generator().manual_seed(seed)
@@ -191,8 +192,11 @@ def run_main(ctx: TrainContext, rank=8, rounds=4, warmup=1, with_reference=True,
         return hook
 
     result.timings = run_rounds(
-        steps, rounds=rounds, warmup=warmup,
-        before={n: wrap_before(n) for n in steps}, after={n: wrap_after(n) for n in steps},
+        steps,
+        rounds=rounds,
+        warmup=warmup,
+        before={n: wrap_before(n) for n in steps},
+        after={n: wrap_after(n) for n in steps},
         progress=lambda msg: log(f"    {msg}"),
     )
     set_modules(ctx.unet, ctx.plain)
@@ -206,11 +210,19 @@ def run_sweep(ctx: TrainContext, ranks, rounds=2, warmup=0, known: dict | None =
         if rank in results:
             continue
         steps, before, _ = variants_for_rank(ctx, rank)
-        timings = run_rounds(steps, rounds=rounds, warmup=warmup, before=before, seed=rank,
-                             progress=lambda msg, r=rank: log(f"    r={r} {msg}"))
+        timings = run_rounds(
+            steps,
+            rounds=rounds,
+            warmup=warmup,
+            before=before,
+            seed=rank,
+            progress=lambda msg, r=rank: log(f"    r={r} {msg}"),
+        )
         results[rank] = TrainResult(rank, timings)
         ctx.peft.pop(rank, None)  # free this rank's LoRA layers
-        log(f"  rank {rank:>2}: additive/lora {timings.ratio('additive', 'lora'):.2f}x, "
-            f"rotational/lora {timings.ratio('rotational', 'lora'):.2f}x, lora/base {timings.ratio('lora', 'base'):.2f}x")
+        log(
+            f"  rank {rank:>2}: additive/lora {timings.ratio('additive', 'lora'):.2f}x, "
+            f"rotational/lora {timings.ratio('rotational', 'lora'):.2f}x, lora/base {timings.ratio('lora', 'base'):.2f}x"
+        )
     set_modules(ctx.unet, ctx.plain)
     return results

@@ -35,6 +35,7 @@ def check_layer_set(layers, layer_tensors: Mapping[str, object], model_name: str
             f"{len(missing)} missing (e.g. {missing[:2]}), {len(extra)} unknown (e.g. {extra[:2]})"
         )
 
+
 def compatible_triplets(layers, concepts: Sequence[StoredConcept], model_name: str) -> list[dict[str, Triplets]]:
     """Per concept its float32 triplets per layer, once every one passed the base-model check."""
     found: list[dict[str, Triplets]] = [{} for _ in concepts]
@@ -51,10 +52,11 @@ def compatible_triplets(layers, concepts: Sequence[StoredConcept], model_name: s
             weight_v = layer.weight_matrix.float() @ torch.cat([trip.V for trip in trips], dim=1)
             start = 0
             for concept, trip in zip(concepts, trips, strict=True):
-                projected = trip.U.T @ weight_v[:, start:start + trip.k]
+                projected = trip.U.T @ weight_v[:, start : start + trip.k]
                 start += trip.k
                 _check_projection(key, layer, trip, projected, concept.tolerance, model_name)
     return found
+
 
 def _check_shape(layer, key: str, trip: Triplets, rank: int, model_name: str) -> None:
     m, n = layer.out_features, layer.in_features
@@ -63,6 +65,7 @@ def _check_shape(layer, key: str, trip: Triplets, rank: int, model_name: str) ->
             f"layer {key} of {model_name} is {m} x {n} but the adapter's slot there is "
             f"U{tuple(trip.U.shape)} V{tuple(trip.V.shape)} at rank {rank}: it was made for another model"
         )
+
 
 def _check_projection(key, layer, trip: Triplets, projected, tolerance: float, model_name: str) -> None:
     for name, strength in layer.merged.items():  # measure against the unmerged base weight

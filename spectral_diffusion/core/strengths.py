@@ -87,7 +87,7 @@ def _json_spec(text: str):
     except json.JSONDecodeError as error:
         raise RequestError(f"concepts look like JSON but are not valid JSON ({error})") from None
     except RecursionError:
-        raise RequestError("concepts JSON is nested too deeply; send {\"name\": strength}") from None
+        raise RequestError('concepts JSON is nested too deeply; send {"name": strength}') from None
     return value if isinstance(value, (dict, list)) else str(value)
 
 

@@ -143,7 +143,7 @@ def _krylov_top_k(W: torch.Tensor, k: int, block: int, depth: int):
     gap = float(s[k - 1] - s[k])
     if not torch.isfinite(residual).all() or float(residual.max()) > limit:
         return None
-    if gap <= 2 * float(residual[k - 1:].max()):
+    if gap <= 2 * float(residual[k - 1 :].max()):
         return None
     return U[:, :k], s[:k], V[:, :k]
 

@@ -32,8 +32,20 @@ COMPONENTS = ("unet",) + TEXT_COMPONENTS
 TRIPLET_KEYS = ("U", "s", "V")
 TRAINABLE_KEYS = {"additive": ("A", "B", "c"), "rotational": ("G_U", "G_V", "c")}
 REQUIRED_METADATA = (
-    "format", "format_version", "name", "variant", "rank", "slot", "tokens", "class_word",
-    "base_model", "base_fingerprint", "targets", "train_config", "created_at", "package_version",
+    "format",
+    "format_version",
+    "name",
+    "variant",
+    "rank",
+    "slot",
+    "tokens",
+    "class_word",
+    "base_model",
+    "base_fingerprint",
+    "targets",
+    "train_config",
+    "created_at",
+    "package_version",
 )
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 MAX_FILE_BYTES = 8 * 1024**3
@@ -299,7 +311,16 @@ def _check_shapes(path: Path, info: ConceptInfo, layers, token_vectors) -> None:
         if absent:
             raise _fail(path, f"layer {key} is missing tensors {absent}")
         m, n = parts["U"].shape[0], parts["V"].shape[0]
-        expected = {"U": (m, r), "s": (r,), "V": (n, r), "A": (m, r), "B": (n, r), "c": (r,), "G_U": (r, r), "G_V": (r, r)}
+        expected = {
+            "U": (m, r),
+            "s": (r,),
+            "V": (n, r),
+            "A": (m, r),
+            "B": (n, r),
+            "c": (r,),
+            "G_U": (r, r),
+            "G_V": (r, r),
+        }
         for part, tensor in parts.items():
             if tuple(tensor.shape) != expected[part]:
                 raise _fail(
@@ -371,8 +392,9 @@ def _check_loadable_name(name: str) -> None:
     """A file may carry any name (the library imports it under another one), but a loaded concept's name
     keys torch modules: empty or dotted names cannot be loaded."""
     if not name or "." in name:
-        raise AdapterFormatError(f"concept name {name!r} cannot be loaded (empty or with a '.'); load it under "
-                                 "another name")
+        raise AdapterFormatError(
+            f"concept name {name!r} cannot be loaded (empty or with a '.'); load it under another name"
+        )
 
 
 def install_adapter(

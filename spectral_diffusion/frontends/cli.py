@@ -55,18 +55,24 @@ def _slot(text: str) -> int | None:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="builtin:NAME, a hub id or a diffusers folder")
-    parser.add_argument("--library", default=str(default_library()),
-                        help=f"concept library folder (default: %(default)s, from ${LIBRARY_ENV} or the user's data folder)")
+    parser.add_argument(
+        "--library",
+        default=str(default_library()),
+        help=f"concept library folder (default: %(default)s, from ${LIBRARY_ENV} or the user's data folder)",
+    )
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
 
 
 def _add_train(sub) -> None:
     train = sub.add_parser("train", help="train one concept into the library")
-    train.add_argument("--images", required=True,
-                       help=f"folder of {RECOMMENDED_IMAGES[0]}-{RECOMMENDED_IMAGES[1]} images of the concept "
-                            f"(at least {MIN_IMAGES}, at most {MAX_IMAGES}); a photo.txt beside photo.png is its "
-                            "caption")
+    train.add_argument(
+        "--images",
+        required=True,
+        help=f"folder of {RECOMMENDED_IMAGES[0]}-{RECOMMENDED_IMAGES[1]} images of the concept "
+        f"(at least {MIN_IMAGES}, at most {MAX_IMAGES}); a photo.txt beside photo.png is its "
+        "caption",
+    )
     train.add_argument("--name", required=True)
     train.add_argument("--class-word", default="", help="what the concept is, e.g. dog")
     train.add_argument("--token", default=None, help="trigger token (default <NAME>)")
@@ -80,35 +86,56 @@ def _add_train(sub) -> None:
     train.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no")
     train.add_argument("--checkpoint-every", type=int, default=0, help="save a resumable checkpoint every N steps")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this name")
-    train.add_argument("--masks", default=None,
-                       help="folder of foreground masks, one per image under the same file name (white = the "
-                            "concept); the loss on the background is down-weighted")
+    train.add_argument(
+        "--masks",
+        default=None,
+        help="folder of foreground masks, one per image under the same file name (white = the "
+        "concept); the loss on the background is down-weighted",
+    )
 
 
 def _add_generate(sub) -> None:
     gen = sub.add_parser("generate", help="generate images with concepts fused")
     gen.add_argument("--prompt", default=None, help="the prompt (required unless --layout FILE.json or --from-png)")
-    gen.add_argument("--concepts", type=parse_concepts, default={},
-                     help="a,b:0.8 (strength 1.0 if omitted; each concept once)")
+    gen.add_argument(
+        "--concepts", type=parse_concepts, default={}, help="a,b:0.8 (strength 1.0 if omitted; each concept once)"
+    )
     gen.add_argument("--negative", default=DEFAULTS.negative_prompt)
     gen.add_argument("--steps", type=int, default=DEFAULTS.steps)
     gen.add_argument("--guidance", type=float, default=DEFAULTS.guidance)
     gen.add_argument("--seed", type=int, default=DEFAULTS.seed, help="-1: a random seed (printed)")
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--height", type=int, default=None)
-    gen.add_argument("--num-images", type=int, default=DEFAULTS.num_images, help="image k is drawn from seed + k (stored in its PNG)")
+    gen.add_argument(
+        "--num-images", type=int, default=DEFAULTS.num_images, help="image k is drawn from seed + k (stored in its PNG)"
+    )
     gen.add_argument("--scheduler", default=DEFAULTS.scheduler, help=", ".join(SCHEDULERS))
     gen.add_argument("--baked", action="store_true", help="merge the concepts into the weights first")
-    gen.add_argument("--layout", default=None,
-                     help="regional composition: FILE.json, or auto / left-right / top-bottom / thirds / grid "
-                          "(concepts placed in the order their tokens appear in the prompt)")
-    gen.add_argument("--region", action="append", default=[], metavar="NAME:x0,y0,x1,y1:PROMPT",
-                     help="one concept's box (fractions of the image) and region prompt; repeat per concept "
-                          "(with --concepts, each placed concept must be in it)")
-    gen.add_argument("--from-png", default=None, metavar="FILE",
-                     help="take the settings stored in an image this tool generated (flags given override)")
-    gen.add_argument("--out", required=True, help="FILE.png, PNG only: it stores the settings (several images: "
-                                                  "FILE-0.png, FILE-1.png, ...)")
+    gen.add_argument(
+        "--layout",
+        default=None,
+        help="regional composition: FILE.json, or auto / left-right / top-bottom / thirds / grid "
+        "(concepts placed in the order their tokens appear in the prompt)",
+    )
+    gen.add_argument(
+        "--region",
+        action="append",
+        default=[],
+        metavar="NAME:x0,y0,x1,y1:PROMPT",
+        help="one concept's box (fractions of the image) and region prompt; repeat per concept "
+        "(with --concepts, each placed concept must be in it)",
+    )
+    gen.add_argument(
+        "--from-png",
+        default=None,
+        metavar="FILE",
+        help="take the settings stored in an image this tool generated (flags given override)",
+    )
+    gen.add_argument(
+        "--out",
+        required=True,
+        help="FILE.png, PNG only: it stores the settings (several images: FILE-0.png, FILE-1.png, ...)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -67,8 +67,9 @@ class _TqdmProgress:
 
         if self.bar is None:
             if progress.first_step:
-                tqdm.write(f"{self.label}: resumed from step {progress.first_step} of {progress.total_steps}",
-                           file=sys.stderr)
+                tqdm.write(
+                    f"{self.label}: resumed from step {progress.first_step} of {progress.total_steps}", file=sys.stderr
+                )
             self.bar = tqdm(total=progress.total_steps, initial=progress.step, desc=self.label, unit="step")
         self.bar.n = progress.step
         self.bar.set_postfix(loss=f"{progress.loss:.4f}", refresh=False)
@@ -95,12 +96,16 @@ def interrupted_message(args: argparse.Namespace) -> str:
     folder = Path(args.library) / CHECKPOINTS_DIR / args.name
     saved = saved_step(folder)
     if saved is None:
-        return (f"interrupted; {args.name} was not added to the library and no checkpoint was written "
-                "(train with --checkpoint-every N to be able to resume)")
+        return (
+            f"interrupted; {args.name} was not added to the library and no checkpoint was written "
+            "(train with --checkpoint-every N to be able to resume)"
+        )
     step, total = saved
-    return (f"interrupted; {args.name} was not added to the library. Its checkpoint at step {step} of {total} "
-            f"is kept in {folder}: run the same command with --resume to continue from there (or "
-            f"`delete {args.name}` to drop it)")
+    return (
+        f"interrupted; {args.name} was not added to the library. Its checkpoint at step {step} of {total} "
+        f"is kept in {folder}: run the same command with --resume to continue from there (or "
+        f"`delete {args.name}` to drop it)"
+    )
 
 
 def _distributed_rank() -> tuple[int, int]:
@@ -110,9 +115,19 @@ def _distributed_rank() -> tuple[int, int]:
 
 def _train_request(args) -> TrainRequest:
     return TrainRequest(
-        name=args.name, images=args.images, class_word=args.class_word, variant=args.variant, rank=args.rank,
-        steps=args.steps, resolution=args.resolution, seed=args.seed, slot=args.slot, token=args.token,
-        mixed_precision=args.mixed_precision, checkpoint_every=args.checkpoint_every, resume=args.resume,
+        name=args.name,
+        images=args.images,
+        class_word=args.class_word,
+        variant=args.variant,
+        rank=args.rank,
+        steps=args.steps,
+        resolution=args.resolution,
+        seed=args.seed,
+        slot=args.slot,
+        token=args.token,
+        mixed_precision=args.mixed_precision,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
         masks=args.masks,
         preview_every=0,  # the CLI saves only the final preview
     )
@@ -137,7 +152,13 @@ def cmd_train(args: argparse.Namespace) -> None:
         progress = _tqdm_progress(f"training {args.name}")
         try:
             record, result = train_into_library(
-                library, pipe, request, images, model=args.model, progress=progress, svd_cache_dir=svd_cache,
+                library,
+                pipe,
+                request,
+                images,
+                model=args.model,
+                progress=progress,
+                svd_cache_dir=svd_cache,
             )
         finally:
             progress.close()  # an interrupted bar ends its line before the error message
@@ -168,8 +189,10 @@ def _capacity_lines(library, records) -> list[str]:
     for entry in slot_overview(library, base_models={r.base_fingerprint: r.base_model for r in records}):
         report = entry.report
         total = "?" if report.capacity is None else str(report.capacity)
-        lines.append(f"{entry.base_model} (base {report.base_fingerprint}): {len(report.taken)} of {total} slots "
-                     f"taken at rank {report.rank}")
+        lines.append(
+            f"{entry.base_model} (base {report.base_fingerprint}): {len(report.taken)} of {total} slots "
+            f"taken at rank {report.rank}"
+        )
     return lines
 
 
@@ -179,8 +202,16 @@ def _load_concepts(studio, library, names) -> None:
 
 
 # generate flags and the stored-settings keys they take their value from with --from-png
-_FROM_PNG = {"prompt": "prompt", "negative": "negative_prompt", "steps": "steps", "guidance": "guidance",
-             "seed": "seed", "width": "width", "height": "height", "scheduler": "scheduler"}
+_FROM_PNG = {
+    "prompt": "prompt",
+    "negative": "negative_prompt",
+    "steps": "steps",
+    "guidance": "guidance",
+    "seed": "seed",
+    "width": "width",
+    "height": "height",
+    "scheduler": "scheduler",
+}
 
 
 def _with_png_settings(args: argparse.Namespace) -> argparse.Namespace:
@@ -208,10 +239,18 @@ def _generation_request(args: argparse.Namespace, library):
     if prompt is None:
         raise SpectralDiffusionError("generate needs --prompt TEXT (or --layout FILE.json, or --from-png FILE)")
     return GenerationRequest(
-        prompt=prompt, negative_prompt=layout.negative if layout is not None else args.negative,
-        concepts=args.concepts, steps=args.steps, guidance=args.guidance, seed=args.seed, width=args.width,
-        height=args.height, num_images=args.num_images, scheduler=args.scheduler,
-        mode="baked" if args.baked else "live", layout=layout,
+        prompt=prompt,
+        negative_prompt=layout.negative if layout is not None else args.negative,
+        concepts=args.concepts,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        width=args.width,
+        height=args.height,
+        num_images=args.num_images,
+        scheduler=args.scheduler,
+        mode="baked" if args.baked else "live",
+        layout=layout,
     )
 
 
@@ -278,7 +317,9 @@ def cmd_delete(args: argparse.Namespace) -> None:
 def cmd_models(args: argparse.Namespace) -> None:
     from spectral_diffusion.models.registry import BUILTIN_MODELS, ensure_builtin
 
-    rows = [{"name": name, "description": text, "path": str(ensure_builtin(name))} for name, text in BUILTIN_MODELS.items()]
+    rows = [
+        {"name": name, "description": text, "path": str(ensure_builtin(name))} for name, text in BUILTIN_MODELS.items()
+    ]
     if args.json:
         emit(rows)
     else:

@@ -41,7 +41,6 @@ from spectral_diffusion.models.registry import DEFAULT_MODEL, default_rank, trai
 logger = logging.getLogger(__name__)
 
 
-
 class BusyError(SpectralDiffusionError):
     """Another training is running; only one runs at a time."""
 
@@ -139,8 +138,12 @@ class Service:
             capacity = report.capacity or (max(report.taken, default=0) + 1)
             title = f"{entry.base_model}  (base {report.base_fingerprint}, rank {report.rank})"
             this = report.base_fingerprint == self.fingerprint
-            maps.append((f"{self.model} (this model)" if this else entry.base_model,
-                         draw_slot_map(report.taken, capacity, title)))
+            maps.append(
+                (
+                    f"{self.model} (this model)" if this else entry.base_model,
+                    draw_slot_map(report.taken, capacity, title),
+                )
+            )
         return maps
 
     def delete_concept(self, name: str) -> None:
@@ -282,9 +285,7 @@ class Service:
         """``start_training`` and wait for it. Raises ``BusyError`` while another training runs."""
         return self.start_training(request, progress).result()
 
-    def start_training(
-        self, request: TrainRequest, progress: Callable[[TrainingStatus], None] | None = None
-    ) -> Future:
+    def start_training(self, request: TrainRequest, progress: Callable[[TrainingStatus], None] | None = None) -> Future:
         """Check the request, then train in a background thread; returns a future of the record.
 
         Bad input (name, images: missing, unreadable, too large) and ``BusyError`` are raised here,
@@ -339,9 +340,18 @@ class Service:
 
         rank = request.rank_for(self.model)
         record, result = train_into_library(
-            self.library, pipe, request, paths, model=self.model, fingerprint=self.fingerprint,
-            capacity=self.capacity(rank), extra_config=self._extra_config(), on_start=on_start,
-            progress=on_progress, should_stop=self._cancel.is_set, svd_cache_dir=self.svd_cache_dir,
+            self.library,
+            pipe,
+            request,
+            paths,
+            model=self.model,
+            fingerprint=self.fingerprint,
+            capacity=self.capacity(rank),
+            extra_config=self._extra_config(),
+            on_start=on_start,
+            progress=on_progress,
+            should_stop=self._cancel.is_set,
+            svd_cache_dir=self.svd_cache_dir,
         )
         status.state, status.message = "done", f"trained {request.name} into slot {record.slot}"
         if not status.previews or status.previews[-1] is not result.preview:

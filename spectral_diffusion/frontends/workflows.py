@@ -32,9 +32,24 @@ def concept_tokens(name: str, token: str | None = None) -> list[str]:
 
 
 # TrainConfig fields a user may set besides the request's own (the app's "Advanced" settings)
-OVERRIDABLE = ("lr_unet", "lr_text", "lr_embedding", "batch_size", "gradient_accumulation", "lr_warmup_steps",
-               "targets", "prior_preservation", "min_snr_gamma", "flip_p", "random_crop", "preview_prompt",
-               "lr_scale", "background_weight", "augment_p", "pair_p")
+OVERRIDABLE = (
+    "lr_unet",
+    "lr_text",
+    "lr_embedding",
+    "batch_size",
+    "gradient_accumulation",
+    "lr_warmup_steps",
+    "targets",
+    "prior_preservation",
+    "min_snr_gamma",
+    "flip_p",
+    "random_crop",
+    "preview_prompt",
+    "lr_scale",
+    "background_weight",
+    "augment_p",
+    "pair_p",
+)
 
 
 @dataclass
@@ -85,9 +100,16 @@ class TrainRequest:
         settings = {**training_defaults(model), **dict(extra or {}), **dict(self.overrides)}
         return TrainConfig(
             **{**settings, **{k: v for k, v in chosen.items() if v is not None}},
-            name=self.name, tokens=self.tokens, class_word=self.class_word, rank=self.rank_for(model), slot=slot,
-            variant=self.variant, seed=self.seed, mixed_precision=self.mixed_precision,
-            checkpoint_every=self.checkpoint_every, resume=self.resume,
+            name=self.name,
+            tokens=self.tokens,
+            class_word=self.class_word,
+            rank=self.rank_for(model),
+            slot=slot,
+            variant=self.variant,
+            seed=self.seed,
+            mixed_precision=self.mixed_precision,
+            checkpoint_every=self.checkpoint_every,
+            resume=self.resume,
             mask_dir=str(self.masks) if self.masks else None,
             checkpoint_dir=str(Path(library_root) / CHECKPOINTS_DIR / self.name) if checkpoints else None,
         )
@@ -153,8 +175,15 @@ def train_into_library(
         config = _with_previews(dataclasses.replace(config, slot=slot), pipe, request.preview_every)
         if on_start is not None:
             on_start(config)
-        result = train_concept(pipe, images, config, progress=progress, should_stop=should_stop,
-                               svd_cache_dir=svd_cache_dir, base_model_name=model)
+        result = train_concept(
+            pipe,
+            images,
+            config,
+            progress=progress,
+            should_stop=should_stop,
+            svd_cache_dir=svd_cache_dir,
+            base_model_name=model,
+        )
         record = library.add(result.adapter, images, result.preview)
         library.discard_checkpoint(request.name)  # finished: a later --resume must not find this run's state
     return record, result
@@ -180,8 +209,9 @@ def import_into_library(library, path: str | os.PathLike, name: str | None = Non
     if not is_bundle(path):
         return [library.import_file(path, name=name)]
     if name:
-        raise LibraryError(f"{Path(path).name} is a fused bundle: its concepts keep their own names; import it "
-                           "without a name")
+        raise LibraryError(
+            f"{Path(path).name} is a fused bundle: its concepts keep their own names; import it without a name"
+        )
     return library.import_bundle(path)
 
 
@@ -220,7 +250,9 @@ def _read_layout_file(path: Path) -> str:
     if not path.is_file():
         raise LayoutError(f"layout {path} is neither a file nor one of {', '.join(LAYOUT_CHOICES)}")
     if path.stat().st_size > MAX_LAYOUT_BYTES:
-        raise LayoutError(f"layout file {path.name} is larger than {MAX_LAYOUT_BYTES // 1024} kB; a layout is a few lines")
+        raise LayoutError(
+            f"layout file {path.name} is larger than {MAX_LAYOUT_BYTES // 1024} kB; a layout is a few lines"
+        )
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:

@@ -64,8 +64,9 @@ def run_regional(pipe, adapters, request, seed: int, progress=None, output_type:
     concept_masks = {region.concept: mask for region, mask in zip(layout.regions, masks, strict=True) if region.concept}
     kwargs = _common_kwargs(pipe, request, seed, progress, output_type)
     kwargs.update(height=height, width=width)
-    with adapters.routed(concept_masks, latent_size=(height // scale, width // scale)), regional_attention(
-        pipe.unet, context
+    with (
+        adapters.routed(concept_masks, latent_size=(height // scale, width // scale)),
+        regional_attention(pipe.unet, context),
     ):
         result = pipe(**embeds, **kwargs)
     return list(result.images)

@@ -180,7 +180,7 @@ def concept_overlaps(layout: Layout) -> list[tuple[str, str, float]]:
     placed = [region for region in layout.regions if region.concept is not None]
     found = []
     for i, first in enumerate(placed):
-        for second in placed[i + 1:]:
+        for second in placed[i + 1 :]:
             width = min(first.box[2], second.box[2]) - max(first.box[0], second.box[0])
             height = min(first.box[3], second.box[3]) - max(first.box[1], second.box[1])
             if width > 0 and height > 0:

@@ -68,8 +68,12 @@ class RegionalContext:
         if not self.regions:
             raise RoutingError("a regional context needs at least one region")
         self.regions = [
-            RegionInput(region.embeddings, as_mask(region.mask, region.concept or f"region {i + 1}"), region.concept,
-                        _check_share(region.share))
+            RegionInput(
+                region.embeddings,
+                as_mask(region.mask, region.concept or f"region {i + 1}"),
+                region.concept,
+                _check_share(region.share),
+            )
             for i, region in enumerate(self.regions)
         ]
         sizes = {tuple(region.mask.shape) for region in self.regions}
@@ -287,5 +291,7 @@ def encode_layout(
         halves = [negative, positive] if guidance else [positive]
         stacked = torch.cat([half.expand(num_images_per_prompt, -1, -1) for half in halves])
         own_prompt = layout.region_prompt(region) != layout.prompt
-        regions.append(RegionInput(stacked, mask, region.concept, 1.0 - OWN_PROMPT_CONTEXT_SHARE if own_prompt else 1.0))
+        regions.append(
+            RegionInput(stacked, mask, region.concept, 1.0 - OWN_PROMPT_CONTEXT_SHARE if own_prompt else 1.0)
+        )
     return RegionalContext(regions, text_routing, context_concepts), embeds

@@ -144,7 +144,9 @@ class GenerationRequest:
             logger.warning(
                 "the boxes of %s and %s overlap (%.0f%% of the image): there both concepts act and their "
                 "region prompts are blended; give each concept its own box unless that is what you want",
-                first, second, 100 * share,
+                first,
+                second,
+                100 * share,
             )
 
     @property

@@ -106,13 +106,21 @@ class ConceptRecord(ConceptInfoView):
             if slot < 0 or rank < 1:
                 raise LibraryError(f"{CONCEPT_FILE} has an impossible slot {slot} or rank {rank}")
             info = ConceptInfo(
-                name=name, slot=slot, rank=rank, variant=str(meta["variant"]),
-                tokens=[str(t) for t in meta["tokens"]], class_word=str(meta["class_word"]),
+                name=name,
+                slot=slot,
+                rank=rank,
+                variant=str(meta["variant"]),
+                tokens=[str(t) for t in meta["tokens"]],
+                class_word=str(meta["class_word"]),
             )
             record = cls(
-                info=info, base_model=str(meta["base_model"]), base_fingerprint=str(meta["base_fingerprint"]),
-                created_at=str(meta["created_at"]), image_count=int(meta.get("image_count", 0)),
-                folder=folder, adapter_path=_inside(folder, meta.get("adapter", ADAPTER_FILE)),
+                info=info,
+                base_model=str(meta["base_model"]),
+                base_fingerprint=str(meta["base_fingerprint"]),
+                created_at=str(meta["created_at"]),
+                image_count=int(meta.get("image_count", 0)),
+                folder=folder,
+                adapter_path=_inside(folder, meta.get("adapter", ADAPTER_FILE)),
                 preview_path=_inside(folder, meta["preview"]) if meta.get("preview") else None,
                 thumbnails=[_inside(folder, p) for p in meta.get("thumbnails", [])],
                 images=[_inside(folder, p) for p in meta.get("images", [])],

@@ -54,8 +54,12 @@ class Reservation(ConceptInfoView):
         pid = os.getpid()
         return cls(
             info=ConceptInfo(name, slot, rank, _UNRECORDED_VARIANT, list(tokens)),
-            base_fingerprint=base_fingerprint, pid=pid, pid_start=_process_start(pid), host=_HOST,
-            created=time.time(), id=uuid.uuid4().hex,
+            base_fingerprint=base_fingerprint,
+            pid=pid,
+            pid_start=_process_start(pid),
+            host=_HOST,
+            created=time.time(),
+            id=uuid.uuid4().hex,
         )
 
     @property
@@ -144,5 +148,5 @@ def _process_start(pid: int) -> str | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces and parentheses
+    fields = stat[stat.rindex(")") + 2 :].split()  # the command name may hold spaces and parentheses
     return fields[19] if len(fields) > 19 else None

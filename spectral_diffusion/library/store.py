@@ -79,8 +79,10 @@ def stray_library_note(root: str | os.PathLike) -> str | None:
         return None
     if not count:
         return None
-    return (f"{here} holds {count} concept(s), but the library in use is {Path(root).expanduser().absolute()}; "
-            f"pass --library {here} to use them (or set {LIBRARY_ENV})")
+    return (
+        f"{here} holds {count} concept(s), but the library in use is {Path(root).expanduser().absolute()}; "
+        f"pass --library {here} to use them (or set {LIBRARY_ENV})"
+    )
 
 
 LOCK_FILE = ".library.lock"
@@ -126,7 +128,9 @@ class Library:
         except FileNotFoundError:  # deleted between the check and the read
             raise self._not_found(name) from None
         except LibraryError as error:
-            raise LibraryError(f"the concept folder {folder} is broken ({error}); delete {name} and add it again") from None
+            raise LibraryError(
+                f"the concept folder {folder} is broken ({error}); delete {name} and add it again"
+            ) from None
 
     def exists(self, name: str) -> bool:
         """Whether a concept of that name is in the library (False for invalid names)."""
@@ -188,9 +192,7 @@ class Library:
         reserved = allocation.slots_held(self.reservations(base_fingerprint), rank)
         return SlotReport(base_fingerprint, rank, capacity, self.slot_map(base_fingerprint, rank), reserved)
 
-    def allocate_slot(
-        self, base_fingerprint: str, rank: int, capacity: int, requested: int | None = None
-    ) -> int:
+    def allocate_slot(self, base_fingerprint: str, rank: int, capacity: int, requested: int | None = None) -> int:
         """The slot a new concept would get now: ``requested`` if free, else the lowest free one.
 
         Advisory only (nothing is held); training should use ``reserve``, which allocates and holds.
@@ -411,15 +413,18 @@ class Library:
         info, obstacles, culprits = data.info, [], []
         for owner in self._owners(data.base_fingerprint, exclude=None):
             if slots.overlap(owner.columns, info.columns):
-                obstacles.append(f"slot {info.slot} (rank {info.rank}), which it was trained into, is held by {owner.label}")
+                obstacles.append(
+                    f"slot {info.slot} (rank {info.rank}), which it was trained into, is held by {owner.label}"
+                )
                 culprits.append(owner.name)
         users = {record.name: record.tokens for record in self.list(data.base_fingerprint)}
         for token, user in slots.token_clashes(sorted(info.tokens), users):
             obstacles.append(f"its trigger token {token} is used by concept {user!r}")
             culprits.append(user)
         if not obstacles:
-            return LibraryError(f"{taken}; import the file under another name (import FILE --name NAME) or delete "
-                                f"{name!r} first")
+            return LibraryError(
+                f"{taken}; import the file under another name (import FILE --name NAME) or delete {name!r} first"
+            )
         names = " and ".join(repr(n) for n in dict.fromkeys(culprits))
         return LibraryError(
             f"{taken}, and another name would not help: {'; '.join(obstacles)} (an imported adapter keeps its slot "
@@ -452,11 +457,16 @@ class Library:
 
     def _check_tokens(self, base_fingerprint: str, tokens: Iterable[str], exclude: str | None) -> None:
         """Refuse a trigger token another concept (or training) of this base model uses."""
-        owners = {f"concept {r.name!r} of this base model": r.tokens
-                  for r in self.list(base_fingerprint) if r.name != exclude}
-        owners.update({f"concept {v.name!r} of this base model (training in progress)": v.tokens
-                       for v in self._live_reservations().values()
-                       if v.base_fingerprint == base_fingerprint and v.name != exclude})
+        owners = {
+            f"concept {r.name!r} of this base model": r.tokens for r in self.list(base_fingerprint) if r.name != exclude
+        }
+        owners.update(
+            {
+                f"concept {v.name!r} of this base model (training in progress)": v.tokens
+                for v in self._live_reservations().values()
+                if v.base_fingerprint == base_fingerprint and v.name != exclude
+            }
+        )
         check_tokens_free(tokens, owners)
 
     def _reservations_dir(self) -> Path:

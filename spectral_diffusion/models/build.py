@@ -28,9 +28,7 @@ MARKER_FILE = "spectral_diffusion_builtin.json"
 def _write_marker(folder: Path, name: str) -> None:
     """Written last: its presence means a complete build of this builder version."""
     marker = {"name": name, "build_version": BUILD_VERSION}
-    (folder / MARKER_FILE).write_text(
-        json.dumps(marker, indent=2) + "\n", encoding="utf-8"
-    )
+    (folder / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
 
 
 def is_complete_build(path: str | os.PathLike, name: str | None = None) -> bool:
@@ -60,15 +58,15 @@ def _clear_destination(path: Path) -> None:
         logger.info("replacing outdated build in %s", path)
         discard_dir(path)
         return
-    raise FileExistsError(
-        f"{path} exists and is not a built-in model folder; "
-        "remove it or choose another path"
-    )
+    raise FileExistsError(f"{path} exists and is not a built-in model folder; remove it or choose another path")
 
 
 def _remove_stale_temporaries(path: Path) -> None:
     """Delete what crashed builds left beside ``path`` (only called under the lock)."""
-    legacy = [*path.parent.glob(f".{path.name}.tmp-*"), *path.parent.glob(f".{path.name}.old-*")]  # earlier versions named them so
+    legacy = [
+        *path.parent.glob(f".{path.name}.tmp-*"),
+        *path.parent.glob(f".{path.name}.old-*"),
+    ]  # earlier versions named them so
     for stale in work_dirs_of(path) + legacy:
         shutil.rmtree(stale, ignore_errors=True)
 

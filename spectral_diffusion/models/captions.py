@@ -30,8 +30,10 @@ class CaptionGrammar:
 
     def nearest_position(self, centre: tuple[float, float]) -> str:
         """The position word whose centre is nearest ``centre`` (x, y fractions)."""
-        return min(self.positions, key=lambda p: (self.positions[p][0] - centre[0]) ** 2
-                   + (self.positions[p][1] - centre[1]) ** 2)
+        return min(
+            self.positions,
+            key=lambda p: (self.positions[p][0] - centre[0]) ** 2 + (self.positions[p][1] - centre[1]) ** 2,
+        )
 
     def size_word(self, extent: float) -> str:
         """The size word for an object ``extent`` (fraction of the image) wide: the nearest listed size."""

@@ -42,12 +42,8 @@ BUILTIN_MODELS: dict[str, str] = {
         "small Stable Diffusion 1.x pipeline pretrained on procedural scenes (coloured shapes), "
         "32x32 images; the default"
     ),
-    "builtin:tiny": (
-        "tiny Stable Diffusion 1.x architecture, random weights, 64x64 images (tests)"
-    ),
-    "builtin:tiny-sdxl": (
-        "tiny Stable Diffusion XL architecture, random weights, 64x64 images (tests)"
-    ),
+    "builtin:tiny": ("tiny Stable Diffusion 1.x architecture, random weights, 64x64 images (tests)"),
+    "builtin:tiny-sdxl": ("tiny Stable Diffusion XL architecture, random weights, 64x64 images (tests)"),
 }
 
 # The model the CLI, the service and the app use when none is given.
@@ -76,8 +72,16 @@ BUILTIN_TRAINING: dict[str, dict] = {
     # Half the examples zoomed out and moved (captions follow), 3 in 10 two photos side by side: a concept
     # learned from 5 photos is then drawn where, how large and second in a prompt as asked
     # (bench/quality/regional_quality.py, docs/fusion-quality.md).
-    "builtin:toy": {"steps": 300, "batch_size": 4, "lr_unet": 3e-3, "lr_text": 1e-4, "lr_embedding": 1e-2,
-                    "flip_p": 0.0, "augment_p": 0.5, "pair_p": 0.3},
+    "builtin:toy": {
+        "steps": 300,
+        "batch_size": 4,
+        "lr_unet": 3e-3,
+        "lr_text": 1e-4,
+        "lr_embedding": 1e-2,
+        "flip_p": 0.0,
+        "augment_p": 0.5,
+        "pair_p": 0.3,
+    },
 }
 
 
@@ -90,10 +94,20 @@ def training_defaults(model: str) -> dict:
 # words): zoom / shift and pair augmentation rewrite a concept's captions in it.
 BUILTIN_CAPTIONS: dict[str, CaptionGrammar] = {
     "builtin:toy": CaptionGrammar(
-        positions={"left": (0.2, 0.5), "right": (0.8, 0.5), "top": (0.5, 0.2), "bottom": (0.5, 0.8),
-                   "center": (0.5, 0.5)},
-        phrases={"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
-                 "center": "in the center"},
+        positions={
+            "left": (0.2, 0.5),
+            "right": (0.8, 0.5),
+            "top": (0.5, 0.2),
+            "bottom": (0.5, 0.8),
+            "center": (0.5, 0.5),
+        },
+        phrases={
+            "left": "on the left",
+            "right": "on the right",
+            "top": "at the top",
+            "bottom": "at the bottom",
+            "center": "in the center",
+        },
         sizes={"small": 0.3, "large": 0.5},
         pairs=(("left", "right"), ("top", "bottom")),  # small objects never overlap there
     ),
@@ -157,9 +171,7 @@ def ensure_builtin(name: str) -> Path:
     if name in SHIPPED_MODELS:
         return _shipped_folder(name)
     if name not in _BUILDERS:
-        raise ModelNotFoundError(
-            f"unknown built-in model {name!r}; built-in models: {_builtin_list()}"
-        )
+        raise ModelNotFoundError(f"unknown built-in model {name!r}; built-in models: {_builtin_list()}")
     path = builtin_path(name)
     if is_complete_build(path, name):
         return path
@@ -167,9 +179,7 @@ def ensure_builtin(name: str) -> Path:
 
 
 # A Hugging Face repo id: "name" or "owner/name", letters, digits, '-', '_', '.'.
-_HUB_ID = re.compile(
-    r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$"
-)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
 
 
 def _looks_like_path(model: str) -> bool:
@@ -187,10 +197,7 @@ def _looks_like_path(model: str) -> bool:
 def _check_local_folder(path: Path, model: str) -> str:
     """A local folder is usable only as a diffusers pipeline folder."""
     if not path.is_dir():
-        raise ModelNotFoundError(
-            f"model {model!r} is a file, not a diffusers folder "
-            "(one with model_index.json)"
-        )
+        raise ModelNotFoundError(f"model {model!r} is a file, not a diffusers folder (one with model_index.json)")
     if not (path / "model_index.json").is_file():
         raise ModelNotFoundError(
             f"folder {model!r} has no model_index.json, so it is not a diffusers "
@@ -224,9 +231,7 @@ def resolve_model(model: str) -> str:
 def _model_index(source: str, local: bool) -> dict:
     """The pipeline's model_index.json, read first to pick the load options."""
     if local:
-        return json.loads(
-            (Path(source) / "model_index.json").read_text(encoding="utf-8")
-        )
+        return json.loads((Path(source) / "model_index.json").read_text(encoding="utf-8"))
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.load_config(source)
@@ -273,9 +278,7 @@ def _load_error(model: str, source: str, err: Exception) -> ModelNotFoundError:
             "check the id (and your network or Hugging Face login), or pass a local "
             f"diffusers folder; built-in models: {_builtin_list()}"
         )
-    return ModelNotFoundError(
-        f"could not load model {model!r} ({type(err).__name__}: {err}). {hint}"
-    )
+    return ModelNotFoundError(f"could not load model {model!r} ({type(err).__name__}: {err}). {hint}")
 
 
 # What diffusers / huggingface_hub raise for a missing, unreachable or malformed model
@@ -288,9 +291,7 @@ _LOAD_ERRORS = (OSError, ValueError, KeyError, AttributeError, TypeError)
 _LOAD_LOCK = threading.Lock()
 
 
-def load_pipeline(
-    model: str, torch_dtype: torch.dtype = torch.float32, device: str = "cpu"
-):
+def load_pipeline(model: str, torch_dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """Resolve ``model`` and load it as a diffusers pipeline on ``device``.
 
     The safety checker is not loaded: it is a second large download, and generation

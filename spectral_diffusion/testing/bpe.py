@@ -55,9 +55,7 @@ minimalist dotted cross ring
 def _bytes_to_unicode() -> dict[int, str]:
     """CLIP's reversible byte -> printable unicode map (BPE never sees whitespace)."""
     printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
     codes = printable[:]
     extra = 0
@@ -175,9 +173,7 @@ def write_clip_vocab(folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vocab, merges = _clip_vocab_and_merges()
-    (folder / "vocab.json").write_text(
-        json.dumps(vocab, ensure_ascii=False), encoding="utf-8"
-    )
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
     (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return folder
@@ -192,6 +188,4 @@ def build_tokenizer():
 
     with tempfile.TemporaryDirectory(prefix="sd-tokenizer-") as tmp:
         write_clip_vocab(tmp)
-        return CLIPTokenizer.from_pretrained(
-            tmp, model_max_length=MAX_LENGTH, pad_token="<|endoftext|>"
-        )
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=MAX_LENGTH, pad_token="<|endoftext|>")

@@ -157,12 +157,8 @@ def _tiny_sdxl_components() -> dict:
     torch.manual_seed(2)
     text_encoder = CLIPTextModel(_text_config(tokenizer))
     torch.manual_seed(3)
-    text_encoder_2 = CLIPTextModelWithProjection(
-        _text_config(tokenizer, projection_dim=TEXT_HIDDEN)
-    )
-    scheduler = EulerDiscreteScheduler(
-        **_SD_SCHEDULER, interpolation_type="linear", timestep_spacing="leading"
-    )
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer, projection_dim=TEXT_HIDDEN))
+    scheduler = EulerDiscreteScheduler(**_SD_SCHEDULER, interpolation_type="linear", timestep_spacing="leading")
     return {
         "unet": _tiny_sdxl_unet(),
         "vae": _tiny_vae(),
@@ -190,4 +186,3 @@ def tiny_sdxl_pipeline():
     from diffusers import StableDiffusionXLPipeline
 
     return StableDiffusionXLPipeline(**_tiny_sdxl_components())
-

@@ -50,5 +50,8 @@ def check_precision(pipe, config: TrainConfig, accelerator) -> None:
     if config.mixed_precision == "fp16" and not accelerator.native_amp:
         logger.warning("fp16 mixed precision needs a GPU; training in fp32 (bf16 works on CPUs)")
     if pipe.unet.dtype != torch.float32 and config.mixed_precision == "no":
-        logger.warning("the pipeline is in %s but mixed_precision is 'no': gradients may underflow; pass "
-                       "mixed_precision='fp16' or 'bf16' to train with autocast", pipe.unet.dtype)
+        logger.warning(
+            "the pipeline is in %s but mixed_precision is 'no': gradients may underflow; pass "
+            "mixed_precision='fp16' or 'bf16' to train with autocast",
+            pipe.unet.dtype,
+        )

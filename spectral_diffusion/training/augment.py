@@ -148,7 +148,7 @@ def split_caption(caption: str, grammar: CaptionGrammar | None) -> tuple[str, st
     if len(found) != 1 or " and " in caption:
         return None
     at, phrase = found[0]
-    return caption[:at], phrase, caption[at + 1 + len(phrase):]
+    return caption[:at], phrase, caption[at + 1 + len(phrase) :]
 
 
 def _cut(image: Image.Image, mask: Image.Image | None) -> tuple[Image.Image, Image.Image] | None:
@@ -189,7 +189,7 @@ def pair(first, second, positions: tuple[str, str], scales: tuple[float, float],
         canvas.paste(piece, (left, top), piece_mask)
         both.paste(piece_mask, (left, top), piece_mask)
         alone = np.zeros((size[1], size[0]), dtype=bool)
-        alone[top:top + height, left:left + width] = np.asarray(piece_mask) >= 128
+        alone[top : top + height, left : left + width] = np.asarray(piece_mask) >= 128
         said = follow_caption(f"{noun} {grammar.phrases[position]}", alone, grammar)  # size words follow
         words.append(said)
     return canvas, both, " and ".join(words) + parts[0][2]

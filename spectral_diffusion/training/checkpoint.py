@@ -32,7 +32,13 @@ CHECKPOINT_VERSION = 1
 CHECKPOINT_TENSORS = re.compile(r"checkpoint-\d{7,}\.safetensors")
 # Fields that may differ between a checkpointed run and the run resuming it.
 RESUME_FREE_FIELDS = (
-    "resume", "checkpoint_every", "preview_every", "preview_prompt", "preview_steps", "cpu", "gradient_checkpointing",
+    "resume",
+    "checkpoint_every",
+    "preview_every",
+    "preview_prompt",
+    "preview_steps",
+    "cpu",
+    "gradient_checkpointing",
 )
 
 
@@ -87,8 +93,10 @@ def adam_tensors(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -
 
 def adam_state(entry: dict[str, torch.Tensor], param: torch.Tensor, index: int) -> dict[str, torch.Tensor]:
     """AdamW's per-parameter state from flat checkpoint tensors (its ``step`` stays a CPU scalar)."""
-    if set(entry) != {"step", "exp_avg", "exp_avg_sq"} or entry["step"].numel() != 1 or any(
-        entry[k].numel() != param.numel() for k in ("exp_avg", "exp_avg_sq")
+    if (
+        set(entry) != {"step", "exp_avg", "exp_avg_sq"}
+        or entry["step"].numel() != 1
+        or any(entry[k].numel() != param.numel() for k in ("exp_avg", "exp_avg_sq"))
     ):
         raise CheckpointError(f"checkpoint optimiser state {index} does not fit this model")
     return {
@@ -106,8 +114,16 @@ class Checkpoints:
     "images": count}``, from ``ConceptDataset.fingerprint``) the training images, captions and masks.
     """
 
-    def __init__(self, config: TrainConfig, fingerprint: str, params: list[torch.Tensor],
-                 optimizer: torch.optim.Optimizer, scaler, device: torch.device, inputs: dict | None = None):
+    def __init__(
+        self,
+        config: TrainConfig,
+        fingerprint: str,
+        params: list[torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        scaler,
+        device: torch.device,
+        inputs: dict | None = None,
+    ):
         self.config, self.fingerprint, self.inputs = config, fingerprint, inputs
         self.params, self.optimizer, self.scaler, self.device = params, optimizer, scaler, device
         self.folder = Path(config.checkpoint_dir) if config.checkpoint_dir else None
@@ -217,7 +233,7 @@ class Checkpoints:
                 param.copy_(tensors[f"param.{i}"])
         for i, param in enumerate(self.params):
             prefix = f"optim.{i}."
-            entry = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            entry = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             if entry:
                 self.optimizer.state[param] = adam_state(entry, param, i)
         restore_rng(tensors, self.device)

@@ -111,8 +111,14 @@ class TrainConfig:
         self._check_choices()
 
     def _check_numbers(self) -> None:
-        for name in ("rank", "batch_size", "gradient_accumulation", "num_class_images", "preview_steps",
-                     "class_inference_steps"):
+        for name in (
+            "rank",
+            "batch_size",
+            "gradient_accumulation",
+            "num_class_images",
+            "preview_steps",
+            "class_inference_steps",
+        ):
             _positive(name, getattr(self, name))
         for name in ("slot", "seed", "lr_warmup_steps", "preview_every", "checkpoint_every"):
             _positive(name, getattr(self, name), minimum=0)

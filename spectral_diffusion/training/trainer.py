@@ -239,7 +239,9 @@ class _Trainer:
             for start in range(0, latents.shape[0], size):
                 part = slice(start, start + size)
                 sub = {key: value[part] for key, value in batch.items()}
-                pred = self.objective.predict(self.pipe.unet, encoders, sub, latents[part], noise[part], timesteps[part])
+                pred = self.objective.predict(
+                    self.pipe.unet, encoders, sub, latents[part], noise[part], timesteps[part]
+                )
                 target = self.objective.target(latents[part], noise[part], timesteps[part])
                 total += float(F.mse_loss(pred, target, reduction="sum"))
         loss = total / latents.numel()
@@ -252,8 +254,15 @@ class _Trainer:
         prompt = config.preview_prompt or preview_prompt(self.dataset, config)
         self._train_mode(False)
         with self.accelerator.autocast():
-            image = generate(self.pipe, prompt, 1, config.resolution, config.preview_steps, config.guidance_scale,
-                             mix_seed(config.seed, Stream.PREVIEW))[0]
+            image = generate(
+                self.pipe,
+                prompt,
+                1,
+                config.resolution,
+                config.preview_steps,
+                config.guidance_scale,
+                mix_seed(config.seed, Stream.PREVIEW),
+            )[0]
         return image
 
     # -- checkpoints ------------------------------------------------------------------------------
@@ -320,18 +329,29 @@ def _loop(trainer: _Trainer, progress, should_stop) -> Image.Image:
     return final_preview if final_preview is not None else trainer.preview()
 
 
-def _datasets(images, config: TrainConfig, pipe, should_stop, base_model: str) -> tuple[ConceptDataset, ConceptDataset | None]:
+def _datasets(
+    images, config: TrainConfig, pipe, should_stop, base_model: str
+) -> tuple[ConceptDataset, ConceptDataset | None]:
     kwargs = {"resolution": config.resolution, "random_crop": config.random_crop, "flip_p": config.flip_p}
     dataset = ConceptDataset(
-        images, config.token_text, config.class_word, min_size=config.min_image_size, seed=config.seed,
-        mask_dir=config.mask_dir, augment_p=config.augment_p, pair_p=config.pair_p, captions=caption_grammar(base_model),
-        augment_scale=(config.augment_min_scale, config.augment_max_scale), **kwargs
+        images,
+        config.token_text,
+        config.class_word,
+        min_size=config.min_image_size,
+        seed=config.seed,
+        mask_dir=config.mask_dir,
+        augment_p=config.augment_p,
+        pair_p=config.pair_p,
+        captions=caption_grammar(base_model),
+        augment_scale=(config.augment_min_scale, config.augment_max_scale),
+        **kwargs,
     )
     if not config.prior_preservation:
         return dataset, None
     made = class_images(pipe, config, should_stop)
-    class_set = ConceptDataset(made, "", config.class_word, templates=[class_prompt(config.class_word)],
-                               min_size=0, seed=config.seed, **kwargs)
+    class_set = ConceptDataset(
+        made, "", config.class_word, templates=[class_prompt(config.class_word)], min_size=0, seed=config.seed, **kwargs
+    )
     return dataset, class_set
 
 
@@ -374,8 +394,16 @@ def train_concept(
     pipe, owned = _load(model)
     config = config.resolved(pipe)
     with borrowed(pipe), torch.random.fork_rng(devices=range(torch.cuda.device_count())):
-        return _train(pipe, owned, images, config, progress, should_stop, svd_cache_dir,
-                      _base_model_name(model, pipe, base_model_name))
+        return _train(
+            pipe,
+            owned,
+            images,
+            config,
+            progress,
+            should_stop,
+            svd_cache_dir,
+            _base_model_name(model, pipe, base_model_name),
+        )
 
 
 def _train(pipe, owned, images, config, progress, should_stop, svd_cache_dir, base_model) -> TrainResult:
@@ -403,12 +431,12 @@ def _train(pipe, owned, images, config, progress, should_stop, svd_cache_dir, ba
         preview = _loop(trainer, progress, should_stop)
         trainer.evaluate()
         usable = {USABLE_COLUMNS_KEY: str(adapters.usable_dim())}  # for slot maps drawn without the model
-        adapter = adapter_from_model(adapters, config.name, base_model, train_config=config.to_json(),
-                                     extra_metadata=usable)
+        adapter = adapter_from_model(
+            adapters, config.name, base_model, train_config=config.to_json(), extra_metadata=usable
+        )
         logger.info("trained %s: %d steps, eval loss %s", config.name, config.steps, trainer.eval_losses)
         return TrainResult(adapter, preview, list(trainer.losses), dict(trainer.eval_losses), start if resumed else 0)
     finally:
         if trainer is not None:
             trainer.release()
         adapters.unpatch()
-
