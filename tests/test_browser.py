@@ -165,6 +165,12 @@ def test_upload_train_pick_and_generate_in_the_browser(page):
     expect(page.locator("[data-testid=toast-text]").first).to_contain_text("prompt uses <heart>")
     expect(page.locator("#generate-gallery .error").first).to_be_visible()
     prompt.fill("a photo of <my-dog> on the beach")
+    # Generate clicked at once after picking a layout: the click must not overtake the picker's change
+    # event and draw without the layout (it did once under load: a silent global fusion; the race is timing
+    # dependent, so this guards the path rather than reproducing it every time)
+    page.locator("#layout-mode").get_by_text("auto", exact=True).click()
+    page.click("#generate-button")
+    expect(page.locator("#generate-info")).to_contain_text("layout auto", timeout=TIMEOUT_MS)
     set_number(page, "#seed", 7)
     set_number(page, "#gen-images", 2)
     page.locator("#layout-mode").get_by_text("custom", exact=True).click()

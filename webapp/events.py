@@ -259,8 +259,22 @@ class PageEvents:
         )
         self.wire_layout()
         # the button and the prompt's Enter key are one event: one endpoint, one queue
+        # the layout text is derived from the picker on its change event; a click right after picking a
+        # layout could overtake that event and draw without the layout, so the click recomputes it first
+        layout_fields = Widgets(
+            mode=tab.layout_mode,
+            prompt=tab.prompt,
+            negative=tab.settings.negative,
+            row_names=tab.row_names,
+            row_boxes=tab.row_boxes,
+            region_prompts=tab.region_prompts,
+        )
         generated = gr.on(
             [tab.generate_button.click, tab.prompt.submit],
+            **by_name(forms.layout_spec, layout_fields, tab.layout_text),
+            show_progress="hidden",
+            **PRIVATE,
+        ).then(
             self.bound(handlers.generate),
             inputs_kwargs=tab.request(),
             outputs=[results.gallery, results.info],
