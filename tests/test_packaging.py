@@ -93,10 +93,24 @@ def test_no_gradio_in_the_package():
 
 
 # The web app's modules, lower first: each imports only the ones before it (and any of the package, whose
-# front ends it sits on); the first three hold plain values, text and pictures: testable without gradio.
+# front ends it sits on); the first four hold plain values, text and pictures: testable without gradio.
 APP = ROOT / "webapp"
-APP_LAYERS = ["forms", "render", "drawings", "calls", "handlers", "page", "layout", "layout_generate", "events", "main"]
-WITHOUT_GRADIO = ("forms", "render", "drawings")
+APP_LAYERS = [
+    "style",
+    "forms",
+    "render",
+    "drawings",
+    "calls",
+    "widgets",
+    "handlers",
+    "page",
+    "layout",
+    "layout_generate",
+    "events",
+    "main",
+]
+WITHOUT_GRADIO = ("style", "forms", "render", "drawings")
+MAX_APP_MODULE_LINES = 300  # one purpose per module: a module past this is doing two things
 
 
 def _app_modules(path: Path) -> set[str]:
@@ -126,6 +140,11 @@ def test_the_app_sits_on_the_package_and_its_modules_point_one_way():
         f"webapp.{name} imports gradio"
         for name in WITHOUT_GRADIO
         if any(n.split(".")[0] == "gradio" for n in _all_imports(APP / f"{name}.py"))
+    ]
+    wrong += [
+        f"{path.name} has {n} lines"
+        for path in APP.glob("*.py")
+        if (n := len(path.read_text().splitlines())) > MAX_APP_MODULE_LINES
     ]
     assert not wrong, wrong
     find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]

@@ -17,8 +17,9 @@ from spectral_diffusion.library.store import LIBRARY_ENV, default_library
 from spectral_diffusion.models.registry import DEFAULT_MODEL, default_rank
 from webapp.events import PageEvents
 from webapp.forms import training_settings
-from webapp.layout import CSS, MAX_FILE_SIZE, build_library_tab, build_train_tab
+from webapp.layout import MAX_FILE_SIZE, build_library_tab, build_train_tab
 from webapp.layout_generate import build_generate_tab
+from webapp.style import CSS
 
 logger = logging.getLogger(__name__)
 
