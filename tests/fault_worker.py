@@ -166,6 +166,7 @@ def _install(point: str, root: Path) -> None:
     """Set up the patches of ``point`` (see POINTS) in this child."""
     import shutil as shutil_module
 
+    import spectral_diffusion.atomic as atomic_module
     import spectral_diffusion.core.svd as svd_module
     import spectral_diffusion.formats.adapter_file as adapter_module
     import spectral_diffusion.formats.bundle as bundle_module
@@ -183,6 +184,9 @@ def _install(point: str, root: Path) -> None:
 
     def publishing(src, dst, *args, **kwargs):
         return Path(src).name.startswith(".tmp-") and Path(dst) == root / Path(dst).name and Path(src).is_dir()
+
+    def published(path, *args, **kwargs):
+        return Path(path) == root and any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir())
 
     def trashing(src, dst, *args, **kwargs):
         return Path(dst).parent.name.startswith(".trash-")
@@ -213,7 +217,8 @@ def _install(point: str, root: Path) -> None:
             records_module, "fsync_path", 1, _half_file_fsync, named("concept.json")
         ),
         "index rename": lambda: _nth_call(os, "replace", 1, None, publishing),
-        "after index rename": lambda: _nth_call(workdirs_module, "fsync_path", 1),
+        # the library folder synced right after a concept folder was renamed into it (atomic_dir)
+        "after index rename": lambda: _nth_call(atomic_module, "fsync_path", 1, None, published),
         "reservation drop": lambda: _nth_call(store_module, "drop_reservation", 1),
         "export write": lambda: _nth_call(adapter_module, "save_file", 1, _half_safetensors),
         "delete rename": lambda: _nth_call(os, "replace", 1, None, trashing),
