@@ -124,7 +124,7 @@ def build_train_tab(rank: int, defaults: dict) -> TrainTab:
     with gr.Tab("Train", id="train"), gr.Row():
         with gr.Column(scale=3):
             images = gr.File(
-                label="Images of the concept (drag and drop 3-20 photos)",
+                label="Images of the concept (drag and drop at least 3 photos; 3-20 work best)",
                 file_count="multiple",
                 file_types=["image"],
                 height=150,
@@ -148,7 +148,10 @@ def build_train_tab(rank: int, defaults: dict) -> TrainTab:
                     list(VARIANTS),
                     value="additive",
                     label="Variant",
-                    info="rotational: zero interference between concepts",
+                    info=(
+                        "additive learns new shapes; rotational: exactly orthogonal to other concepts, but it only "
+                        "re-mixes what the model already draws (on builtin:toy it learnt no new shape)"
+                    ),
                 )
                 rank_box = gr.Number(value=rank, precision=0, minimum=1, label="Rank", elem_id="train-rank")
                 steps = gr.Number(value=0, precision=0, minimum=0, label="Steps (0 = automatic)", elem_id="train-steps")
