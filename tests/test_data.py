@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -266,12 +267,13 @@ def test_zoom_out_pastes_the_concept_on_its_background_and_captions_follow(tmp_p
         )
         assert scenes.POSITION_PHRASES[nearest] in example["caption"]
     assert data.example(0)["caption"] == plain.example(0)["caption"]  # the evaluation view is never zoomed
-    # a model with no caption grammar: the pixels move the same, the captions stay as written
+    # a model with no caption grammar: the concept still moves (anywhere), the captions stay as written
     free = ConceptDataset(
         photos, "<heart>", resolution=32, mask_dir=masks, flip_p=0.0, augment_p=1.0, augment_scale=(0.5, 0.6)
     )
-    moved, kept = data.example(0, torch.Generator().manual_seed(1)), free.example(0, torch.Generator().manual_seed(1))
-    assert torch.equal(moved["pixel_values"], kept["pixel_values"]) and kept["caption"] == plain.example(0)["caption"]
+    kept = free.example(0, torch.Generator().manual_seed(1))
+    assert 0 < float(kept["mask"].mean()) < 0.5 * float(plain.example(0)["mask"].mean())
+    assert kept["caption"] == plain.example(0)["caption"]
 
 
 def test_zoom_out_without_masks_uses_the_border_colour_and_is_off_by_default(folder):
@@ -285,6 +287,50 @@ def test_zoom_out_without_masks_uses_the_border_colour_and_is_off_by_default(fol
     again = ConceptDataset(folder, "<tok>", resolution=32, augment_p=0.0)
     one, two = off.example(1, torch.Generator().manual_seed(4)), again.example(1, torch.Generator().manual_seed(4))
     assert torch.equal(one["pixel_values"], two["pixel_values"]) and "mask" not in one
+
+
+def test_on_a_plain_background_the_concept_itself_moves_to_the_asked_position():
+    from spectral_diffusion.training.augment import plain_background, zoom
+
+    photo = Image.new("RGB", (32, 32), (245, 245, 245))
+    ImageDraw.Draw(photo).ellipse((8, 8, 23, 23), fill=(215, 40, 40))  # a 16 px disc in the middle
+    assert plain_background(photo) and not plain_background(_picture())
+    moved, mask = zoom(photo, None, 0.5, (0.0, 0.0), centre=(0.8, 0.5))
+    assert mask is None
+    red = np.asarray(moved)[..., 0].astype(int) - np.asarray(moved)[..., 1] > 100
+    ys, xs = np.nonzero(red)
+    assert abs((xs.mean() + 0.5) / 32 - 0.8) < 0.05 and abs((ys.mean() + 0.5) / 32 - 0.5) < 0.05
+    assert 0.4 * 16 <= xs.max() - xs.min() + 1 <= 0.6 * 16  # the disc, half its size: not the whole photo shrunk
+    assert moved.getpixel((2, 2)) == (245, 245, 245)
+
+
+def test_recolouring_redraws_the_concept_and_the_caption_follows(tmp_path):
+    from spectral_diffusion.training.augment import recolour
+    from toy import scenes
+
+    photo = Image.new("RGB", (32, 32), scenes.BACKGROUNDS["white"])
+    ImageDraw.Draw(photo).ellipse((8, 8, 23, 23), fill=scenes.COLOURS["red"])
+    image, caption = recolour(photo, None, "a red <moon> on the left", scenes.GRAMMAR, "orange")
+    assert caption == "an orange <moon> on the left"
+    assert image.getpixel((16, 16)) == scenes.COLOURS["orange"] and image.getpixel((1, 1)) == photo.getpixel((1, 1))
+    # a caption that names no colour of the grammar cannot follow: nothing is recoloured
+    assert recolour(photo, None, "a photo of <moon>", scenes.GRAMMAR, "blue") is None
+    assert recolour(photo, None, "a red <moon>", None, "blue") is None
+    scenes.write_concept_images("moon", tmp_path / "moon")
+    data = ConceptDataset(
+        tmp_path / "moon", "<moon>", resolution=32, flip_p=0.0, recolour_p=1.0, captions=scenes.GRAMMAR
+    )
+    plain = ConceptDataset(tmp_path / "moon", "<moon>", resolution=32, flip_p=0.0, captions=scenes.GRAMMAR)
+    captions = [data[k]["caption"] for k in range(12)]
+    assert len({next(w for w in c.split() if w in scenes.COLOURS) for c in captions}) >= 3
+    for k, caption in enumerate(captions):
+        said = next(w for w in caption.split() if w in scenes.COLOURS)
+        pixels = (data[k]["pixel_values"].permute(1, 2, 0) + 1) * 127.5
+        background = pixels[0, 0]
+        inside = (pixels - background).abs().amax(dim=-1) > 60
+        drawn = pixels[inside].median(dim=0).values
+        assert torch.allclose(drawn, torch.tensor(scenes.COLOURS[said], dtype=torch.float32), atol=12), caption
+    assert plain[0]["caption"] == ConceptDataset(tmp_path / "moon", "<moon>", resolution=32, flip_p=0.0)[0]["caption"]
 
 
 def test_pairs_put_two_photos_side_by_side_with_one_two_object_caption(tmp_path):

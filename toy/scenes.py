@@ -27,14 +27,6 @@ PRETRAIN_SHAPES = ("circle", "square", "triangle", "star", "diamond")
 NOVEL_SHAPES = ("heart", "moon", "cross", "ring")
 SHAPES = PRETRAIN_SHAPES + NOVEL_SHAPES
 
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (215, 40, 40),
-    "green": (40, 165, 60),
-    "blue": (40, 80, 220),
-    "yellow": (240, 210, 40),
-    "orange": (245, 135, 25),
-    "purple": (135, 55, 185),
-}
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
     "black": (20, 20, 20),
@@ -43,6 +35,7 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 }
 TEXTURES = ("solid", "striped", "dotted")
 GRAMMAR = caption_grammar("builtin:toy")
+COLOURS: dict[str, tuple[int, int, int]] = dict(GRAMMAR.colours)
 SIZES = dict(GRAMMAR.sizes)  # object width as a fraction of the image
 POSITIONS: dict[str, tuple[float, float]] = dict(GRAMMAR.positions)  # position word -> centre (x, y), fractions
 POSITION_PHRASES = dict(GRAMMAR.phrases)

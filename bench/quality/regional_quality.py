@@ -61,11 +61,11 @@ def token(shape: str) -> str:
     return f"<{shape}>"
 
 
-def pairs() -> list[dict]:
+def pairs(concepts=CONCEPTS) -> list[dict]:
     """Each unordered pair of concepts with colours and a background (varied, as a user would vary them)."""
     colours, backgrounds = list(scenes.COLOURS), list(scenes.BACKGROUNDS)
     out = []
-    for k, (a, b) in enumerate(itertools.combinations(CONCEPTS, 2)):
+    for k, (a, b) in enumerate(itertools.combinations(concepts, 2)):
         ca, cb, bg = colours[k % 6], colours[(k + 3) % 6], backgrounds[k % 4]
         out.append(
             {
@@ -151,13 +151,13 @@ def generate(studio: Studio, library: Library, pair: dict, path: str, seeds: int
 class LoraPasses:
     """The baseline: one UNet pass per region with only that region's LoRA on; predictions blended by mask."""
 
-    def __init__(self, library: Library, studio: Studio, work: Path):
+    def __init__(self, library: Library, studio: Studio, work: Path, concepts=CONCEPTS):
         from spectral_diffusion.frontends.workflows import export_concept
         from spectral_diffusion.models.registry import load_pipeline
 
         self.pipe = load_pipeline(MODEL)
         self.pipe.set_progress_bar_config(disable=True)
-        for name in CONCEPTS:
+        for name in concepts:
             files = export_concept(library, lambda: studio, name, "lora", work / f"{name}.safetensors")
             self.pipe.load_lora_weights(str(files[0]), adapter_name=name)
             self.pipe.load_textual_inversion(str(files[1]), token=token(name))
@@ -249,9 +249,9 @@ def travel_prompts(shape: str) -> list[dict]:
     return out
 
 
-def travel(studio: Studio, model, seeds: int) -> dict:
+def travel(studio: Studio, model, seeds: int, concepts=CONCEPTS) -> dict:
     hits: dict[str, list[float]] = {}
-    for shape in CONCEPTS:
+    for shape in concepts:
         for item in travel_prompts(shape):
             request = GenerationRequest(
                 prompt=item["prompt"], concepts={shape: 1.0}, seed=DEFAULTS.seed, num_images=seeds
@@ -272,17 +272,17 @@ def travel(studio: Studio, model, seeds: int) -> dict:
 # ----- the run -------------------------------------------------------------------------------------
 
 
-def train_concepts(library_dir: Path, photos: Path) -> float:
+def train_concepts(library_dir: Path, photos: Path, concepts=CONCEPTS) -> float:
     """Train every concept with the CLI and its defaults; returns seconds per concept."""
     start = time.perf_counter()
-    for shape in CONCEPTS:
+    for shape in concepts:
         if (library_dir / shape).is_dir():
             continue
         scenes.write_concept_images(shape, photos / shape)
         code = cli.main(["train", "--images", str(photos / shape), "--name", shape, "--library", str(library_dir)])
         if code not in (0, None):
             raise SystemExit(f"training {shape} failed")
-    return (time.perf_counter() - start) / len(CONCEPTS)
+    return (time.perf_counter() - start) / len(concepts)
 
 
 def sheet(rows: dict[str, list[Image.Image]], scale: int = 2) -> Image.Image:
@@ -302,15 +302,15 @@ def sheet(rows: dict[str, list[Image.Image]], scale: int = 2) -> Image.Image:
 def run(args) -> dict:
     work = Path(args.work or tempfile.mkdtemp(prefix="regional-quality-"))
     library_dir = Path(args.library) if args.library else work / "library"
-    train_seconds = train_concepts(library_dir, work / "photos")
+    train_seconds = train_concepts(library_dir, work / "photos", args.concepts)
     library = Library(str(library_dir))
     studio = Studio(MODEL, library=library)
     model = classifier.load()
     tallies = {path: Tally() for path in PATHS}
     alone: dict[str, list[float]] = {}
     grids: dict[str, list[Image.Image]] = {path: [] for path in PATHS}
-    baseline = LoraPasses(library, studio, work) if "lora-passes" in args.paths else None
-    selected = pairs()[: args.pairs]
+    baseline = LoraPasses(library, studio, work, args.concepts) if "lora-passes" in args.paths else None
+    selected = pairs(args.concepts)[: args.pairs]
     for pair in selected:
         for concept, text in zip(pair["concepts"], pair["region_prompts"], strict=True):
             # the ceiling: each concept alone (only its slot on), same colour, position and background
@@ -347,7 +347,7 @@ def run(args) -> dict:
                 "seconds": s["seconds"],
             }
         )
-    travelled = travel(studio, model, args.seeds) if not args.no_travel else {}
+    travelled = travel(studio, model, args.seeds, args.concepts) if not args.no_travel else {}
     return {
         "rows": rows,
         "alone_identity": ceiling,
@@ -383,6 +383,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--pairs", type=int, default=6)
+    parser.add_argument("--concepts", nargs="+", default=list(CONCEPTS), choices=list(CONCEPTS))
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
     parser.add_argument("--library", help="reuse concepts trained earlier (folder of a concept library)")
     parser.add_argument("--work", help="working folder (default: a new temporary folder)")

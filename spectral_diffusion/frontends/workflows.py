@@ -49,6 +49,7 @@ OVERRIDABLE = (
     "background_weight",
     "augment_p",
     "pair_p",
+    "recolour_p",
 )
 
 

@@ -5,8 +5,9 @@ diffusers ``UNet2DConditionModel`` while ``regional_attention(unet, context)`` i
 computes the queries once, attention against the context embeddings (the ``encoder_hidden_states``
 the pipeline passes) and against every region's embeddings, blends the attention outputs token by
 token with the regions' soft masks pooled onto the block's grid (weights summing to at most 1; the
-rest follows the context; a region with a prompt of its own gets ``1 - OWN_PROMPT_CONTEXT_SHARE`` of its
-mask, the context keeps the rest), and applies the output projection once. Self-attention is untouched.
+rest follows the context), and applies the output projection once. Inside the box of a region with a
+prompt of its own, its prompt's attention is blended with the context prompt's, both read with the
+region's concept on (the context keeps ``OWN_PROMPT_CONTEXT_SHARE``). Self-attention is untouched.
 
 Keys and values of a region are computed with only that region's concept switched on in text-side
 layers, through an optional ``text_routing(names)`` context manager (``SpectralAdapters.text_only``).
@@ -36,7 +37,8 @@ CONTEXT_CONCEPTS = ("none", "all")
 # the context prompt's (A1111 Regional Prompter's "base ratio"): the context describes the whole picture,
 # and a model that decides the scene globally (every object, where) needs it in every region. Measured on
 # builtin:toy (docs/fusion-quality.md): with one-object region prompts and no share, the second box came out
-# empty in most images (base model 1 of 8 with both objects); with 0.7, 8 of 8.
+# empty in most images (base model 1 of 8 with both objects); with 0.7, 8 of 8. Inside a region the context
+# is read with the region's concept on: read with none, a trained concept's token lost most of its shape.
 OWN_PROMPT_CONTEXT_SHARE = 0.7
 
 
@@ -92,7 +94,6 @@ class RegionalContext:
             pooled = torch.stack([pool_mask(region.mask, grid).reshape(-1) for region in self.regions])
             total = pooled.sum(dim=0)
             pooled = pooled / torch.where(total > 1, total, torch.ones_like(total))
-            pooled = pooled * torch.tensor([region.share for region in self.regions])[:, None]
             reaches = [bool(row.any()) for row in pooled]
             self._weights[key] = (pooled.to(device=device, dtype=dtype), reaches)
         return self._weights[key]
@@ -186,7 +187,7 @@ class RegionalAttnProcessor:
             query = attn.norm_q(query)
         with self.context.context_routing():
             context_out = self._attend(attn, query, encoder_hidden_states, attention_mask)
-        hidden_states = self._blend(attn, query, context_out, grid, batch_size)
+        hidden_states = self._blend(attn, query, context_out, (encoder_hidden_states, attention_mask), grid, batch_size)
 
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
@@ -196,9 +197,10 @@ class RegionalAttnProcessor:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
-    def _blend(self, attn, query, context_out, grid, batch_size):
+    def _blend(self, attn, query, context_out, context_input, grid, batch_size):
         """``context + sum_i w_i (region_i - context)``: exactly the context where no region reaches
-        and where a region's attention equals the context's."""
+        and where a region's attention equals the context's. A region with a prompt of its own blends
+        it with the context prompt (``share`` of its own), both read with the region's concept on."""
         weights, reaches = self.context.weights(grid, context_out.device, context_out.dtype)
         out = context_out
         for region, weight, reach in zip(self.context.regions, weights, reaches, strict=True):
@@ -207,6 +209,9 @@ class RegionalAttnProcessor:
             states = _aligned(region.embeddings, batch_size, context_out)
             with self.context.region_routing(region):
                 region_out = self._attend(attn, query, states, None)
+                if region.share < 1.0:
+                    own_context = self._attend(attn, query, *context_input) if region.concept else context_out
+                    region_out = region.share * region_out + (1.0 - region.share) * own_context
             out = out + weight[None, :, None] * (region_out - context_out)
         return out
 

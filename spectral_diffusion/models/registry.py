@@ -81,6 +81,7 @@ BUILTIN_TRAINING: dict[str, dict] = {
         "flip_p": 0.0,
         "augment_p": 0.5,
         "pair_p": 0.3,
+        "recolour_p": 0.3,
     },
 }
 
@@ -91,7 +92,7 @@ def training_defaults(model: str) -> dict:
 
 
 # The grammar of the captions builtin:toy was pretrained on (toy/scenes.py draws its scenes with these
-# words): zoom / shift and pair augmentation rewrite a concept's captions in it.
+# words): zoom / shift, recolour and pair augmentation rewrite a concept's captions in it.
 BUILTIN_CAPTIONS: dict[str, CaptionGrammar] = {
     "builtin:toy": CaptionGrammar(
         positions={
@@ -110,6 +111,14 @@ BUILTIN_CAPTIONS: dict[str, CaptionGrammar] = {
         },
         sizes={"small": 0.3, "large": 0.5},
         pairs=(("left", "right"), ("top", "bottom")),  # small objects never overlap there
+        colours={
+            "red": (215, 40, 40),
+            "green": (40, 165, 60),
+            "blue": (40, 80, 220),
+            "yellow": (240, 210, 40),
+            "orange": (245, 135, 25),
+            "purple": (135, 55, 185),
+        },
     ),
 }
 

@@ -1,15 +1,16 @@
-"""Foreground masks of training photos, and the zoom-out / shift augmentation they make exact.
+"""Foreground masks of training photos, and the zoom-out / shift / recolour augmentation they make exact.
 
 A mask is a user image beside the photos (same file name in the masks folder; white = the concept,
 black = background), decoded by the one upload decoder. It weights the loss (``objective``) and,
 when a photo is zoomed out or moved, says exactly which pixels are the concept: the concept alone
-is pasted onto the photo's own background colour. Without a mask the whole photo is shrunk onto a
-canvas of its border colour, which is exact for plain backgrounds such as the built-in scenes'.
+is pasted onto the photo's own background colour. Without a mask, a photo on a plain background (the
+built-in scenes') is cut out by colour and moved the same way; any other photo is shrunk whole onto a
+canvas of its border colour.
 
-Captions follow the geometry in the grammar of the model's training scenes (``models.captions``, from
-the model's registry entry): a position phrase ("on the left", "at the top") becomes the one nearest
-the concept's new centre, and the size word the one nearest its new size. With no grammar, or a
-caption outside it, captions are kept as they are.
+Captions follow in the grammar of the model's training scenes (``models.captions``, from the model's
+registry entry): a position phrase ("on the left", "at the top") becomes the one nearest the concept's
+new centre, the size word the one nearest its new size, the colour word the new colour. With no
+grammar, or a caption outside it, captions are kept as they are (and nothing is recoloured).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from spectral_diffusion.errors import ImageDataError
 from spectral_diffusion.images import IMAGE_EXTENSIONS, decode_image
@@ -28,6 +29,7 @@ from spectral_diffusion.models.captions import CaptionGrammar
 logger = logging.getLogger(__name__)
 
 _FOREGROUND_DISTANCE = 40  # 8-bit colour distance from the background that counts as concept (no mask)
+_PLAIN_BORDER_SHARE = 0.9  # share of border pixels near their median colour that makes a background plain
 
 
 # ----- masks ----------------------------------------------------------------------------------------
@@ -77,29 +79,78 @@ def background_colour(image: Image.Image, mask: Image.Image | None) -> tuple[int
     return tuple(int(v) for v in np.median(border, axis=0))
 
 
-def zoom(image: Image.Image, mask: Image.Image | None, scale: float, where: tuple[float, float]):
-    """``image`` (and ``mask``) with the concept scaled by ``scale`` and placed at ``where`` (fractions of
-    the free room, 0..1 each) on the photo's background colour; returns (image, mask or None)."""
+def plain_background(image: Image.Image) -> bool:
+    """Whether ``image`` stands on one plain colour: nine in ten border pixels within the foreground
+    distance of their median. The concept can then be cut out by colour alone."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.int16)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    distance = np.abs(border - np.median(border, axis=0)).max(axis=-1)
+    return float((distance <= _FOREGROUND_DISTANCE).mean()) >= _PLAIN_BORDER_SHARE
+
+
+def zoom(
+    image: Image.Image,
+    mask: Image.Image | None,
+    scale: float,
+    where: tuple[float, float],
+    centre: tuple[float, float] | None = None,
+):
+    """``image`` (and ``mask``) with the concept scaled by ``scale`` and placed on the photo's background
+    colour, at ``where`` (fractions of the free room, 0..1 each) or, when given, with its centre nearest
+    ``centre`` (fractions of the image) that keeps it whole; returns (image, mask or None).
+
+    The concept is what the mask covers, or on a plain background what differs from it (so it really
+    moves); otherwise the whole photo is shrunk."""
     size = image.size
     fill = background_colour(image, mask)
-    if mask is not None and mask.getbbox() is not None:
-        box = mask.getbbox()
-        piece, piece_mask = image.crop(box), mask.crop(box)
-    else:
-        piece, piece_mask = image, None
+    cut = _cut(image, mask, rim=True) if mask is not None or plain_background(image) else None
+    piece, piece_mask = cut if cut is not None else (image, None)
     width, height = max(1, round(piece.width * scale)), max(1, round(piece.height * scale))
     piece = piece.resize((width, height), Image.Resampling.BICUBIC)
-    left = round(where[0] * (size[0] - width))
-    top = round(where[1] * (size[1] - height))
+    if centre is None:
+        left, top = round(where[0] * (size[0] - width)), round(where[1] * (size[1] - height))
+    else:
+        left = min(max(0, round(centre[0] * size[0] - width / 2)), size[0] - width)
+        top = min(max(0, round(centre[1] * size[1] - height / 2)), size[1] - height)
     canvas = Image.new("RGB", size, fill)
     if piece_mask is None:
         canvas.paste(piece, (left, top))
         return canvas, None
     piece_mask = piece_mask.resize((width, height), Image.Resampling.BILINEAR)
     canvas.paste(piece, (left, top), piece_mask)
+    if mask is None:
+        return canvas, None
     moved = Image.new("L", size, 0)
     moved.paste(piece_mask, (left, top))
     return canvas, moved
+
+
+def recolour(image: Image.Image, mask: Image.Image | None, caption: str, grammar: CaptionGrammar | None, word: str):
+    """``image`` with the concept drawn in ``grammar``'s colour ``word`` and ``caption`` saying so, or None
+    when the caption names none of the grammar's colours (it could not follow) or nothing is in front.
+
+    Each pixel keeps how far it lies from the background toward the concept's own colour (its
+    anti-aliasing and shading), and moves that far toward the new colour instead."""
+    if grammar is None or word not in grammar.colours:
+        return None
+    words = caption.split(" ")
+    said = [i for i, w in enumerate(words) if w in grammar.colours]
+    inside = foreground(image, mask)
+    if not said or not inside.any():
+        return None
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    background = np.array(background_colour(image, mask), dtype=np.float32)
+    own = np.median(pixels[inside], axis=0)
+    towards = own - background
+    if float(towards @ towards) < 1.0:
+        return None
+    share = np.clip((pixels - background) @ towards / float(towards @ towards), 0.0, 1.0)[..., None]
+    recoloured = pixels + share * (np.array(grammar.colours[word], dtype=np.float32) - own)
+    words[said[0]] = word
+    if said[0] > 0 and words[said[0] - 1].lower() in ("a", "an"):
+        words[said[0] - 1] = "an" if word[0] in "aeiou" else "a"
+    image = Image.fromarray(recoloured.round().clip(0, 255).astype(np.uint8))
+    return image, " ".join(words)
 
 
 def foreground(image: Image.Image, mask: Image.Image | None) -> np.ndarray:
@@ -151,12 +202,15 @@ def split_caption(caption: str, grammar: CaptionGrammar | None) -> tuple[str, st
     return caption[:at], phrase, caption[at + 1 + len(phrase) :]
 
 
-def _cut(image: Image.Image, mask: Image.Image | None) -> tuple[Image.Image, Image.Image] | None:
-    """The concept's bounding box of ``image`` and its 8-bit mask (the given mask, else the foreground)."""
+def _cut(image: Image.Image, mask: Image.Image | None, rim: bool = False) -> tuple[Image.Image, Image.Image] | None:
+    """The concept's bounding box of ``image`` and its 8-bit mask (the given mask, else the foreground;
+    ``rim``: grown by a pixel, so the anti-aliased rim comes along onto the same background)."""
     inside = foreground(image, mask)
     if not inside.any():
         return None
     cut = Image.fromarray(inside.astype(np.uint8) * 255)
+    if mask is None and rim:
+        cut = cut.filter(ImageFilter.MaxFilter(3))
     box = cut.getbbox()
     return image.crop(box), cut.crop(box)
 

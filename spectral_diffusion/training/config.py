@@ -85,6 +85,9 @@ class TrainConfig:
     # Two photos side by side with one two-object caption, with probability pair_p per example (each
     # concept scaled as above): the trigger token learns to stand second in a prompt, beside another object.
     pair_p: float = 0.0
+    # The concept redrawn in another colour of the model's caption grammar, the caption's colour word
+    # following, with probability recolour_p per example (never without a grammar with colours).
+    recolour_p: float = 0.0
     prior_preservation: bool = False
     prior_weight: float = 1.0
     num_class_images: int = 16
@@ -142,7 +145,7 @@ class TrainConfig:
             _positive("max_grad_norm", self.max_grad_norm, minimum=0)
         if self.min_snr_gamma is not None and not (_is_number(self.min_snr_gamma) and self.min_snr_gamma > 0):
             raise ConfigError(f"min_snr_gamma must be positive (5 is usual) or None, got {self.min_snr_gamma!r}")
-        for name in ("flip_p", "augment_p", "pair_p"):
+        for name in ("flip_p", "augment_p", "pair_p", "recolour_p"):
             if not (_is_number(getattr(self, name)) and 0.0 <= getattr(self, name) <= 1.0):
                 raise ConfigError(f"{name} must be between 0 and 1, got {getattr(self, name)!r}")
         low, high = self.augment_min_scale, self.augment_max_scale

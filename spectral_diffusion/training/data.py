@@ -31,6 +31,7 @@ from spectral_diffusion.training.augment import (
     foreground,
     load_mask,
     pair,
+    recolour,
     zoom,
 )
 
@@ -142,8 +143,10 @@ class ConceptDataset(Dataset):
 
     ``mask_dir``: a folder of foreground masks, one per image under the same file name; examples then
     carry a ``mask`` (1 x H x W, 0..1). ``augment_p``: the probability that an example is zoomed out
-    and moved (scale drawn from ``augment_scale``) onto its own background, its caption following.
-    ``pair_p``: the probability that an example shows two of the concept's photos side by side (left and
+    and moved (scale drawn from ``augment_scale``; to one of the grammar's positions when there is a
+    grammar) onto its own background, its caption following.
+    ``recolour_p``: the probability that an example's concept is redrawn in another of the grammar's colours,
+    its caption's colour word following. ``pair_p``: the probability that an example shows two of the concept's photos side by side (left and
     right, or top and bottom), each shrunk into its half, with one two-object caption ("a blue <moon> on
     the left and a red <moon> on the right on a white background"), so that the trigger token also
     learns to stand second in a prompt and beside another object. ``captions``: the grammar of the
@@ -168,6 +171,7 @@ class ConceptDataset(Dataset):
         augment_p: float = 0.0,
         augment_scale: tuple[float, float] = (0.5, 1.0),
         pair_p: float = 0.0,
+        recolour_p: float = 0.0,
         captions: CaptionGrammar | None = None,
     ):
         if resolution < 8:
@@ -180,7 +184,7 @@ class ConceptDataset(Dataset):
         self.seed = seed
         self.mask_dir = mask_dir
         self.augment_p, self.augment_scale = augment_p, augment_scale
-        self.pair_p, self.captions = pair_p, captions
+        self.pair_p, self.recolour_p, self.captions = pair_p, recolour_p, captions
         self.templates = list(templates) if templates else caption_templates(token_text, class_word)
         min_size = resolution // 2 if min_size is None else min_size
         if is_image_list(images):  # already opened, e.g. generated class images
@@ -257,7 +261,7 @@ class ConceptDataset(Dataset):
             apply, scale, x, y = (float(v) for v in torch.rand(4, generator=generator))
             if apply < self.augment_p:
                 low, high = self.augment_scale
-                image, mask = zoom(image, mask, low + (high - low) * scale, (x, y))
+                image, mask = zoom(image, mask, low + (high - low) * scale, (x, y), self._grammar_centre(x))
                 zoomed = True
         if flip_draw < self.flip_p:
             image = ImageOps.mirror(image)
@@ -266,6 +270,12 @@ class ConceptDataset(Dataset):
         caption = source.caption if source.caption is not None else self.templates[template_draw]
         if zoomed:
             caption = follow_caption(caption, foreground(image, mask), self.captions)
+        if self.recolour_p > 0 and generator is not None:  # drawn only when recolouring: older runs unchanged
+            apply, which = (float(v) for v in torch.rand(2, generator=generator))
+            colours = list(self.captions.colours) if self.captions is not None else []
+            if apply < self.recolour_p and colours:
+                recoloured = recolour(image, mask, caption, self.captions, colours[int(which * len(colours))])
+                image, caption = recoloured if recoloured is not None else (image, caption)
         if self.pair_p > 0 and generator is not None:  # drawn only when pairing: older runs unchanged
             image, mask, caption = self._maybe_pair(index, (image, mask, caption), generator)
         example = {
@@ -277,6 +287,14 @@ class ConceptDataset(Dataset):
         if self.mask_dir is not None:
             example["mask"] = _mask_tensor(mask) if mask is not None else torch.ones(1, size, size)
         return example
+
+    def _grammar_centre(self, draw: float) -> tuple[float, float] | None:
+        """Where a moved concept goes: one of the grammar's positions (so its caption is exactly true),
+        picked by ``draw`` in [0, 1); None without a grammar (anywhere in the free room)."""
+        if self.captions is None:
+            return None
+        positions = list(self.captions.positions.values())
+        return positions[min(int(draw * len(positions)), len(positions) - 1)]
 
     def _maybe_pair(self, index: int, single: tuple, generator: torch.Generator) -> tuple:
         """``single`` (image, mask, caption), or with probability ``pair_p`` a pair of it and another photo."""

@@ -342,6 +342,7 @@ def _datasets(
         mask_dir=config.mask_dir,
         augment_p=config.augment_p,
         pair_p=config.pair_p,
+        recolour_p=config.recolour_p,
         captions=caption_grammar(base_model),
         augment_scale=(config.augment_min_scale, config.augment_max_scale),
         **kwargs,
