@@ -386,6 +386,30 @@ def test_regional_attention_blends_only_inside_the_region_at_the_block(tiny_pipe
         block(hidden, states)
 
 
+def test_inside_a_region_with_its_own_prompt_the_context_is_read_with_its_concept_on(tiny_pipe):
+    adapters = SpectralAdapters.from_pipeline(tiny_pipe, TargetConfig.preset("all"))
+    _concept(adapters, "dog", 0, seed=5)
+    block = tiny_pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
+    hidden = torch.randn(2, LATENT[0] * LATENT[1], block.to_q.in_features)
+    states, other = torch.randn(2, 77, 32), torch.randn(2, 77, 32)
+    left, _ = _half_masks()
+    share = 1.0 - OWN_PROMPT_CONTEXT_SHARE
+    with torch.no_grad():
+        with adapters.text_only({"dog"}):
+            context_dog, region_dog = block(hidden, states), block(hidden, other)
+        with adapters.text_only(set()):
+            context_base = block(hidden, states)
+        assert not torch.allclose(context_dog, context_base, atol=1e-4)  # the concept's keys/values matter here
+        region = RegionInput(other, left, "dog", share=share)
+        with regional_attention(tiny_pipe.unet, RegionalContext([region], adapters.text_only)):
+            out = block(hidden, states)
+    inside = left.reshape(-1).bool()
+    # inside: the region's prompt and the context prompt, both read with the dog's text-side slot on
+    expected = share * region_dog + (1 - share) * context_dog
+    torch.testing.assert_close(out[:, inside], expected[:, inside], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[:, ~inside], context_base[:, ~inside], rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("fixture", ["tiny_pipe", "tiny_sdxl_pipe"])
 def test_encoded_layout_runs_the_pipeline_and_context_only_regions_match_plain(fixture, request):
     pipe = request.getfixturevalue(fixture)
