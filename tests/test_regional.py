@@ -410,6 +410,35 @@ def test_inside_a_region_with_its_own_prompt_the_context_is_read_with_its_concep
     torch.testing.assert_close(out[:, ~inside], context_base[:, ~inside], rtol=0, atol=1e-6)
 
 
+def test_self_attention_keeps_two_concepts_regions_apart_and_nothing_else(tiny_pipe):
+    from spectral_diffusion.generation.isolation import IsolatedSelfAttnProcessor, isolated_self_attention
+
+    unet = tiny_pipe.unet
+    block = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    hidden = torch.randn(2, LATENT[0] * LATENT[1], block.to_q.in_features)
+    left, right = _half_masks()
+    inside = left.reshape(-1).bool()
+    original = block.processor
+    with torch.no_grad():
+        plain = block(hidden, None)
+        alone_left = block(hidden[:, inside], None)  # plain attention among the left tokens only
+        block.set_processor(IsolatedSelfAttnProcessor([left, right], LATENT, isolation=0.0))
+        torch.testing.assert_close(block(hidden, None), plain, rtol=0, atol=1e-5)
+        block.set_processor(IsolatedSelfAttnProcessor([left, right], LATENT, isolation=1e4))
+        walled = block(hidden, None)
+        with isolated_self_attention(unet, [left, right], LATENT):
+            damped = block(hidden, None)
+    torch.testing.assert_close(walled[:, inside], alone_left, rtol=0, atol=1e-5)
+    assert not torch.allclose(damped, plain, atol=1e-4) and not torch.allclose(damped, walled, atol=1e-4)
+    assert isinstance(block.processor, IsolatedSelfAttnProcessor)  # the one set above came back on exit
+    block.set_processor(original)
+    # one concept region (or none): nothing is installed, the UNet is unchanged
+    inputs = _unet_inputs(unet)
+    base = _run(unet, inputs)
+    with isolated_self_attention(unet, [left], LATENT):
+        torch.testing.assert_close(_run(unet, inputs), base, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("fixture", ["tiny_pipe", "tiny_sdxl_pipe"])
 def test_encoded_layout_runs_the_pipeline_and_context_only_regions_match_plain(fixture, request):
     pipe = request.getfixturevalue(fixture)

@@ -2,14 +2,16 @@
 
 Global: every active concept acts everywhere (the weights are exactly W + sum of deltas). Regional
 (``request.layout``): each concept's slot acts only inside its own box and on its own region prompt's
-tokens, region prompts are encoded with only their concept's text-encoder slot on, and inside each box
-the image attends to that region's prompt (docs/design.md section 11).
+tokens, region prompts are encoded with only their concept's text-encoder slot on, inside each box
+the image attends to that region's prompt, and self-attention between two concepts' boxes is damped
+(``isolation``; docs/design.md section 11).
 """
 
 from __future__ import annotations
 
 import torch
 
+from spectral_diffusion.generation.isolation import isolated_self_attention
 from spectral_diffusion.generation.layout import region_masks
 from spectral_diffusion.generation.regional import encode_layout, regional_attention
 
@@ -64,9 +66,11 @@ def run_regional(pipe, adapters, request, seed: int, progress=None, output_type:
     concept_masks = {region.concept: mask for region, mask in zip(layout.regions, masks, strict=True) if region.concept}
     kwargs = _common_kwargs(pipe, request, seed, progress, output_type)
     kwargs.update(height=height, width=width)
+    latent_size = (height // scale, width // scale)
     with (
-        adapters.routed(concept_masks, latent_size=(height // scale, width // scale)),
+        adapters.routed(concept_masks, latent_size=latent_size),
         regional_attention(pipe.unet, context),
+        isolated_self_attention(pipe.unet, list(concept_masks.values()), latent_size),
     ):
         result = pipe(**embeds, **kwargs)
     return list(result.images)

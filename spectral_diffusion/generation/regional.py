@@ -216,25 +216,21 @@ class RegionalAttnProcessor:
         return out
 
 
-def _cross_attention_modules(unet) -> list:
+def attention_modules(unet, kind: str) -> list:
+    """Every diffusers ``Attention`` of ``unet`` named ``kind`` (``"attn1"``: self, ``"attn2"``: cross)."""
     from diffusers.models.attention_processor import Attention
 
     return [
         module
         for name, module in unet.named_modules()
-        if isinstance(module, Attention) and (name == "attn2" or name.endswith(".attn2"))
+        if isinstance(module, Attention) and (name == kind or name.endswith("." + kind))
     ]
 
 
 @contextmanager
-def regional_attention(unet, context: RegionalContext):
-    """Install a ``RegionalAttnProcessor`` on every ``attn2`` of ``unet``; the previous processors
-    come back on exit (also on errors)."""
-    modules = _cross_attention_modules(unet)
-    if not modules:
-        raise RoutingError("the UNet has no cross-attention (attn2) blocks; regional prompts need them")
+def installed(modules: Sequence, processor):
+    """``processor`` on every module of ``modules``; the previous processors come back on exit (also on errors)."""
     previous = [module.processor for module in modules]
-    processor = RegionalAttnProcessor(context)
     for module in modules:
         module.set_processor(processor)
     try:
@@ -242,6 +238,17 @@ def regional_attention(unet, context: RegionalContext):
     finally:
         for module, old in zip(modules, previous, strict=True):
             module.set_processor(old)
+
+
+@contextmanager
+def regional_attention(unet, context: RegionalContext):
+    """Install a ``RegionalAttnProcessor`` on every ``attn2`` of ``unet``; the previous processors
+    come back on exit (also on errors)."""
+    modules = attention_modules(unet, "attn2")
+    if not modules:
+        raise RoutingError("the UNet has no cross-attention (attn2) blocks; regional prompts need them")
+    with installed(modules, RegionalAttnProcessor(context)) as processor:
+        yield processor
 
 
 def _encode(pipe, prompt: str, negative: str, guidance: bool):
