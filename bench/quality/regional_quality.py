@@ -398,7 +398,9 @@ def main(argv=None) -> None:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "regional-quality-table.md").write_text(table)
-        sheet(result.pop("grids")).save(args.out / "regional-quality.png")
+        sheet({path: images for path, images in result.pop("grids").items() if images}).save(
+            args.out / "regional-quality.png"
+        )
         (args.out / "regional-quality.json").write_text(json.dumps(result, indent=2))
 
 
