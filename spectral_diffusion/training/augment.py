@@ -88,6 +88,15 @@ def plain_background(image: Image.Image) -> bool:
     return float((distance <= _FOREGROUND_DISTANCE).mean()) >= _PLAIN_BORDER_SHARE
 
 
+def _corner(centre: tuple[float, float], piece: tuple[int, int], size: tuple[int, int]) -> tuple[int, int]:
+    """The top-left pixel that puts a ``piece`` (width, height) centred nearest ``centre`` (fractions of
+    the image ``size``) while keeping it whole."""
+    return tuple(
+        min(max(0, round(c * whole - part / 2)), whole - part)
+        for c, part, whole in zip(centre, piece, size, strict=True)
+    )
+
+
 def zoom(
     image: Image.Image,
     mask: Image.Image | None,
@@ -110,8 +119,7 @@ def zoom(
     if centre is None:
         left, top = round(where[0] * (size[0] - width)), round(where[1] * (size[1] - height))
     else:
-        left = min(max(0, round(centre[0] * size[0] - width / 2)), size[0] - width)
-        top = min(max(0, round(centre[1] * size[1] - height / 2)), size[1] - height)
+        left, top = _corner(centre, (width, height), size)
     canvas = Image.new("RGB", size, fill)
     if piece_mask is None:
         canvas.paste(piece, (left, top))
@@ -237,9 +245,7 @@ def pair(first, second, positions: tuple[str, str], scales: tuple[float, float],
         width, height = max(1, round(piece.width * fit)), max(1, round(piece.height * fit))
         piece = piece.resize((width, height), Image.Resampling.BICUBIC)
         piece_mask = piece_mask.resize((width, height), Image.Resampling.BILINEAR)
-        cx, cy = grammar.positions[position]
-        left = min(max(0, round(cx * size[0] - width / 2)), size[0] - width)
-        top = min(max(0, round(cy * size[1] - height / 2)), size[1] - height)
+        left, top = _corner(grammar.positions[position], (width, height), size)
         canvas.paste(piece, (left, top), piece_mask)
         both.paste(piece_mask, (left, top), piece_mask)
         alone = np.zeros((size[1], size[0]), dtype=bool)
