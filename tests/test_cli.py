@@ -172,7 +172,8 @@ def test_regional_generation_from_the_cli(tmp_path, capsys, models_home):
     base = ["generate", "--prompt", prompt, "--steps", "2", "--seed", "5", *common]
     outs = {}
     for label, flags in {
-        "regions": ["--region", "red:0,0,0.5,1", "--region", "blue:0.5,0,1,1"],
+        # the presets give each region its clause of the prompt
+        "regions": ["--region", "red:0,0,0.5,1:<red> on the left", "--region", "blue:0.5,0,1,1:<blue> on the right"],
         "preset": ["--layout", "left-right"],
         "auto": ["--layout", "auto"],
     }.items():
@@ -187,7 +188,10 @@ def test_regional_generation_from_the_cli(tmp_path, capsys, models_home):
         json.dumps(
             {
                 "prompt": prompt,
-                "regions": [{"concept": "red", "box": [0, 0, 0.5, 1]}, {"concept": "blue", "box": [0.5, 0, 1, 1]}],
+                "regions": [
+                    {"concept": "red", "box": [0, 0, 0.5, 1], "prompt": "<red> on the left"},
+                    {"concept": "blue", "box": [0.5, 0, 1, 1], "prompt": "<blue> on the right"},
+                ],
             }
         )
     )

@@ -11,8 +11,10 @@ from spectral_diffusion.generation.layout import (
     Layout,
     Region,
     auto_layout,
+    concept_clauses,
     parse_region,
     preset_boxes,
+    preset_layout,
     region_masks,
 )
 from spectral_diffusion.generation.regional import (
@@ -145,11 +147,32 @@ def test_presets_and_auto_layout():
     layout = auto_layout("a <cat> next to a <dog> and <owl>", {"dog": ["<dog>"], "owl": ["<owl>"], "cat": ["<cat>"]})
     assert layout.concepts == ["cat", "dog", "owl"]
     assert [region.box for region in layout.regions] == [(0, 0, 1 / 3, 1), (1 / 3, 0, 2 / 3, 1), (2 / 3, 0, 1, 1)]
-    assert all(region.prompt is None for region in layout.regions)
+    assert all(region.prompt is None for region in layout.regions)  # <cat> and <dog> share a clause
     with pytest.raises(LayoutError, match="none of its trigger tokens"):
         auto_layout("a <cat>", {"cat": ["<cat>"], "dog": ["<dog>"]})
     with pytest.raises(LayoutError, match="at least one concept"):
         auto_layout("a <cat>", {})
+
+
+def test_automatic_layouts_give_each_concept_its_clause():
+    tokens = {"dog": ["<dog>", "sks"], "cat": ["<cat>"], "owl": ["<owl>"]}
+    layout = auto_layout("a photo of sks, <cat>; and <owl> on a sofa", tokens)
+    assert [(r.concept, r.prompt) for r in layout.regions] == [
+        ("dog", "a photo of sks"),
+        ("cat", "<cat>"),
+        ("owl", "<owl> on a sofa"),
+    ]
+    pair = "a red <cat> on the left, very fluffy, and a yellow <owl> on the right on a white background"
+    layout = preset_layout("left-right", pair, {"owl": ["<owl>"], "cat": ["<cat>"]}, "blurry")
+    assert layout.prompt == pair and layout.negative == "blurry"
+    assert [layout.region_prompt(r) for r in layout.regions] == [
+        "a red <cat> on the left, very fluffy",
+        "a yellow <owl> on the right on a white background",
+    ]
+    assert concept_clauses("<dog> and <cat>", [(0, 5)]) is None  # one concept: nothing to cut
+    assert concept_clauses("<dog> next to <cat>", [(0, 5), (14, 19)]) is None
+    assert concept_clauses("<dog>andy <cat>", [(0, 5), (10, 15)]) is None  # "and" inside a word is no separator
+    assert preset_layout("top-bottom", "<cat>", {"cat": ["<cat>"]}).regions[0].prompt is None
 
 
 def test_region_masks_whole_image_outside_zero_and_feathered_inward():

@@ -182,17 +182,18 @@ class LoraPasses:
         for region, mask in zip(layout.regions, masks, strict=True):
             pipe.set_adapters([region.concept], [1.0])
             positive, negative = pipe.encode_prompt(layout.region_prompt(region), "cpu", 1, True, None)
-            passes.append((region.concept, torch.cat([negative, positive]), mask))
-        images = []
-        for k in range(seeds):
-            images.append(self._sample(passes, DEFAULTS.seed + k, latent))
-        return images
+            passes.append(
+                (region.concept, torch.cat([negative.expand(seeds, -1, -1), positive.expand(seeds, -1, -1)]), mask)
+            )
+        return self._sample(passes, seeds, latent)
 
-    def _sample(self, passes, seed: int, latent: int) -> Image.Image:
+    def _sample(self, passes, seeds: int, latent: int) -> list[Image.Image]:
+        """All seeds in one batch, as ``Studio.generate`` draws them (image k from seed + k)."""
         pipe, scheduler = self.pipe, self.pipe.scheduler
         scheduler.set_timesteps(DEFAULTS.steps)
-        generator = torch.Generator("cpu").manual_seed(seed)
-        latents = torch.randn((1, pipe.unet.config.in_channels, latent, latent), generator=generator)
+        shape = (1, pipe.unet.config.in_channels, latent, latent)
+        generators = [torch.Generator("cpu").manual_seed(DEFAULTS.seed + k) for k in range(seeds)]
+        latents = torch.cat([torch.randn(shape, generator=generator) for generator in generators])
         latents = latents * scheduler.init_noise_sigma
         guidance = DEFAULTS.guidance
         for t in scheduler.timesteps:
@@ -206,8 +207,8 @@ class LoraPasses:
                 total = total + mask
             # the boxes cover the image; their feathered seams sum below 1, so normalise there
             latents = scheduler.step(blended / total.clamp_min(1e-6), t, latents).prev_sample
-        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
-        return pipe.image_processor.postprocess(image, output_type="pil")[0]
+        images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+        return pipe.image_processor.postprocess(images, output_type="pil")
 
 
 # ----- a concept alone, somewhere new --------------------------------------------------------------

@@ -5,12 +5,18 @@ A layout is a context prompt (the whole image, and everything outside every box)
 an optional concept and an optional region prompt (default: the context prompt). Users write it as
 JSON (``Layout.from_json``) or, on the command line, one ``NAME:x0,y0,x1,y1:PROMPT`` per region
 (``parse_region``). ``region_masks`` turns the boxes into soft masks on the latent grid.
+
+The automatic layouts (``auto_layout``, ``preset_layout``) also write the region prompts: when the prompt
+names its concepts in separate clauses ("a red <heart> on the left and a yellow <moon> on the right"),
+each concept's region gets its own clause (``concept_clauses``).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -26,6 +32,8 @@ PRESETS = {
     "thirds": [(0.0, 0.0, 1 / 3, 1.0), (1 / 3, 0.0, 2 / 3, 1.0), (2 / 3, 0.0, 1.0, 1.0)],
     "grid": [(0.0, 0.0, 0.5, 0.5), (0.5, 0.0, 1.0, 0.5), (0.0, 0.5, 0.5, 1.0), (0.5, 0.5, 1.0, 1.0)],
 }
+# Where a prompt may be cut between two concepts' clauses: " and ", a comma, a semicolon (", and" is one cut).
+CLAUSE_SEPARATOR = re.compile(r"\s*[,;]\s*and\s+|\s+and\s+|\s*[,;]\s*")
 _LAYOUT_KEYS = ("prompt", "negative", "regions")
 _REGION_KEYS = ("concept", "box", "prompt", "negative")
 
@@ -198,42 +206,74 @@ def preset_boxes(name: str, count: int) -> list[tuple[float, float, float, float
     return list(boxes[:count])
 
 
-def _token_order(prompt: str, concepts_with_tokens: Mapping[str, Sequence[str]]) -> list[str]:
-    """Concept names in the order their trigger tokens first appear in ``prompt``."""
-    _check_text(prompt, "the prompt", optional=False)
-    if not concepts_with_tokens:
-        raise LayoutError("an automatic layout needs at least one concept")
-    positions = {}
-    for name, tokens in concepts_with_tokens.items():
-        found = [prompt.find(token) for token in tokens if token and token in prompt]
-        if not found:
-            raise LayoutError(
-                f"concept {name!r} has none of its trigger tokens {list(tokens)} in the prompt; "
-                "add one to the prompt or place the concept with an explicit region"
-            )
-        positions[name] = min(found)
-    order = sorted(positions, key=lambda name: positions[name])
-    if len(order) > MAX_REGIONS:
-        raise LayoutError(f"a layout has at most {MAX_REGIONS} regions, got {len(order)} concepts")
-    return order
-
-
 def auto_layout(prompt: str, concepts_with_tokens: Mapping[str, Sequence[str]], negative: str = "") -> Layout:
     """Concepts side by side in equal columns, left to right in the order their trigger tokens first
-    appear in ``prompt``; every region uses the context prompt."""
-    order = _token_order(prompt, concepts_with_tokens)
-    count = len(order)
-    regions = [Region(name, (i / count, 0.0, (i + 1) / count, 1.0)) for i, name in enumerate(order)]
-    return Layout(prompt, tuple(regions), negative)
+    appear in ``prompt``; each region's prompt is its concept's clause (``concept_clauses``)."""
+    spans = _token_spans(prompt, concepts_with_tokens)
+    count = len(spans)
+    boxes = [(i / count, 0.0, (i + 1) / count, 1.0) for i in range(count)]
+    return _automatic(prompt, spans, boxes, negative)
 
 
 def preset_layout(
     preset: str, prompt: str, concepts_with_tokens: Mapping[str, Sequence[str]], negative: str = ""
 ) -> Layout:
-    """The preset's boxes given to the concepts in the order their trigger tokens appear in ``prompt``."""
-    order = _token_order(prompt, concepts_with_tokens)
-    boxes = preset_boxes(preset, len(order))
-    return Layout(prompt, tuple(Region(name, box) for name, box in zip(order, boxes, strict=True)), negative)
+    """The preset's boxes given to the concepts in the order their trigger tokens appear in ``prompt``;
+    each region's prompt is its concept's clause (``concept_clauses``)."""
+    spans = _token_spans(prompt, concepts_with_tokens)
+    return _automatic(prompt, spans, preset_boxes(preset, len(spans)), negative)
+
+
+def _automatic(prompt: str, spans: dict[str, tuple[int, int]], boxes: Sequence, negative: str) -> Layout:
+    clauses = concept_clauses(prompt, list(spans.values())) or [None] * len(spans)
+    regions = (Region(name, box, clause) for name, box, clause in zip(spans, boxes, clauses, strict=True))
+    return Layout(prompt, tuple(regions), negative)
+
+
+def concept_clauses(prompt: str, spans: Sequence[tuple[int, int]]) -> list[str] | None:
+    """The prompt cut into one clause per concept, or None where it cannot be (fewer than two concepts,
+    or two concepts' tokens with no separator between them, as in "<dog> next to <cat>").
+
+    ``spans``: each concept's (start, end) trigger-token position in ``prompt``, in prompt order. The cut
+    between two concepts is the last separator (``CLAUSE_SEPARATOR``) between their tokens, so "a photo
+    of <dog>, <cat> and <owl> on a sofa" gives "a photo of <dog>", "<cat>" and "<owl> on a sofa". Measured
+    on builtin:toy (docs/fusion-quality.md): a region that reads its own clause draws its concept more
+    often than one that reads the whole prompt, where the other concepts are named too.
+    """
+    if len(spans) < 2:
+        return None
+    cuts = []
+    for (_, end), (start, _) in itertools.pairwise(spans):
+        separators = list(CLAUSE_SEPARATOR.finditer(prompt, end, start))
+        if not separators:
+            return None
+        cuts.append(separators[-1])
+    clauses, begin = [], 0
+    for cut in cuts:
+        clauses.append(prompt[begin : cut.start()].strip())
+        begin = cut.end()
+    clauses.append(prompt[begin:].strip())
+    return clauses
+
+
+def _token_spans(prompt: str, concepts_with_tokens: Mapping[str, Sequence[str]]) -> dict[str, tuple[int, int]]:
+    """Concept name -> (start, end) of its trigger token's first appearance in ``prompt``, in prompt order."""
+    _check_text(prompt, "the prompt", optional=False)
+    if not concepts_with_tokens:
+        raise LayoutError("an automatic layout needs at least one concept")
+    spans = {}
+    for name, tokens in concepts_with_tokens.items():
+        found = [(prompt.find(token), token) for token in tokens if token and token in prompt]
+        if not found:
+            raise LayoutError(
+                f"concept {name!r} has none of its trigger tokens {list(tokens)} in the prompt; "
+                "add one to the prompt or place the concept with an explicit region"
+            )
+        start, token = min(found)
+        spans[name] = (start, start + len(token))
+    if len(spans) > MAX_REGIONS:
+        raise LayoutError(f"a layout has at most {MAX_REGIONS} regions, got {len(spans)} concepts")
+    return dict(sorted(spans.items(), key=lambda item: item[1]))
 
 
 def _edge_ramp(size: int, lo: float, hi: float, feather: float) -> torch.Tensor:
