@@ -433,6 +433,29 @@ def test_inside_a_region_with_its_own_prompt_the_context_is_read_with_its_concep
     torch.testing.assert_close(out[:, ~inside], context_base[:, ~inside], rtol=0, atol=1e-6)
 
 
+def test_prompt_keys_and_values_are_projected_once_per_generation_and_never_go_stale(tiny_pipe):
+    block = tiny_pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
+    hidden = torch.randn(2, LATENT[0] * LATENT[1], block.to_q.in_features)
+    states, other, third = torch.randn(2, 77, 32), torch.randn(2, 77, 32), torch.randn(2, 77, 32)
+    left, _ = _half_masks()
+    projections = []
+    hook = block.to_k.register_forward_hook(lambda module, args, out: projections.append(args[0].shape[0]))
+    try:
+        with torch.no_grad(), regional_attention(tiny_pipe.unet, RegionalContext([RegionInput(other, left)])):
+            first = block(hidden, states)
+            made = len(projections)
+            again = block(hidden, states)  # the next denoising step: the same prompt tensors come back
+            assert len(projections) == made  # nothing projected again
+            changed = block(hidden, third)  # another context prompt: projected anew, not taken from before
+    finally:
+        hook.remove()
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    with torch.no_grad(), regional_attention(tiny_pipe.unet, RegionalContext([RegionInput(other, left)])):
+        fresh = block(hidden, third)
+    torch.testing.assert_close(changed, fresh, rtol=0, atol=0)
+    assert not torch.allclose(changed, first, atol=1e-4)
+
+
 def test_self_attention_keeps_two_concepts_regions_apart_and_nothing_else(tiny_pipe):
     from spectral_diffusion.generation.isolation import IsolatedSelfAttnProcessor, isolated_self_attention
 

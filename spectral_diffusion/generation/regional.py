@@ -142,21 +142,55 @@ class RegionalAttnProcessor:
 
     def __init__(self, context: RegionalContext):
         self.context = context
+        # keys and values per block and prompt: the prompts (and the concepts each is read with) stay the
+        # same through a generation, so they are projected once, not at every denoising step
+        self._projected: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._region_states: dict[tuple, torch.Tensor] = {}
 
-    def _attend(self, attn, query, states, attention_mask):
-        """Attention of the (B, heads, T, d) ``query`` to ``states``: (B, T, heads * d)."""
+    def _keys_values(self, attn, states: torch.Tensor, tag) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, heads, L, d) keys and values of ``states`` read with the concepts of ``tag``; reused while
+        the same ``states`` tensor comes back for the same block and tag."""
+        cached = self._projected.get((id(attn), tag))
+        if cached is not None and cached[0] is states:
+            return cached[1], cached[2]
+        projected = states
         if attn.norm_cross:
-            states = attn.norm_encoder_hidden_states(states)
-        key, value = attn.to_k(states), attn.to_v(states)
-        batch_size, head_dim = query.shape[0], query.shape[-1]
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            projected = attn.norm_encoder_hidden_states(projected)
+        keys, values = attn.to_k(projected), attn.to_v(projected)
+        batch_size, head_dim = states.shape[0], keys.shape[-1] // attn.heads
+        keys = keys.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        values = values.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
         if attn.norm_k is not None:
-            key = attn.norm_k(key)
+            keys = attn.norm_k(keys)
+        self._projected[(id(attn), tag)] = (states, keys, values)
+        return keys, values
+
+    def _region(self, index: int, batch_size: int, like: torch.Tensor) -> torch.Tensor:
+        """Region ``index``'s embeddings aligned with the UNet batch, one tensor per batch, device and dtype."""
+        key = (index, batch_size, str(like.device), like.dtype)
+        if key not in self._region_states:
+            self._region_states[key] = _aligned(self.context.regions[index].embeddings, batch_size, like)
+        return self._region_states[key]
+
+    def _attend(self, attn, query, rows, prompts, attention_mask=None) -> list[torch.Tensor]:
+        """Attention of the (B, heads, T, d) ``query``'s tokens ``rows`` (a boolean mask over T) to each of
+        ``prompts`` ((states, tag) pairs of one length; one SDPA call): per prompt (B, rows, heads * d). A
+        token's attention does not depend on the others', so a region's attention is computed only where
+        it is blended in."""
+        count = len(prompts)
+        projected = [self._keys_values(attn, states, tag) for states, tag in prompts]
+        keys = torch.cat([k for k, _ in projected]) if count > 1 else projected[0][0]
+        values = torch.cat([v for _, v in projected]) if count > 1 else projected[0][1]
+        if attention_mask is not None and attention_mask.shape[2] != 1:  # a mask per query token
+            attention_mask = attention_mask[:, :, rows]
+        batch_size, heads, _, head_dim = query.shape
+        query = query[:, :, rows]
+        query = query.repeat(count, 1, 1, 1) if count > 1 else query
         out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+            query, keys, values, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
         )
-        return out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+        out = out.transpose(1, 2).reshape(batch_size * count, -1, heads * head_dim).to(query.dtype)
+        return list(out.chunk(count)) if count > 1 else [out]
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         if encoder_hidden_states is None:  # not cross-attention: nothing regional to do
@@ -185,9 +219,7 @@ class RegionalAttnProcessor:
         query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
-        with self.context.context_routing():
-            context_out = self._attend(attn, query, encoder_hidden_states, attention_mask)
-        hidden_states = self._blend(attn, query, context_out, (encoder_hidden_states, attention_mask), grid, batch_size)
+        hidden_states = self._blend(attn, query, (encoder_hidden_states, attention_mask), grid)
 
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
@@ -197,22 +229,42 @@ class RegionalAttnProcessor:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
-    def _blend(self, attn, query, context_out, context_input, grid, batch_size):
-        """``context + sum_i w_i (region_i - context)``: exactly the context where no region reaches
-        and where a region's attention equals the context's. A region with a prompt of its own blends
-        it with the context prompt (``share`` of its own), both read with the region's concept on."""
-        weights, reaches = self.context.weights(grid, context_out.device, context_out.dtype)
-        out = context_out
-        for region, weight, reach in zip(self.context.regions, weights, reaches, strict=True):
+    def _blend(self, attn, query, context_input, grid):
+        """``(1 - sum_i w_i) context + sum_i w_i region_i``, token by token: exactly the context where no
+        region reaches and where a region's attention equals the context's. Each attention is computed
+        only on the tokens where its weight is above zero. A region with a prompt of its own blends it
+        with the context prompt (``share`` of its own), both read with the region's concept on."""
+        weights, reaches = self.context.weights(grid, query.device, query.dtype)
+        batch_size, heads, tokens, head_dim = query.shape
+        out = query.new_zeros(batch_size, tokens, heads * head_dim)
+        rest = 1.0 - weights.sum(dim=0)  # the context's share
+        context, context_mask = context_input
+        base = (context, "context")  # the context prompt as read outside the regions
+        rows = rest > 0
+        if rows.any():
+            with self.context.context_routing():
+                out[:, rows] = rest[rows, None] * self._attend(attn, query, rows, [base], context_mask)[0]
+        for index, (region, weight, reach) in enumerate(zip(self.context.regions, weights, reaches, strict=True)):
             if not reach:  # the region does not reach this grid: skip its attention
                 continue
-            states = _aligned(region.embeddings, batch_size, context_out)
+            rows = weight > 0
+            own = (self._region(index, batch_size, query), ("region", index))
+            # the context prompt read with the region's concept on (the base context without a concept)
+            mixed = (context, ("context", index)) if region.concept else None
             with self.context.region_routing(region):
-                region_out = self._attend(attn, query, states, None)
-                if region.share < 1.0:
-                    own_context = self._attend(attn, query, *context_input) if region.concept else context_out
-                    region_out = region.share * region_out + (1.0 - region.share) * own_context
-            out = out + weight[None, :, None] * (region_out - context_out)
+                if region.share == 1.0:
+                    region_out = self._attend(attn, query, rows, [own])[0]
+                elif mixed and context_mask is None and own[0].shape == context.shape:
+                    region_out, own_context = self._attend(attn, query, rows, [own, mixed])
+                else:
+                    region_out = self._attend(attn, query, rows, [own])[0]
+                    own_context = self._attend(attn, query, rows, [mixed], context_mask)[0] if mixed else None
+            if region.share < 1.0:
+                if own_context is None:
+                    with self.context.context_routing():
+                        own_context = self._attend(attn, query, rows, [base], context_mask)[0]
+                region_out = region.share * region_out + (1.0 - region.share) * own_context
+            out[:, rows] += weight[rows, None] * region_out
         return out
 
 
