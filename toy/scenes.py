@@ -230,8 +230,12 @@ def describe(obj: SceneObject, with_size: bool = True, with_position: bool = Tru
     words.append(noun or obj.shape)
     if with_position:
         words.append(POSITION_PHRASES[obj.position])
-    article = "an" if words[0][0] in "aeiou" else "a"
-    return " ".join([article, *words])
+    return " ".join([article(words[0]), *words])
+
+
+def article(word: str) -> str:
+    """ "an" before a vowel ("an orange star"), else "a": as the captions builtin:toy learned say it."""
+    return "an" if word[0] in "aeiou" else "a"
 
 
 def caption(

@@ -72,9 +72,10 @@ def pairs(concepts=CONCEPTS) -> list[dict]:
                 "concepts": (a, b),
                 "colours": (ca, cb),
                 "background": bg,
-                "prompt": f"a {ca} {token(a)} on the left and a {cb} {token(b)} on the right on a {bg} background",
+                "prompt": f"{scenes.article(ca)} {ca} {token(a)} on the left and {scenes.article(cb)} {cb} {token(b)} "
+                f"on the right on a {bg} background",
                 "region_prompts": tuple(
-                    f"a {c} {token(s)} {scenes.POSITION_PHRASES[side]} on a {bg} background"
+                    f"{scenes.article(c)} {c} {token(s)} {scenes.POSITION_PHRASES[side]} on a {bg} background"
                     for c, s, side in zip((ca, cb), (a, b), SIDES, strict=True)
                 ),
             }
@@ -234,7 +235,7 @@ def travel_prompts(shape: str) -> list[dict]:
             "kind": "new colour",
             "position": "center",
             "colour": c,
-            "prompt": f"a {c} {token(shape)} in the center on a {bg} background",
+            "prompt": f"{scenes.article(c)} {c} {token(shape)} in the center on a {bg} background",
         }
         for c in colours
     ]
