@@ -176,6 +176,7 @@ def test_regional_generation_from_the_cli(tmp_path, capsys, models_home):
         "regions": ["--region", "red:0,0,0.5,1:<red> on the left", "--region", "blue:0.5,0,1,1:<blue> on the right"],
         "preset": ["--layout", "left-right"],
         "auto": ["--layout", "auto"],
+        "routed": ["--layout", "left-right", "--regional-mode", "routed"],
     }.items():
         outs[label] = tmp_path / f"{label}.png"
         code, out, err = _run(capsys, *base, *flags, "--out", str(outs[label]))
@@ -183,6 +184,7 @@ def test_regional_generation_from_the_cli(tmp_path, capsys, models_home):
     pixels = {label: np.asarray(Image.open(path)) for label, path in outs.items()}
     np.testing.assert_array_equal(pixels["regions"], pixels["preset"])  # the same boxes, three ways
     np.testing.assert_array_equal(pixels["regions"], pixels["auto"])
+    assert np.abs(pixels["routed"].astype(int) - pixels["preset"]).max() > 0  # one routed pass draws otherwise
     layout = tmp_path / "layout.json"
     layout.write_text(
         json.dumps(
@@ -216,6 +218,11 @@ def test_regional_generation_from_the_cli(tmp_path, capsys, models_home):
     )
     assert code == 0, err
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "again.png")), pixels["regions"])
+    code, _, err = _run(
+        capsys, "generate", "--from-png", str(outs["routed"]), "--out", str(tmp_path / "r.png"), *common
+    )
+    assert code == 0, err  # the regional mode comes back with the rest of the settings
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "r.png")), pixels["routed"])
     with Image.open(outs["regions"]) as image:
         assert image.text["parameters"].startswith(prompt) and "Seed: 5" in image.text["parameters"]
 

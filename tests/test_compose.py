@@ -44,22 +44,28 @@ def _image(studio, **kwargs) -> np.ndarray:
     return studio.generate(_request(**kwargs), output_type="np")[0]
 
 
-def test_one_whole_image_region_equals_global_fusion(studio):
+@pytest.mark.parametrize("mode", ["passes", "routed"])
+def test_one_whole_image_region_equals_global_fusion(studio, mode):
     prompt = "<dog1> next to a cat"
     global_ = _image(studio, prompt=prompt, concepts={"dog": 1.0})
     whole = Layout(prompt, (Region("dog", (0, 0, 1, 1)),))
-    np.testing.assert_allclose(_image(studio, prompt=prompt, layout=whole), global_, atol=1e-5)
+    np.testing.assert_allclose(_image(studio, prompt=prompt, layout=whole, regional_mode=mode), global_, atol=1e-5)
     half = Layout(prompt, (Region("dog", (0, 0, 0.5, 1)),))  # the same check can fail
-    assert np.abs(_image(studio, prompt=prompt, layout=half) - global_).max() > 1e-3
+    assert np.abs(_image(studio, prompt=prompt, layout=half, regional_mode=mode) - global_).max() > 1e-3
 
 
-def test_routed_pair_differs_from_global_and_stays_deterministic(studio):
+def test_a_pair_layout_differs_from_global_and_by_mode_and_stays_deterministic(studio):
+    assert GenerationRequest(prompt="p").regional_mode == "passes"
+    with pytest.raises(RequestError, match="regional mode"):
+        GenerationRequest(prompt="p", regional_mode="latent")
     layout = Layout(PROMPT, (Region("dog", (0, 0, 0.5, 1)), Region("cat", (0.5, 0, 1, 1))))
     first = _image(studio, layout=layout)
     again = _image(studio, layout=layout)
+    routed = _image(studio, layout=layout, regional_mode="routed")
     global_ = _image(studio, concepts={"dog": 1.0, "cat": 1.0})
     np.testing.assert_array_equal(first, again)
     assert np.abs(first - global_).max() > 1e-3
+    assert np.abs(first - routed).max() > 1e-3
 
 
 def test_layout_concepts_are_selected_and_must_be_loaded(studio):
@@ -97,11 +103,12 @@ def test_bad_layout_inputs_give_their_error(build, message):
 
 def test_generated_png_carries_its_settings(studio, tmp_path):
     layout = Layout(PROMPT, (Region("dog", (0, 0, 0.5, 1)), Region("cat", (0.5, 0, 1, 1))))
-    [image] = studio.generate(_request(layout=layout, seed=-1))
+    [image] = studio.generate(_request(layout=layout, seed=-1, regional_mode="routed"))
     seed = int(image.info["seed"])
     path = save_png(image, tmp_path / "out.png")
     settings = read_settings(path)
     assert settings["seed"] == seed and settings["concepts"] == {"dog": 1.0, "cat": 1.0}
+    assert settings["regional_mode"] == "routed"
     assert (settings["width"], settings["height"], settings["steps"]) == (32, 48, 2)
     assert Layout.from_json(settings["layout"]) == layout
     from PIL import Image

@@ -17,6 +17,7 @@ from spectral_diffusion.generation.layout import (
     preset_layout,
     region_masks,
 )
+from spectral_diffusion.generation.passes import region_passes
 from spectral_diffusion.generation.regional import (
     OWN_PROMPT_CONTEXT_SHARE,
     RegionalContext,
@@ -454,6 +455,41 @@ def test_prompt_keys_and_values_are_projected_once_per_generation_and_never_go_s
         fresh = block(hidden, third)
     torch.testing.assert_close(changed, fresh, rtol=0, atol=0)
     assert not torch.allclose(changed, first, atol=1e-4)
+
+
+def test_region_passes_blend_one_pass_per_region_with_only_its_concept_on(tiny_pipe):
+    unet = tiny_pipe.unet
+    adapters = SpectralAdapters.from_pipeline(tiny_pipe, TargetConfig.preset("all"))
+    _concept(adapters, "dog", 0, seed=5)
+    _concept(adapters, "cat", 1, seed=6)
+    sample, timesteps, states = _unet_inputs(unet)
+    dog_prompt, cat_prompt = torch.randn_like(states), torch.randn_like(states)
+
+    def alone(name, prompt):
+        masks = {name: torch.ones(LATENT)} if name else {}
+        with adapters.routed(masks, latent_size=LATENT), adapters.text_only({name} if name else set()):
+            return _run(unet, (sample, timesteps, prompt))
+
+    # two boxes that cover the image: their feathered seam is normalised, no pass of the context
+    layout = Layout("p", (Region("dog", (0, 0, 0.5, 1)), Region("cat", (0.5, 0, 1, 1))))
+    left, right = region_masks(layout, *LATENT)
+    context = RegionalContext([RegionInput(dog_prompt, left, "dog"), RegionInput(cat_prompt, right, "cat")])
+    with region_passes(unet, adapters, context, LATENT):
+        blended = _run(unet, (sample, timesteps, states))
+        as_tuple = unet(sample, timesteps, states, return_dict=False)[0]
+    expected = (left * alone("dog", dog_prompt) + right * alone("cat", cat_prompt)) / (left + right)
+    torch.testing.assert_close(blended, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(as_tuple, blended, rtol=0, atol=0)
+    assert "forward" not in vars(unet)  # the UNet's own forward is back
+    # one box leaves room: there the context prompt is read with no concept on
+    (box,) = region_masks(Layout("p", (Region("dog", (0, 0, 0.5, 1)),)), *LATENT)
+    with region_passes(unet, adapters, RegionalContext([RegionInput(dog_prompt, box, "dog")]), LATENT):
+        partial = _run(unet, (sample, timesteps, states))
+    expected = box * alone("dog", dog_prompt) + (1 - box) * alone(None, states)
+    torch.testing.assert_close(partial, expected, rtol=0, atol=1e-5)
+    with pytest.raises(RuntimeError), region_passes(unet, adapters, context, LATENT):
+        raise RuntimeError("boom")
+    assert "forward" not in vars(unet)
 
 
 def test_self_attention_keeps_two_concepts_regions_apart_and_nothing_else(tiny_pipe):

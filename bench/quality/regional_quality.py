@@ -3,7 +3,9 @@
 Everything goes through the path the CLI and the app take: concepts are trained by the ``train`` command
 with its defaults (5 photos each from ``write_concept_images``), layouts are built by the same
 ``build_layout`` from what a user types (``--layout auto``, ``--layout left-right``, ``--region`` with and
-without prompts), and images come from ``Studio.generate`` with the one set of generation defaults.
+without prompts), and images come from ``Studio.generate`` with the one set of generation defaults (a
+layout drawn by one UNet pass per region, ``--regional-mode passes``); the ``-routed`` paths draw the same
+layouts in one pass with routed slots (``--regional-mode routed``).
 
 Rows, per path, over every pair of the four concepts (a on the left, b on the right) and ``--seeds`` seeds:
 
@@ -53,6 +55,8 @@ PATHS = {
     "left-right": "--layout left-right",
     "regions": "--region a:0,0,0.5,1 --region b:0.5,0,1,1 (no region prompts)",
     "region-prompts": "--region a:0,0,0.5,1:PROMPT_A --region b:0.5,0,1,1:PROMPT_B",
+    "left-right-routed": "--layout left-right --regional-mode routed (one UNet pass)",
+    "region-prompts-routed": "--region ...:PROMPT_A --region ...:PROMPT_B --regional-mode routed",
     "lora-passes": "baseline: exact LoRAs, one UNet pass per region, masks blend the predictions",
 }
 
@@ -86,6 +90,7 @@ def pairs(concepts=CONCEPTS) -> list[dict]:
 def regions_for(pair: dict, path: str) -> tuple[str | None, list[str]]:
     """(``--layout`` value, ``--region`` values) of a path, as a user types them."""
     a, b = pair["concepts"]
+    path = path.removesuffix("-routed")
     if path in ("auto", "left-right"):
         return path, []
     if path == "regions":
@@ -128,11 +133,15 @@ def scenes_position(side: str) -> int:
 # ----- generation ----------------------------------------------------------------------------------
 
 
+def regional_mode(path: str) -> str:
+    return "routed" if path.endswith("-routed") else DEFAULTS.regional_mode
+
+
 def layout_key(library: Library, pair: dict, path: str) -> str:
-    """Paths that build the same layout (for two concepts ``auto``, ``left-right`` and ``--region`` boxes
-    without prompts) draw the same pictures: they are drawn once."""
+    """Paths that build the same layout in the same regional mode (for two concepts ``auto`` and
+    ``left-right``) draw the same pictures: they are drawn once."""
     layout = build_layout(library, pair["prompt"], "", *regions_for(pair, path))
-    return json.dumps(layout.to_json() if layout else None)
+    return json.dumps([layout.to_json() if layout else None, regional_mode(path)])
 
 
 def generate(studio: Studio, library: Library, pair: dict, path: str, seeds: int, concepts=None) -> list:
@@ -145,6 +154,7 @@ def generate(studio: Studio, library: Library, pair: dict, path: str, seeds: int
         seed=DEFAULTS.seed,
         num_images=seeds,
         layout=layout,
+        regional_mode=regional_mode(path),
     )
     return studio.generate(request)
 

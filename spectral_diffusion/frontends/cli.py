@@ -15,7 +15,7 @@ import sys
 
 from spectral_diffusion.core.config import VARIANTS
 from spectral_diffusion.formats import EXPORT_FORMATS
-from spectral_diffusion.generation.request import DEFAULTS
+from spectral_diffusion.generation.request import DEFAULTS, REGIONAL_MODES
 from spectral_diffusion.generation.schedulers import SCHEDULERS
 from spectral_diffusion.images import MAX_IMAGES, MIN_IMAGES, RECOMMENDED_IMAGES
 from spectral_diffusion.library.store import LIBRARY_ENV, default_library, stray_library_note
@@ -111,6 +111,13 @@ def _add_generate(sub) -> None:
     )
     gen.add_argument("--scheduler", default=DEFAULTS.scheduler, help=", ".join(SCHEDULERS))
     gen.add_argument("--baked", action="store_true", help="merge the concepts into the weights first")
+    gen.add_argument(
+        "--regional-mode",
+        default=DEFAULTS.regional_mode,
+        choices=REGIONAL_MODES,
+        help="how a layout is drawn: passes (one UNet pass per region, only its concept on; the default) or "
+        "routed (one pass, each concept's slot routed to its box: faster, concepts less alike)",
+    )
     gen.add_argument(
         "--layout",
         default=None,

@@ -211,6 +211,7 @@ _FROM_PNG = {
     "width": "width",
     "height": "height",
     "scheduler": "scheduler",
+    "regional_mode": "regional_mode",
 }
 
 
@@ -251,6 +252,7 @@ def _generation_request(args: argparse.Namespace, library):
         scheduler=args.scheduler,
         mode="baked" if args.baked else "live",
         layout=layout,
+        regional_mode=args.regional_mode,
     )
 
 

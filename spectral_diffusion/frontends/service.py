@@ -188,9 +188,11 @@ class Service:
         scheduler: str = DEFAULTS.scheduler,
         progress: Callable[[int, int], None] | None = None,
         layout=None,
+        regional_mode: str = DEFAULTS.regional_mode,
     ) -> list[Image.Image]:
         """Generate; ``layout`` (optional) composes regionally: a layout JSON object or text, ``auto`` or a
-        preset name (``workflows.build_layout``). Its context prompt is ``prompt`` unless the JSON has one."""
+        preset name (``workflows.build_layout``). Its context prompt is ``prompt`` unless the JSON has one.
+        ``regional_mode``: how a layout is drawn (``passes`` or ``routed``, docs/design.md section 11)."""
         from spectral_diffusion.generation.request import GenerationRequest
 
         placed = build_layout(self.library, prompt, negative_prompt, layout) if layout else None
@@ -208,6 +210,7 @@ class Service:
             height=height,
             num_images=num_images,
             scheduler=scheduler,
+            regional_mode=regional_mode,
         )
         return self.studio.generate(request, progress=progress)
 

@@ -1,10 +1,12 @@
-"""One request through the pipeline: globally fused, or composed regionally with routed slots.
+"""One request through the pipeline: globally fused, or composed regionally.
 
 Global: every active concept acts everywhere (the weights are exactly W + sum of deltas). Regional
-(``request.layout``): each concept's slot acts only inside its own box and on its own region prompt's
-tokens, region prompts are encoded with only their concept's text-encoder slot on, inside each box
-the image attends to that region's prompt, and self-attention between two concepts' boxes is damped
-(``isolation``; docs/design.md section 11).
+(``request.layout``): region prompts are encoded with only their concept's text-encoder slot on, then
+``request.regional_mode`` draws the layout: ``passes`` runs the UNet once per region with only that
+region's concept on and blends the predictions by the boxes (``passes``); ``routed`` runs it once, each
+concept's slot acting only inside its own box and on its own region prompt's tokens, inside each box the
+image attending to that region's prompt, and self-attention between two concepts' boxes damped
+(``regional``, ``isolation``; docs/design.md section 11).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 
 from spectral_diffusion.generation.isolation import isolated_self_attention
 from spectral_diffusion.generation.layout import region_masks
+from spectral_diffusion.generation.passes import region_passes
 from spectral_diffusion.generation.regional import encode_layout, regional_attention
 
 
@@ -67,6 +70,10 @@ def run_regional(pipe, adapters, request, seed: int, progress=None, output_type:
     kwargs = _common_kwargs(pipe, request, seed, progress, output_type)
     kwargs.update(height=height, width=width)
     latent_size = (height // scale, width // scale)
+    if request.regional_mode == "passes":
+        with region_passes(pipe.unet, adapters, context, latent_size):
+            result = pipe(**embeds, **kwargs)
+        return list(result.images)
     with (
         adapters.routed(concept_masks, latent_size=latent_size),
         regional_attention(pipe.unet, context),

@@ -41,6 +41,7 @@ def request_settings(request, seed: int, model: str, width: int, height: int) ->
     layout = getattr(request, "layout", None)
     if layout is not None:
         settings["layout"] = layout.to_json()
+        settings["regional_mode"] = request.regional_mode
     return settings
 
 

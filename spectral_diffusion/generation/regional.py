@@ -126,7 +126,8 @@ def _routing(text_routing: TextRouting | None, concepts: frozenset | None):
     return contextlib.nullcontext() if text_routing is None else text_routing(concepts)
 
 
-def _aligned(embeddings: torch.Tensor, batch_size: int, like: torch.Tensor) -> torch.Tensor:
+def batch_aligned(embeddings: torch.Tensor, batch_size: int, like: torch.Tensor) -> torch.Tensor:
+    """``embeddings`` on ``like``'s device and dtype with the UNet's batch (a batch of 1 is broadcast)."""
     if embeddings.shape[0] == batch_size:
         return embeddings.to(device=like.device, dtype=like.dtype)
     if embeddings.shape[0] == 1:
@@ -169,7 +170,7 @@ class RegionalAttnProcessor:
         """Region ``index``'s embeddings aligned with the UNet batch, one tensor per batch, device and dtype."""
         key = (index, batch_size, str(like.device), like.dtype)
         if key not in self._region_states:
-            self._region_states[key] = _aligned(self.context.regions[index].embeddings, batch_size, like)
+            self._region_states[key] = batch_aligned(self.context.regions[index].embeddings, batch_size, like)
         return self._region_states[key]
 
     def _attend(self, attn, query, rows, prompts, attention_mask=None) -> list[torch.Tensor]:
