@@ -720,6 +720,10 @@ def test_generate_with_a_layout_and_load_its_settings_back(pair, client):
     assert "seed 5" in info and "layout left-right" in info
     stored = read_settings(images[0]["image"])
     assert [r["concept"] for r in stored["layout"]["regions"]] == ["dog", "cat"]
+    assert stored["regional_mode"] == "passes"
+    # no concepts chosen: the layout selects the ones it places, and the summary says which were drawn
+    _, info = client.predict(prompt, "", "", 5, 2, 7.5, 0, 0, 1, "default", "left-right", api_name="/generate")
+    assert "concepts dog,cat" in info and "no concepts" not in info, info
     custom = json.dumps(
         {
             "prompt": prompt,

@@ -8,6 +8,7 @@ and to their widgets; ``webapp/page.py`` holds the handlers of the page alone.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -17,6 +18,7 @@ import gradio as gr
 from spectral_diffusion.core.strengths import parse_concepts
 from spectral_diffusion.frontends.service import Service, TrainingStatus
 from spectral_diffusion.frontends.workflows import TrainRequest
+from spectral_diffusion.generation.pnginfo import SETTINGS_KEY
 from webapp import drawings
 from webapp.calls import user_errors
 from webapp.forms import InputError, TrainForm, file_paths, real, whole
@@ -204,8 +206,10 @@ def generate(
     paths = service.save_images(images, stem=f"seed{used}")
     size = images[0].size if images else None
     captions = [f"seed {image.info.get('seed', '?')}" for image in images]
+    # the concepts the image was drawn with: a layout selects the concepts it places when none are chosen
+    drawn = json.loads(images[0].info.get(SETTINGS_KEY, "{}")).get("concepts", chosen) if images else chosen
     return list(zip(map(str, paths), captions, strict=True)), info_line(
-        len(paths), used, size, steps, guidance, scheduler, chosen, layout, time.monotonic() - started
+        len(paths), used, size, steps, guidance, scheduler, drawn, layout, time.monotonic() - started
     )
 
 

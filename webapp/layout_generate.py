@@ -17,9 +17,10 @@ from webapp.drawings import LAYOUT_WIDGET
 from webapp.forms import CONCEPT_ROWS, LAYOUT_MODES, NO_LAYOUT, default_box
 
 REGIONAL_NOTE = (
-    "Regional composition draws each concept only inside its box: its slot is routed to its region and "
-    "its prompt tokens. It uses the concepts' live slots (the app never bakes them into the weights; a "
-    "baked model could not route). Downloaded and exported LoRAs stay global: a LoRA cannot route."
+    "Regional composition draws each concept only inside its box: the model runs once per box with only "
+    "that box's concept on and that box's prompt (a preset gives each box its concept's clause of the "
+    "prompt), and the boxes are blended. It uses the concepts' live slots (the app never bakes them into "
+    "the weights). Downloaded and exported LoRAs stay global: a LoRA cannot be confined to a box."
 )
 
 
