@@ -661,8 +661,10 @@ def test_generate_is_one_event_for_the_button_and_the_enter_key(models_home, tmp
         "num_images",
         "scheduler",
         "layout",
+        "regional_mode",
     ]
-    assert generate[-1]["parameter_has_default"] and generate[-1]["parameter_default"] == ""
+    assert generate[-2]["parameter_has_default"] and generate[-2]["parameter_default"] == ""
+    assert generate[-1]["parameter_has_default"] and generate[-1]["parameter_default"] == "passes"
     train = named["/train_concept"]["parameters"]
     assert [p["parameter_name"] for p in train] == [
         "images",
@@ -717,10 +719,17 @@ def test_generate_with_a_layout_and_load_its_settings_back(pair, client):
     images, info = client.predict(
         prompt, "dog,cat", "", 5, 2, 7.5, 0, 0, 1, "default", "left-right", api_name="/generate"
     )
-    assert "seed 5" in info and "layout left-right" in info
+    assert "seed 5" in info and "layout left-right (passes)" in info
     stored = read_settings(images[0]["image"])
     assert [r["concept"] for r in stored["layout"]["regions"]] == ["dog", "cat"]
     assert stored["regional_mode"] == "passes"
+    # the regional mode is the endpoint's last parameter: routed is drawn, stored, said and loaded back
+    args = (prompt, "dog,cat", "", 5, 2, 7.5, 0, 0, 1, "default", "left-right")
+    routed, info = client.predict(*args, "routed", api_name="/generate")
+    assert "layout left-right (routed)" in info and read_settings(routed[0]["image"])["regional_mode"] == "routed"
+    assert page.load_settings(routed[0]["image"])["regional_mode"] == "routed"
+    with pytest.raises(AppError, match="not in the list of choices"):  # the radio refuses it
+        client.predict(*args, "sideways", api_name="/generate")
     # no concepts chosen: the layout selects the ones it places, and the summary says which were drawn
     _, info = client.predict(prompt, "", "", 5, 2, 7.5, 0, 0, 1, "default", "left-right", api_name="/generate")
     assert "concepts dog,cat" in info and "no concepts" not in info, info
@@ -758,6 +767,7 @@ def test_generate_with_a_layout_and_load_its_settings_back(pair, client):
     assert [d["value"] for d in fields["row_names"]][:2] == ["dog", "cat"] and fields["row_strengths"][:2] == [1.0, 1.0]
     assert fields["layout_mode"] == "custom" and fields["row_boxes"][:2] == [(0, 0, 0.6, 1), (0.6, 0, 1, 1)]
     assert fields["region_prompts"][:2] == ["", "a cat"] and "Loaded the settings" in fields["settings_message"]
+    assert fields["regional_mode"] == "passes"
     # the result with its boxes drawn over it
     overlay = page.result_overlay([(images[0]["image"], None)])
     assert overlay["visible"] and overlay["value"].size == (480, 480)

@@ -164,12 +164,20 @@ def test_automatic_layouts_give_each_concept_its_clause():
         ("owl", "<owl> on a sofa"),
     ]
     pair = "a red <cat> on the left, very fluffy, and a yellow <owl> on the right on a white background"
-    layout = preset_layout("left-right", pair, {"owl": ["<owl>"], "cat": ["<cat>"]}, "blurry")
+    tokens_of_two = {"owl": ["<owl>"], "cat": ["<cat>"]}
+    layout = preset_layout("left-right", pair, tokens_of_two, "blurry")
     assert layout.prompt == pair and layout.negative == "blurry"
     assert [layout.region_prompt(r) for r in layout.regions] == [
         "a red <cat> on the left, very fluffy",
         "a yellow <owl> on the right on a white background",
     ]
+    # the scene, set off by a comma or semicolon before the first concept or after the last, is shared
+    scene = "masterpiece; a red <cat> on the left, very fluffy, and an <owl> on the right, in a park, at dusk"
+    assert [region.prompt for region in preset_layout("left-right", scene, tokens_of_two).regions] == [
+        "masterpiece; a red <cat> on the left, very fluffy, in a park, at dusk",
+        "masterpiece; an <owl> on the right, in a park, at dusk",
+    ]
+    assert concept_clauses(", <dog> and <cat>, and a tree", [(2, 7), (12, 17)]) == ["<dog>", "<cat>, and a tree"]
     assert concept_clauses("<dog> and <cat>", [(0, 5)]) is None  # one concept: nothing to cut
     assert concept_clauses("<dog> next to <cat>", [(0, 5), (14, 19)]) is None
     assert concept_clauses("<dog>andy <cat>", [(0, 5), (10, 15)]) is None  # "and" inside a word is no separator

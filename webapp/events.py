@@ -272,6 +272,7 @@ class PageEvents:
             layout_mode=tab.layout_mode,
             row_boxes=tab.row_boxes,
             region_prompts=tab.region_prompts,
+            regional_mode=tab.regional_mode,
             settings_message=tab.settings_message,
         )
         tab.settings_file.upload(

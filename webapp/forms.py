@@ -16,7 +16,7 @@ from pathlib import Path
 
 from spectral_diffusion.frontends.workflows import TrainRequest
 from spectral_diffusion.generation.layout import PRESETS
-from spectral_diffusion.generation.request import DEFAULTS
+from spectral_diffusion.generation.request import DEFAULTS, REGIONAL_MODES
 
 ADVANCED = ("lr_unet", "lr_text", "lr_embedding", "batch_size", "resolution", "seed")  # the Train tab's Advanced
 CONCEPT_ROWS = 8  # concept rows on the Generate tab (4 shown, 4 more folded)
@@ -208,6 +208,7 @@ class LoadedSettings:
     layout_mode: str
     row_boxes: list[tuple[float, float, float, float]]
     region_prompts: list[str]
+    regional_mode: str
     settings_message: str
 
 
@@ -231,6 +232,11 @@ def _layout_rows(layout: Mapping, names: list, rows: int) -> tuple[list, list, l
         boxes[row] = tuple(float(v) for v in region.get("box", boxes[row]))
         prompts[row] = region.get("prompt") or ""
     return boxes, prompts, dropped
+
+
+def _known(value, choices: Sequence[str], default: str) -> str:
+    """``value`` if it is one of ``choices`` (a PNG may come from another version), else ``default``."""
+    return value if value in choices else default
 
 
 def loaded_settings(settings: Mapping, file_name: str, rows: int = CONCEPT_ROWS) -> LoadedSettings:
@@ -262,5 +268,6 @@ def loaded_settings(settings: Mapping, file_name: str, rows: int = CONCEPT_ROWS)
         layout_mode=mode,
         row_boxes=boxes,
         region_prompts=prompts,
+        regional_mode=_known(settings.get("regional_mode"), REGIONAL_MODES, DEFAULTS.regional_mode),
         settings_message=" ".join(notes),
     )

@@ -19,6 +19,7 @@ from spectral_diffusion.core.strengths import parse_concepts
 from spectral_diffusion.frontends.service import Service, TrainingStatus
 from spectral_diffusion.frontends.workflows import TrainRequest
 from spectral_diffusion.generation.pnginfo import SETTINGS_KEY
+from spectral_diffusion.generation.request import DEFAULTS
 from webapp import drawings
 from webapp.calls import user_errors
 from webapp.forms import InputError, TrainForm, file_paths, real, whole
@@ -179,11 +180,24 @@ def export_concept(service: Service, name, format) -> list[str]:
 
 @user_errors(summary=lambda result: result[1])
 def generate(
-    service: Service, prompt, concepts, negative, seed, steps, guidance, width, height, num_images, scheduler, layout=""
+    service: Service,
+    prompt,
+    concepts,
+    negative,
+    seed,
+    steps,
+    guidance,
+    width,
+    height,
+    num_images,
+    scheduler,
+    layout="",
+    regional_mode=DEFAULTS.regional_mode,
 ) -> tuple[list[tuple[str, str]], str]:
     """((image path, "seed S") per image, "N image(s), seed S · settings · time"): image k is drawn from
     seed + k, its caption and stored settings say which. A negative or empty seed draws a random one.
-    ``layout``: "" (global fusion), ``auto``, a preset name or a layout JSON (regional composition)."""
+    ``layout``: "" (global fusion), ``auto``, a preset name or a layout JSON (regional composition);
+    ``regional_mode``: how a layout is drawn, ``passes`` or ``routed`` (empty: the default)."""
     started = time.monotonic()
     seed_value = None if seed is None or seed == "" or real("seed", seed) < 0 else whole("seed", seed)
     chosen = parse_concepts(concepts or "")
@@ -201,15 +215,26 @@ def generate(
         num_images=whole("num_images", num_images, 1),
         scheduler=scheduler,
         layout=layout or None,
+        regional_mode=regional_mode or DEFAULTS.regional_mode,
     )
     used = images[0].info.get("seed", seed_value) if images else seed_value
     paths = service.save_images(images, stem=f"seed{used}")
     size = images[0].size if images else None
     captions = [f"seed {image.info.get('seed', '?')}" for image in images]
-    # the concepts the image was drawn with: a layout selects the concepts it places when none are chosen
-    drawn = json.loads(images[0].info.get(SETTINGS_KEY, "{}")).get("concepts", chosen) if images else chosen
+    # what the image was drawn with: a layout selects the concepts it places when none are chosen
+    stored = json.loads(images[0].info.get(SETTINGS_KEY, "{}")) if images else {}
+    drawn = stored.get("concepts", chosen)
     return list(zip(map(str, paths), captions, strict=True)), info_line(
-        len(paths), used, size, steps, guidance, scheduler, drawn, layout, time.monotonic() - started
+        len(paths),
+        used,
+        size,
+        steps,
+        guidance,
+        scheduler,
+        drawn,
+        layout,
+        time.monotonic() - started,
+        stored.get("regional_mode", ""),
     )
 
 

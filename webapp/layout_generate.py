@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from spectral_diffusion.formats import EXPORT_FORMATS
-from spectral_diffusion.generation.request import DEFAULTS
+from spectral_diffusion.generation.request import DEFAULTS, REGIONAL_MODES
 from spectral_diffusion.generation.schedulers import SCHEDULERS
 from webapp.drawings import LAYOUT_WIDGET
 from webapp.forms import CONCEPT_ROWS, LAYOUT_MODES, NO_LAYOUT, default_box
@@ -19,8 +19,14 @@ from webapp.forms import CONCEPT_ROWS, LAYOUT_MODES, NO_LAYOUT, default_box
 REGIONAL_NOTE = (
     "Regional composition draws each concept only inside its box: the model runs once per box with only "
     "that box's concept on and that box's prompt (a preset gives each box its concept's clause of the "
-    "prompt), and the boxes are blended. It uses the concepts' live slots (the app never bakes them into "
+    "prompt, plus the scene set off by a comma: '<a> on the left and <b> on the right, in a park'), and "
+    "the boxes are blended. It uses the concepts' live slots (the app never bakes them into "
     "the weights). Downloaded and exported LoRAs stay global: a LoRA cannot be confined to a box."
+)
+
+REGIONAL_MODE_LABEL = (
+    "How a layout is drawn: passes = one model pass per box (the default, best shapes); "
+    "routed = one pass for all boxes (faster, cleaner between boxes, weaker shapes)"
 )
 
 
@@ -71,6 +77,7 @@ class GenerateTab:
     concepts: gr.Textbox
     layout_mode: gr.Radio
     layout_text: gr.Textbox
+    regional_mode: gr.Radio
     settings: GenerateSettings
     settings_file: gr.File
     settings_message: gr.Markdown
@@ -98,7 +105,13 @@ class GenerateTab:
 
     def request(self) -> dict[str, gr.components.Component]:
         """The generate endpoint's widgets by parameter name, in its order."""
-        return {"prompt": self.prompt, "concepts": self.concepts, **vars(self.settings), "layout": self.layout_text}
+        return {
+            "prompt": self.prompt,
+            "concepts": self.concepts,
+            **vars(self.settings),
+            "layout": self.layout_text,
+            "regional_mode": self.regional_mode,
+        }
 
 
 def _concept_row(index: int) -> ConceptRow:
@@ -141,7 +154,7 @@ def _generate_settings() -> GenerateSettings:
     )
 
 
-def _layout_picker() -> tuple[gr.Radio, gr.Textbox]:
+def _layout_picker() -> tuple[gr.Radio, gr.Textbox, gr.Radio]:
     layout_mode = gr.Radio(
         list(LAYOUT_MODES),
         value=NO_LAYOUT,
@@ -151,7 +164,13 @@ def _layout_picker() -> tuple[gr.Radio, gr.Textbox]:
     gr.Markdown(REGIONAL_NOTE, elem_id="layout-note")
     with gr.Accordion("Layout as JSON (the generate API's layout parameter)", open=False):
         layout_text = gr.Textbox(value="", label="layout", interactive=False, elem_id="layout-json")
-    return layout_mode, layout_text
+        regional_mode = gr.Radio(
+            list(REGIONAL_MODES),
+            value=DEFAULTS.regional_mode,
+            elem_id="regional-mode",
+            label=REGIONAL_MODE_LABEL,
+        )
+    return layout_mode, layout_text, regional_mode
 
 
 def _result_column() -> Results:
@@ -233,7 +252,7 @@ def build_generate_tab() -> GenerateTab:
                     format="png",
                     elem_id="generate-cards",
                 )
-                layout_mode, layout_text = _layout_picker()
+                layout_mode, layout_text, regional_mode = _layout_picker()
                 rows = [_concept_row(index) for index in range(CONCEPT_ROWS // 2)]
                 with gr.Accordion("More concepts", open=False):
                     rows += [_concept_row(index) for index in range(CONCEPT_ROWS // 2, CONCEPT_ROWS)]
@@ -260,6 +279,7 @@ def build_generate_tab() -> GenerateTab:
         concepts=concepts,
         layout_mode=layout_mode,
         layout_text=layout_text,
+        regional_mode=regional_mode,
         settings=settings,
         settings_file=settings_file,
         settings_message=settings_message,

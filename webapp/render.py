@@ -161,9 +161,10 @@ def info_line(
     concepts: Mapping[str, float],
     layout: str,
     seconds: float,
+    regional_mode: str = "",
 ) -> str:
-    """What the Generate tab says after a generation: the seeds used (image k: ``seed`` + k), the settings,
-    the time taken."""
+    """What the Generate tab says after a generation: the seeds used (image k: ``seed`` + k), the settings
+    (with a layout, how it was drawn), the time taken."""
     try:
         seeds = f"seeds {int(seed)}-{int(seed) + count - 1}" if count > 1 else f"seed {seed}"
     except (TypeError, ValueError):
@@ -179,6 +180,6 @@ def info_line(
     ]
     described = describe_layout(layout)
     if described:
-        parts.append(described)
+        parts.append(f"{described} ({regional_mode})" if regional_mode else described)
     parts.append(f"{seconds:.1f} s")
     return " · ".join(parts)

@@ -60,6 +60,9 @@ PATHS = {
     "lora-passes": "baseline: exact LoRAs, one UNet pass per region, masks blend the predictions",
 }
 
+# The paths whose every image goes into the by-eye sheet, left to right.
+EYE_PATHS = ("left-right", "region-prompts", "left-right-routed")
+
 
 def token(shape: str) -> str:
     return f"<{shape}>"
@@ -77,7 +80,7 @@ def pairs(concepts=CONCEPTS) -> list[dict]:
                 "colours": (ca, cb),
                 "background": bg,
                 "prompt": f"{scenes.article(ca)} {ca} {token(a)} on the left and {scenes.article(cb)} {cb} {token(b)} "
-                f"on the right on a {bg} background",
+                f"on the right, on a {bg} background",  # the scene set off by a comma: every region gets it
                 "region_prompts": tuple(
                     f"{scenes.article(c)} {c} {token(s)} {scenes.POSITION_PHRASES[side]} on a {bg} background"
                     for c, s, side in zip((ca, cb), (a, b), SIDES, strict=True)
@@ -311,6 +314,20 @@ def sheet(rows: dict[str, list[Image.Image]], scale: int = 2) -> Image.Image:
     return out
 
 
+def eye_sheet(every: dict[str, list[list[Image.Image]]], paths=EYE_PATHS, cell: int = 96) -> Image.Image:
+    """Every image of ``paths`` side by side, a block per path (rows: pairs, columns: seeds), to count
+    by eye what the classifier misreads."""
+    blocks = [every[path] for path in paths if every.get(path)]
+    rows, columns, gap = len(blocks[0]), len(blocks[0][0]), 4
+    block_width = columns * (cell + gap) + 6 * gap
+    out = Image.new("RGB", (block_width * len(blocks), rows * (cell + gap)), (255, 255, 255))
+    for b, block in enumerate(blocks):
+        for r, images in enumerate(block):
+            for c, image in enumerate(images):
+                out.paste(image.resize((cell, cell)), (b * block_width + c * (cell + gap), r * (cell + gap)))
+    return out
+
+
 def run(args) -> dict:
     work = Path(args.work or tempfile.mkdtemp(prefix="regional-quality-"))
     library_dir = Path(args.library) if args.library else work / "library"
@@ -321,6 +338,7 @@ def run(args) -> dict:
     tallies = {path: Tally() for path in PATHS}
     alone: dict[str, list[float]] = {}
     grids: dict[str, list[Image.Image]] = {path: [] for path in PATHS}
+    every: dict[str, list[list[Image.Image]]] = {path: [] for path in PATHS}
     baseline = LoraPasses(library, studio, work, args.concepts) if "lora-passes" in args.paths else None
     selected = pairs(args.concepts)[: args.pairs]
     for pair in selected:
@@ -343,6 +361,7 @@ def run(args) -> dict:
             images, seconds = drawn[key]
             tallies[path].add(classifier.read(model, images), pair, seconds, len(images))
             grids[path].extend(images[:2])
+            every[path].append(images)
             logger.info("%s %s: %s", pair["concepts"], path, tallies[path].summary())
     ceiling = float(np.mean([v for values in alone.values() for v in values]))
     rows = []
@@ -368,6 +387,7 @@ def run(args) -> dict:
         "pairs": len(selected),
         "seeds": args.seeds,
         "grids": grids,
+        "every": every,
     }
 
 
@@ -413,6 +433,9 @@ def main(argv=None) -> None:
         sheet({path: images for path, images in result.pop("grids").items() if images}).save(
             args.out / "regional-quality.png"
         )
+        every = result.pop("every")
+        if all(every.get(path) for path in EYE_PATHS):
+            eye_sheet(every).save(args.out / "regional-quality-modes.png")
         (args.out / "regional-quality.json").write_text(json.dumps(result, indent=2))
 
 

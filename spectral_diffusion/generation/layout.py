@@ -34,6 +34,8 @@ PRESETS = {
 }
 # Where a prompt may be cut between two concepts' clauses: " and ", a comma, a semicolon (", and" is one cut).
 CLAUSE_SEPARATOR = re.compile(r"\s*[,;]\s*and\s+|\s+and\s+|\s*[,;]\s*")
+# What sets the scene apart from the first or last concept's clause ("<dog> ... and <cat> ..., in a park").
+SCENE_SEPARATOR = re.compile(r"\s*[,;]\s*")
 _LAYOUT_KEYS = ("prompt", "negative", "regions")
 _REGION_KEYS = ("concept", "box", "prompt", "negative")
 
@@ -231,14 +233,19 @@ def _automatic(prompt: str, spans: dict[str, tuple[int, int]], boxes: Sequence, 
 
 
 def concept_clauses(prompt: str, spans: Sequence[tuple[int, int]]) -> list[str] | None:
-    """The prompt cut into one clause per concept, or None where it cannot be (fewer than two concepts,
-    or two concepts' tokens with no separator between them, as in "<dog> next to <cat>").
+    """The prompt cut into one region prompt per concept, or None where it cannot be (fewer than two
+    concepts, or two concepts' tokens with no separator between them, as in "<dog> next to <cat>").
 
     ``spans``: each concept's (start, end) trigger-token position in ``prompt``, in prompt order. The cut
     between two concepts is the last separator (``CLAUSE_SEPARATOR``) between their tokens, so "a photo
-    of <dog>, <cat> and <owl> on a sofa" gives "a photo of <dog>", "<cat>" and "<owl> on a sofa". Measured
-    on builtin:toy (docs/fusion-quality.md): a region that reads its own clause draws its concept more
-    often than one that reads the whole prompt, where the other concepts are named too.
+    of <dog>, <cat> and <owl> on a sofa" gives "a photo of <dog>", "<cat>" and "<owl> on a sofa".
+
+    The scene is shared (``_scene_parts``): text set off by a comma or semicolon before the first token
+    or after the last one goes into every region's prompt, so "<dog> on the left and <cat> on the right,
+    in a park" gives "<dog> on the left, in a park" and "<cat> on the right, in a park". Measured on
+    builtin:toy (docs/fusion-quality.md): a region that reads its own clause draws its concept more often
+    than one that reads the whole prompt, where the other concepts are named too; a region whose clause
+    lacks the scene words draws another background.
     """
     if len(spans) < 2:
         return None
@@ -248,12 +255,29 @@ def concept_clauses(prompt: str, spans: Sequence[tuple[int, int]]) -> list[str] 
         if not separators:
             return None
         cuts.append(separators[-1])
-    clauses, begin = [], 0
+    head, begin, finish, tail = _scene_parts(prompt, spans[0][0], spans[-1][1])
+    clauses = []
     for cut in cuts:
         clauses.append(prompt[begin : cut.start()].strip())
         begin = cut.end()
-    clauses.append(prompt[begin:].strip())
-    return clauses
+    clauses.append(prompt[begin:finish].strip())
+    return [head + clause + tail for clause in clauses]
+
+
+def _scene_parts(prompt: str, first: int, last: int) -> tuple[str, int, int, str]:
+    """(head, where the clauses begin, where they end, tail): the head is the text before the last comma
+    or semicolon ahead of the first token (with that separator), the tail the text after the first one
+    behind the last token (unless it opens another clause: ", and ...")."""
+    head, begin, finish, tail = "", 0, len(prompt), ""
+    before = list(SCENE_SEPARATOR.finditer(prompt, 0, first))
+    if before:
+        begin = before[-1].end()
+        if prompt[: before[-1].start()].strip():
+            head = prompt[: before[-1].start()].strip() + before[-1].group().strip() + " "
+    after = SCENE_SEPARATOR.search(prompt, last)
+    if after and prompt[after.end() :].strip() and not re.match(r"and\b", prompt[after.end() :]):
+        tail, finish = after.group().strip() + " " + prompt[after.end() :].strip(), after.start()
+    return head, begin, finish, tail
 
 
 def _token_spans(prompt: str, concepts_with_tokens: Mapping[str, Sequence[str]]) -> dict[str, tuple[int, int]]:
