@@ -744,7 +744,10 @@ def test_generate_with_a_layout_and_load_its_settings_back(pair, client):
         }
     )
     images, info = client.predict(prompt, "dog,cat", "", 5, 2, 7.5, 0, 0, 1, "default", custom, api_name="/generate")
-    assert "custom layout (2 regions)" in info
+    assert "custom layout (2 regions)" in info and "overlap" not in info
+    overlapping = custom.replace("[0.6, 0, 1, 1]", "[0.4, 0, 1, 1]")
+    _, info = client.predict(prompt, "dog,cat", "", 5, 2, 7.5, 0, 0, 1, "default", overlapping, api_name="/generate")
+    assert "warning: dog and cat overlap" in info, info
     with pytest.raises(AppError, match="leaves the image"):
         client.predict(
             prompt,

@@ -18,6 +18,7 @@ import gradio as gr
 from spectral_diffusion.core.strengths import parse_concepts
 from spectral_diffusion.frontends.service import Service, TrainingStatus
 from spectral_diffusion.frontends.workflows import TrainRequest
+from spectral_diffusion.generation.layout import Layout, concept_overlaps
 from spectral_diffusion.generation.pnginfo import SETTINGS_KEY
 from spectral_diffusion.generation.request import DEFAULTS
 from webapp import drawings
@@ -224,6 +225,12 @@ def generate(
     # what the image was drawn with: a layout selects the concepts it places when none are chosen
     stored = json.loads(images[0].info.get(SETTINGS_KEY, "{}")) if images else {}
     drawn = stored.get("concepts", chosen)
+    overlaps = concept_overlaps(Layout.from_json(stored["layout"])) if "layout" in stored else []
+    for first, second, share in overlaps:
+        gr.Warning(
+            f"The boxes of {first} and {second} overlap ({share:.0%} of the image): there both concepts act "
+            "and their region prompts are blended. Give each concept its own box unless that is what you want."
+        )
     return list(zip(map(str, paths), captions, strict=True)), info_line(
         len(paths),
         used,
@@ -235,6 +242,7 @@ def generate(
         layout,
         time.monotonic() - started,
         stored.get("regional_mode", ""),
+        [f"{first} and {second} overlap" for first, second, _ in overlaps],
     )
 
 

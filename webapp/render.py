@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import html
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from spectral_diffusion.core.strengths import format_concepts
 from spectral_diffusion.frontends.service import TrainingStatus
@@ -162,6 +162,7 @@ def info_line(
     layout: str,
     seconds: float,
     regional_mode: str = "",
+    warnings: Sequence[str] = (),
 ) -> str:
     """What the Generate tab says after a generation: the seeds used (image k: ``seed`` + k), the settings
     (with a layout, how it was drawn), the time taken."""
@@ -181,5 +182,6 @@ def info_line(
     described = describe_layout(layout)
     if described:
         parts.append(f"{described} ({regional_mode})" if regional_mode else described)
+    parts += [f"warning: {warning}" for warning in warnings]
     parts.append(f"{seconds:.1f} s")
     return " · ".join(parts)

@@ -314,7 +314,7 @@ def sheet(rows: dict[str, list[Image.Image]], scale: int = 2) -> Image.Image:
     return out
 
 
-def eye_sheet(every: dict[str, list[list[Image.Image]]], paths=EYE_PATHS, cell: int = 96) -> Image.Image:
+def eye_sheet(every: dict[str, list[list[Image.Image]]], paths=EYE_PATHS, cell: int = 64) -> Image.Image:
     """Every image of ``paths`` side by side, a block per path (rows: pairs, columns: seeds), to count
     by eye what the classifier misreads."""
     blocks = [every[path] for path in paths if every.get(path)]
@@ -324,7 +324,8 @@ def eye_sheet(every: dict[str, list[list[Image.Image]]], paths=EYE_PATHS, cell: 
     for b, block in enumerate(blocks):
         for r, images in enumerate(block):
             for c, image in enumerate(images):
-                out.paste(image.resize((cell, cell)), (b * block_width + c * (cell + gap), r * (cell + gap)))
+                cell_image = image.resize((cell, cell), Image.Resampling.NEAREST)
+                out.paste(cell_image, (b * block_width + c * (cell + gap), r * (cell + gap)))
     return out
 
 

@@ -44,8 +44,8 @@ class GenerationDefaults:
     num_images: int = 1
     scheduler: str = "default"
     negative_prompt: str = ""
-    # measured on builtin:toy (docs/fusion-quality.md): both concepts drawn in 46 of 48 images by eye
-    # with the left-right preset against 8 of 48 for one routed pass, at 1.5x its time
+    # measured on builtin:toy (docs/fusion-quality.md): both concepts drawn in 35 of 48 images by eye
+    # with the left-right preset against 8 of 48 for one routed pass, at 1.35x its time
     regional_mode: str = "passes"
 
 
