@@ -14,7 +14,9 @@ Rows, per path, over every pair of the four concepts (a on the left, b on the ri
 * identity: the classifier's probability of each concept's shape, relative to that concept alone (only
   its slot on) on its own half's prompt ("a red <heart> on the left on a white background": a prompt may
   not name a concept that is not selected);
-* bleeding: how likely the classifier finds the *other* concept of the pair at each concept's position;
+* bleeding: how likely the classifier finds the *other* concept of the pair at each concept's position
+  (reported beside the same figure for each concept alone, where the other concept is not on at all: the
+  classifier's floor);
 * time per image.
 
 A baseline the ecosystem already has (ComfyUI's hooked LoRAs with masked conditioning, A1111 Regional
@@ -165,11 +167,11 @@ def generate(studio: Studio, library: Library, pair: dict, path: str, seeds: int
 class LoraPasses:
     """The baseline: one UNet pass per region with only that region's LoRA on; predictions blended by mask."""
 
-    def __init__(self, library: Library, studio: Studio, work: Path, concepts=CONCEPTS):
+    def __init__(self, library: Library, studio: Studio, work: Path, concepts=CONCEPTS, model: str = MODEL):
         from spectral_diffusion.frontends.workflows import export_concept
         from spectral_diffusion.models.registry import load_pipeline
 
-        self.pipe = load_pipeline(MODEL)
+        self.pipe = load_pipeline(model)
         self.pipe.set_progress_bar_config(disable=True)
         for name in concepts:
             files = export_concept(library, lambda: studio, name, "lora", work / f"{name}.safetensors")
@@ -177,9 +179,8 @@ class LoraPasses:
             self.pipe.load_textual_inversion(str(files[1]), token=token(name))
 
     @torch.no_grad()
-    def __call__(self, pair: dict, seeds: int) -> list:
+    def __call__(self, pair: dict, seeds: int, size: int = scenes.IMAGE_SIZE, steps: int = DEFAULTS.steps) -> list:
         pipe = self.pipe
-        size = scenes.IMAGE_SIZE
         latent = size // pipe.vae_scale_factor
         layout = build_layout(
             None,
@@ -199,12 +200,12 @@ class LoraPasses:
             passes.append(
                 (region.concept, torch.cat([negative.expand(seeds, -1, -1), positive.expand(seeds, -1, -1)]), mask)
             )
-        return self._sample(passes, seeds, latent)
+        return self._sample(passes, seeds, latent, steps)
 
-    def _sample(self, passes, seeds: int, latent: int) -> list[Image.Image]:
+    def _sample(self, passes, seeds: int, latent: int, steps: int) -> list[Image.Image]:
         """All seeds in one batch, as ``Studio.generate`` draws them (image k from seed + k)."""
         pipe, scheduler = self.pipe, self.pipe.scheduler
-        scheduler.set_timesteps(DEFAULTS.steps)
+        scheduler.set_timesteps(steps)
         shape = (1, pipe.unet.config.in_channels, latent, latent)
         generators = [torch.Generator("cpu").manual_seed(DEFAULTS.seed + k) for k in range(seeds)]
         latents = torch.cat([torch.randn(shape, generator=generator) for generator in generators])
@@ -338,16 +339,19 @@ def run(args) -> dict:
     model = classifier.load()
     tallies = {path: Tally() for path in PATHS}
     alone: dict[str, list[float]] = {}
+    alone_bleed: list[float] = []  # the classifier's own confusion: the other concept seen where none is on
     grids: dict[str, list[Image.Image]] = {path: [] for path in PATHS}
     every: dict[str, list[list[Image.Image]]] = {path: [] for path in PATHS}
     baseline = LoraPasses(library, studio, work, args.concepts) if "lora-passes" in args.paths else None
     selected = pairs(args.concepts)[: args.pairs]
     for pair in selected:
-        for concept, text in zip(pair["concepts"], pair["region_prompts"], strict=True):
+        for side, (concept, text) in enumerate(zip(pair["concepts"], pair["region_prompts"], strict=True)):
             # the ceiling: each concept alone (only its slot on), same colour, position and background
             alone_pair = {**pair, "prompt": text}
             reading = classifier.read(model, generate(studio, library, alone_pair, "global", args.seeds, [concept]))
             alone.setdefault(concept, []).extend(float(v) for v in reading["shape"][:, scenes.SHAPES.index(concept)])
+            other = scenes.SHAPES.index(pair["concepts"][1 - side])
+            alone_bleed.extend(float(v) for v in reading["shape_at"][:, scenes_position(SIDES[side]), other])
         drawn: dict[str, tuple[list, float]] = {}
         for path in args.paths:
             key = path if path == "lora-passes" else layout_key(library, pair, path)
@@ -383,6 +387,7 @@ def run(args) -> dict:
     return {
         "rows": rows,
         "alone_identity": ceiling,
+        "alone_bleeding": float(np.mean(alone_bleed)),
         "travel": travelled,
         "train_seconds": train_seconds,
         "pairs": len(selected),
@@ -396,7 +401,8 @@ def markdown(result: dict) -> str:
     lines = [
         f"{result['pairs']} concept pairs x {result['seeds']} seeds on `{MODEL}`, concepts trained with the "
         f"CLI defaults ({result['train_seconds']:.0f} s each here); identity alone on the pair prompts: "
-        f"{result['alone_identity']:.2f}.",
+        f"{result['alone_identity']:.2f}; bleeding alone (the other concept seen where only one is on: the "
+        f"classifier's own confusion): {result['alone_bleeding']:.3f}.",
         "",
         "| path | both placed | identity | vs alone | bleeding | s / image |",
         "|---|---|---|---|---|---|",

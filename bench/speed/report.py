@@ -18,8 +18,8 @@ FUSE_GOAL = 1.0
 MEMORY_GOAL = 1.05  # issue 18: peak RSS of a training run, ours / PEFT LoRA (OS accounting, one process each)
 FILE_GOAL = 1.5  # issue 18: additive adapter file (fp16 triplets) / LoRA file
 # Hand-written sections of docs/benchmarks.md that a benchmark run keeps (they come from separate
-# profiling runs with their own command and date, see bench/profiling/why_missed.py).
-KEPT_SECTIONS = ("Why the missed goals are missed",)
+# runs with their own command and date: bench/profiling/why_missed.py, bench/speed/regional_time.py).
+KEPT_SECTIONS = ("Why the missed goals are missed", "Two concepts in a layout: time per image")
 WHY_ANCHOR = "#why-the-missed-goals-are-missed"
 # Other processes' load (os.getloadavg, 1 min) per core above which a run's timings say little: the
 # table then says so at the top instead of reporting goals as "missed".
