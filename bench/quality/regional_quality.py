@@ -288,17 +288,18 @@ def travel(studio: Studio, model, seeds: int, concepts=CONCEPTS) -> dict:
 # ----- the run -------------------------------------------------------------------------------------
 
 
-def train_concepts(library_dir: Path, photos: Path, concepts=CONCEPTS) -> float:
-    """Train every concept with the CLI and its defaults; returns seconds per concept."""
-    start = time.perf_counter()
+def train_concepts(library_dir: Path, photos: Path, concepts=CONCEPTS) -> float | None:
+    """Train every concept with the CLI and its defaults; seconds per concept (None: all were there)."""
+    start, trained = time.perf_counter(), 0
     for shape in concepts:
         if (library_dir / shape).is_dir():
             continue
+        trained += 1
         scenes.write_concept_images(shape, photos / shape)
         code = cli.main(["train", "--images", str(photos / shape), "--name", shape, "--library", str(library_dir)])
         if code not in (0, None):
             raise SystemExit(f"training {shape} failed")
-    return (time.perf_counter() - start) / len(concepts)
+    return (time.perf_counter() - start) / trained if trained else None
 
 
 def sheet(rows: dict[str, list[Image.Image]], scale: int = 2) -> Image.Image:
@@ -398,9 +399,11 @@ def run(args) -> dict:
 
 
 def markdown(result: dict) -> str:
+    seconds = result["train_seconds"]
+    trained = "reused from --library" if seconds is None else f"{seconds:.0f} s each here"
     lines = [
         f"{result['pairs']} concept pairs x {result['seeds']} seeds on `{MODEL}`, concepts trained with the "
-        f"CLI defaults ({result['train_seconds']:.0f} s each here); identity alone on the pair prompts: "
+        f"CLI defaults ({trained}); identity alone on the pair prompts: "
         f"{result['alone_identity']:.2f}; bleeding alone (the other concept seen where only one is on: the "
         f"classifier's own confusion): {result['alone_bleeding']:.3f}.",
         "",
