@@ -64,6 +64,8 @@ PATHS = {
 
 # The paths whose every image goes into the by-eye sheet, left to right.
 EYE_PATHS = ("left-right", "region-prompts", "left-right-routed")
+# The paths broken down pair by pair (where identity and bleeding come from).
+PAIR_PATHS = ("left-right", "region-prompts", "left-right-routed")
 
 
 def token(shape: str) -> str:
@@ -341,18 +343,24 @@ def run(args) -> dict:
     tallies = {path: Tally() for path in PATHS}
     alone: dict[str, list[float]] = {}
     alone_bleed: list[float] = []  # the classifier's own confusion: the other concept seen where none is on
+    per_pair: list[dict] = []
     grids: dict[str, list[Image.Image]] = {path: [] for path in PATHS}
     every: dict[str, list[list[Image.Image]]] = {path: [] for path in PATHS}
     baseline = LoraPasses(library, studio, work, args.concepts) if "lora-passes" in args.paths else None
     selected = pairs(args.concepts)[: args.pairs]
     for pair in selected:
+        pair_alone, pair_floor, pair_tallies = [], [], {path: Tally() for path in PAIR_PATHS if path in args.paths}
         for side, (concept, text) in enumerate(zip(pair["concepts"], pair["region_prompts"], strict=True)):
             # the ceiling: each concept alone (only its slot on), same colour, position and background
             alone_pair = {**pair, "prompt": text}
             reading = classifier.read(model, generate(studio, library, alone_pair, "global", args.seeds, [concept]))
-            alone.setdefault(concept, []).extend(float(v) for v in reading["shape"][:, scenes.SHAPES.index(concept)])
+            identity = [float(v) for v in reading["shape"][:, scenes.SHAPES.index(concept)]]
+            alone.setdefault(concept, []).extend(identity)
             other = scenes.SHAPES.index(pair["concepts"][1 - side])
-            alone_bleed.extend(float(v) for v in reading["shape_at"][:, scenes_position(SIDES[side]), other])
+            floor = [float(v) for v in reading["shape_at"][:, scenes_position(SIDES[side]), other]]
+            alone_bleed.extend(floor)
+            pair_alone.extend(identity)
+            pair_floor.extend(floor)
         drawn: dict[str, tuple[list, float]] = {}
         for path in args.paths:
             key = path if path == "lora-passes" else layout_key(library, pair, path)
@@ -365,10 +373,14 @@ def run(args) -> dict:
                 )
                 drawn[key] = (images, time.perf_counter() - start)
             images, seconds = drawn[key]
-            tallies[path].add(classifier.read(model, images), pair, seconds, len(images))
+            reading = classifier.read(model, images)
+            tallies[path].add(reading, pair, seconds, len(images))
+            if path in pair_tallies:
+                pair_tallies[path].add(reading, pair, seconds, len(images))
             grids[path].extend(images[:2])
             every[path].append(images)
             logger.info("%s %s: %s", pair["concepts"], path, tallies[path].summary())
+        per_pair.append(pair_row(pair, pair_alone, pair_floor, pair_tallies))
     ceiling = float(np.mean([v for values in alone.values() for v in values]))
     rows = []
     for path in args.paths:
@@ -389,6 +401,7 @@ def run(args) -> dict:
         "rows": rows,
         "alone_identity": ceiling,
         "alone_bleeding": float(np.mean(alone_bleed)),
+        "per_pair": per_pair,
         "travel": travelled,
         "train_seconds": train_seconds,
         "pairs": len(selected),
@@ -396,6 +409,31 @@ def run(args) -> dict:
         "grids": grids,
         "every": every,
     }
+
+
+def pair_row(pair: dict, alone: list[float], floor: list[float], tallies: dict[str, Tally]) -> dict:
+    """One pair: each concept alone (identity, the classifier's bleeding floor), then per path."""
+    row = {"pair": " + ".join(pair["concepts"]), "alone_identity": float(np.mean(alone))}
+    row["alone_bleeding"] = float(np.mean(floor))
+    for path, tally in tallies.items():
+        s = tally.summary()
+        row[path] = {"both_placed": s["placed"], "identity_vs_alone": s["identity"] / row["alone_identity"]}
+        row[path]["bleeding"] = s["bleed"]
+    return row
+
+
+def pair_markdown(rows: list[dict]) -> list[str]:
+    paths = [path for path in PAIR_PATHS if rows and path in rows[0]]
+    head = ["pair (left + right)", "alone: identity", "alone: bleeding"]
+    head += [f"{path}: {what}" for path in paths for what in ("placed", "vs alone", "bleeding")]
+    lines = ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["pair"], f"{row['alone_identity']:.2f}", f"{row['alone_bleeding']:.3f}"]
+        for path in paths:
+            r = row[path]
+            cells += [f"{r['both_placed']:.0%}", f"{r['identity_vs_alone']:.2f}x", f"{r['bleeding']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def markdown(result: dict) -> str:
@@ -415,6 +453,7 @@ def markdown(result: dict) -> str:
             f"| {row['what']} | {row['both_placed']:.0%} | {row['identity']:.2f} | "
             f"{row['identity_vs_alone']:.2f}x | {row['bleeding']:.3f} | {row['seconds']:.2f} |"
         )
+    lines += pair_markdown(result.get("per_pair", []))
     if result["travel"]:
         lines += ["", "| a concept alone | drawn as asked |", "|---|---|"]
         lines += [f"| {kind} | {value:.0%} |" for kind, value in result["travel"].items()]
