@@ -35,8 +35,9 @@ def _pass(forward, adapters, concept: str | None, mask_like: torch.Tensor, args,
 
 def _pass_weights(context: RegionalContext, latent_size: tuple[int, int], like: torch.Tensor):
     """(regions, 1, 1, h, w) blend weights and per region whether it reaches the image. Where the boxes
-    cover the whole image (the presets), the weights are normalised to sum to 1, so the feathered seams
-    between boxes need no pass of their own; otherwise the rest goes to the context pass."""
+    cover the whole image (the presets), the weights are normalised to sum to 1 and need no context pass:
+    abutting boxes then meet at a hard seam, their inner ramps cancel (a blurred seam was measured and not
+    kept, docs/fusion-quality.md); otherwise the rest goes to the context pass."""
     weights, reaches = context.weights(latent_size, like.device, torch.float32)
     total = weights.sum(dim=0)
     if bool((total > 0).all()):
