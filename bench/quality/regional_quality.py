@@ -64,8 +64,8 @@ PATHS = {
 
 # The paths whose every image goes into the by-eye sheet, left to right.
 EYE_PATHS = ("left-right", "region-prompts", "left-right-routed")
-# The paths broken down pair by pair (where identity and bleeding come from).
-PAIR_PATHS = ("left-right", "region-prompts", "left-right-routed")
+# The paths broken down pair by pair (where identity and bleeding come from): the same three.
+PAIR_PATHS = EYE_PATHS
 
 
 def token(shape: str) -> str:

@@ -1,7 +1,7 @@
 """Time per image of a two-concept layout at Stable Diffusion 1.5 size: ``python -m bench.speed.regional_time``.
 
-builtin:toy is small enough that a routed pass's extra bookkeeping weighs like a UNet; what a user feels is
-the time at a real model's size. This builds an SD1.5-architecture pipeline with random weights (UNet
+builtin:toy is small enough that a routed pass's extra cross-attention reads (two prompts per box) weigh
+like a UNet pass; what a user feels is the time at a real model's size. This builds an SD1.5-architecture pipeline with random weights (UNet
 859.5M parameters, CLIP ViT-L-size text encoder with builtin:toy's tokenizer, SD's VAE; nothing is
 downloaded) as a diffusers folder, trains two concepts on it with the ``train`` command (two steps:
 only the time of generation is measured, not what it draws), and times, interleaved round by round,
