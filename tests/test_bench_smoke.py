@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 from torch import nn
 
@@ -203,3 +205,17 @@ def test_report_keeps_the_hand_written_profiling_section():
     text = report.markdown({"meta": meta, "sizes": sizes}, None, kept)
     assert "shares 40%" in text
     assert f"**missed** ([why]({report.WHY_ANCHOR}))" in text
+
+
+def test_eye_labels_match_the_documented_count_and_refuse_other_pictures():
+    from PIL import Image
+
+    from bench.quality import regional_quality
+
+    labels = json.loads(regional_quality.EYE_LABELS.read_text())
+    both = sum(len(set(sides["left"]) & set(sides["right"])) for sides in labels["left-right"].values())
+    assert both == 35  # docs/fusion-quality.md: "35 of 48 by eye" for --layout left-right
+    assert set(labels["left-right"]) == {" + ".join(p["concepts"]) for p in regional_quality.pairs()}
+    blank = [Image.new("RGB", (32, 32), "white")] * 8
+    drawn = [{"pair": regional_quality.pairs()[0], "alone": [blank, blank], "paths": {"left-right": (blank, 1.0)}}]
+    assert regional_quality.eye_agreement(None, drawn, labels) is None  # other pictures: no score against the labels

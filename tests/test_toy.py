@@ -94,13 +94,37 @@ def test_an_adapter_trained_on_an_earlier_toy_model_is_refused_by_name(models_ho
     assert "heart" not in studio.adapters.concepts
 
 
-def test_classifier_reads_fresh_renders(reader):
+@pytest.mark.parametrize("weights", ["classifier", "classifier-shapes"])
+def test_classifier_reads_fresh_renders(reader, weights):
     from toy import classifier
 
-    accuracy = classifier.accuracy(reader, count=300, seed=31_000_000)
+    model = reader if weights == "classifier" else classifier.load(classifier.SHAPES_WEIGHTS)
+    accuracy = classifier.accuracy(model, count=300, seed=31_000_000)
     assert accuracy["background"] > 0.97
     assert accuracy["shape_set"] > 0.85 and accuracy["colour_set"] > 0.85
     assert accuracy["positions"] > 0.9 and accuracy["shape_at_position"] > 0.85 and accuracy["size_at_position"] > 0.9
+
+
+def test_varied_outlines_stay_the_shape_they_are_labelled():
+    """The second classifier learns from varied strokes, holes and bites: a ring must keep its hole, a
+    moon its bite, and nothing may vanish, or it would learn wrong labels."""
+    import random
+
+    import numpy as np
+
+    from toy import classifier, scenes
+
+    outline = classifier._varied_outline(random.Random(0))
+    size, r = 128, 19.2  # a small object on the 4x supersampled canvas: the thinnest strokes
+    disc = np.asarray(scenes.shape_mask("circle", size, 64, 64, r)) > 127
+    for _ in range(40):
+        ring = np.asarray(outline("ring", size, 64, 64, r)) > 127
+        assert not ring[62:67, 62:67].any() and ring.sum() > 0.3 * disc.sum()
+        moon = np.asarray(outline("moon", size, 64, 64, r)) > 127
+        assert 0 < moon.sum() < 0.75 * disc.sum() and not moon[64, 70:80].any()  # bitten from the right
+        for shape in scenes.SHAPES:
+            plain = (np.asarray(scenes.shape_mask(shape, size, 64, 64, r)) > 127).sum()
+            assert (np.asarray(outline(shape, size, 64, 64, r)) > 127).sum() > 0.4 * plain
 
 
 def test_pretraining_checkpoints_resume_and_export_a_loadable_pipeline(tmp_path):

@@ -142,8 +142,19 @@ _UNIT_POLYGONS = {
 }
 
 
-def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float) -> Image.Image:
-    """An 8-bit mask (255 inside) of ``shape`` centred at (cx, cy) with radius ``r`` pixels."""
+def shape_mask(
+    shape: str,
+    size: int,
+    cx: float,
+    cy: float,
+    r: float,
+    hole: float = 0.55,
+    bite: float = 0.5,
+    bite_lift: float = 0.15,
+) -> Image.Image:
+    """An 8-bit mask (255 inside) of ``shape`` centred at (cx, cy) with radius ``r`` pixels. ``hole``: a
+    ring's inner radius; ``bite`` and ``bite_lift``: how far right and up the disc that cuts a moon is
+    moved (all as fractions of ``r``)."""
     mask = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(mask)
     box = (cx - r, cy - r, cx + r, cy + r)
@@ -151,12 +162,12 @@ def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float) -> Image.
         draw.ellipse(box, fill=255)
     elif shape == "ring":
         draw.ellipse(box, fill=255)
-        inner = 0.55 * r
+        inner = hole * r
         draw.ellipse((cx - inner, cy - inner, cx + inner, cy + inner), fill=0)
     elif shape == "moon":
         draw.ellipse(box, fill=255)
-        shift = 0.5 * r
-        draw.ellipse((cx - r + shift, cy - r - 0.15 * r, cx + r + shift, cy + r - 0.15 * r), fill=0)
+        shift, lift = bite * r, bite_lift * r
+        draw.ellipse((cx - r + shift, cy - r - lift, cx + r + shift, cy + r - lift), fill=0)
     elif shape in _UNIT_POLYGONS:
         draw.polygon(_polygon(_UNIT_POLYGONS[shape], cx, cy, r), fill=255)
     else:
@@ -187,13 +198,15 @@ def _texture(texture: str, colour: tuple[int, int, int], size: int, period: int)
     return fill
 
 
-def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
-    """The picture of ``scene``, ``size`` x ``size`` pixels, RGB."""
+def render(scene: Scene, size: int = IMAGE_SIZE, outline=None) -> Image.Image:
+    """The picture of ``scene``, ``size`` x ``size`` pixels, RGB. ``outline``: a function with the
+    signature of ``shape_mask`` that draws the objects instead (the classifier's training varies them)."""
+    outline = outline or shape_mask
     big = size * _SUPERSAMPLE
     canvas = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
     for obj in scene.objects:
         fill = _texture(obj.texture, COLOURS[obj.colour], big, period=max(4, big // 8))
-        canvas.paste(fill, (0, 0), _shape_mask(obj.shape, big, *_placement(obj, big)))
+        canvas.paste(fill, (0, 0), outline(obj.shape, big, *_placement(obj, big)))
     return canvas.resize((size, size), Image.LANCZOS)
 
 
@@ -212,7 +225,7 @@ def render_mask(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
     big = size * _SUPERSAMPLE
     mask = Image.new("L", (big, big), 0)
     for obj in scene.objects:
-        mask.paste(255, (0, 0), _shape_mask(obj.shape, big, *_placement(obj, big)))
+        mask.paste(255, (0, 0), shape_mask(obj.shape, big, *_placement(obj, big)))
     return mask.resize((size, size), Image.BOX)  # area coverage of each pixel
 
 

@@ -118,15 +118,13 @@ class Tally:
 
     def add(self, reading: dict, pair: dict, seconds: float, count: int) -> None:
         a, b = pair["concepts"]
+        placed = [placed_by_reader(reading, concept, side, count) for side, concept in enumerate((a, b))]
         for i in range(count):
-            ok = True
             for side, concept, other in ((0, a, b), (1, b, a)):
                 where = scenes_position(SIDES[side])
-                shape_at = reading["shape_at"][i, where]
-                ok &= bool(reading["where"][i, where] > 0.5) and int(shape_at.argmax()) == scenes.SHAPES.index(concept)
                 self.identity.append(float(reading["shape"][i, scenes.SHAPES.index(concept)]))
-                self.bleed.append(float(shape_at[scenes.SHAPES.index(other)]))
-            self.placed.append(float(ok))
+                self.bleed.append(float(reading["shape_at"][i, where, scenes.SHAPES.index(other)]))
+            self.placed.append(float(i in placed[0] and i in placed[1]))
         self.seconds.append(seconds / count)
 
     def summary(self) -> dict:
@@ -267,23 +265,31 @@ def travel_prompts(shape: str) -> list[dict]:
     return out
 
 
-def travel(studio: Studio, model, seeds: int, concepts=CONCEPTS) -> dict:
-    hits: dict[str, list[float]] = {}
+def draw_travel(studio: Studio, seeds: int, concepts=CONCEPTS) -> list[tuple[str, dict, list]]:
+    """(shape, prompt item, images) for every concept alone somewhere its photos never showed."""
+    drawn = []
     for shape in concepts:
         for item in travel_prompts(shape):
             request = GenerationRequest(
                 prompt=item["prompt"], concepts={shape: 1.0}, seed=DEFAULTS.seed, num_images=seeds
             )
-            reading = classifier.read(model, studio.generate(request))
-            where = classifier.POSITION_NAMES.index(item["position"])
-            colour = classifier.COLOUR_NAMES.index(item["colour"])
-            for i in range(seeds):
-                ok = (
-                    reading["where"][i, where] > 0.5
-                    and int(reading["shape_at"][i, where].argmax()) == scenes.SHAPES.index(shape)
-                    and int(reading["colour_at"][i, where].argmax()) == colour
-                )
-                hits.setdefault(item["kind"], []).append(float(ok))
+            drawn.append((shape, item, studio.generate(request)))
+    return drawn
+
+
+def score_travel(model, drawn: list[tuple[str, dict, list]]) -> dict:
+    hits: dict[str, list[float]] = {}
+    for shape, item, images in drawn:
+        reading = classifier.read(model, images)
+        where = classifier.POSITION_NAMES.index(item["position"])
+        colour = classifier.COLOUR_NAMES.index(item["colour"])
+        for i in range(len(images)):
+            ok = (
+                reading["where"][i, where] > 0.5
+                and int(reading["shape_at"][i, where].argmax()) == scenes.SHAPES.index(shape)
+                and int(reading["colour_at"][i, where].argmax()) == colour
+            )
+            hits.setdefault(item["kind"], []).append(float(ok))
     return {kind: float(np.mean(v)) for kind, v in hits.items()}
 
 
@@ -333,35 +339,19 @@ def eye_sheet(every: dict[str, list[list[Image.Image]]], paths=EYE_PATHS, cell: 
     return out
 
 
-def run(args) -> dict:
-    work = Path(args.work or tempfile.mkdtemp(prefix="regional-quality-"))
-    library_dir = Path(args.library) if args.library else work / "library"
-    train_seconds = train_concepts(library_dir, work / "photos", args.concepts)
-    library = Library(str(library_dir))
-    studio = Studio(MODEL, library=library)
-    model = classifier.load()
-    tallies = {path: Tally() for path in PATHS}
-    alone: dict[str, list[float]] = {}
-    alone_bleed: list[float] = []  # the classifier's own confusion: the other concept seen where none is on
-    per_pair: list[dict] = []
-    grids: dict[str, list[Image.Image]] = {path: [] for path in PATHS}
-    every: dict[str, list[list[Image.Image]]] = {path: [] for path in PATHS}
+def draw(args, library: Library, studio: Studio, selected: list[dict], work: Path) -> list[dict]:
+    """Every picture the benchmark reads, per pair: each concept alone on its half's prompt, then every
+    path (paths that build the same layout are drawn once) with its seconds per batch."""
     baseline = LoraPasses(library, studio, work, args.concepts) if "lora-passes" in args.paths else None
-    selected = pairs(args.concepts)[: args.pairs]
+    drawn_pairs = []
     for pair in selected:
-        pair_alone, pair_floor, pair_tallies = [], [], {path: Tally() for path in PAIR_PATHS if path in args.paths}
-        for side, (concept, text) in enumerate(zip(pair["concepts"], pair["region_prompts"], strict=True)):
-            # the ceiling: each concept alone (only its slot on), same colour, position and background
-            alone_pair = {**pair, "prompt": text}
-            reading = classifier.read(model, generate(studio, library, alone_pair, "global", args.seeds, [concept]))
-            identity = [float(v) for v in reading["shape"][:, scenes.SHAPES.index(concept)]]
-            alone.setdefault(concept, []).extend(identity)
-            other = scenes.SHAPES.index(pair["concepts"][1 - side])
-            floor = [float(v) for v in reading["shape_at"][:, scenes_position(SIDES[side]), other]]
-            alone_bleed.extend(floor)
-            pair_alone.extend(identity)
-            pair_floor.extend(floor)
+        # the ceiling: each concept alone (only its slot on), same colour, position and background
+        alone = [
+            generate(studio, library, {**pair, "prompt": text}, "global", args.seeds, [concept])
+            for concept, text in zip(pair["concepts"], pair["region_prompts"], strict=True)
+        ]
         drawn: dict[str, tuple[list, float]] = {}
+        paths = {}
         for path in args.paths:
             key = path if path == "lora-passes" else layout_key(library, pair, path)
             if key not in drawn:
@@ -372,18 +362,82 @@ def run(args) -> dict:
                     else generate(studio, library, pair, path, args.seeds)
                 )
                 drawn[key] = (images, time.perf_counter() - start)
-            images, seconds = drawn[key]
+                logger.info("%s %s: drawn in %.1f s", pair["concepts"], path, drawn[key][1])
+            paths[path] = drawn[key]
+        drawn_pairs.append({"pair": pair, "alone": alone, "paths": paths})
+    return drawn_pairs
+
+
+EYE_LABELS = Path(__file__).with_name("regional_eye_labels.json")
+
+
+def same_pictures(images: list, mean_rgb: list) -> bool:
+    """Whether ``images`` are the labelled pictures (each one's mean colour within 2 of 255)."""
+    means = np.array([np.asarray(image.convert("RGB")).reshape(-1, 3).mean(0) for image in images])
+    return len(images) == len(mean_rgb) and bool(np.abs(means - np.array(mean_rgb)).max() < 2.0)
+
+
+def placed_by_reader(reading: dict, concept: str, side: int, count: int) -> set[int]:
+    where = scenes_position(SIDES[side])
+    return {
+        i
+        for i in range(count)
+        if reading["where"][i, where] > 0.5
+        and int(reading["shape_at"][i, where].argmax()) == scenes.SHAPES.index(concept)
+    }
+
+
+def eye_agreement(model, drawn_pairs: list[dict], labels: dict) -> dict | None:
+    """On the pictures labelled by eye (``regional_eye_labels.json``): in how many (picture, side) the
+    reader and the eye agree on whether the side's concept is there. None when this run drew other
+    pictures (other concepts, seeds or defaults): the labels are about those pictures only."""
+    agree = total = 0
+    for drawn in drawn_pairs:
+        pair, name = drawn["pair"], " + ".join(drawn["pair"]["concepts"])
+        images = drawn["paths"].get("left-right", (None,))[0]
+        if (
+            name not in labels["left-right"]
+            or images is None
+            or not same_pictures(images, labels["mean_rgb"]["left-right"][name])
+        ):
+            return None
+        sets = [(images, side, labels["left-right"][name][SIDES[side]]) for side in (0, 1)]
+        for side in (0, 1):
+            alone = drawn["alone"][side]
+            if not same_pictures(alone, labels["mean_rgb"]["alone"][name][SIDES[side]]):
+                return None
+            sets.append((alone, side, labels["alone"][name][SIDES[side]]))
+        for pictures, side, eye in sets:
+            read = placed_by_reader(classifier.read(model, pictures), pair["concepts"][side], side, len(pictures))
+            agree += sum((i in read) == (i in eye) for i in range(len(pictures)))
+            total += len(pictures)
+    return {"agree": agree, "of": total}
+
+
+def score(model, drawn_pairs: list[dict], paths) -> dict:
+    """Both placed, identity (and vs alone), bleeding per path, and pair by pair, as ``model`` reads them."""
+    tallies = {path: Tally() for path in paths}
+    alone_all, floor_all, per_pair = [], [], []
+    for drawn in drawn_pairs:
+        pair = drawn["pair"]
+        pair_alone, pair_floor, pair_tallies = [], [], {path: Tally() for path in PAIR_PATHS if path in paths}
+        for side, images in enumerate(drawn["alone"]):
             reading = classifier.read(model, images)
-            tallies[path].add(reading, pair, seconds, len(images))
-            if path in pair_tallies:
-                pair_tallies[path].add(reading, pair, seconds, len(images))
-            grids[path].extend(images[:2])
-            every[path].append(images)
-            logger.info("%s %s: %s", pair["concepts"], path, tallies[path].summary())
+            pair_alone += [float(v) for v in reading["shape"][:, scenes.SHAPES.index(pair["concepts"][side])]]
+            # the classifier's floor: the other concept "seen" where it is not on at all
+            other = scenes.SHAPES.index(pair["concepts"][1 - side])
+            pair_floor += [float(v) for v in reading["shape_at"][:, scenes_position(SIDES[side]), other]]
+        for path, (images, seconds) in drawn["paths"].items():
+            reading = classifier.read(model, images)
+            for tally in (tallies[path], pair_tallies.get(path)):
+                if tally is not None:
+                    tally.add(reading, pair, seconds, len(images))
+        alone_all += pair_alone
+        floor_all += pair_floor
         per_pair.append(pair_row(pair, pair_alone, pair_floor, pair_tallies))
-    ceiling = float(np.mean([v for values in alone.values() for v in values]))
+    ceiling = float(np.mean(alone_all))
     rows = []
-    for path in args.paths:
+    for path in paths:
         s = tallies[path].summary()
         rows.append(
             {
@@ -396,13 +450,38 @@ def run(args) -> dict:
                 "seconds": s["seconds"],
             }
         )
-    travelled = travel(studio, model, args.seeds, args.concepts) if not args.no_travel else {}
+    labels = json.loads(EYE_LABELS.read_text())
     return {
         "rows": rows,
         "alone_identity": ceiling,
-        "alone_bleeding": float(np.mean(alone_bleed)),
+        "alone_bleeding": float(np.mean(floor_all)),
         "per_pair": per_pair,
-        "travel": travelled,
+        "eye_agreement": eye_agreement(model, drawn_pairs, labels),
+    }
+
+
+def run(args) -> dict:
+    work = Path(args.work or tempfile.mkdtemp(prefix="regional-quality-"))
+    library_dir = Path(args.library) if args.library else work / "library"
+    train_seconds = train_concepts(library_dir, work / "photos", args.concepts)
+    library = Library(str(library_dir))
+    studio = Studio(MODEL, library=library)
+    selected = pairs(args.concepts)[: args.pairs]
+    drawn_pairs = draw(args, library, studio, selected, work)
+    travelled = draw_travel(studio, args.seeds, args.concepts) if not args.no_travel else []
+    readers = {"main": args.classifier} | ({"check": args.check_classifier} if args.check_classifier else {})
+    result = {}
+    for role, weights in readers.items():
+        model = classifier.load(weights)
+        reading = score(model, drawn_pairs, args.paths) | {"travel": score_travel(model, travelled)}
+        reading["classifier"] = weights.name
+        if role == "main":
+            result.update(reading)
+        else:
+            result["check"] = reading
+    grids = {path: [im for d in drawn_pairs for im in d["paths"][path][0][:2]] for path in args.paths}
+    every = {path: [d["paths"][path][0] for d in drawn_pairs] for path in args.paths}
+    return result | {
         "train_seconds": train_seconds,
         "pairs": len(selected),
         "seeds": args.seeds,
@@ -454,10 +533,48 @@ def markdown(result: dict) -> str:
             f"{row['identity_vs_alone']:.2f}x | {row['bleeding']:.3f} | {row['seconds']:.2f} |"
         )
     lines += pair_markdown(result.get("per_pair", []))
+    lines += agreement_markdown(result)
     if result["travel"]:
         lines += ["", "| a concept alone | drawn as asked |", "|---|---|"]
         lines += [f"| {kind} | {value:.0%} |" for kind, value in result["travel"].items()]
+    if result.get("check"):
+        lines += check_markdown(result["check"])
     return "\n".join(lines) + "\n"
+
+
+def agreement_markdown(reading: dict) -> list[str]:
+    found = reading.get("eye_agreement")
+    if not found:
+        return []
+    share = found["agree"] / found["of"]
+    return [
+        "",
+        f"`{reading['classifier']}` and the eye (`{EYE_LABELS.name}`: `left-right` and each concept alone, "
+        f"is each side's concept there?) agree on {found['agree']} of {found['of']} ({share:.0%}).",
+    ]
+
+
+def check_markdown(check: dict) -> list[str]:
+    """The same pictures read by the second classifier (``--check-classifier``)."""
+    lines = [
+        "",
+        f"The same pictures read by `{check['classifier']}`: identity alone {check['alone_identity']:.2f}, "
+        f"bleeding alone {check['alone_bleeding']:.3f}.",
+        "",
+        "| path | both placed | identity | vs alone | bleeding |",
+        "|---|---|---|---|---|",
+    ]
+    for row in check["rows"]:
+        lines.append(
+            f"| {row['what']} | {row['both_placed']:.0%} | {row['identity']:.2f} | "
+            f"{row['identity_vs_alone']:.2f}x | {row['bleeding']:.3f} |"
+        )
+    lines += pair_markdown(check["per_pair"])
+    lines += agreement_markdown(check)
+    if check["travel"]:
+        lines += ["", "| a concept alone | drawn as asked |", "|---|---|"]
+        lines += [f"| {kind} | {value:.0%} |" for kind, value in check["travel"].items()]
+    return lines
 
 
 def main(argv=None) -> None:
@@ -470,6 +587,13 @@ def main(argv=None) -> None:
     parser.add_argument("--work", help="working folder (default: a new temporary folder)")
     parser.add_argument("--no-travel", action="store_true", help="skip the concept-alone rows")
     parser.add_argument("--out", type=Path, help="write the table (.md), the numbers (.json) and grids here")
+    parser.add_argument("--classifier", type=Path, default=classifier.WEIGHTS, help="the reader of every figure")
+    parser.add_argument(
+        "--check-classifier",
+        type=lambda value: Path(value) if value else None,
+        default=classifier.SHAPES_WEIGHTS,
+        help="a second reader of the same pictures (default: classifier-shapes; '' for none)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(2)
