@@ -274,3 +274,20 @@ def test_position_diagnostics_measure_captions_and_object_centres():
         cx, cy = positions.object_centre(image)
         assert abs(cx - x) < 0.03 and abs(cy - y) < 0.03
     assert positions.object_centre(scenes.render(scenes.Scene((), "black"))) is None
+
+
+def test_an_ensemble_of_readers_loads_as_one_and_reads_the_mean_of_its_members(tmp_path):
+    from toy import classifier, scenes
+
+    torch.manual_seed(0)
+    ensemble = classifier.ReaderEnsemble(2).eval()
+    path = tmp_path / "readers.safetensors"
+    classifier.save(ensemble, path, {}, shape_variation=True)
+    loaded = classifier.load(path)
+    assert isinstance(loaded, classifier.ReaderEnsemble) and len(loaded.members) == 2
+    images = [scenes.render(scenes.random_scene(k)) for k in range(3)]
+    together = classifier.read(loaded, images)
+    first, second = (classifier.read(member, images) for member in ensemble.members)
+    for key, value in together.items():
+        torch.testing.assert_close(value, (first[key] + second[key]) / 2)
+    assert not torch.allclose(first["shape"], second["shape"])  # two members, not one read twice

@@ -2,7 +2,7 @@
 what stands where: for each of the five positions, whether an object is there and its shape, colour and size.
 
     python -m toy.classifier            # trains on fresh scenes (about 15 minutes on 2 busy cores), writes toy/classifier.safetensors
-    python -m toy.classifier --shape-variation --out toy/classifier-shapes.safetensors
+    python -m toy.classifier --shape-variation --members 3 --out toy/classifier-shapes.safetensors  # 3x as long
 
 It is the measuring instrument for ``builtin:toy`` (does it draw what it is told?) and for the fusion
 benchmark (does a fused concept still look like itself?). It is trained on every shape, novel ones
@@ -13,9 +13,9 @@ that an object drawn near a position is read as standing there.
 
 ``--shape-variation`` also varies the outlines as the diffusion model varies them: strokes thicker or
 thinner (the masks dilated or eroded by up to 14% / 8% of the radius), a ring's hole 0.35-0.65 of its radius
-instead of 0.55, a moon's bite moved 0.35-0.65 instead of 0.5. Its weights (``classifier-shapes``) are a
-second reader for checking the first: on builtin:toy's own two-concept pictures, its readings agree with
-a reading by eye more often (docs/fusion-quality.md).
+instead of 0.55, a moon's bite moved 0.35-0.65 instead of 0.5. ``--members 3`` trains three from seeds
+0-2, each on its own scenes, and averages their probabilities. ``classifier-shapes`` (both together) is a
+second reader for checking the first on builtin:toy's own two-concept pictures (docs/fusion-quality.md).
 """
 
 from __future__ import annotations
@@ -96,6 +96,15 @@ class SceneClassifier(nn.Module):
             "colour_at": self.colour_at_head(h).view(-1, slots, len(COLOUR_NAMES)),
             "size_at": self.size_at_head(h).view(-1, slots, len(SIZE_NAMES)),
         }
+
+
+class ReaderEnsemble(nn.Module):
+    """Several classifiers trained alike from different seeds; ``read`` averages their probabilities (one
+    training's quirks, a shape it happens to misread, weigh less)."""
+
+    def __init__(self, count: int):
+        super().__init__()
+        self.members = nn.ModuleList(SceneClassifier() for _ in range(count))
 
 
 def to_input(images) -> torch.Tensor:
@@ -205,7 +214,8 @@ def train(
     model = SceneClassifier()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     rng = random.Random(seed)
-    start = 10_000_000  # scene numbers far from the diffusion model's training scenes
+    # scene numbers far from the diffusion model's training scenes and from `accuracy`'s; each seed its own
+    start = 10_000_000 + seed * steps * batch
     for step in tqdm(range(steps), desc="classifier", mininterval=10):
         for group in optimizer.param_groups:
             group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / steps))
@@ -217,16 +227,24 @@ def train(
     return model.eval()
 
 
+def train_ensemble(members: int, steps: int = 4000, shape_variation: bool = False) -> ReaderEnsemble:
+    """``members`` classifiers, seeds 0 .. members - 1, each on its own scenes."""
+    ensemble = ReaderEnsemble(members)
+    for seed in range(members):
+        ensemble.members[seed].load_state_dict(train(steps, seed=seed, shape_variation=shape_variation).state_dict())
+    return ensemble.eval()
+
+
 @torch.no_grad()
-def accuracy(model: SceneClassifier, count: int = 2000, seed: int = 20_000_000) -> dict[str, float]:
+def accuracy(model: SceneClassifier | ReaderEnsemble, count: int = 2000, seed: int = 20_000_000) -> dict[str, float]:
     """Accuracy on fresh clean renders: shape and colour sets exact (threshold 0.5), background, the set
     of occupied positions exact, and shape and size read right at every occupied position."""
     x, y = make_batch(range(seed, seed + count), random.Random(seed))
-    out = model(x)
-    shape_ok = ((out["shape"] > 0) == (y["shape"] > 0.5)).all(dim=1).float().mean().item()
-    colour_ok = ((out["colour"] > 0) == (y["colour"] > 0.5)).all(dim=1).float().mean().item()
+    out = probabilities(model, x)
+    shape_ok = ((out["shape"] > 0.5) == (y["shape"] > 0.5)).all(dim=1).float().mean().item()
+    colour_ok = ((out["colour"] > 0.5) == (y["colour"] > 0.5)).all(dim=1).float().mean().item()
     background_ok = (out["background"].argmax(1) == y["background"]).float().mean().item()
-    where_ok = ((out["where"] > 0) == (y["where"] > 0.5)).all(dim=1).float().mean().item()
+    where_ok = ((out["where"] > 0.5) == (y["where"] > 0.5)).all(dim=1).float().mean().item()
     occupied = y["where"] > 0.5
     shape_at_ok = (out["shape_at"].argmax(-1) == y["shape_at"])[occupied].float().mean().item()
     size_at_ok = (out["size_at"].argmax(-1) == y["size_at"])[occupied].float().mean().item()
@@ -240,8 +258,9 @@ def accuracy(model: SceneClassifier, count: int = 2000, seed: int = 20_000_000) 
     }
 
 
-def save(model: SceneClassifier, path: Path, metrics: dict, shape_variation: bool = False) -> None:
+def save(model: SceneClassifier | ReaderEnsemble, path: Path, metrics: dict, shape_variation: bool = False) -> None:
     meta = {
+        "members": json.dumps(len(model.members) if isinstance(model, ReaderEnsemble) else 1),
         "shape_variation": json.dumps(shape_variation),
         "shapes": json.dumps(scenes.SHAPES),
         "colours": json.dumps(COLOUR_NAMES),
@@ -253,8 +272,9 @@ def save(model: SceneClassifier, path: Path, metrics: dict, shape_variation: boo
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
 
 
-def load(path: Path = WEIGHTS) -> SceneClassifier:
-    """The trained classifier; refuses weights made for another label set."""
+def load(path: Path = WEIGHTS) -> SceneClassifier | ReaderEnsemble:
+    """The trained classifier (several averaged, when the file holds an ensemble); refuses weights made
+    for another label set."""
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; train it with: python -m toy.classifier")
     with safe_open(str(path), "pt") as f:
@@ -266,17 +286,27 @@ def load(path: Path = WEIGHTS) -> SceneClassifier:
                 f"{path} was trained for other shapes or positions; retrain with: python -m toy.classifier"
             )
         state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
-    model = SceneClassifier()
+    members = int(json.loads(meta.get("members", "1")))
+    model = ReaderEnsemble(members) if members > 1 else SceneClassifier()
     model.load_state_dict(state)
     return model.eval()
 
 
 @torch.no_grad()
-def read(model: SceneClassifier, images) -> dict[str, torch.Tensor]:
+def read(model: SceneClassifier | ReaderEnsemble, images) -> dict[str, torch.Tensor]:
     """Probabilities: ``shape`` and ``colour`` (independent, N x classes), ``background`` (softmax),
     ``where`` (independent, N x positions) and, per position, ``shape_at``, ``colour_at`` and ``size_at``
-    (softmax, N x positions x classes: what would stand there if something does)."""
-    out = model(to_input(images))
+    (softmax, N x positions x classes: what would stand there if something does). An ensemble gives the
+    mean of its members' probabilities."""
+    return probabilities(model, to_input(images))
+
+
+@torch.no_grad()
+def probabilities(model: SceneClassifier | ReaderEnsemble, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    if isinstance(model, ReaderEnsemble):
+        each = [probabilities(member, x) for member in model.members]
+        return {key: torch.stack([p[key] for p in each]).mean(0) for key in each[0]}
+    out = model(x)
     return {
         "shape": out["shape"].sigmoid(),
         "colour": out["colour"].sigmoid(),
@@ -295,9 +325,16 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--shape-variation", action="store_true", help="vary strokes, ring holes and moon bites (classifier-shapes)"
     )
+    parser.add_argument("--members", type=int, default=1, help="train this many (seeds 0, 1, ...) and average them")
     args = parser.parse_args(argv)
+    if args.members < 1:
+        parser.error("--members must be at least 1")
     logging.basicConfig(level=logging.INFO)
-    model = train(args.steps, shape_variation=args.shape_variation)
+    model = (
+        train_ensemble(args.members, args.steps, args.shape_variation)
+        if args.members > 1
+        else train(args.steps, shape_variation=args.shape_variation)
+    )
     metrics = accuracy(model)
     save(model, args.out, metrics, args.shape_variation)
     logger.info("classifier written to %s; accuracy on fresh renders %s", args.out, metrics)
