@@ -19,6 +19,12 @@ Rows, per path, over every pair of the four concepts (a on the left, b on the ri
   classifier's floor);
 * time per image.
 
+Every picture is drawn once and read twice: by ``--classifier`` (``toy/classifier.safetensors``, the
+instrument of the documented figures) and by ``--check-classifier`` (``toy/classifier-shapes.safetensors``,
+three classifiers trained on varied outlines, averaged), to show which figures depend on the reader. Each
+reader is also scored against labels read by eye (``regional_eye_labels.json``) when the run drew the
+labelled pictures.
+
 A baseline the ecosystem already has (ComfyUI's hooked LoRAs with masked conditioning, A1111 Regional
 Prompter's latent mode): every concept exported as its exact LoRA, one full UNet pass per region with only
 that LoRA on (text encoder included) and the region's prompt, the noise predictions blended by the same
