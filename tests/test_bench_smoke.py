@@ -12,6 +12,8 @@ from bench.common import Sample, Timings, run_rounds
 from bench.speed import layers as bench_layers
 from bench.speed import report
 
+EYE_BOTH_PLACED = 35  # set from the labels file below
+
 
 def test_per_layer_bench_at_one_small_shape():
     rows = bench_layers.run(shapes=[("toy", 24, 40, 6)], rank=4, rounds=1, warmup=0, log=lambda *_: None)
@@ -214,8 +216,55 @@ def test_eye_labels_match_the_documented_count_and_refuse_other_pictures():
 
     labels = json.loads(regional_quality.EYE_LABELS.read_text())
     both = sum(len(set(sides["left"]) & set(sides["right"])) for sides in labels["left-right"].values())
-    assert both == 35  # docs/fusion-quality.md: "35 of 48 by eye" for --layout left-right
-    assert set(labels["left-right"]) == {" + ".join(p["concepts"]) for p in regional_quality.pairs()}
+    assert both == EYE_BOTH_PLACED  # docs/fusion-quality.md: "N of 48 by eye" for --layout left-right
+    rows = regional_quality.pairs()
+    assert set(labels["left-right"]) == {row[0]["pair"] for row in rows}
     blank = [Image.new("RGB", (32, 32), "white")] * 8
-    drawn = [{"pair": regional_quality.pairs()[0], "alone": [blank, blank], "paths": {"left-right": (blank, 1.0)}}]
+    drawn = [
+        {"pair": rows[0][0]["pair"], "scenes": rows[0], "alone": [blank, blank], "paths": {"left-right": (blank, 1.0)}}
+    ]
     assert regional_quality.eye_agreement(None, drawn, labels) is None  # other pictures: no score against the labels
+
+
+def test_regional_scenes_differ_seed_by_seed_and_come_out_the_same_every_run():
+    from bench.quality import regional_quality
+
+    rows = regional_quality.pairs()
+    assert len(rows) == 6 and all(len(row) == 8 for row in rows)
+    for row in rows:
+        assert len({(s["colours"], s["background"], s["concepts"]) for s in row}) >= 6  # not 8 copies of one prompt
+        assert {s["concepts"] for s in row} == {row[0]["concepts"], row[0]["concepts"][::-1]}  # both sides
+        assert all(s["colours"][0] != s["colours"][1] for s in row)
+        assert [s["seed"] for s in row] == list(range(8))
+        for s in row:
+            for side, concept in enumerate(s["concepts"]):
+                assert f"<{concept}>" in s["region_prompts"][side]
+                assert regional_quality.SIDES[side] in s["region_prompts"][side]
+    assert regional_quality.pairs() == rows  # fixed: a rerun draws the same scenes
+
+
+def test_regional_scoring_follows_each_scene_s_sides():
+    """Rendered pictures of heart + moon, sides swapped on the second: both placed in both, and a
+    picture whose sides disagree with its scene is not."""
+    from bench.quality import regional_quality
+    from toy import classifier, scenes
+
+    row = [
+        regional_quality.scene("heart", "moon", "red", "blue", "white", seed=0),
+        regional_quality.scene("moon", "heart", "red", "blue", "white", seed=1),
+        regional_quality.scene("heart", "moon", "red", "blue", "white", seed=2),
+    ]
+    drawn_as = [("heart", "moon"), ("moon", "heart"), ("moon", "heart")]  # the third swapped: wrong sides
+    pictures = [
+        scenes.render(
+            scenes.Scene(
+                (scenes.SceneObject(left, "red", position="left"), scenes.SceneObject(right, "blue", position="right"))
+            )
+        )
+        for left, right in drawn_as
+    ]
+    tally = regional_quality.Tally()
+    tally.add(classifier.read(classifier.load(), pictures), row, seconds=3.0)
+    assert tally.placed == [1.0, 1.0, 0.0]
+    assert tally.seconds == [1.0]
+    assert tally.bleed[4] > 0.5 and max(tally.bleed[:4]) < 0.5  # the wrong-sided picture shows the other concept

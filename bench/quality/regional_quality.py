@@ -37,6 +37,7 @@ import argparse
 import itertools
 import json
 import logging
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -78,25 +79,43 @@ def token(shape: str) -> str:
     return f"<{shape}>"
 
 
-def pairs(concepts=CONCEPTS) -> list[dict]:
-    """Each unordered pair of concepts with colours and a background (varied, as a user would vary them)."""
-    colours, backgrounds = list(scenes.COLOURS), list(scenes.BACKGROUNDS)
+def pair_name(concepts) -> str:
+    """A pair's name, whichever side each concept is drawn on."""
+    return " + ".join(c for c in CONCEPTS if c in concepts)
+
+
+def scene(a: str, b: str, colour_a: str, colour_b: str, background: str, seed: int) -> dict:
+    """``a`` on the left and ``b`` on the right, in these colours, on this background, from ``seed``."""
+    return {
+        "pair": pair_name((a, b)),
+        "concepts": (a, b),
+        "colours": (colour_a, colour_b),
+        "background": background,
+        "seed": seed,
+        "prompt": f"{scenes.article(colour_a)} {colour_a} {token(a)} on the left and {scenes.article(colour_b)} "
+        f"{colour_b} {token(b)} on the right, on a {background} background",  # set off by a comma: every region gets it
+        "region_prompts": tuple(
+            f"{scenes.article(c)} {c} {token(s)} {scenes.POSITION_PHRASES[side]} on a {background} background"
+            for c, s, side in zip((colour_a, colour_b), (a, b), SIDES, strict=True)
+        ),
+    }
+
+
+def pairs(concepts=CONCEPTS, seeds: int = 8) -> list[list[dict]]:
+    """Per unordered pair of concepts, ``seeds`` scenes, each its own picture as a user would vary them:
+    two different colours and a background drawn at random (fixed per pair), the sides swapped on every
+    other seed, and seed k drawn from the generation seed + k. (One fixed prompt drew nearly the same
+    picture from every seed on builtin:toy: 8 seeds were one picture, and one colour pair weighed a sixth.)"""
     out = []
-    for k, (a, b) in enumerate(itertools.combinations(concepts, 2)):
-        ca, cb, bg = colours[k % 6], colours[(k + 3) % 6], backgrounds[k % 4]
-        out.append(
-            {
-                "concepts": (a, b),
-                "colours": (ca, cb),
-                "background": bg,
-                "prompt": f"{scenes.article(ca)} {ca} {token(a)} on the left and {scenes.article(cb)} {cb} {token(b)} "
-                f"on the right, on a {bg} background",  # the scene set off by a comma: every region gets it
-                "region_prompts": tuple(
-                    f"{scenes.article(c)} {c} {token(s)} {scenes.POSITION_PHRASES[side]} on a {bg} background"
-                    for c, s, side in zip((ca, cb), (a, b), SIDES, strict=True)
-                ),
-            }
-        )
+    for a, b in itertools.combinations(concepts, 2):
+        rng = random.Random(pair_name((a, b)))
+        row = []
+        for k in range(seeds):
+            colour_a, colour_b = rng.sample(list(scenes.COLOURS), 2)
+            background = rng.choice(list(scenes.BACKGROUNDS))
+            left, right = (a, b) if k % 2 == 0 else (b, a)
+            row.append(scene(left, right, colour_a, colour_b, background, k))
+        out.append(row)
     return out
 
 
@@ -122,16 +141,17 @@ class Tally:
     def __init__(self):
         self.placed, self.identity, self.bleed, self.seconds = [], [], [], []
 
-    def add(self, reading: dict, pair: dict, seconds: float, count: int) -> None:
-        a, b = pair["concepts"]
-        placed = [placed_by_reader(reading, concept, side, count) for side, concept in enumerate((a, b))]
-        for i in range(count):
+    def add(self, reading: dict, row: list[dict], seconds: float) -> None:
+        """``reading`` of one picture per scene of ``row``, drawn in ``seconds`` in all."""
+        placed = [placed_by_reader(reading, [s["concepts"][side] for s in row], side) for side in (0, 1)]
+        for i, drawn in enumerate(row):
+            a, b = drawn["concepts"]
             for side, concept, other in ((0, a, b), (1, b, a)):
                 where = scenes_position(SIDES[side])
                 self.identity.append(float(reading["shape"][i, scenes.SHAPES.index(concept)]))
                 self.bleed.append(float(reading["shape_at"][i, where, scenes.SHAPES.index(other)]))
             self.placed.append(float(i in placed[0] and i in placed[1]))
-        self.seconds.append(seconds / count)
+        self.seconds.append(seconds / len(row))
 
     def summary(self) -> dict:
         return {k: float(np.mean(v)) if v else float("nan") for k, v in self.__dict__.items()}
@@ -155,15 +175,16 @@ def layout_key(library: Library, pair: dict, path: str) -> str:
     return json.dumps([layout.to_json() if layout else None, regional_mode(path)])
 
 
-def generate(studio: Studio, library: Library, pair: dict, path: str, seeds: int, concepts=None) -> list:
+def generate(studio: Studio, library: Library, pair: dict, path: str, concepts=None) -> list:
+    """The scene ``pair`` (see ``scene``) drawn by ``path`` from the generation seed + the scene's seed."""
     layout_spec, regions = regions_for(pair, path)
     layout = build_layout(library, pair["prompt"], "", layout_spec, regions)
     chosen = concepts if concepts is not None else pair["concepts"]
     request = GenerationRequest(
         prompt=layout.prompt if layout else pair["prompt"],
         concepts=dict.fromkeys(chosen, 1.0),
-        seed=DEFAULTS.seed,
-        num_images=seeds,
+        seed=DEFAULTS.seed + pair["seed"],
+        num_images=1,
         layout=layout,
         regional_mode=regional_mode(path),
     )
@@ -206,14 +227,14 @@ class LoraPasses:
             passes.append(
                 (region.concept, torch.cat([negative.expand(seeds, -1, -1), positive.expand(seeds, -1, -1)]), mask)
             )
-        return self._sample(passes, seeds, latent, steps)
+        return self._sample(passes, seeds, latent, steps, DEFAULTS.seed + pair.get("seed", 0))
 
-    def _sample(self, passes, seeds: int, latent: int, steps: int) -> list[Image.Image]:
+    def _sample(self, passes, seeds: int, latent: int, steps: int, first_seed: int) -> list[Image.Image]:
         """All seeds in one batch, as ``Studio.generate`` draws them (image k from seed + k)."""
         pipe, scheduler = self.pipe, self.pipe.scheduler
         scheduler.set_timesteps(steps)
         shape = (1, pipe.unet.config.in_channels, latent, latent)
-        generators = [torch.Generator("cpu").manual_seed(DEFAULTS.seed + k) for k in range(seeds)]
+        generators = [torch.Generator("cpu").manual_seed(first_seed + k) for k in range(seeds)]
         latents = torch.cat([torch.randn(shape, generator=generator) for generator in generators])
         latents = latents * scheduler.init_noise_sigma
         guidance = DEFAULTS.guidance
@@ -345,32 +366,36 @@ def eye_sheet(every: dict[str, list[list[Image.Image]]], paths=EYE_PATHS, cell: 
     return out
 
 
-def draw(args, library: Library, studio: Studio, selected: list[dict], work: Path) -> list[dict]:
-    """Every picture the benchmark reads, per pair: each concept alone on its half's prompt, then every
-    path (paths that build the same layout are drawn once) with its seconds per batch."""
+def draw(args, library: Library, studio: Studio, rows: list[list[dict]], work: Path) -> list[dict]:
+    """Every picture the benchmark reads, per pair (a row of scenes): each concept alone on its half's
+    prompt, then every path (paths that build the same layout are drawn once), one picture per scene,
+    with the seconds it took."""
     baseline = LoraPasses(library, studio, work, args.concepts) if "lora-passes" in args.paths else None
     drawn_pairs = []
-    for pair in selected:
+    for row in rows:
         # the ceiling: each concept alone (only its slot on), same colour, position and background
         alone = [
-            generate(studio, library, {**pair, "prompt": text}, "global", args.seeds, [concept])
-            for concept, text in zip(pair["concepts"], pair["region_prompts"], strict=True)
+            [
+                generate(
+                    studio, library, {**one, "prompt": one["region_prompts"][side]}, "global", [one["concepts"][side]]
+                )[0]
+                for one in row
+            ]
+            for side in (0, 1)
         ]
-        drawn: dict[str, tuple[list, float]] = {}
-        paths = {}
-        for path in args.paths:
-            key = path if path == "lora-passes" else layout_key(library, pair, path)
-            if key not in drawn:
-                start = time.perf_counter()
-                images = (
-                    baseline(pair, args.seeds)
-                    if path == "lora-passes"
-                    else generate(studio, library, pair, path, args.seeds)
-                )
-                drawn[key] = (images, time.perf_counter() - start)
-                logger.info("%s %s: drawn in %.1f s", pair["concepts"], path, drawn[key][1])
-            paths[path] = drawn[key]
-        drawn_pairs.append({"pair": pair, "alone": alone, "paths": paths})
+        paths = {path: ([], 0.0) for path in args.paths}
+        for one in row:
+            drawn: dict[str, tuple[Image.Image, float]] = {}
+            for path in args.paths:
+                key = path if path == "lora-passes" else layout_key(library, one, path)
+                if key not in drawn:
+                    start = time.perf_counter()
+                    images = baseline(one, 1) if path == "lora-passes" else generate(studio, library, one, path)
+                    drawn[key] = (images[0], time.perf_counter() - start)
+                images, seconds = paths[path]
+                paths[path] = (images + [drawn[key][0]], seconds + drawn[key][1])
+        logger.info("%s: drawn (%s)", row[0]["pair"], ", ".join(f"{p} {s:.1f} s" for p, (_, s) in paths.items()))
+        drawn_pairs.append({"pair": row[0]["pair"], "scenes": row, "alone": alone, "paths": paths})
     return drawn_pairs
 
 
@@ -383,11 +408,13 @@ def same_pictures(images: list, mean_rgb: list) -> bool:
     return len(images) == len(mean_rgb) and bool(np.abs(means - np.array(mean_rgb)).max() < 2.0)
 
 
-def placed_by_reader(reading: dict, concept: str, side: int, count: int) -> set[int]:
+def placed_by_reader(reading: dict, concepts: list[str], side: int) -> set[int]:
+    """The pictures where the reader sees ``concepts[i]`` on ``side`` of picture i (the most likely shape
+    at that position, and something there)."""
     where = scenes_position(SIDES[side])
     return {
         i
-        for i in range(count)
+        for i, concept in enumerate(concepts)
         if reading["where"][i, where] > 0.5
         and int(reading["shape_at"][i, where].argmax()) == scenes.SHAPES.index(concept)
     }
@@ -399,7 +426,7 @@ def eye_agreement(model, drawn_pairs: list[dict], labels: dict) -> dict | None:
     pictures (other concepts, seeds or defaults): the labels are about those pictures only."""
     agree = total = 0
     for drawn in drawn_pairs:
-        pair, name = drawn["pair"], " + ".join(drawn["pair"]["concepts"])
+        name = drawn["pair"]
         images = drawn["paths"].get("left-right", (None,))[0]
         if (
             name not in labels["left-right"]
@@ -414,7 +441,8 @@ def eye_agreement(model, drawn_pairs: list[dict], labels: dict) -> dict | None:
                 return None
             sets.append((alone, side, labels["alone"][name][SIDES[side]]))
         for pictures, side, eye in sets:
-            read = placed_by_reader(classifier.read(model, pictures), pair["concepts"][side], side, len(pictures))
+            concepts = [one["concepts"][side] for one in drawn["scenes"]]
+            read = placed_by_reader(classifier.read(model, pictures), concepts, side)
             agree += sum((i in read) == (i in eye) for i in range(len(pictures)))
             total += len(pictures)
     return {"agree": agree, "of": total}
@@ -425,22 +453,25 @@ def score(model, drawn_pairs: list[dict], paths) -> dict:
     tallies = {path: Tally() for path in paths}
     alone_all, floor_all, per_pair = [], [], []
     for drawn in drawn_pairs:
-        pair = drawn["pair"]
+        row = drawn["scenes"]
         pair_alone, pair_floor, pair_tallies = [], [], {path: Tally() for path in PAIR_PATHS if path in paths}
         for side, images in enumerate(drawn["alone"]):
             reading = classifier.read(model, images)
-            pair_alone += [float(v) for v in reading["shape"][:, scenes.SHAPES.index(pair["concepts"][side])]]
-            # the classifier's floor: the other concept "seen" where it is not on at all
-            other = scenes.SHAPES.index(pair["concepts"][1 - side])
-            pair_floor += [float(v) for v in reading["shape_at"][:, scenes_position(SIDES[side]), other]]
+            for i, one in enumerate(row):
+                concept, other = one["concepts"][side], one["concepts"][1 - side]
+                pair_alone.append(float(reading["shape"][i, scenes.SHAPES.index(concept)]))
+                # the classifier's floor: the other concept "seen" where it is not on at all
+                pair_floor.append(
+                    float(reading["shape_at"][i, scenes_position(SIDES[side]), scenes.SHAPES.index(other)])
+                )
         for path, (images, seconds) in drawn["paths"].items():
             reading = classifier.read(model, images)
             for tally in (tallies[path], pair_tallies.get(path)):
                 if tally is not None:
-                    tally.add(reading, pair, seconds, len(images))
+                    tally.add(reading, row, seconds)
         alone_all += pair_alone
         floor_all += pair_floor
-        per_pair.append(pair_row(pair, pair_alone, pair_floor, pair_tallies))
+        per_pair.append(pair_row(drawn["pair"], pair_alone, pair_floor, pair_tallies))
     ceiling = float(np.mean(alone_all))
     rows = []
     for path in paths:
@@ -472,9 +503,9 @@ def run(args) -> dict:
     train_seconds = train_concepts(library_dir, work / "photos", args.concepts)
     library = Library(str(library_dir))
     studio = Studio(MODEL, library=library)
-    selected = pairs(args.concepts)[: args.pairs]
+    selected = pairs(args.concepts, args.seeds)[: args.pairs]
     drawn_pairs = draw(args, library, studio, selected, work)
-    travelled = draw_travel(studio, args.seeds, args.concepts) if not args.no_travel else []
+    travelled = draw_travel(studio, args.travel_seeds, args.concepts) if not args.no_travel else []
     readers = {"main": args.classifier} | ({"check": args.check_classifier} if args.check_classifier else {})
     result = {}
     for role, weights in readers.items():
@@ -493,12 +524,25 @@ def run(args) -> dict:
         "seeds": args.seeds,
         "grids": grids,
         "every": every,
+        "drawn": drawn_pairs,
     }
 
 
-def pair_row(pair: dict, alone: list[float], floor: list[float], tallies: dict[str, Tally]) -> dict:
+def save_pictures(drawn_pairs: list[dict], folder: Path) -> None:
+    """Every picture of the pairs as PNG: ``PATH-PAIR-SEED.png`` and ``alone-SIDE-PAIR-SEED.png``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for drawn in drawn_pairs:
+        name = drawn["pair"].replace(" + ", "_")
+        named = [(f"alone-{SIDES[side]}", images) for side, images in enumerate(drawn["alone"])]
+        named += [(path, images) for path, (images, _) in drawn["paths"].items()]
+        for prefix, images in named:
+            for seed, image in enumerate(images):
+                image.save(folder / f"{prefix}-{name}-{seed}.png")
+
+
+def pair_row(name: str, alone: list[float], floor: list[float], tallies: dict[str, Tally]) -> dict:
     """One pair: each concept alone (identity, the classifier's bleeding floor), then per path."""
-    row = {"pair": " + ".join(pair["concepts"]), "alone_identity": float(np.mean(alone))}
+    row = {"pair": name, "alone_identity": float(np.mean(alone))}
     row["alone_bleeding"] = float(np.mean(floor))
     for path, tally in tallies.items():
         s = tally.summary()
@@ -509,7 +553,7 @@ def pair_row(pair: dict, alone: list[float], floor: list[float], tallies: dict[s
 
 def pair_markdown(rows: list[dict]) -> list[str]:
     paths = [path for path in PAIR_PATHS if rows and path in rows[0]]
-    head = ["pair (left + right)", "alone: identity", "alone: bleeding"]
+    head = ["pair", "alone: identity", "alone: bleeding"]
     head += [f"{path}: {what}" for path in paths for what in ("placed", "vs alone", "bleeding")]
     lines = ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
@@ -525,7 +569,8 @@ def markdown(result: dict) -> str:
     seconds = result["train_seconds"]
     trained = "reused from --library" if seconds is None else f"{seconds:.0f} s each here"
     lines = [
-        f"{result['pairs']} concept pairs x {result['seeds']} seeds on `{MODEL}`, concepts trained with the "
+        f"{result['pairs']} concept pairs x {result['seeds']} scenes on `{MODEL}` (each scene its own colours, "
+        "background and seed; sides swapped on every other one), concepts trained with the "
         f"CLI defaults ({trained}); identity alone on the pair prompts: "
         f"{result['alone_identity']:.2f}; bleeding alone (the other concept seen where only one is on: the "
         f"classifier's own confusion): {result['alone_bleeding']:.3f}.",
@@ -585,7 +630,8 @@ def check_markdown(check: dict) -> list[str]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, default=8)
+    parser.add_argument("--seeds", type=int, default=8, help="scenes per pair (each its own colours and seed)")
+    parser.add_argument("--travel-seeds", type=int, default=8, help="seeds per prompt of a concept alone")
     parser.add_argument("--pairs", type=int, default=6)
     parser.add_argument("--concepts", nargs="+", default=list(CONCEPTS), choices=list(CONCEPTS))
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
@@ -593,6 +639,7 @@ def main(argv=None) -> None:
     parser.add_argument("--work", help="working folder (default: a new temporary folder)")
     parser.add_argument("--no-travel", action="store_true", help="skip the concept-alone rows")
     parser.add_argument("--out", type=Path, help="write the table (.md), the numbers (.json) and grids here")
+    parser.add_argument("--save-pictures", action="store_true", help="also every picture, under OUT/pictures")
     parser.add_argument("--classifier", type=Path, default=classifier.WEIGHTS, help="the reader of every figure")
     parser.add_argument(
         "--check-classifier",
@@ -613,6 +660,9 @@ def main(argv=None) -> None:
             args.out / "regional-quality.png"
         )
         every = result.pop("every")
+        if args.save_pictures:
+            save_pictures(result.pop("drawn"), args.out / "pictures")
+        result.pop("drawn", None)
         if all(every.get(path) for path in EYE_PATHS):
             eye_sheet(every).save(args.out / "regional-quality-modes.png")
         (args.out / "regional-quality.json").write_text(json.dumps(result, indent=2))

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from bench.common import CLIP_L_TEXT, build_unet, machine_info, setup_torch
-from bench.quality.regional_quality import LoraPasses, pairs
+from bench.quality.regional_quality import LoraPasses, scene
 from spectral_diffusion import GenerationRequest, Library, Studio
 from spectral_diffusion.frontends import cli
 from spectral_diffusion.frontends.workflows import build_layout
@@ -107,7 +107,7 @@ def run(args) -> dict:
     train_concepts(model, library_dir, work / "photos", args.train_steps)
     library = Library(str(library_dir))
     studio = Studio(str(model), library=library)
-    pair = next(p for p in pairs() if tuple(p["concepts"]) == CONCEPTS)
+    pair = scene(*CONCEPTS, "red", "yellow", "white", seed=0)  # time does not depend on the colours
     layout = build_layout(library, pair["prompt"], "", "left-right")
     baseline = LoraPasses(library, studio, work, CONCEPTS, model=str(model)) if "lora-passes" in args.modes else None
 

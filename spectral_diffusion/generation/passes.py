@@ -10,8 +10,9 @@ or switched but the router, and each pass equals the concept's exact LoRA alone 
 
 Measured on builtin:toy (docs/fusion-quality.md): both concepts, each in its own half and on one
 background, in 35 of 48 images by eye with the left-right preset and with written region prompts (the same
-pictures as one LoRA pass per region) against 8 of 48 for one routed pass (``generation/regional.py``), at
-1.35-1.6 times its time (1.8 times at Stable Diffusion 1.5's size, docs/benchmarks.md).
+pictures as one LoRA pass per region; 6 pairs x 8 scenes, each its own colours, background and seed) against
+7 of 48 for one routed pass (``generation/regional.py``), at 1.35-1.65 times its time (1.8 times at Stable
+Diffusion 1.5's size, docs/benchmarks.md).
 The pipeline's own denoising loop, schedulers, guidance and callbacks stay as they are: only the UNet's
 forward is wrapped, and it comes back on exit (also on errors).
 """
