@@ -268,3 +268,16 @@ def test_regional_scoring_follows_each_scene_s_sides():
     assert tally.placed == [1.0, 1.0, 0.0]
     assert tally.seconds == [1.0]
     assert tally.bleed[4] > 0.5 and max(tally.bleed[:4]) < 0.5  # the wrong-sided picture shows the other concept
+
+
+def test_travel_prompts_keep_what_is_asked_on_every_background():
+    from bench.quality import regional_quality
+    from toy import scenes
+
+    on_white = regional_quality.travel_prompts("heart")
+    for background in scenes.BACKGROUNDS:
+        items = regional_quality.travel_prompts("heart", background)
+        assert [(i["kind"], i["colour"], i["position"]) for i in items] == [
+            (i["kind"], i["colour"], i["position"]) for i in on_white
+        ]
+        assert all(i["prompt"].endswith(f"on a {background} background") and "<heart>" in i["prompt"] for i in items)

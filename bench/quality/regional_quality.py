@@ -256,12 +256,12 @@ class LoraPasses:
 # ----- a concept alone, somewhere new --------------------------------------------------------------
 
 
-def travel_prompts(shape: str) -> list[dict]:
-    """Prompts for ``shape`` alone at a position / in a colour / at a size its photos never showed."""
+def travel_prompts(shape: str, bg: str = "white") -> list[dict]:
+    """Prompts for ``shape`` alone at a position / in a colour / at a size its photos never showed, on
+    background ``bg``."""
     seen = scenes.concept_scenes(shape)
     positions = [p for p in scenes.POSITIONS if p not in {s.objects[0].position for s in seen}] or ["bottom"]
     colours = [c for c in scenes.COLOURS if c not in {s.objects[0].colour for s in seen}]
-    bg = "white"
     out = [
         {
             "kind": "new position",
@@ -293,14 +293,18 @@ def travel_prompts(shape: str) -> list[dict]:
 
 
 def draw_travel(studio: Studio, seeds: int, concepts=CONCEPTS) -> list[tuple[str, dict, list]]:
-    """(shape, prompt item, images) for every concept alone somewhere its photos never showed."""
+    """(shape, prompt item, images) for every concept alone somewhere its photos never showed: seed k of
+    an item on the k-th background in turn (one prompt's seeds draw nearly one picture on builtin:toy)."""
     drawn = []
+    backgrounds = list(scenes.BACKGROUNDS)
     for shape in concepts:
-        for item in travel_prompts(shape):
-            request = GenerationRequest(
-                prompt=item["prompt"], concepts={shape: 1.0}, seed=DEFAULTS.seed, num_images=seeds
-            )
-            drawn.append((shape, item, studio.generate(request)))
+        for index, item in enumerate(travel_prompts(shape)):
+            images = []
+            for k in range(seeds):
+                prompt = travel_prompts(shape, backgrounds[k % len(backgrounds)])[index]["prompt"]
+                request = GenerationRequest(prompt=prompt, concepts={shape: 1.0}, seed=DEFAULTS.seed + k)
+                images += studio.generate(request)
+            drawn.append((shape, item, images))
     return drawn
 
 
@@ -348,6 +352,21 @@ def sheet(rows: dict[str, list[Image.Image]], scale: int = 2) -> Image.Image:
         draw.text((4, r * cell + cell // 2 - 6), name, fill=(0, 0, 0))
         for c, image in enumerate(images):
             out.paste(image.resize((cell, cell), Image.Resampling.NEAREST), (label + c * cell, r * cell))
+    return out
+
+
+def travel_sheet(travelled: list[tuple[str, dict, list]], cell: int = 64) -> Image.Image:
+    """Every concept-alone picture: a row per prompt (labelled), a column per seed."""
+    label, gap = 190, 2
+    columns = max(len(images) for _, _, images in travelled)
+    out = Image.new("RGB", (label + columns * (cell + gap), len(travelled) * (cell + gap)), (255, 255, 255))
+    draw = ImageDraw.Draw(out)
+    for r, (shape, item, images) in enumerate(travelled):
+        text = f"{item['kind']}: {item['colour']} {shape}, {item['position']}"
+        draw.text((4, r * (cell + gap) + cell // 2 - 6), text, fill=(0, 0, 0))
+        for c, image in enumerate(images):
+            cell_image = image.resize((cell, cell), Image.Resampling.NEAREST)
+            out.paste(cell_image, (label + c * (cell + gap), r * (cell + gap)))
     return out
 
 
@@ -525,6 +544,7 @@ def run(args) -> dict:
         "grids": grids,
         "every": every,
         "drawn": drawn_pairs,
+        "travelled": travelled,
     }
 
 
@@ -663,6 +683,9 @@ def main(argv=None) -> None:
         if args.save_pictures:
             save_pictures(result.pop("drawn"), args.out / "pictures")
         result.pop("drawn", None)
+        travelled = result.pop("travelled")
+        if travelled:
+            travel_sheet(travelled).save(args.out / "regional-quality-travel.png")
         if all(every.get(path) for path in EYE_PATHS):
             eye_sheet(every).save(args.out / "regional-quality-modes.png")
         (args.out / "regional-quality.json").write_text(json.dumps(result, indent=2))
