@@ -12,7 +12,7 @@ from bench.common import Sample, Timings, run_rounds
 from bench.speed import layers as bench_layers
 from bench.speed import report
 
-EYE_BOTH_PLACED = 35  # set from the labels file below
+EYE_BOTH_PLACED = 35  # docs/fusion-quality.md: "35 of 48 by eye" (the labels in regional_eye_labels.json)
 
 
 def test_per_layer_bench_at_one_small_shape():
@@ -216,7 +216,7 @@ def test_eye_labels_match_the_documented_count_and_refuse_other_pictures():
 
     labels = json.loads(regional_quality.EYE_LABELS.read_text())
     both = sum(len(set(sides["left"]) & set(sides["right"])) for sides in labels["left-right"].values())
-    assert both == EYE_BOTH_PLACED  # docs/fusion-quality.md: "N of 48 by eye" for --layout left-right
+    assert both == EYE_BOTH_PLACED  # --layout left-right
     rows = regional_quality.pairs()
     assert set(labels["left-right"]) == {row[0]["pair"] for row in rows}
     blank = [Image.new("RGB", (32, 32), "white")] * 8

@@ -227,7 +227,7 @@ class LoraPasses:
             passes.append(
                 (region.concept, torch.cat([negative.expand(seeds, -1, -1), positive.expand(seeds, -1, -1)]), mask)
             )
-        return self._sample(passes, seeds, latent, steps, DEFAULTS.seed + pair.get("seed", 0))
+        return self._sample(passes, seeds, latent, steps, DEFAULTS.seed + pair["seed"])
 
     def _sample(self, passes, seeds: int, latent: int, steps: int, first_seed: int) -> list[Image.Image]:
         """All seeds in one batch, as ``Studio.generate`` draws them (image k from seed + k)."""
@@ -298,10 +298,11 @@ def draw_travel(studio: Studio, seeds: int, concepts=CONCEPTS) -> list[tuple[str
     drawn = []
     backgrounds = list(scenes.BACKGROUNDS)
     for shape in concepts:
-        for index, item in enumerate(travel_prompts(shape)):
+        on = {bg: travel_prompts(shape, bg) for bg in backgrounds}
+        for index, item in enumerate(on[backgrounds[0]]):
             images = []
             for k in range(seeds):
-                prompt = travel_prompts(shape, backgrounds[k % len(backgrounds)])[index]["prompt"]
+                prompt = on[backgrounds[k % len(backgrounds)]][index]["prompt"]
                 request = GenerationRequest(prompt=prompt, concepts={shape: 1.0}, seed=DEFAULTS.seed + k)
                 images += studio.generate(request)
             drawn.append((shape, item, images))
