@@ -13,6 +13,7 @@ from bench.speed import layers as bench_layers
 from bench.speed import report
 
 EYE_BOTH_PLACED = 35  # docs/fusion-quality.md: "35 of 48 by eye" (the labels in regional_eye_labels.json)
+EYE_SIDE_BY_SIDE = 37  # the same page: each concept alone, pasted side by side, "37 of 48"
 
 
 def test_per_layer_bench_at_one_small_shape():
@@ -217,6 +218,7 @@ def test_eye_labels_match_the_documented_count_and_refuse_other_pictures():
     labels = json.loads(regional_quality.EYE_LABELS.read_text())
     both = sum(len(set(sides["left"]) & set(sides["right"])) for sides in labels["left-right"].values())
     assert both == EYE_BOTH_PLACED  # --layout left-right
+    assert regional_quality.eye_both_placed(labels) == {"left-right": EYE_BOTH_PLACED, "side-by-side": EYE_SIDE_BY_SIDE}
     rows = regional_quality.pairs()
     assert set(labels["left-right"]) == {row[0]["pair"] for row in rows}
     blank = [Image.new("RGB", (32, 32), "white")] * 8
@@ -264,7 +266,8 @@ def test_regional_scoring_follows_each_scene_s_sides():
         for left, right in drawn_as
     ]
     tally = regional_quality.Tally()
-    tally.add(classifier.read(classifier.load(), pictures), row, seconds=3.0)
+    reading = classifier.read(classifier.load(), pictures)
+    tally.add((reading, reading), row, seconds=3.0)
     assert tally.placed == [1.0, 1.0, 0.0]
     assert tally.seconds == [1.0]
     assert tally.bleed[4] > 0.5 and max(tally.bleed[:4]) < 0.5  # the wrong-sided picture shows the other concept
@@ -281,3 +284,62 @@ def test_travel_prompts_keep_what_is_asked_on_every_background():
             (i["kind"], i["colour"], i["position"]) for i in on_white
         ]
         assert all(i["prompt"].endswith(f"on a {background} background") and "<heart>" in i["prompt"] for i in items)
+
+
+def test_side_by_side_pastes_each_concept_alone_into_its_half_and_is_scored_beside_the_paths():
+    """Rendered heart alone on the left and moon alone on the right: the pasted picture holds each half
+    unchanged, and ``score`` reads it as its own row (both placed, no bleeding, no time)."""
+    import numpy as np
+
+    from bench.quality import regional_quality
+    from toy import classifier, scenes
+
+    row = [regional_quality.scene("heart", "moon", "red", "blue", "white", seed=0)]
+    left = scenes.render(scenes.Scene((scenes.SceneObject("heart", "red", position="left"),)))
+    right = scenes.render(scenes.Scene((scenes.SceneObject("moon", "blue", position="right"),)))
+    pasted = regional_quality.side_by_side([[left], [right]])[0]
+    half = left.width // 2
+    assert np.array_equal(np.asarray(pasted)[:, :half], np.asarray(left.convert("RGB"))[:, :half])
+    assert np.array_equal(np.asarray(pasted)[:, half:], np.asarray(right.convert("RGB"))[:, half:])
+    drawn = [
+        {"pair": row[0]["pair"], "scenes": row, "alone": [[left], [right]], "paths": {"left-right": ([left], 1.0)}}
+    ]
+    result = regional_quality.score(classifier.load(), drawn, ["left-right"])
+    reference = result["rows"][-1]
+    assert reference["path"] == regional_quality.SIDE_BY_SIDE and reference["seconds"] is None
+    assert reference["both_placed"] == 1.0 and reference["bleeding"] < 0.1
+    assert result["rows"][0]["both_placed"] == 0.0  # the heart alone is not both concepts
+    assert regional_quality.SIDE_BY_SIDE in result["per_pair"][0]
+    result["by_half"] = regional_quality.score(classifier.load(), drawn, ["left-right"], halves=True)
+    result |= {"train_seconds": None, "pairs": 1, "seeds": 1, "travel": {}, "classifier": "classifier.safetensors"}
+    text = regional_quality.markdown(result)
+    assert "| - |" in text  # the side-by-side reference took no time of its own
+    assert "Each half read alone" in text and "0% -> 0%" in text
+
+
+def test_each_half_read_alone_sees_only_its_own_half():
+    """A rendered heart on the left beside a ring on the right: with the right half painted over, the
+    reader finds the heart on the left and nothing on the right; whole, it finds both."""
+    import numpy as np
+
+    from bench.quality import regional_quality
+    from toy import classifier, scenes
+
+    picture = scenes.render(
+        scenes.Scene(
+            (scenes.SceneObject("heart", "red", position="left"), scenes.SceneObject("ring", "blue", position="right"))
+        )
+    )
+    left_only = np.asarray(regional_quality.only_half(picture, 0))
+    half = left_only.shape[1] // 2
+    assert np.array_equal(left_only[:, :half], np.asarray(picture.convert("RGB"))[:, :half])
+    assert np.abs(left_only[:, half:].astype(int) - scenes.BACKGROUNDS["white"]).max() <= 2  # the kept half's white
+    model = classifier.load()
+    left, right = (regional_quality.scenes_position(side) for side in regional_quality.SIDES)
+    whole, _ = regional_quality.read_sides(model, [picture], halves=False)
+    assert whole["where"][0, left] > 0.5 and whole["where"][0, right] > 0.5
+    by_left, by_right = regional_quality.read_sides(model, [picture], halves=True)
+    assert by_left["where"][0, left] > 0.5 and by_left["where"][0, right] < 0.5
+    assert by_right["where"][0, right] > 0.5 and by_right["where"][0, left] < 0.5
+    assert int(by_left["shape_at"][0, left].argmax()) == scenes.SHAPES.index("heart")
+    assert int(by_right["shape_at"][0, right].argmax()) == scenes.SHAPES.index("ring")

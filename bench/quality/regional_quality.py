@@ -73,6 +73,9 @@ PATHS = {
 EYE_PATHS = ("left-right", "region-prompts", "left-right-routed")
 # The paths broken down pair by pair (where identity and bleeding come from): the same three.
 PAIR_PATHS = EYE_PATHS
+# Not a path a user takes: each pair's two concepts drawn alone, pasted half and half (``side_by_side``).
+SIDE_BY_SIDE = "side-by-side"
+SIDE_BY_SIDE_WHAT = "reference, not drawn: each concept alone, the two halves pasted side by side"
 
 
 def token(shape: str) -> str:
@@ -141,15 +144,16 @@ class Tally:
     def __init__(self):
         self.placed, self.identity, self.bleed, self.seconds = [], [], [], []
 
-    def add(self, reading: dict, row: list[dict], seconds: float) -> None:
-        """``reading`` of one picture per scene of ``row``, drawn in ``seconds`` in all."""
-        placed = [placed_by_reader(reading, [s["concepts"][side] for s in row], side) for side in (0, 1)]
+    def add(self, readings: tuple[dict, dict], row: list[dict], seconds: float) -> None:
+        """Per side (left, right) the reading of one picture per scene of ``row`` (see ``read_sides``),
+        drawn in ``seconds`` in all."""
+        placed = [placed_by_reader(readings[side], [s["concepts"][side] for s in row], side) for side in (0, 1)]
         for i, drawn in enumerate(row):
             a, b = drawn["concepts"]
             for side, concept, other in ((0, a, b), (1, b, a)):
                 where = scenes_position(SIDES[side])
-                self.identity.append(float(reading["shape"][i, scenes.SHAPES.index(concept)]))
-                self.bleed.append(float(reading["shape_at"][i, where, scenes.SHAPES.index(other)]))
+                self.identity.append(float(readings[side]["shape"][i, scenes.SHAPES.index(concept)]))
+                self.bleed.append(float(readings[side]["shape_at"][i, where, scenes.SHAPES.index(other)]))
             self.placed.append(float(i in placed[0] and i in placed[1]))
         self.seconds.append(seconds / len(row))
 
@@ -440,7 +444,16 @@ def placed_by_reader(reading: dict, concepts: list[str], side: int) -> set[int]:
     }
 
 
-def eye_agreement(model, drawn_pairs: list[dict], labels: dict) -> dict | None:
+def eye_both_placed(labels: dict) -> dict[str, int]:
+    """Scenes where the eye saw both concepts, each in its own half: with ``--layout left-right``, and side
+    by side (each concept alone, the halves pasted: both seen when each was seen alone)."""
+    return {
+        key: sum(len(set(sides["left"]) & set(sides["right"])) for sides in labels[part].values())
+        for key, part in (("left-right", "left-right"), (SIDE_BY_SIDE, "alone"))
+    }
+
+
+def eye_agreement(model, drawn_pairs: list[dict], labels: dict, halves: bool = False) -> dict | None:
     """On the pictures labelled by eye (``regional_eye_labels.json``): in how many (picture, side) the
     reader and the eye agree on whether the side's concept is there. None when this run drew other
     pictures (other concepts, seeds or defaults): the labels are about those pictures only."""
@@ -462,21 +475,67 @@ def eye_agreement(model, drawn_pairs: list[dict], labels: dict) -> dict | None:
             sets.append((alone, side, labels["alone"][name][SIDES[side]]))
         for pictures, side, eye in sets:
             concepts = [one["concepts"][side] for one in drawn["scenes"]]
-            read = placed_by_reader(classifier.read(model, pictures), concepts, side)
+            read = placed_by_reader(read_sides(model, pictures, halves)[side], concepts, side)
             agree += sum((i in read) == (i in eye) for i in range(len(pictures)))
             total += len(pictures)
-    return {"agree": agree, "of": total}
+    return {
+        "agree": agree,
+        "of": total,
+        "both_placed": eye_both_placed(labels),
+        "scenes": total // 4,
+    }  # 2 sides, pair and alone
 
 
-def score(model, drawn_pairs: list[dict], paths) -> dict:
-    """Both placed, identity (and vs alone), bleeding per path, and pair by pair, as ``model`` reads them."""
+def side_by_side(alone: list[list[Image.Image]]) -> list[Image.Image]:
+    """Per scene, the left half of the left concept drawn alone beside the right half of the right one:
+    two concepts that share nothing, so whatever the reader finds of the other concept there is its own
+    confusion (and the concepts' own look), not bleeding."""
+    pasted = []
+    for left, right in zip(*alone, strict=True):
+        half = left.width // 2
+        image = left.convert("RGB")
+        image.paste(right.convert("RGB").crop((half, 0, right.width, right.height)), (half, 0))
+        pasted.append(image)
+    return pasted
+
+
+def only_half(image: Image.Image, side: int) -> Image.Image:
+    """``image`` with the half that is not ``side`` painted over in the colour of the kept half's border
+    (its outer edge, top and bottom): the kept half's background, whatever the model drew there."""
+    pixels = np.asarray(image.convert("RGB")).copy()
+    half = pixels.shape[1] // 2
+    kept = pixels[:, :half] if side == 0 else pixels[:, half:]
+    border = np.concatenate([kept[0], kept[-1], kept[:, 0] if side == 0 else kept[:, -1]])
+    if side == 0:
+        pixels[:, half:] = np.median(border, axis=0)
+    else:
+        pixels[:, :half] = np.median(border, axis=0)
+    return Image.fromarray(pixels)
+
+
+def read_sides(model, images: list, halves: bool) -> tuple[dict, dict]:
+    """The readings of ``images`` for the left and the right side: the whole picture both times, or with
+    ``halves`` each side's half alone (``only_half``), so that what stands in one half cannot change how
+    the other is read."""
+    if not halves:
+        reading = classifier.read(model, images)
+        return reading, reading
+    return tuple(classifier.read(model, [only_half(image, side) for image in images]) for side in (0, 1))
+
+
+def score(model, drawn_pairs: list[dict], paths, halves: bool = False) -> dict:
+    """Both placed, identity (and vs alone), bleeding per path, and pair by pair, as ``model`` reads them
+    (the whole picture, or with ``halves`` each half alone: ``read_sides``); the same for each pair's two
+    concepts alone pasted side by side (``SIDE_BY_SIDE``)."""
     tallies = {path: Tally() for path in paths}
+    tallies[SIDE_BY_SIDE] = Tally()
     alone_all, floor_all, per_pair = [], [], []
     for drawn in drawn_pairs:
         row = drawn["scenes"]
         pair_alone, pair_floor, pair_tallies = [], [], {path: Tally() for path in PAIR_PATHS if path in paths}
+        pair_tallies[SIDE_BY_SIDE] = Tally()
         for side, images in enumerate(drawn["alone"]):
-            reading = classifier.read(model, images)
+            reading = read_sides(model, images, halves)[side]
             for i, one in enumerate(row):
                 concept, other = one["concepts"][side], one["concepts"][1 - side]
                 pair_alone.append(float(reading["shape"][i, scenes.SHAPES.index(concept)]))
@@ -484,27 +543,28 @@ def score(model, drawn_pairs: list[dict], paths) -> dict:
                 pair_floor.append(
                     float(reading["shape_at"][i, scenes_position(SIDES[side]), scenes.SHAPES.index(other)])
                 )
-        for path, (images, seconds) in drawn["paths"].items():
-            reading = classifier.read(model, images)
+        pasted = {SIDE_BY_SIDE: (side_by_side(drawn["alone"]), float("nan"))}
+        for path, (images, seconds) in (drawn["paths"] | pasted).items():
+            readings = read_sides(model, images, halves)
             for tally in (tallies[path], pair_tallies.get(path)):
                 if tally is not None:
-                    tally.add(reading, row, seconds)
+                    tally.add(readings, row, seconds)
         alone_all += pair_alone
         floor_all += pair_floor
         per_pair.append(pair_row(drawn["pair"], pair_alone, pair_floor, pair_tallies))
     ceiling = float(np.mean(alone_all))
     rows = []
-    for path in paths:
+    for path in [*paths, SIDE_BY_SIDE]:
         s = tallies[path].summary()
         rows.append(
             {
                 "path": path,
-                "what": PATHS[path],
+                "what": PATHS.get(path, SIDE_BY_SIDE_WHAT),
                 "both_placed": s["placed"],
                 "identity": s["identity"],
                 "identity_vs_alone": s["identity"] / ceiling,
                 "bleeding": s["bleed"],
-                "seconds": s["seconds"],
+                "seconds": None if path == SIDE_BY_SIDE else s["seconds"],
             }
         )
     labels = json.loads(EYE_LABELS.read_text())
@@ -513,7 +573,7 @@ def score(model, drawn_pairs: list[dict], paths) -> dict:
         "alone_identity": ceiling,
         "alone_bleeding": float(np.mean(floor_all)),
         "per_pair": per_pair,
-        "eye_agreement": eye_agreement(model, drawn_pairs, labels),
+        "eye_agreement": eye_agreement(model, drawn_pairs, labels, halves),
     }
 
 
@@ -532,6 +592,8 @@ def run(args) -> dict:
         model = classifier.load(weights)
         reading = score(model, drawn_pairs, args.paths) | {"travel": score_travel(model, travelled)}
         reading["classifier"] = weights.name
+        by_half = score(model, drawn_pairs, args.paths, halves=True)
+        reading["by_half"] = {key: by_half[key] for key in ("rows", "alone_bleeding", "eye_agreement")}
         if role == "main":
             result.update(reading)
         else:
@@ -573,7 +635,7 @@ def pair_row(name: str, alone: list[float], floor: list[float], tallies: dict[st
 
 
 def pair_markdown(rows: list[dict]) -> list[str]:
-    paths = [path for path in PAIR_PATHS if rows and path in rows[0]]
+    paths = [path for path in (*PAIR_PATHS, SIDE_BY_SIDE) if rows and path in rows[0]]
     head = ["pair", "alone: identity", "alone: bleeding"]
     head += [f"{path}: {what}" for path in paths for what in ("placed", "vs alone", "bleeding")]
     lines = ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -602,7 +664,7 @@ def markdown(result: dict) -> str:
     for row in result["rows"]:
         lines.append(
             f"| {row['what']} | {row['both_placed']:.0%} | {row['identity']:.2f} | "
-            f"{row['identity_vs_alone']:.2f}x | {row['bleeding']:.3f} | {row['seconds']:.2f} |"
+            f"{row['identity_vs_alone']:.2f}x | {row['bleeding']:.3f} | {seconds_cell(row['seconds'])} |"
         )
     lines += pair_markdown(result.get("per_pair", []))
     lines += agreement_markdown(result)
@@ -611,7 +673,49 @@ def markdown(result: dict) -> str:
         lines += [f"| {kind} | {value:.0%} |" for kind, value in result["travel"].items()]
     if result.get("check"):
         lines += check_markdown(result["check"])
+    lines += by_half_markdown([result, result.get("check")])
     return "\n".join(lines) + "\n"
+
+
+def by_half_markdown(readings: list[dict | None]) -> list[str]:
+    """Each reader's figures with each half read alone (``read_sides``), beside the whole picture's."""
+    readings = [reading for reading in readings if reading and reading.get("by_half")]
+    if not readings:
+        return []
+    lines = [
+        "",
+        "Each half read alone (the other half painted in the colour of this half's border), so that a concept "
+        "in one half cannot change how the other half is read; whole picture -> halves:",
+        "",
+        "| reader | path | both placed | vs alone | bleeding |",
+        "|---|---|---|---|---|",
+    ]
+    for reading in readings:
+        whole = {row["path"]: row for row in reading["rows"]}
+        for row in reading["by_half"]["rows"]:
+            before = whole[row["path"]]
+            lines.append(
+                f"| `{reading['classifier']}` | {row['what']} | {before['both_placed']:.0%} -> {row['both_placed']:.0%} | "
+                f"{before['identity_vs_alone']:.2f}x -> {row['identity_vs_alone']:.2f}x | "
+                f"{before['bleeding']:.3f} -> {row['bleeding']:.3f} |"
+            )
+    lines.append("")
+    for reading in readings:
+        found, half = reading.get("eye_agreement"), reading["by_half"]
+        agree = (
+            f"; agrees with the eye on {found['agree']} -> {half['eye_agreement']['agree']} of {found['of']}"
+            if found and half.get("eye_agreement")
+            else ""
+        )
+        lines.append(
+            f"`{reading['classifier']}`: bleeding alone {reading['alone_bleeding']:.3f} -> "
+            f"{half['alone_bleeding']:.3f}{agree}."
+        )
+    return lines
+
+
+def seconds_cell(seconds: float) -> str:
+    return "-" if seconds is None else f"{seconds:.2f}"
 
 
 def agreement_markdown(reading: dict) -> list[str]:
@@ -622,7 +726,9 @@ def agreement_markdown(reading: dict) -> list[str]:
     return [
         "",
         f"`{reading['classifier']}` and the eye (`{EYE_LABELS.name}`: `left-right` and each concept alone, "
-        f"is each side's concept there?) agree on {found['agree']} of {found['of']} ({share:.0%}).",
+        f"is each side's concept there?) agree on {found['agree']} of {found['of']} ({share:.0%}). By eye, both "
+        f"concepts each in its own half: {found['both_placed']['left-right']} of {found['scenes']} with "
+        f"`--layout left-right`, {found['both_placed'][SIDE_BY_SIDE]} of {found['scenes']} side by side.",
     ]
 
 
