@@ -343,3 +343,18 @@ def test_each_half_read_alone_sees_only_its_own_half():
     assert by_right["where"][0, right] > 0.5 and by_right["where"][0, left] < 0.5
     assert int(by_left["shape_at"][0, left].argmax()) == scenes.SHAPES.index("heart")
     assert int(by_right["shape_at"][0, right].argmax()) == scenes.SHAPES.index("ring")
+
+
+def test_a_concept_asked_for_small_counts_only_when_drawn_small():
+    """Rendered hearts where a "small" prompt asks for one: the small one counts, the large one does not."""
+    from bench.quality import regional_quality
+    from toy import classifier, scenes
+
+    item = next(i for i in regional_quality.travel_prompts("heart") if i["kind"] == "new size")
+    assert item["size"] == "small" and "small" in item["prompt"]
+    drawn = [
+        scenes.render(scenes.Scene((scenes.SceneObject("heart", item["colour"], size, position=item["position"]),)))
+        for size in ("small", "large")
+    ]
+    hits = regional_quality.score_travel(classifier.load(), [("heart", item, drawn)])
+    assert hits == {"new size": 0.5}

@@ -289,6 +289,7 @@ def travel_prompts(shape: str, bg: str = "white") -> list[dict]:
             "kind": "new size",
             "position": p,
             "colour": "blue",
+            "size": "small",
             "prompt": f"a small blue {token(shape)} {scenes.POSITION_PHRASES[p]} on a {bg} background",
         }
         for p in positions[:1]
@@ -314,16 +315,20 @@ def draw_travel(studio: Studio, seeds: int, concepts=CONCEPTS) -> list[tuple[str
 
 
 def score_travel(model, drawn: list[tuple[str, dict, list]]) -> dict:
+    """Per kind, the share of pictures where the reader sees the concept's shape in the colour asked at
+    the position asked (and at the size asked, when the prompt names one)."""
     hits: dict[str, list[float]] = {}
     for shape, item, images in drawn:
         reading = classifier.read(model, images)
         where = classifier.POSITION_NAMES.index(item["position"])
         colour = classifier.COLOUR_NAMES.index(item["colour"])
+        sizes = classifier.SIZE_NAMES
         for i in range(len(images)):
             ok = (
                 reading["where"][i, where] > 0.5
                 and int(reading["shape_at"][i, where].argmax()) == scenes.SHAPES.index(shape)
                 and int(reading["colour_at"][i, where].argmax()) == colour
+                and ("size" not in item or int(reading["size_at"][i, where].argmax()) == sizes.index(item["size"]))
             )
             hits.setdefault(item["kind"], []).append(float(ok))
     return {kind: float(np.mean(v)) for kind, v in hits.items()}
