@@ -605,6 +605,7 @@ def run(args) -> dict:
             result["check"] = reading
     grids = {path: [im for d in drawn_pairs for im in d["paths"][path][0][:2]] for path in args.paths}
     every = {path: [d["paths"][path][0] for d in drawn_pairs] for path in args.paths}
+    every[SIDE_BY_SIDE] = [side_by_side(d["alone"]) for d in drawn_pairs]
     return result | {
         "train_seconds": train_seconds,
         "pairs": len(selected),
@@ -800,6 +801,8 @@ def main(argv=None) -> None:
             travel_sheet(travelled).save(args.out / "regional-quality-travel.png")
         if all(every.get(path) for path in EYE_PATHS):
             eye_sheet(every).save(args.out / "regional-quality-modes.png")
+        if every.get("left-right"):
+            eye_sheet(every, ("left-right", SIDE_BY_SIDE)).save(args.out / "regional-quality-side-by-side.png")
         (args.out / "regional-quality.json").write_text(json.dumps(result, indent=2))
 
 
