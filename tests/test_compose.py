@@ -54,6 +54,20 @@ def test_one_whole_image_region_equals_global_fusion(studio, mode):
     assert np.abs(_image(studio, prompt=prompt, layout=half, regional_mode=mode) - global_).max() > 1e-3
 
 
+@pytest.mark.parametrize("steps", [2, 5])  # 2: every call private; 5: 4 private, then together
+def test_image_k_of_a_passes_batch_is_the_image_of_seed_plus_k_and_the_passes_start_apart(studio, steps, monkeypatch):
+    from spectral_diffusion.generation import passes
+
+    layout = Layout(PROMPT, (Region("dog", (0, 0, 0.5, 1)), Region("cat", (0.5, 0, 1, 1))))
+    batch = studio.generate(_request(layout=layout, steps=steps, num_images=2), output_type="np")
+    second = _image(studio, layout=layout, steps=steps, seed=4)
+    np.testing.assert_allclose(batch[1], second, atol=1e-5)
+    assert np.abs(batch[0] - batch[1]).max() > 1e-3
+    monkeypatch.setattr(passes, "PRIVATE_SHARE", 0.0)  # every call on the one picture: another image
+    # (the tiny random UNet changes little in 2 steps; equal images differ by under 5e-5)
+    assert np.abs(_image(studio, layout=layout, steps=steps, seed=4) - second).max() > 3e-4
+
+
 def test_a_pair_layout_differs_from_global_and_by_mode_and_stays_deterministic(studio):
     assert GenerationRequest(prompt="p").regional_mode == "passes"
     with pytest.raises(RequestError, match="regional mode"):

@@ -500,6 +500,39 @@ def test_region_passes_blend_one_pass_per_region_with_only_its_concept_on(tiny_p
     assert "forward" not in vars(unet)
 
 
+def test_private_passes_each_denoise_their_own_latent_then_all_predict_on_the_put_together_one(tiny_pipe):
+    from spectral_diffusion.generation.passes import composite, tracks
+
+    unet = tiny_pipe.unet
+    adapters = SpectralAdapters.from_pipeline(tiny_pipe, TargetConfig.preset("all"))
+    _concept(adapters, "dog", 0, seed=5)
+    _concept(adapters, "cat", 1, seed=6)
+    sample, _, states = _unet_inputs(unet)  # one image: the dog's own latent, then the cat's
+    timestep = torch.tensor(500)
+    dog_prompt, cat_prompt = torch.randn_like(states[:1]), torch.randn_like(states[:1])
+    layout = Layout("p", (Region("dog", (0, 0, 0.5, 1)), Region("cat", (0.5, 0, 1, 1))))
+    left, right = region_masks(layout, *LATENT)
+    context = RegionalContext([RegionInput(dog_prompt, left, "dog"), RegionInput(cat_prompt, right, "cat")])
+    dog_weight, cat_weight = (track.weight[0] for track in tracks(context, LATENT, sample))
+    torch.testing.assert_close(dog_weight + cat_weight, torch.ones_like(dog_weight))
+
+    def alone(name, latent, prompt):
+        with adapters.routed({name: torch.ones(LATENT)}, latent_size=LATENT), adapters.text_only({name}):
+            return _run(unet, (latent[None], timestep, prompt))[0]
+
+    with region_passes(unet, adapters, context, LATENT, private=1):
+        private = _run(unet, (sample, timestep, states))
+        together = _run(unet, (sample, timestep, states))
+    torch.testing.assert_close(private[0], alone("dog", sample[0], dog_prompt), rtol=0, atol=1e-5)
+    torch.testing.assert_close(private[1], alone("cat", sample[1], cat_prompt), rtol=0, atol=1e-5)
+    put_together = dog_weight * sample[0] + cat_weight * sample[1]
+    expected = dog_weight * alone("dog", put_together, dog_prompt) + cat_weight * alone("cat", put_together, cat_prompt)
+    torch.testing.assert_close(together[0], expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(together[1], expected, rtol=0, atol=0)  # every copy gets the blend
+    torch.testing.assert_close(composite(sample, context, LATENT)[0], put_together, rtol=0, atol=1e-6)
+    assert "forward" not in vars(unet)
+
+
 def test_self_attention_keeps_two_concepts_regions_apart_and_nothing_else(tiny_pipe):
     from spectral_diffusion.generation.isolation import IsolatedSelfAttnProcessor, isolated_self_attention
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import torch
 
+from spectral_diffusion.generation.diffusion import decode_latents
 from spectral_diffusion.generation.isolation import isolated_self_attention
 from spectral_diffusion.generation.layout import region_masks
-from spectral_diffusion.generation.passes import region_passes
+from spectral_diffusion.generation.passes import composite, private_calls, region_passes, tracks
 from spectral_diffusion.generation.regional import encode_layout, regional_attention
 
 
@@ -58,6 +59,29 @@ def run_global(pipe, request, seed: int, progress=None, output_type: str = "pil"
     return list(result.images)
 
 
+def _run_passes(pipe, adapters, request, context, embeds, kwargs, latent_size, seed: int) -> list:
+    """The layout by passes (``generation/passes.py``): one latent per pass and image, the copies of an
+    image from the same noise, denoised privately for the first steps, then together; put together by
+    the boxes and decoded once per image."""
+    private = private_calls(request.steps)
+    if not private:  # every call on the one picture: the pipeline's own batch
+        with region_passes(pipe.unet, adapters, context, latent_size):
+            return list(pipe(**embeds, **kwargs).images)
+    copies = len(tracks(context, latent_size, context.regions[0].mask))
+    output_type = kwargs["output_type"]
+    kwargs.update(
+        num_images_per_prompt=request.num_images * copies,
+        generator=[
+            torch.Generator("cpu").manual_seed(seed + k) for k in range(request.num_images) for _ in range(copies)
+        ],
+        output_type="latent",
+    )
+    with region_passes(pipe.unet, adapters, context, latent_size, private):
+        latents = pipe(**embeds, **kwargs).images
+    latents = composite(latents, context, latent_size)
+    return list(latents) if output_type == "latent" else decode_latents(pipe, latents, output_type)
+
+
 def run_regional(pipe, adapters, request, seed: int, progress=None, output_type: str = "pil") -> list:
     """``request.layout`` with routed slots; ``adapters`` must hold the layout's concepts live (unmerged)."""
     layout = request.layout
@@ -71,9 +95,7 @@ def run_regional(pipe, adapters, request, seed: int, progress=None, output_type:
     kwargs.update(height=height, width=width)
     latent_size = (height // scale, width // scale)
     if request.regional_mode == "passes":
-        with region_passes(pipe.unet, adapters, context, latent_size):
-            result = pipe(**embeds, **kwargs)
-        return list(result.images)
+        return _run_passes(pipe, adapters, request, context, embeds, kwargs, latent_size, seed)
     with (
         adapters.routed(concept_masks, latent_size=latent_size),
         regional_attention(pipe.unet, context),

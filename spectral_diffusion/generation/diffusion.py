@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from PIL import Image
 
 
 def _tokenize(tokenizer, captions: Sequence[str], device) -> torch.Tensor:
@@ -53,8 +52,9 @@ def encode_images(vae, pixel_values: torch.Tensor, generator: torch.Generator | 
     return ((latents - shift) * vae.config.scaling_factor).float()
 
 
-def decode_latents(pipe, latents: torch.Tensor) -> list[Image.Image]:
-    """Pipeline latents to PIL images, in the VAE's own dtype (it may be kept in fp32)."""
+def decode_latents(pipe, latents: torch.Tensor, output_type: str = "pil") -> list:
+    """Pipeline latents to PIL images (or ``output_type`` "np" arrays), in the VAE's own dtype (it may be
+    kept in fp32)."""
     vae = pipe.vae
     latents = latents.to(device=vae.device, dtype=vae.dtype)
     mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
@@ -66,7 +66,7 @@ def decode_latents(pipe, latents: torch.Tensor) -> list[Image.Image]:
         latents = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
     with torch.no_grad():
         images = vae.decode(latents).sample
-    return pipe.image_processor.postprocess(images.float(), output_type="pil")
+    return list(pipe.image_processor.postprocess(images.float(), output_type=output_type))
 
 
 def generate(pipe, prompt: str, count: int, resolution: int, steps: int, guidance: float, seed: int):
