@@ -5,13 +5,21 @@ once per region: the region's concept switched on everywhere (image and text sid
 off), its region prompt's embeddings instead of the context prompt's; the predictions are blended by the
 regions' soft latent masks (``RegionalContext.weights``; normalised to sum to 1 where the boxes cover the
 whole image). Where the boxes leave room, one more pass reads the context prompt with no concept on.
-This is what AUTOMATIC1111's Regional Prompter (latent mode) and ComfyUI's masked LoRA hooks do with LoRAs; slots need nothing loaded
-or switched but the router, and each pass equals the concept's exact LoRA alone (docs/design.md section 11).
+This is what AUTOMATIC1111's Regional Prompter (latent mode) and ComfyUI's masked LoRA hooks do with
+LoRAs; slots need nothing loaded or switched but the router, and each pass equals the concept's exact LoRA
+alone (docs/design.md section 11).
 
-Measured on builtin:toy (docs/fusion-quality.md): both concepts, each in its own half and on one
-background, in 35 of 48 images by eye with the left-right preset and with written region prompts (the same
-pictures as one LoRA pass per region; 6 pairs x 8 scenes, each its own colours, background and seed) against
-7 of 48 for one routed pass (``generation/regional.py``), at 1.35-1.65 times its time (1.8 times at Stable
+Unlike those, the passes start apart: for the first ``PRIVATE_SHARE`` of the steps each pass denoises a
+latent of its own (``region_passes(..., private=...)``: the pipeline's batch holds one latent per pass
+and image, each from the image's noise), so each concept is drawn as if it were alone; then the
+latents are put together by the boxes and every pass predicts on the one picture, which draws over the
+seam; ``composite`` gives one latent per image. Sharing one picture from the first step, a pass saw the
+other concept's object form beside its own and drew rougher shapes on washed-out backgrounds.
+
+Measured on builtin:toy (docs/fusion-quality.md, 6 pairs x 8 scenes, each its own colours, background
+and seed): both concepts, each in its own half and on one background, in 39 of 48 images by eye with
+the left-right preset (35 when the passes shared one picture, as the LoRA-pass baseline does) against 7 of
+48 for one routed pass (``generation/regional.py``), at 1.35-1.65 times its time (1.8 times at Stable
 Diffusion 1.5's size, docs/benchmarks.md).
 The pipeline's own denoising loop, schedulers, guidance and callbacks stay as they are: only the UNet's
 forward is wrapped, and it comes back on exit (also on errors).
