@@ -19,7 +19,7 @@ other concept's object form beside its own and drew rougher shapes on washed-out
 Measured on builtin:toy (docs/fusion-quality.md, 6 pairs x 8 scenes, each its own colours, background
 and seed): both concepts, each in its own half and on one background, in 39 of 48 images by eye with
 the left-right preset (35 when the passes shared one picture, as the LoRA-pass baseline does) against 7 of
-48 for one routed pass (``generation/regional.py``), at 1.35-1.65 times its time (1.8 times at Stable
+48 for one routed pass (``generation/regional.py``), at 1.35-1.7 times its time (1.8 times at Stable
 Diffusion 1.5's size, docs/benchmarks.md).
 The pipeline's own denoising loop, schedulers, guidance and callbacks stay as they are: only the UNet's
 forward is wrapped, and it comes back on exit (also on errors).

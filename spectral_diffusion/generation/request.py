@@ -44,8 +44,8 @@ class GenerationDefaults:
     num_images: int = 1
     scheduler: str = "default"
     negative_prompt: str = ""
-    # measured on builtin:toy (docs/fusion-quality.md): both concepts drawn in 35 of 48 images by eye
-    # with the left-right preset against 7 of 48 for one routed pass, at 1.35-1.65x its time (1.8x at SD1.5 size)
+    # measured on builtin:toy (docs/fusion-quality.md): both concepts drawn in 39 of 48 images by eye
+    # with the left-right preset against 7 of 48 for one routed pass, at 1.35-1.7x its time (1.8x at SD1.5 size)
     regional_mode: str = "passes"
 
 
