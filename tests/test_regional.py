@@ -633,3 +633,26 @@ def test_overlapping_concept_boxes_are_warned_about(caplog):
         GenerationRequest(prompt="p", layout=crossing)
     assert [r.levelname for r in caplog.records] == ["WARNING"]
     assert "dog and cat overlap (10% of the image)" in caplog.text
+
+
+@pytest.mark.parametrize("fixture", ["tiny_pipe", "tiny_sdxl_pipe"])
+def test_passes_that_start_apart_run_the_pipeline_and_image_k_is_seed_plus_k(fixture, request):
+    """SD and SDXL (pooled embeddings and time ids per latent): the copies split and come back together."""
+    import numpy as np
+
+    from spectral_diffusion.generation.compose import run_regional
+    from spectral_diffusion.generation.request import GenerationRequest
+
+    pipe = request.getfixturevalue(fixture)
+    adapters = SpectralAdapters.from_pipeline(pipe)
+    _concept(adapters, "dog", 0, seed=8)
+    _concept(adapters, "cat", 1, seed=9)
+    layout = Layout("<dog> and <cat>", (Region("dog", (0, 0, 0.5, 1)), Region("cat", (0.5, 0, 1, 1))))
+    settings = dict(prompt=layout.prompt, steps=3, guidance=5.0, width=2 * LATENT[1], height=2 * LATENT[0])
+    settings |= dict(layout=layout, concepts={"dog": 1.0, "cat": 1.0})
+    with torch.no_grad():
+        both = run_regional(pipe, adapters, GenerationRequest(**settings, num_images=2), seed=3, output_type="np")
+        second = run_regional(pipe, adapters, GenerationRequest(**settings), seed=4, output_type="np")
+    assert len(both) == 2 and both[0].shape == (2 * LATENT[0], 2 * LATENT[1], 3)
+    np.testing.assert_allclose(both[1], second[0], atol=1e-5)
+    assert np.abs(both[0] - both[1]).max() > 1e-4

@@ -101,7 +101,7 @@ def region_passes(unet, adapters, context: RegionalContext, latent_size: tuple[i
     module docstring); ``adapters`` must hold the regions' concepts live (unmerged).
 
     ``private``: for this many calls each pass denoises a latent of its own. The UNet's batch must then
-    hold ``len(tracks(context, latent_size))`` latents per image, image-major, each image's copies from the
+    hold ``len(tracks(context, latent_size, like))`` latents per image, image-major, each image's copies from the
     same noise, and the pipeline's result goes through ``composite``. With 0 the batch is the pipeline's
     own, and every call blends the passes' predictions on it."""
     own_forward = "forward" in vars(unet)  # e.g. accelerate's offload hooks set an instance forward
