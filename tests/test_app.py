@@ -991,3 +991,26 @@ def test_captions_typed_per_photo_become_caption_files_beside_copies(tmp_path):
     assert read_caption(copies[2], "<dog>", "dog") is None  # no caption typed: the templates
     untouched = TrainForm(**form, captions=[["x", ""]]).request(service)
     assert untouched.images == photos
+
+
+def test_a_service_own_output_folder_goes_with_it_and_the_app_keeps_outputs_in_the_data_folder(tmp_path, monkeypatch):
+    """Without an output folder the service's temporary one is removed with the service; the app gives it
+    a lasting one in the user's data folder (``--outputs``), where generated images stay."""
+    import gc
+
+    from spectral_diffusion.frontends.service import Service
+    from webapp import main as app_main
+
+    service = Service(model="builtin:tiny", library=tmp_path / "lib")
+    folder = service.output_dir
+    saved = service.save_images([Image.new("RGB", (8, 8))], "a photo")
+    assert saved[0].is_file() and saved[0].is_relative_to(folder)
+    del service
+    gc.collect()
+    assert not folder.exists()
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    kept = app_main.service_for(app_main.parse_args(["--library", str(tmp_path / "lib")])).output_dir
+    assert kept == tmp_path / "data" / "spectral_diffusion" / "outputs" and kept.is_dir()
+    chosen = app_main.service_for(app_main.parse_args(["--outputs", str(tmp_path / "mine")])).output_dir
+    assert chosen == tmp_path / "mine" and chosen.is_dir()

@@ -13,7 +13,7 @@ import gradio as gr
 import httpx
 
 from spectral_diffusion.frontends.service import Service
-from spectral_diffusion.library.store import LIBRARY_ENV, default_library
+from spectral_diffusion.library.store import LIBRARY_ENV, default_library, user_data_folder
 from spectral_diffusion.models.registry import DEFAULT_MODEL, default_rank
 from webapp.events import PageEvents
 from webapp.forms import training_settings
@@ -120,7 +120,8 @@ def _log_to_stdout() -> None:
     diffusers.utils.logging.disable_progress_bar()
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """``python app.py``'s flags (a bad ``--auth`` exits with the usage message)."""
     parser = argparse.ArgumentParser(description="Spectral Diffusion web app")
     parser.add_argument(
         "--model",
@@ -132,22 +133,36 @@ def main(argv: list[str] | None = None) -> int:
         default=str(default_library()),
         help=f"concept library folder (default: %(default)s, from ${LIBRARY_ENV} or the user's data folder)",
     )
+    parser.add_argument(
+        "--outputs",
+        default=str(user_data_folder() / "outputs"),
+        help="folder that keeps generated images (PNG, settings inside) and exported adapters (default: %(default)s)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=None, help="port (default: 7860, or the next free one)")
     parser.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="require this login")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
     args = parser.parse_args(argv)
-    _log_to_stdout()
     if args.auth is not None:
         try:
             parse_auth(args.auth)
         except ValueError as error:
             parser.error(str(error))
-    service = Service(model=args.model, library=args.library, device=args.device)  # loads nothing yet
-    demo = build_app(service)
+    return args
+
+
+def service_for(args: argparse.Namespace) -> Service:
+    """The service the flags ask for; it loads nothing yet."""
+    return Service(model=args.model, library=args.library, device=args.device, output_dir=args.outputs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _log_to_stdout()
+    demo = build_app(service_for(args))
     launch(demo, args.host, args.port, auth=args.auth, share=args.share, prevent_thread_lock=True, quiet=True)
-    logger.info("Spectral Diffusion is running at %s", demo.local_url)
+    logger.info("Spectral Diffusion is running at %s; images and exports are kept in %s", demo.local_url, args.outputs)
     if demo.share_url:
         logger.info("public link: %s", demo.share_url)
     demo.block_thread()  # until Ctrl-C, which closes the server

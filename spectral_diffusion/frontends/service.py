@@ -80,7 +80,8 @@ class Service:
         """Cheap: nothing is loaded until a call needs the model.
 
         ``train_defaults`` are extra ``TrainConfig`` fields for every training (e.g.
-        ``{"preview_steps": 10, "resolution": 256}``).
+        ``{"preview_steps": 10, "resolution": 256}``). ``output_dir`` keeps generated images, exports and
+        upload copies; without one they go to a temporary folder that is removed with the service (or at exit).
         """
         from spectral_diffusion.generation.fusion import Studio
 
@@ -89,8 +90,13 @@ class Service:
         self.library = Library(library)
         self.svd_cache_dir = svd_cache_dir
         self.studio = Studio(model, device=device, svd_cache_dir=svd_cache_dir, library=self.library)
-        self.output_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="spectral-outputs-"))
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        # kept on the service: its finaliser removes the folder when the service goes, or at interpreter exit
+        self._own_output_dir = None if output_dir else tempfile.TemporaryDirectory(prefix="spectral-outputs-")
+        self.output_dir = Path(output_dir) if output_dir else Path(self._own_output_dir.name)
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise storage_error(error, self.output_dir) or error from None
         self.train_defaults = {**training_defaults(model), **dict(train_defaults or {})}
         self.status = TrainingStatus()
         self._train_lock = threading.Lock()

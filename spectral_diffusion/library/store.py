@@ -63,8 +63,13 @@ def default_library() -> Path:
     chosen = os.environ.get(LIBRARY_ENV)
     if chosen:
         return Path(chosen).expanduser().absolute()
+    return user_data_folder() / "concepts"
+
+
+def user_data_folder() -> Path:
+    """``spectral_diffusion`` in the user's data folder (``$XDG_DATA_HOME``, by default ``~/.local/share``)."""
     data = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
-    return Path(data).expanduser().absolute() / "spectral_diffusion" / "concepts"
+    return Path(data).expanduser().absolute() / "spectral_diffusion"
 
 
 def stray_library_note(root: str | os.PathLike) -> str | None:
