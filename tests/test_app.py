@@ -77,7 +77,15 @@ def start_app(service, auth: str | None = None):
     from webapp.main import build_app, launch
 
     demo = build_app(service)
-    launch(demo, host="127.0.0.1", port=free_port(), auth=auth, prevent_thread_lock=True, quiet=True)
+    launch(
+        demo,
+        host="127.0.0.1",
+        port=free_port(),
+        auth=auth,
+        prevent_thread_lock=True,
+        quiet=True,
+        outputs=service.output_dir,
+    )
     return demo
 
 
@@ -361,8 +369,19 @@ def test_app_binds_localhost_by_default(server):
 
 def test_python_app_py_prints_its_url_and_serves_the_page(models_home, tmp_path):
     port = free_port()
+    # the output folder lies outside the working folder and the temporary folder, as the default one does
+    work, temporary, outputs = (tmp_path / name for name in ("work", "tmp", "outputs"))
+    work.mkdir(), temporary.mkdir()
     command = [sys.executable, str(ROOT / "app.py"), "--library", str(tmp_path / "library"), "--port", str(port)]
-    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command += ["--model", "builtin:tiny", "--outputs", str(outputs)]
+    process = subprocess.Popen(
+        command,
+        cwd=work,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "TMPDIR": str(temporary)},
+    )
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
     try:
@@ -385,6 +404,9 @@ def test_python_app_py_prints_its_url_and_serves_the_page(models_home, tmp_path)
         # a request that loads the model, then one with bad input: one log line each, no bars, no traceback
         client = make_client(url, tmp_path / "dl")
         assert client.predict(api_name="/list_concepts") == []
+        images, _ = client.predict("a photo", "", "", 2, 1, 7.5, 0, 0, 1, "default", api_name="/generate")
+        assert Image.open(images[0]["image"]).size[0] > 0
+        assert len(list(outputs.rglob("*.png"))) == 1, "the image is kept in --outputs"
         with pytest.raises(AppError, match="pick the concept"):
             client.predict("", "spectral", api_name="/export_concept")
         deadline = time.monotonic() + 30

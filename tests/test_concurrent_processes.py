@@ -97,6 +97,8 @@ def test_cli_training_beside_a_running_app(tmp_path, models_home, monkeypatch):
                 str(root),
                 "--port",
                 str(free_port()),
+                "--outputs",
+                str(tmp_path / "outputs"),
             ],
             cwd=tmp_path,
             stdout=out,

@@ -417,6 +417,8 @@ def start_app(library: Path, work: Path, models_home: str | None = None):
             str(library),
             "--port",
             str(port),
+            "--outputs",
+            str(work / "outputs"),
         ],
         cwd=work,
         stdout=log,
