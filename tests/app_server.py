@@ -36,7 +36,7 @@ def main() -> int:
         train_defaults={"preview_steps": 1, "resolution": 32},
     )
     demo = build_app(service)
-    launch(demo, port=args.port, auth=args.auth, prevent_thread_lock=True, quiet=True, outputs=service.output_dir)
+    launch(demo, port=args.port, auth=args.auth, prevent_thread_lock=True, quiet=True)
     print(f"READY {demo.local_url}", flush=True)
     demo.block_thread()
     return 0

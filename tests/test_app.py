@@ -77,15 +77,7 @@ def start_app(service, auth: str | None = None):
     from webapp.main import build_app, launch
 
     demo = build_app(service)
-    launch(
-        demo,
-        host="127.0.0.1",
-        port=free_port(),
-        auth=auth,
-        prevent_thread_lock=True,
-        quiet=True,
-        outputs=service.output_dir,
-    )
+    launch(demo, host="127.0.0.1", port=free_port(), auth=auth, prevent_thread_lock=True, quiet=True)
     return demo
 
 

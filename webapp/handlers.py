@@ -24,6 +24,7 @@ from spectral_diffusion.generation.request import DEFAULTS
 from webapp import drawings
 from webapp.calls import user_errors
 from webapp.forms import InputError, TrainForm, file_paths, real, whole
+from webapp.handoff import handed_out
 from webapp.render import info_line, record_json, status_json
 
 POLL_SECONDS = 0.5  # how often a running training's progress is sent to the page
@@ -173,7 +174,7 @@ def import_concept(service: Service, file, name) -> dict:
 def export_concept(service: Service, name, format) -> list[str]:
     if not name:
         raise InputError("pick the concept to download")
-    return [str(p) for p in service.export_concept(name, format or "spectral")]
+    return handed_out(service.export_concept(name, format or "spectral"))
 
 
 # ----- generation -----------------------------------------------------------------------------------
@@ -231,7 +232,7 @@ def generate(
             f"The boxes of {first} and {second} overlap ({share:.0%} of the image): there both concepts act "
             "and their region prompts are blended. Give each concept its own box unless that is what you want."
         )
-    return list(zip(map(str, paths), captions, strict=True)), info_line(
+    return list(zip(handed_out(paths), captions, strict=True)), info_line(
         len(paths),
         used,
         size,
@@ -251,4 +252,4 @@ def export_fused(service: Service, concepts, format) -> list[str]:
     chosen = parse_concepts(concepts or "")
     if not chosen:
         raise InputError("pick at least one concept to fuse")
-    return [str(p) for p in service.export_fused(chosen, format or "spectral")]
+    return handed_out(service.export_fused(chosen, format or "spectral"))

@@ -74,11 +74,9 @@ def launch(
     share: bool = False,
     prevent_thread_lock: bool = False,
     quiet: bool = False,
-    outputs: str | os.PathLike | None = None,
 ):
     """Start the server with the app's settings and wait until it answers; returns what ``Blocks.launch``
-    returns. ``outputs`` is the service's output folder: gradio serves files only from the temporary
-    folder, the working folder and the paths it is given. Robust under load: see ``_skips_gradio_self_check``."""
+    returns. Robust under load: see ``_skips_gradio_self_check``."""
     credentials = parse_auth(auth) if auth else None
     result = demo.launch(
         server_name=host,
@@ -92,7 +90,6 @@ def launch(
         ssr_mode=False,
         theme=gr.themes.Soft(),
         css=CSS,
-        allowed_paths=[str(outputs)] if outputs else None,
         **_skips_gradio_self_check(),
     )
     wait_until_serving(demo.local_url)
@@ -163,18 +160,8 @@ def service_for(args: argparse.Namespace) -> Service:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _log_to_stdout()
-    service = service_for(args)
-    demo = build_app(service)
-    launch(
-        demo,
-        args.host,
-        args.port,
-        auth=args.auth,
-        share=args.share,
-        prevent_thread_lock=True,
-        quiet=True,
-        outputs=service.output_dir,
-    )
+    demo = build_app(service_for(args))
+    launch(demo, args.host, args.port, auth=args.auth, share=args.share, prevent_thread_lock=True, quiet=True)
     # The URL goes on a line of its own: people and scripts copy it from there.
     logger.info("Spectral Diffusion is running at %s", demo.local_url)
     logger.info("images and exports are kept in %s", args.outputs)
