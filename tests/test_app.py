@@ -1007,6 +1007,51 @@ def test_captions_typed_per_photo_become_caption_files_beside_copies(tmp_path):
     assert untouched.images == photos
 
 
+def test_caption_files_dropped_with_the_photos_fill_the_table_and_train(tmp_path):
+    """photo.txt files uploaded with the photos (the kohya_ss / CLI convention) are their captions; a typed
+    caption wins; a caption file without its photo, or one that is not UTF-8, is refused by name."""
+    from spectral_diffusion.frontends.service import Service
+    from spectral_diffusion.training.data import read_caption
+    from webapp.forms import InputError, TrainForm, caption_rows
+    from webapp.page import upload_thumbnails
+
+    service = Service(model="builtin:tiny", library=tmp_path / "lib", output_dir=tmp_path / "out")
+    photos = [str(p) for p in make_images(tmp_path / "photos", 3)]
+    uploads = tmp_path / "uploads"  # gradio keeps each upload in a folder of its own
+    texts = []
+    for index, (path, caption) in enumerate([(photos[0], "a red {token} on the left"), (photos[2], "my dog\n")]):
+        text = uploads / str(index) / Path(path).with_suffix(".txt").name
+        text.parent.mkdir(parents=True)
+        text.write_text(caption, encoding="utf-8")
+        texts.append(str(text))
+    files = [photos[0], texts[0], photos[1], photos[2], texts[1]]
+    assert upload_thumbnails(files) == photos
+    rows = caption_rows(files)
+    assert rows == [
+        [Path(photos[0]).name, "a red {token} on the left"],
+        [Path(photos[1]).name, ""],
+        [Path(photos[2]).name, "my dog"],
+    ]
+    rows[2][1] = "my dog asleep"  # typed over the file's caption
+    form = {"images": files, "name": "dog", "class_word": "dog", "variant": "additive", "rank": 4, "steps": 2}
+    request = TrainForm(**form, captions=rows).request(service)
+    copies = [Path(p) for p in request.images]
+    assert [p.name for p in copies] == [Path(p).name for p in photos]
+    assert read_caption(copies[0], "<dog>", "dog") == "a red <dog> on the left"
+    assert read_caption(copies[1], "<dog>", "dog") is None
+    assert read_caption(copies[2], "<dog>", "dog") == "<dog> dog, my dog asleep"
+    # the API sends no table: the files alone caption the photos
+    assert read_caption(Path(TrainForm(**form).request(service).images[0]), "<dog>", "dog") == "a red <dog> on the left"
+    orphan = uploads / "2" / "cat.txt"
+    orphan.parent.mkdir()
+    orphan.write_text("a cat", encoding="utf-8")
+    with pytest.raises(InputError, match=r"cat\.txt has no photo named cat"):
+        TrainForm(**{**form, "images": [*files, str(orphan)]}).request(service)
+    orphan.write_bytes(Path(photos[0]).read_bytes()[:200])
+    with pytest.raises(InputError, match="cannot read caption file cat.txt.*UTF-8"):
+        TrainForm(**{**form, "images": [*files, str(orphan)]}).request(service)
+
+
 def test_a_service_own_output_folder_goes_with_it_and_the_app_keeps_outputs_in_the_data_folder(tmp_path, monkeypatch):
     """Without an output folder the service's temporary one is removed with the service; the app gives it
     a lasting one in the user's data folder (``--outputs``), where generated images stay."""

@@ -83,6 +83,26 @@ def training_settings(service) -> dict:
     return defaults
 
 
+CAPTION_SUFFIX = ".txt"  # photo.txt beside photo.png: the caption file of kohya_ss and the CLI's folders
+MAX_CAPTION_BYTES = 10_000
+
+
+def split_uploads(files) -> tuple[list[str], dict[str, str]]:
+    """The uploaded photos, and the captions of the ``photo.txt`` files dropped with them by photo stem."""
+    photos, dropped = [], {}
+    for path in map(Path, file_paths(files)):
+        if path.suffix.lower() != CAPTION_SUFFIX:
+            photos.append(str(path))
+            continue
+        try:
+            if path.stat().st_size > MAX_CAPTION_BYTES:
+                raise InputError(f"caption file {path.name} is over {MAX_CAPTION_BYTES} bytes; a caption is one line")
+            dropped[path.stem] = " ".join(path.read_text(encoding="utf-8").split())
+        except (OSError, UnicodeDecodeError) as error:
+            raise InputError(f"cannot read caption file {path.name} ({error}); save it as UTF-8 text") from None
+    return photos, dropped
+
+
 def caption_map(captions) -> dict[str, str]:
     """The caption table's typed captions by photo file name (empty captions left out)."""
     rows = captions.values.tolist() if hasattr(captions, "values") else (captions or [])
@@ -90,9 +110,28 @@ def caption_map(captions) -> dict[str, str]:
 
 
 def caption_rows(files, current=None) -> list[list[str]]:
-    """The caption table for the uploaded photos: (file name, caption), typed captions kept by name."""
+    """The caption table for the uploaded photos: (file name, caption), typed captions kept by name, else
+    the text of the photo's dropped ``photo.txt``."""
     typed = caption_map(current)
-    return [[Path(path).name, typed.get(Path(path).name, "")] for path in file_paths(files)]
+    try:
+        photos, dropped = split_uploads(files)
+    except InputError:  # told when training starts; the table shows the photos meanwhile
+        photos, dropped = [p for p in file_paths(files) if Path(p).suffix.lower() != CAPTION_SUFFIX], {}
+    return [[Path(p).name, typed.get(Path(p).name) or dropped.get(Path(p).stem, "")] for p in photos]
+
+
+def photo_captions(photos: Sequence[str], dropped: Mapping[str, str], typed: Mapping[str, str]) -> dict[str, str]:
+    """Each photo's caption by file name: the one typed, else its dropped caption file's. A caption file
+    without its photo is refused (a misnamed file would silently train on the templates)."""
+    stems = {Path(p).stem for p in photos}
+    orphans = sorted(stem for stem in dropped if stem not in stems)
+    if orphans:
+        raise InputError(
+            f"caption file {orphans[0]}{CAPTION_SUFFIX} has no photo named {orphans[0]}.*; "
+            "give each caption file its photo's name, or remove it"
+        )
+    from_files = {Path(p).name: dropped[Path(p).stem] for p in photos if dropped.get(Path(p).stem)}
+    return {**from_files, **typed}
 
 
 @dataclass
@@ -118,7 +157,7 @@ class TrainForm:
     def request(self, service) -> TrainRequest:
         """The request; Advanced values equal to the defaults (or None) leave the service's own settings in
         force. Typed captions and uploaded masks are copied into folders of their own (``Service``)."""
-        paths = file_paths(self.images)
+        paths, dropped = split_uploads(self.images)
         if not paths:
             raise InputError("upload the concept's images first (3-20 photos work best)")
         name = (self.name or "").strip()
@@ -130,7 +169,7 @@ class TrainForm:
         if self.batch_size not in (None, "") and whole("batch_size", self.batch_size, 1) != defaults["batch_size"]:
             overrides["batch_size"] = whole("batch_size", self.batch_size, 1)
         size = whole("resolution", self.resolution)
-        captions = caption_map(self.captions)
+        captions = photo_captions(paths, dropped, caption_map(self.captions))
         masks = file_paths(self.masks)
         return TrainRequest(
             name=name,

@@ -124,9 +124,10 @@ def build_train_tab(rank: int, defaults: dict) -> TrainTab:
     with gr.Tab("Train", id="train"), gr.Row():
         with gr.Column(scale=3):
             images = gr.File(
-                label="Images of the concept (drag and drop at least 3 photos; 3-20 work best)",
+                label="Images of the concept (drag and drop at least 3 photos; 3-20 work best), with their "
+                "photo.txt captions if they have them",
                 file_count="multiple",
-                file_types=["image"],
+                file_types=["image", ".txt"],
                 height=150,
                 elem_id="train-images",
             )
