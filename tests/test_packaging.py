@@ -101,6 +101,7 @@ APP_LAYERS = [
     "render",
     "drawings",
     "calls",
+    "handoff",
     "widgets",
     "handlers",
     "page",

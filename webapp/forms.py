@@ -23,6 +23,7 @@ CONCEPT_ROWS = 8  # concept rows on the Generate tab (4 shown, 4 more folded)
 NO_LAYOUT = "none"
 CUSTOM = "custom"
 LAYOUT_MODES = (NO_LAYOUT, "auto", *PRESETS, CUSTOM)
+CAPTION_SUFFIX = ".txt"  # photo.txt beside photo.png: the caption file of kohya_ss and the CLI's folders
 
 
 class InputError(ValueError):
@@ -83,23 +84,18 @@ def training_settings(service) -> dict:
     return defaults
 
 
-CAPTION_SUFFIX = ".txt"  # photo.txt beside photo.png: the caption file of kohya_ss and the CLI's folders
-MAX_CAPTION_BYTES = 10_000
-
-
-def split_uploads(files) -> tuple[list[str], dict[str, str]]:
-    """The uploaded photos, and the captions of the ``photo.txt`` files dropped with them by photo stem."""
+def split_uploads(files, strict: bool = True) -> tuple[list[str], dict[str, str]]:
+    """The uploaded photos, and the text of each ``photo.txt`` dropped with them by stem (unreadable: raises)."""
     photos, dropped = [], {}
     for path in map(Path, file_paths(files)):
         if path.suffix.lower() != CAPTION_SUFFIX:
             photos.append(str(path))
             continue
         try:
-            if path.stat().st_size > MAX_CAPTION_BYTES:
-                raise InputError(f"caption file {path.name} is over {MAX_CAPTION_BYTES} bytes; a caption is one line")
             dropped[path.stem] = " ".join(path.read_text(encoding="utf-8").split())
         except (OSError, UnicodeDecodeError) as error:
-            raise InputError(f"cannot read caption file {path.name} ({error}); save it as UTF-8 text") from None
+            if strict:
+                raise InputError(f"cannot read caption file {path.name} ({error}); save it as UTF-8 text") from None
     return photos, dropped
 
 
@@ -110,26 +106,18 @@ def caption_map(captions) -> dict[str, str]:
 
 
 def caption_rows(files, current=None) -> list[list[str]]:
-    """The caption table for the uploaded photos: (file name, caption), typed captions kept by name, else
-    the text of the photo's dropped ``photo.txt``."""
+    """The caption table of the uploaded photos: (file name, the caption typed, else its ``photo.txt``)."""
     typed = caption_map(current)
-    try:
-        photos, dropped = split_uploads(files)
-    except InputError:  # told when training starts; the table shows the photos meanwhile
-        photos, dropped = [p for p in file_paths(files) if Path(p).suffix.lower() != CAPTION_SUFFIX], {}
+    photos, dropped = split_uploads(files, strict=False)  # an unreadable one is told when training starts
     return [[Path(p).name, typed.get(Path(p).name) or dropped.get(Path(p).stem, "")] for p in photos]
 
 
 def photo_captions(photos: Sequence[str], dropped: Mapping[str, str], typed: Mapping[str, str]) -> dict[str, str]:
-    """Each photo's caption by file name: the one typed, else its dropped caption file's. A caption file
-    without its photo is refused (a misnamed file would silently train on the templates)."""
-    stems = {Path(p).stem for p in photos}
-    orphans = sorted(stem for stem in dropped if stem not in stems)
+    """Each photo's caption by file name: typed, else its caption file's. A caption file without its photo
+    is refused: misnamed, it would leave its photo on the templates without a word."""
+    orphans = sorted(set(dropped) - {Path(p).stem for p in photos})
     if orphans:
-        raise InputError(
-            f"caption file {orphans[0]}{CAPTION_SUFFIX} has no photo named {orphans[0]}.*; "
-            "give each caption file its photo's name, or remove it"
-        )
+        raise InputError(f"caption file {orphans[0]}.txt has no photo named {orphans[0]}.*; rename it or remove it")
     from_files = {Path(p).name: dropped[Path(p).stem] for p in photos if dropped.get(Path(p).stem)}
     return {**from_files, **typed}
 
