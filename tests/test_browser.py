@@ -1,8 +1,9 @@
 """The web page in a real headless Chromium: upload images, train, pick the concept, generate.
 
 Needs Debian's chromium (``apt-get install chromium``) and the ``playwright`` Python package; the
-browser Playwright would download is never used. Screenshots go to ``test-artifacts/``; the README's
-``docs/app-screenshot.png`` is written when missing or when ``UPDATE_SCREENSHOTS=1``.
+browser Playwright would download is never used. Screenshots go to ``test-artifacts/``; the docs' library
+and generate screenshots are written when missing or when ``UPDATE_SCREENSHOTS=1`` (the README's Train and
+Generate screenshots, with concepts builtin:toy can draw, come from ``python -m bench.app_tour``).
 """
 
 from __future__ import annotations
@@ -131,12 +132,15 @@ def test_upload_train_pick_and_generate_in_the_browser(page):
     # the trained concept in words (not JSON); the name box emptied: the slot line shows the next slot
     expect(page.locator("#train-result")).to_contain_text("Trained my-dog: trigger token <my-dog>, slot 0")
     expect(page.locator("#train-name textarea, #train-name input").first).to_have_value("")
+    # the photos are emptied too: the next concept's photos must not join this one's
+    expect(page.locator("#train-thumbnails img")).to_have_count(0)
+    expect(page.locator("#train-images tr")).to_have_count(0)
     expect(page.locator("#train-slot")).to_contain_text("slot 1")
     expect(page.locator("#train-slot")).not_to_contain_text("Name taken")
     assert errors_shown(page) == 0  # no Error badges anywhere
     # output galleries take no uploads
     assert page.locator("#train-thumbnails input[type=file], #train-previews input[type=file]").count() == 0
-    shot(page, "browser-1-trained.png", "app-train.png")
+    shot(page, "browser-1-trained.png")
 
     # ----- Library tab: slot map, concept card, the table (readable at 1280 px)
     page.get_by_role("tab", name="Library").click()
@@ -190,7 +194,6 @@ def test_upload_train_pick_and_generate_in_the_browser(page):
         natural, shown = page.locator(widget).first.evaluate("i => [i.naturalWidth, i.clientWidth]")
         assert LABEL_FONT * shown / natural >= 14, (widget, natural, shown)
     shot(page, "browser-3-generated.png", "app-generate.png")
-    shot(page, "browser-3-generated.png", "app-screenshot.png")
     # the second image's settings back into the form
     page.locator("#generate-gallery img").nth(1).click()
     set_number(page, "#seed", 0)

@@ -117,6 +117,8 @@ class PageEvents:
             loss_chart=tab.loss_chart,
             cancel_message=tab.cancel_message,
             name=tab.name,
+            images=tab.images,
+            masks=tab.advanced.masks,
         )
         trained = tab.train_button.click(
             **by_name(self.bound(page.train_on_page), Widgets(tab.form()), shown), concurrency_limit=None, **PRIVATE

@@ -41,11 +41,13 @@ def train_on_page(service: Service, **form):
     """The Train button: like ``train_concept`` but for the page, so nothing ends as an Error badge.
     ``form``: the Train tab's values by name (``TrainForm``'s fields).
 
-    Yields updates of progress, previews, trained (the summary line), loss_chart, cancel_message and name.
+    Yields updates of progress, previews, trained (the summary line), loss_chart, cancel_message, name,
+    images and masks.
     A cancel is a neutral notice and the previews stay; bad input is one message in the status line; the
     cancel line is cleared at the end. A success says what was trained and empties the name box: the name
     is taken now, and the slot line shows where the next concept goes (not "Name taken" for the concept
-    just trained).
+    just trained). It empties the photos and masks too (their change empties the thumbnails and captions):
+    photos dropped for the next concept are added to those in the box, and would train it on both.
     """
     started, values = time.monotonic(), TrainForm(**form)
     name, run = values.name or "", None
@@ -90,6 +92,8 @@ def train_on_page(service: Service, **form):
         "loss_chart": run.chart(),
         "cancel_message": "",
         "name": "",
+        "images": None,
+        "masks": None,
     }
 
 
