@@ -73,8 +73,8 @@ def tour(url: str, work: Path, out: Path) -> None:
         page.screenshot(path=str(out / "app-train.png"), full_page=True)
         page.get_by_role("tab", name="Generate").click()
         page.locator("#generate-prompt textarea").fill(PROMPT)
-        for shape in SHAPES:  # a card click selects its concept
-            page.locator("#generate-cards img").nth(SHAPES.index(shape)).click()
+        for index in range(len(SHAPES)):  # a card click selects its concept
+            page.locator("#generate-cards img").nth(index).click()
         page.locator("#generate-prompt textarea").fill(PROMPT)
         page.locator("#layout-mode").get_by_text("left-right", exact=True).click()
         count = page.locator("#gen-images input[type=number]").first

@@ -99,7 +99,7 @@ def train_on_page(service: Service, **form):
 
 def upload_thumbnails(images) -> list[str]:
     """The uploaded photos as a gallery (thumbnails instead of a file list; caption files left out)."""
-    return [p for p in forms.file_paths(images) if Path(p).suffix.lower() != forms.CAPTION_SUFFIX]
+    return forms.split_uploads(images, strict=False)[0]
 
 
 def slot_info(service: Service, rank, name="") -> str:
