@@ -333,6 +333,22 @@ def test_recolouring_redraws_the_concept_and_the_caption_follows(tmp_path):
     assert plain[0]["caption"] == ConceptDataset(tmp_path / "moon", "<moon>", resolution=32, flip_p=0.0)[0]["caption"]
 
 
+def test_recolouring_evens_out_the_colours_the_photos_show(tmp_path):
+    """Moon's five photos show five colours of six: recolouring picks the sixth (purple) most often, so
+    that every colour is about as common among the examples (drawn uniformly, purple was 1 in 20)."""
+    from toy import scenes
+
+    scenes.write_concept_images("moon", tmp_path / "moon")
+    shown = {s.objects[0].colour for s in scenes.concept_scenes("moon")}
+    assert shown == set(scenes.COLOURS) - {"purple"}
+    data = ConceptDataset(
+        tmp_path / "moon", "<moon>", resolution=32, flip_p=0.0, recolour_p=0.3, captions=scenes.GRAMMAR
+    )
+    said = [next(w for w in data[k]["caption"].split() if w in scenes.COLOURS) for k in range(600)]
+    share = {colour: said.count(colour) / len(said) for colour in scenes.COLOURS}
+    assert all(abs(value - 1 / 6) < 0.05 for value in share.values()), share
+
+
 def test_pairs_put_two_photos_side_by_side_with_one_two_object_caption(tmp_path):
     from spectral_diffusion.training.augment import split_caption
     from toy import scenes

@@ -69,14 +69,15 @@ def default_rank(model: str) -> int:
 # transfers is the per-direction step lr x mean(s_k) of the slot, which lr_scale="spectrum" makes the
 # configured number; toy's slots have s_k ~ 1, so its rates are already per-direction steps.
 BUILTIN_TRAINING: dict[str, dict] = {
-    # Half the examples cut out, shrunk and moved to a caption position, 3 in 10 recoloured, 3 in 10 two photos
-    # side by side (captions follow each): a concept learned from 5 photos is then drawn where, how large and
-    # in the colour asked (96%, 84%, 84% where its photos never showed it). More pairs trade that away: at
-    # 0.5 a layout placed both concepts in 27% of images instead of 19%, but a concept alone went where asked
-    # in 61% instead of 96% (600 steps, or scales down to 0.35: no better). bench/quality/regional_quality.py,
-    # docs/fusion-quality.md. 600 steps rather than 300: at 300 a new shape came out half-learnt (the moon a
-    # blunt C, identity alone 0.76 on the pair prompts; 0.92 at 600, 0.86 at 900), and a pair of concepts
-    # in a left-right layout was placed in 77% instead of 62% (900: 79%, not worth 1.5x the time).
+    # Half the examples cut out, shrunk and moved to a caption position, 3 in 10 recoloured (the colours the
+    # photos show least picked most), 3 in 10 two photos side by side (captions follow each): a concept
+    # learned from 5 photos is then drawn where, how large and in the colour asked (91%, 72%, 81% where its
+    # photos never showed it). With recolour targets drawn uniformly, a colour none of the photos showed
+    # came up in 1 example of 20 and the purple moon was never drawn (new colour 72%); recolour_p 0.5 bought
+    # the colour back but lost placement and identity. More pairs trade placement of a concept alone away
+    # (pair_p 0.5: 61% instead of 96%). 600 steps rather than 300: at 300 a new shape came out half-learnt
+    # (the moon a blunt C, identity alone 0.76; 0.92 at 600, 0.86 at 900), and a left-right pair was
+    # placed in 62% instead of 77%. bench/quality/regional_quality.py, docs/fusion-quality.md.
     "builtin:toy": {
         "steps": 600,
         "batch_size": 4,

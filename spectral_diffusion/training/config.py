@@ -86,7 +86,8 @@ class TrainConfig:
     # concept scaled as above): the trigger token learns to stand second in a prompt, beside another object.
     pair_p: float = 0.0
     # The concept redrawn in another colour of the model's caption grammar, the caption's colour word
-    # following, with probability recolour_p per example (never without a grammar with colours).
+    # following, with probability recolour_p per example (never without a grammar with colours). The
+    # colours the photos show least are picked most, so that every colour is seen about as often.
     recolour_p: float = 0.0
     prior_preservation: bool = False
     prior_weight: float = 1.0

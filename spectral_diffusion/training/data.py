@@ -146,7 +146,7 @@ class ConceptDataset(Dataset):
     and moved (scale drawn from ``augment_scale``; to one of the grammar's positions when there is a
     grammar) onto its own background, its caption following.
     ``recolour_p``: the probability that an example's concept is redrawn in another of the grammar's colours,
-    its caption's colour word following. ``pair_p``: the probability that an example shows two of the concept's photos side by side (left and
+    its caption's colour word following (the colours the photos show least are picked most). ``pair_p``: the probability that an example shows two of the concept's photos side by side (left and
     right, or top and bottom), each shrunk into its half, with one two-object caption ("a blue <moon> on
     the left and a red <moon> on the right on a white background"), so that the trigger token also
     learns to stand second in a prompt and beside another object. ``captions``: the grammar of the
@@ -194,6 +194,7 @@ class ConceptDataset(Dataset):
             self.paths = find_images(images)
             self.sources = [self._load(path, token_text, class_word, min_size) for path in self.paths]
         logger.info("loaded %d training images at %d px", len(self.sources), resolution)
+        self._recolour_targets = self._recolour_choices()
 
     def _load(self, path: Path, token_text: str, class_word: str, min_size: int) -> _Source:
         image = open_image(path, min_size)
@@ -272,9 +273,10 @@ class ConceptDataset(Dataset):
             caption = follow_caption(caption, foreground(image, mask), self.captions)
         if self.recolour_p > 0 and generator is not None:  # drawn only when recolouring: older runs unchanged
             apply, which = (float(v) for v in torch.rand(2, generator=generator))
-            colours = list(self.captions.colours) if self.captions is not None else []
+            colours, weights = self._recolour_targets
             if apply < self.recolour_p and colours:
-                recoloured = recolour(image, mask, caption, self.captions, colours[int(which * len(colours))])
+                pick = min(int(np.searchsorted(np.cumsum(weights), which, side="right")), len(colours) - 1)
+                recoloured = recolour(image, mask, caption, self.captions, colours[pick])
                 image, caption = recoloured if recoloured is not None else (image, caption)
         if self.pair_p > 0 and generator is not None:  # drawn only when pairing: older runs unchanged
             image, mask, caption = self._maybe_pair(index, (image, mask, caption), generator)
@@ -287,6 +289,28 @@ class ConceptDataset(Dataset):
         if self.mask_dir is not None:
             example["mask"] = _mask_tensor(mask) if mask is not None else torch.ones(1, size, size)
         return example
+
+    def _recolour_choices(self) -> tuple[list[str], np.ndarray]:
+        """The grammar's colours and how likely each is as a recolour target: a colour the photos show
+        less often is picked more often, so that, recoloured examples included, every colour is seen
+        about equally (a concept photographed in five colours of six would otherwise see the sixth
+        in 1 example of 20 at recolour_p 0.3). Uniform when the captions name no colour."""
+        colours = list(self.captions.colours) if self.captions is not None else []
+        if not colours:
+            return [], np.zeros(0)
+        shown = np.zeros(len(colours))
+        for source in self.sources:
+            words = (source.caption or "").split(" ")
+            said = [colours.index(w) for w in words if w in colours]
+            if said:
+                shown[said[0]] += 1
+        if shown.sum() == 0 or self.recolour_p == 0:
+            return colours, np.full(len(colours), 1.0 / len(colours))
+        # even share 1/K of examples per colour: recolouring must make up what the photos leave short
+        short = np.clip(1.0 / len(colours) - (1.0 - self.recolour_p) * shown / shown.sum(), 0.0, None)
+        if short.sum() == 0:
+            return colours, np.full(len(colours), 1.0 / len(colours))
+        return colours, short / short.sum()
 
     def _grammar_centre(self, draw: float) -> tuple[float, float] | None:
         """Where a moved concept goes: one of the grammar's positions (so its caption is exactly true),
