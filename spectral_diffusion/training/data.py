@@ -306,10 +306,9 @@ class ConceptDataset(Dataset):
                 shown[said[0]] += 1
         if shown.sum() == 0 or self.recolour_p == 0:
             return colours, np.full(len(colours), 1.0 / len(colours))
-        # even share 1/K of examples per colour: recolouring must make up what the photos leave short
+        # even share 1/K of examples per colour: recolouring makes up what the photos leave short (the
+        # shortfalls sum to at least recolour_p > 0)
         short = np.clip(1.0 / len(colours) - (1.0 - self.recolour_p) * shown / shown.sum(), 0.0, None)
-        if short.sum() == 0:
-            return colours, np.full(len(colours), 1.0 / len(colours))
         return colours, short / short.sum()
 
     def _grammar_centre(self, draw: float) -> tuple[float, float] | None:
